@@ -1,0 +1,3 @@
+from kdforge.cli import app
+
+app(prog_name="kdforge")

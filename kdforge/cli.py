@@ -1,0 +1,162 @@
+"""The kdforge command line: parse, load the recipe, call ONE library function, print a summary.
+
+Library errors (KdforgeError) become one clean message and an exit code here, and nowhere else.
+Heavy imports (torch, timm) happen inside the commands, so `kdforge --help` is instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from kdforge import __version__
+from kdforge.errors import KdforgeError
+
+app = typer.Typer(
+    name="kdforge",
+    help="Compress big vision models for small devices: teacher -> distilled student -> INT8 -> ONNX/TensorRT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Validate and inspect recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.epochs=1 (repeatable).",
+                 show_default=False),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its last checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's earlier run and start over.")]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
+]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into a message and an exit code; no traceback for user mistakes."""
+    try:
+        yield
+    except KdforgeError as exc:
+        for line in str(exc).splitlines():
+            err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; checkpoints are intact: run the same command with --resume to continue")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"kdforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """kdforge: train a teacher, distill it into a compact student, export and verify it.
+
+    Start with:  kdforge teacher recipes/quickstart.toml
+    """
+
+
+def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir) -> None:
+    from kdforge.recipe import load_recipe
+    from kdforge.train import train_stage
+
+    with user_errors():
+        recipe = load_recipe(recipe_path, overrides or [])
+        result = train_stage(recipe, stage, runs_dir=runs_dir, resume=resume, overwrite=overwrite, device=device)
+    if result.skipped:
+        out.print(f"{stage} already trained with these settings in {result.stage_dir} (use --overwrite to retrain)")
+    out.print(
+        f"{stage} {result.model}: test top-1 {result.top1:.2%}, top-5 {result.top5:.2%} "
+        f"(best epoch {result.best_epoch}: {result.best_top1:.2%}), {result.params / 1e6:.2f}M params, "
+        f"{result.steps} steps, {result.train_images_per_s:.0f} img/s -> {result.stage_dir}",
+        highlight=False,
+    )
+
+
+@app.command()
+def teacher(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+            device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Train the teacher model of a recipe (its \\[teacher] section).
+
+    Example:  kdforge teacher recipes/quickstart.toml --set train.epochs=2
+    """
+    _train("teacher", recipe, set_, resume, overwrite, device, runs_dir)
+
+
+@app.command()
+def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Train the student model of a recipe (its \\[student] section) without a teacher: the baseline distillation must beat.
+
+    Example:  kdforge baseline recipes/quickstart.toml
+    """
+    _train("baseline", recipe, set_, resume, overwrite, device, runs_dir)
+
+
+@recipe_app.command("check")
+def recipe_check(
+    files: Annotated[list[Path], typer.Argument(help="Recipe files to validate.", show_default=False)],
+    set_: SetOpt = None,
+    show: Annotated[bool, typer.Option("--show", help="Print each resolved recipe (all defaults filled in).")] = False,
+) -> None:
+    """Validate recipes without running anything.
+
+    Example:  kdforge recipe check recipes/*.toml
+    """
+    from kdforge.recipe import load_recipe, recipe_to_toml
+
+    failed = 0
+    for path in files:
+        try:
+            recipe = load_recipe(path, set_ or [])
+        except KdforgeError as exc:
+            failed += 1
+            for line in str(exc).splitlines():
+                err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+            continue
+        out.print(f"ok: {path} ({recipe.name})", highlight=False)
+        if show:
+            out.print(recipe_to_toml(recipe), markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write cifar-100-python/ into.")],
+    train: Annotated[int, typer.Option(min=100, help="Training images.")] = 10_000,
+    test: Annotated[int, typer.Option(min=100, help="Test images.")] = 2_000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
+) -> None:
+    """Write the built-in synthetic dataset (100 classes) in the official CIFAR-100 format.
+
+    Example:  kdforge data synth --out data/synth --train 10000 --test 2000
+    """
+    from kdforge.data.synthetic import write_synthetic
+
+    with user_errors():
+        folder = write_synthetic(out_dir, train=train, test=test, seed=seed)
+    out.print(f"wrote {train} train + {test} test images (100 classes) to {folder}", highlight=False)

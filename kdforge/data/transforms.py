@@ -1,0 +1,59 @@
+"""Batched tensor transforms, run on whatever device the batch lives on (no per-image PIL).
+
+Training: `augment_batch` (random crop with padding, horizontal flip) on uint8 images at the dataset's
+resolution. Every model then gets its own view of that same augmented batch through `InputSpec.prepare`:
+resized to its input size and normalized with its own mean/std. A teacher and a student with different
+input configurations thus see the same crop and flip, each the way it expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: square input size and per-channel mean/std of inputs scaled to [0, 1]."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def prepare(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalized float (N, 3, size, size), on the images' device."""
+        x = images.to(dtype) / 255.0
+        if x.shape[-2:] != (self.size, self.size):
+            downscale = x.shape[-1] > self.size
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=downscale)
+        mean = torch.tensor(self.mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def augment_batch(
+    images: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Random crop (zero padding of `crop_padding` pixels) and random horizontal flip of a uint8 batch.
+
+    Random parameters are drawn on the CPU from `generator` (so they do not depend on the device) and
+    applied as a gather on the batch's own device.
+    """
+    n, _, h, w = images.shape
+    out = images
+    if crop_padding > 0:
+        p = crop_padding
+        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(images.device)
+        padded = F.pad(images, (p, p, p, p))
+        rows = (offsets[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N,1,H,1)
+        cols = (offsets[1, :, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N,1,1,W)
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        out = padded[batch, channel, rows, cols]
+    if hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out

@@ -1,0 +1,33 @@
+"""Errors a user can act on. The CLI turns these into one clean message and an exit code."""
+
+
+class KdforgeError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in kdforge."""
+
+    exit_code = 1
+
+
+class RecipeError(KdforgeError):
+    """The recipe (or a --set override) is malformed or asks for something that does not exist."""
+
+    exit_code = 2
+
+
+class DataError(KdforgeError):
+    """A dataset is missing, corrupt or in an unexpected format."""
+
+
+class ModelError(KdforgeError):
+    """A model cannot be created or its weights cannot be loaded."""
+
+
+class CheckpointError(KdforgeError):
+    """A run's checkpoint is missing, incomplete or does not match the recipe."""
+
+
+class ExportError(KdforgeError):
+    """An export format cannot be produced or read."""
+
+
+class VerificationError(KdforgeError):
+    """An exported model does not match the PyTorch model within tolerance."""

@@ -1,0 +1,301 @@
+"""Recipes: one TOML file per experiment, loaded into frozen, strict pydantic models.
+
+Every default lives here, in the schema. Unknown keys and wrong types are errors that name the file, the key
+and what was expected. Recipes never execute code: models, datasets and optimizers are chosen by name.
+
+    recipe = load_recipe("recipes/quickstart.toml", overrides=["train.epochs=1"])
+
+`[train]` holds the training defaults; `[teacher.train]` and `[student.train]` override them for one model.
+After loading, `recipe.teacher.train` and `recipe.student.train` are complete: the merge happens once, here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdforge.errors import RecipeError
+from kdforge.registry import suggest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Triple = tuple[float, float, float]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(Strict):
+    """The built-in synthetic dataset: 100 classes (10 shapes x 10 hues), drawn deterministically."""
+
+    train: Annotated[int, Field(ge=100)] = 10_000
+    test: Annotated[int, Field(ge=100)] = 2_000
+    seed: int = 0
+
+
+class AugmentConfig(Strict):
+    """Train-time augmentation, applied to whole batches on the training device."""
+
+    crop_padding: Annotated[int, Field(ge=0)] = 4
+    hflip: bool = True
+
+
+class DataConfig(Strict):
+    dataset: str = "synthetic"
+    # cifar100: the folder holding cifar-100-python/; synthetic: where it is generated (default
+    # data/synthetic-<train>-<test>-seed<seed>); imagefolder: the folder holding train/<class>/ and test/<class>/.
+    root: str = ""
+    download: bool = False
+    # imagefolder only: every image is resized once, at load, to this square size.
+    image_size: Annotated[int, Field(ge=8)] = 32
+    synthetic: SyntheticConfig = SyntheticConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from kdforge.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}{suggest(name, DATASETS)}; known: {', '.join(DATASETS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _default_root(self) -> DataConfig:
+        if not self.root:
+            s = self.synthetic
+            default = (
+                f"data/synthetic-{s.train}-{s.test}-seed{s.seed}" if self.dataset == "synthetic"
+                else f"data/{self.dataset}"
+            )
+            object.__setattr__(self, "root", default)
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None  # max global grad norm
+    # Limits for smoke runs. The schedule is laid out over the steps actually run.
+    max_steps: PositiveInt | None = None  # optimizer steps in total
+    limit_batches: PositiveInt | None = None  # training batches per epoch
+    limit_eval_batches: PositiveInt | None = None  # evaluation batches per epoch
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0  # steps between checkpoints; 0: end of each epoch only
+    log_every: PositiveInt = 20  # steps between metric lines
+
+
+class ModelConfig(Strict):
+    model: str  # a timm model name, optionally with a pretrained tag: "vit_base_patch16_224.augreg_in21k"
+    pretrained: bool = False  # timm's own download of ImageNet weights
+    weights: str | None = None  # a local .safetensors/.pth file of initial weights, loaded instead of a download
+    input_size: PositiveInt | None = None  # square side; default: model_kwargs.img_size, else timm's config
+    mean: Triple | None = None  # default: timm's pretrained config for the model
+    std: Triple | None = None
+    model_kwargs: dict[str, Union[bool, int, float, str]] = {}  # e.g. {img_size = 32, patch_size = 4}
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _known_timm_model(cls, name: str) -> str:
+        import timm
+
+        arch = name.split(".", 1)[0]
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm model {arch!r}{suggest(arch, timm.list_models())}")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file_exists(cls, path: str | None) -> str | None:
+        if path is not None:
+            if Path(path).suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+                raise ValueError(f"weights must be a .safetensors or .pth file, got {path!r}")
+            if not Path(path).is_file():
+                raise ValueError(f"weights file not found: {path}")
+        return path
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: Triple | None) -> Triple | None:
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std values must be > 0, got {std}")
+        return std
+
+
+class RuntimeConfig(Strict):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    threads: PositiveInt | None = None  # CPU threads for PyTorch; default: PyTorch's choice
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, device: str) -> str:
+        base, _, index = device.partition(":")
+        if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+        return device
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    train: TrainConfig = TrainConfig()
+    teacher: ModelConfig | None = None
+    student: ModelConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_train_defaults(cls, raw: Any) -> Any:
+        """[train] is the default for [teacher.train] and [student.train]; keys set per model win."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("train", {}), dict):
+            return raw
+        raw = dict(raw)
+        for stage in ("teacher", "student"):
+            section = raw.get(stage)
+            if isinstance(section, dict) and isinstance(section.get("train", {}), dict):
+                raw[stage] = {**section, "train": {**raw.get("train", {}), **section.get("train", {})}}
+        return raw
+
+    def model_for(self, stage: str) -> ModelConfig:
+        """The model section a stage trains: the teacher for "teacher", the student otherwise."""
+        section = self.teacher if stage == "teacher" else self.student
+        if section is None:
+            key = "teacher" if stage == "teacher" else "student"
+            raise RecipeError(f"recipe {self.name!r} has no [{key}] section, which the {stage} stage needs")
+        return section
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+    for override in overrides:
+        apply_override(raw, override)
+    raw.setdefault("name", path.stem)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place. The value is read as TOML, else kept as a string."""
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError(f"--set {override!r}: expected dotted.key=value, e.g. --set train.epochs=1")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # bare words like resnet18 need no quotes
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (None values dropped: TOML has no null, the defaults restore them)."""
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(recipe_to_dict(recipe))
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A short, stable fingerprint of the resolved recipe (stored with runs and artifacts)."""
+    canonical = json.dumps(recipe_to_dict(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# error messages
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # a bad [train] value is reported once, not again for each model that inherits it
+        if len(loc) > 2 and loc[0] in ("teacher", "student") and loc[1] == "train":
+            if any(tuple(e["loc"]) == ("train", *loc[2:]) for e in exc.errors()):
+                continue
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        lines.append(f"{source}: {key}: {_describe(err, loc)}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _describe(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = sorted(_fields_at(loc[:-1]))
+        return f"unknown key{suggest(str(loc[-1]), known)}; expected one of: {', '.join(known)}"
+    if kind == "missing":
+        return "required key is missing"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return message
+    return f"{message} (got {err['input']!r})"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> set[str]:
+    """The keys allowed in the table at `loc`, for 'expected one of' in unknown-key errors."""
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return set()
+        model = _model_in(field.annotation)
+    return set(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None

@@ -1,0 +1,105 @@
+"""Checkpoints that a kill can never leave half-written.
+
+A stage directory holds complete checkpoints and two links to them:
+
+    runs/<recipe>/<stage>/checkpoints/step-00000120/model.safetensors   weights (safetensors)
+    runs/<recipe>/<stage>/checkpoints/step-00000120/state.pt            optimizer, scheduler, RNG, counters
+    runs/<recipe>/<stage>/last -> checkpoints/step-00000120
+    runs/<recipe>/<stage>/best -> checkpoints/step-00000100
+
+A checkpoint is written into a temporary folder and renamed into place; then the link is replaced
+atomically; only then are checkpoints no link points to deleted. `state.pt` is loaded with
+`weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from kdforge.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(
+    stage_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    metadata: dict[str, str],
+    best: bool,
+) -> Path:
+    """Save weights + training state for `step`, point `last` (and `best` if asked) at it, prune the rest."""
+    checkpoints = stage_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"step-{step:08d}"
+    if not final.is_dir():  # a step is saved once; a second call may only move the `best` link
+        tmp = checkpoints / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in metadata.items()})
+        torch.save(state, tmp / STATE)
+        tmp.rename(final)
+    _point(stage_dir / "last", final)
+    if best:
+        _point(stage_dir / "best", final)
+    _prune(stage_dir)
+    return final
+
+
+def _point(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.relative_to(link.parent))
+    tmp.replace(link)
+
+
+def _prune(stage_dir: Path) -> None:
+    keep = {(stage_dir / name).resolve() for name in ("last", "best") if (stage_dir / name).exists()}
+    for path in (stage_dir / "checkpoints").iterdir():
+        if path.resolve() not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{checkpoint / STATE}: cannot read training state: {exc}") from None
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """Load `checkpoint/model.safetensors` (or a .safetensors file) into `model`, strictly."""
+    path = checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint
+    if not path.is_file():
+        raise CheckpointError(f"no weights at {path}")
+    try:
+        load_model(model, str(path), strict=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # safetensors' header errors are ValueErrors/OSErrors
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(exc)[:300]}") from None
+    return model
+
+
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,92 @@
+"""Consumers of the training loop's events: progress display and the metrics log.
+
+The loop emits plain dicts: {"event": "start" | "step" | "log" | "eval" | "end", ...}. A consumer is any
+callable taking one event; the loop knows nothing about terminals or files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+Event = dict[str, Any]
+Consumer = Callable[[Event], None]
+
+
+def format_metrics(event: Event) -> str:
+    parts = []
+    for key, fmt in (("loss", "loss {:.4f}"), ("train_top1", "acc {:.1%}"), ("top1", "top-1 {:.2%}"),
+                     ("top5", "top-5 {:.2%}"), ("images_per_s", "{:.0f} img/s"), ("lr", "lr {:.2e}")):
+        if event.get(key) is not None:
+            parts.append(fmt.format(event[key]))
+    return "  ".join(parts)
+
+
+class MetricsLog:
+    """Appends "log" and "eval" events to metrics.jsonl (one JSON object a line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, event: Event) -> None:
+        if event["event"] in ("log", "eval"):
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (they belong to work a resumed run will redo)."""
+        if self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            tmp.replace(self.path)
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+        self.title = ""
+
+    def __call__(self, event: Event) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.title = event["title"]
+            self.console.print(
+                f"[bold]{self.title}[/]: {event['total_steps']} steps "
+                f"({event['steps_per_epoch']} per epoch), {event['device']}"
+                + (f", resuming at step {event['step']}" if event["step"] else "")
+            )
+            if self.console.is_terminal:
+                self.progress = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console,
+                )
+                self.task = self.progress.add_task(
+                    self.title, total=event["total_steps"], completed=event["step"], status=""
+                )
+                self.progress.start()
+        elif kind == "step" and self.progress is not None:
+            self.progress.update(self.task, completed=event["step"])
+        elif kind == "log":
+            if self.progress is not None:
+                self.progress.update(self.task, completed=event["step"], status=format_metrics(event))
+            else:
+                self.console.print(f"{self.title} step {event['step']}/{event['total_steps']}  {format_metrics(event)}")
+        elif kind == "eval":
+            self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}): {format_metrics(event)}")
+        elif kind == "end":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

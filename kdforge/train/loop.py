@@ -1,0 +1,266 @@
+"""ONE training loop for teachers, baselines and distilled students; the objective is what differs.
+
+An objective maps (logits, labels, augmented uint8 images) to a loss and its named parts. Plain training
+uses `cross_entropy_objective`; distillation passes an objective that also asks a frozen teacher (which
+prepares the same images its own way).
+
+The loop is deterministic given the recipe's seed: the batch order of an epoch and the augmentation of a
+step are pure functions of (seed, epoch) and (seed, step), and the torch RNG state travels in the
+checkpoint, so a run resumed from any checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
+from kdforge.data.transforms import InputSpec, augment_batch
+from kdforge.errors import DataError, KdforgeError
+from kdforge.recipe import AugmentConfig, TrainConfig
+from kdforge.runtime import Runtime
+from kdforge.train.checkpoint import load_state, load_weights, save_checkpoint
+from kdforge.train.events import Consumer
+
+
+class Objective(Protocol):
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
+    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor):
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return loss, {"ce": loss}
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation: logits first, metrics derive from them
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    spec: InputSpec,
+    dataset: ImageDataset,
+    batch_size: int,
+    runtime: Runtime,
+    limit_batches: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels of the dataset, in order, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for idx in eval_batches(len(dataset), batch_size)[:limit_batches]:
+        idx = idx.to(dataset.images.device)
+        with runtime.autocast():
+            out = model(spec.prepare(dataset.images[idx]))
+        logits.append(out.float().cpu())
+        labels.append(dataset.labels[idx].cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def evaluate(model, spec, dataset, batch_size, runtime, limit_batches=None) -> dict[str, float]:
+    logits, labels = predict_logits(model, spec, dataset, batch_size, runtime, limit_batches)
+    return {**topk_accuracy(logits, labels), "loss": F.cross_entropy(logits, labels).item(), "count": len(labels)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_factor: float) -> float:
+    """Multiplier of the base lr at `step`: linear warmup, then cosine decay to `min_factor` (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long a run is, derived once from the data size and the recipe's limits."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @classmethod
+    def create(cls, num_train: int, cfg: TrainConfig) -> Plan:
+        full = num_train // cfg.batch_size
+        if full == 0:
+            raise DataError(
+                f"the training split has {num_train} images, fewer than one batch of {cfg.batch_size}; "
+                f"lower train.batch_size"
+            )
+        per_epoch = min(full, cfg.limit_batches or full)
+        total = per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        return cls(steps_per_epoch=per_epoch, total_steps=total, epochs=math.ceil(total / per_epoch))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class FitResult:
+    steps: int
+    final: dict[str, float]  # evaluation after the last step
+    best: dict[str, float]  # the best evaluation (by top-1)
+    train_images_per_s: float = 0.0  # training throughput (forward, backward, update), evaluation excluded
+
+
+def fit(
+    model: torch.nn.Module,
+    spec: InputSpec,
+    objective: Objective,
+    data: DataSplits,
+    cfg: TrainConfig,
+    augment: AugmentConfig,
+    runtime: Runtime,
+    seed: int,
+    stage_dir: Path,
+    title: str,
+    resume_from: Path | None = None,
+    consumers: Sequence[Consumer] = (),
+    checkpoint_metadata: dict[str, str] | None = None,
+) -> FitResult:
+    """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`."""
+    import timm.optim
+
+    plan = Plan.create(len(data.train), cfg)
+    model.to(runtime.device).train()
+    optimizer = timm.optim.create_optimizer_v2(
+        model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, plan.total_steps, warmup, cfg.scheduler, cfg.min_lr / cfg.lr),
+    )
+    scaler = runtime.grad_scaler()
+    step, best = 0, {"top1": -1.0}
+    if resume_from is not None:
+        load_weights(model, resume_from)
+        state = load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if runtime.device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        step, best = state["step"], state["best"]
+
+    def emit(event: dict[str, Any]) -> None:
+        for consume in consumers:
+            consume(event)
+
+    def checkpoint(is_best: bool) -> None:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else [],
+            "step": step,
+            "best": best,
+        }
+        meta = {**(checkpoint_metadata or {}), "step": str(step), "top1": str(best.get("top1"))}
+        save_checkpoint(stage_dir, step, model, state, meta, best=is_best)
+
+    train_set = data.train.to(runtime.device)
+    test_set = data.test.to(runtime.device)
+    emit({"event": "start", "title": title, "step": step, "total_steps": plan.total_steps,
+          "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
+
+    final: dict[str, float] = {}
+    window = {"loss": 0.0, "correct": 0, "seen": 0, "time": time.perf_counter()}
+    images_seen, train_time = 0, 0.0
+    order_epoch, order = -1, []
+    try:
+        while step < plan.total_steps:
+            epoch, index = divmod(step, plan.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(len(train_set), cfg.batch_size, seed, epoch)
+            batch_idx = order[index]
+            started = time.perf_counter()
+
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = batch_idx.to(runtime.device)
+            images = augment_batch(train_set.images[idx], augment.crop_padding, augment.hflip, generator)
+            labels = train_set.labels[idx]
+            with runtime.autocast():
+                logits = model(spec.prepare(images))
+                loss, parts = objective(logits, labels, images)
+            if not torch.isfinite(loss):
+                raise KdforgeError(
+                    f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+
+            window["loss"] += loss.item() * len(labels)
+            window["correct"] += (logits.argmax(1) == labels).sum().item()
+            window["seen"] += len(labels)
+            images_seen += len(labels)
+            train_time += time.perf_counter() - started
+            emit({"event": "step", "step": step})
+
+            if step % cfg.log_every == 0 or step == plan.total_steps:
+                elapsed = time.perf_counter() - window["time"]
+                emit({
+                    "event": "log", "step": step, "total_steps": plan.total_steps, "epoch": epoch,
+                    "loss": window["loss"] / window["seen"], "train_top1": window["correct"] / window["seen"],
+                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": window["seen"] / max(elapsed, 1e-9),
+                    **{f"loss_{name}": value.item() for name, value in parts.items()},
+                })
+                window = {"loss": 0.0, "correct": 0, "seen": 0, "time": time.perf_counter()}
+
+            end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+            if end_of_epoch:
+                final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+                is_best = final["top1"] > best["top1"]
+                if is_best:
+                    best = {**final, "step": step, "epoch": epoch + 1}
+                emit({"event": "eval", "step": step, "epoch": epoch + 1, **final})
+                checkpoint(is_best)
+            elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(False)
+    finally:
+        emit({"event": "end", "step": step})
+
+    if not final:  # resumed a run whose last checkpoint was already its end
+        final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+    return FitResult(
+        steps=step, final=final, best=best,
+        train_images_per_s=images_seen / train_time if train_time else 0.0,
+    )
+
