@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,14 +35,14 @@ err = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set train.epochs=1 (repeatable).",
                  show_default=False),
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its last checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's earlier run and start over.")]
 DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
+    str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
 
@@ -109,7 +109,9 @@ def teacher(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, o
 @app.command()
 def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
              device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs")) -> None:
-    """Train the student model of a recipe (its \\[student] section) without a teacher: the baseline distillation must beat.
+    """Train the student model of a recipe (its \\[student] section) on labels alone, without a teacher.
+
+    This is the baseline that distillation must beat.
 
     Example:  kdforge baseline recipes/quickstart.toml
     """

@@ -57,7 +57,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         raise ModelError(
             f"{cfg.model}: could not download pretrained weights ({type(exc).__name__}: {str(exc)[:200]}). "
             f"Offline? Put the weights file on this machine and set weights = \"/path/to/model.safetensors\" "
-            f"in the model's section (or --set teacher.weights=...), or use pretrained = false."
+            f"in this model's recipe section (or --set <section>.weights=...), or use pretrained = false."
         ) from None
 
 

@@ -111,7 +111,7 @@ class ModelConfig(Strict):
     input_size: PositiveInt | None = None  # square side; default: model_kwargs.img_size, else timm's config
     mean: Triple | None = None  # default: timm's pretrained config for the model
     std: Triple | None = None
-    model_kwargs: dict[str, Union[bool, int, float, str]] = {}  # e.g. {img_size = 32, patch_size = 4}
+    model_kwargs: dict[str, bool | int | float | str] = {}  # e.g. {img_size = 32, patch_size = 4}
     train: TrainConfig = TrainConfig()
 
     @field_validator("model")

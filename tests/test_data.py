@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from kdforge.cli import app
 from kdforge.data import cifar, load_dataset
 from kdforge.data.dataset import epoch_order
-from kdforge.data.synthetic import CLASSES, MANIFEST, generate_split, load_synthetic, write_synthetic
+from kdforge.data.synthetic import CLASSES, MANIFEST, generate_split, load_synthetic
 from kdforge.data.transforms import InputSpec, augment_batch
 from kdforge.errors import DataError
 from kdforge.recipe import load_recipe
@@ -144,12 +144,12 @@ def test_augmentation_crops_and_flips_whole_batches():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8).to(torch.uint8)
     # no padding: only flips; each image is either itself or its mirror
     out = augment_batch(images, crop_padding=0, hflip=True, generator=torch.Generator().manual_seed(0))
-    for original, augmented in zip(images, out):
+    for original, augmented in zip(images, out, strict=False):
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
     # padding: every output is an 8x8 window of the zero-padded image
     out = augment_batch(images, crop_padding=2, hflip=False, generator=torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    for p, augmented in zip(padded, out):
+    for p, augmented in zip(padded, out, strict=False):
         windows = [p[:, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
         assert any(torch.equal(augmented, w) for w in windows)
     # same generator seed, same augmentation (what makes resume exact)
@@ -168,5 +168,5 @@ def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
     batches = epoch_order(103, 10, seed=1, epoch=2)
     flat = torch.cat(batches)
     assert len(batches) == 10 and len(set(flat.tolist())) == 100  # full batches only, no repeats
-    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_order(103, 10, seed=1, epoch=2)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_order(103, 10, seed=1, epoch=2), strict=False))
     assert not torch.equal(flat, torch.cat(epoch_order(103, 10, seed=1, epoch=3)))

@@ -1,0 +1,31 @@
+# The README's two set-up commands:
+#   make demo   install into .venv, then train the quickstart teacher on the built-in synthetic dataset
+#   make test   install into .venv, then run the test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch pair the project is tested with (this pair installs from the development machines' local disk).
+# pyproject.toml keeps an open range for users installing kdforge into their own environments.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/kdforge teacher recipes/quickstart.toml
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check kdforge tests
+
+clean:
+	rm -rf runs .pytest_cache
