@@ -51,7 +51,7 @@ class ProgressDisplay:
     """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, highlight=False)
         self.progress: Progress | None = None
         self.task = None
         self.title = ""
