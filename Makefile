@@ -1,5 +1,5 @@
 # The README's two set-up commands:
-#   make demo   install into .venv, then train the quickstart teacher on the built-in synthetic dataset
+#   make demo   install into .venv, then distill the quickstart recipe on the built-in synthetic dataset
 #   make test   install into .venv, then run the test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/kdforge teacher recipes/quickstart.toml
+	$(BIN)/kdforge distill recipes/quickstart.toml
 
 test: install
 	$(BIN)/python -m pytest

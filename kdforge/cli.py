@@ -81,7 +81,7 @@ def main(
 
 def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir) -> None:
     from kdforge.recipe import load_recipe
-    from kdforge.train import train_stage
+    from kdforge.train.stages import train_stage
 
     with user_errors():
         recipe = load_recipe(recipe_path, overrides or [])
@@ -116,6 +116,41 @@ def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, 
     Example:  kdforge baseline recipes/quickstart.toml
     """
     _train("baseline", recipe, set_, resume, overwrite, device, runs_dir)
+
+
+@app.command()
+def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, device: DeviceOpt = None,
+            runs_dir: RunsDirOpt = Path("runs")) -> None:
+    """Run the recipe's chain: teacher, baseline student, distilled student, and the stages it enables.
+
+    Finished stages whose settings match the recipe are reused; changed ones are redone. Ends with a summary
+    table, also written to runs/NAME/summary.json.
+
+    Example:  kdforge distill recipes/quickstart.toml
+    """
+    from kdforge.pipeline import run_distill
+    from kdforge.recipe import load_recipe
+
+    with user_errors():
+        summary = run_distill(load_recipe(recipe, set_ or []), runs_dir=runs_dir, resume=resume, device=device)
+    out.print(summary_table(summary))
+    gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
+    out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
+              f"-> {runs_dir / summary.recipe / 'summary.json'}", highlight=False)
+
+
+def summary_table(summary):
+    from rich.table import Table
+
+    table = Table(title=f"{summary.recipe}: test accuracy")
+    for column in ("role", "model", "params", "top-1", "top-5", "input"):
+        table.add_column(column, justify="left" if column in ("role", "model") else "right")
+    rows = [("teacher", summary.teacher), ("baseline", summary.baseline), ("distilled", summary.student)]
+    for role, row in rows:
+        if row is not None:
+            table.add_row(role, row["model"], f"{row['params'] / 1e6:.2f}M", f"{row['top1']:.2%}",
+                          f"{row['top5']:.2%}", str(row["input_size"]))
+    return table
 
 
 @recipe_app.command("check")

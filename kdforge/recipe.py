@@ -142,6 +142,38 @@ class ModelConfig(Strict):
         return std
 
 
+class TeacherConfig(ModelConfig):
+    # Finished teacher weights to reuse instead of training: a run's stage folder (runs/<recipe>/teacher),
+    # a checkpoint folder, or a .safetensors file.
+    checkpoint: str | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"teacher checkpoint not found: {path}")
+        return path
+
+
+class DistillConfig(Strict):
+    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD)
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # kd/hard: weight of the teacher term; labels get 1 - alpha
+    dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
+    dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
+    baseline: bool = True  # also train the student on labels alone, for the gain column
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from kdforge.distill import METHODS
+
+        if name not in METHODS:
+            known = ", ".join(METHODS)
+            raise ValueError(f"unknown distillation method {name!r}{suggest(name, METHODS)}; known: {known}")
+        return name
+
+
 class RuntimeConfig(Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU
@@ -163,8 +195,9 @@ class Recipe(Strict):
     data: DataConfig = DataConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     train: TrainConfig = TrainConfig()
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -180,7 +213,7 @@ class Recipe(Strict):
         return raw
 
     def model_for(self, stage: str) -> ModelConfig:
-        """The model section a stage trains: the teacher for "teacher", the student otherwise."""
+        """The model section a stage trains: the teacher for "teacher", the student for "baseline"/"student"."""
         section = self.teacher if stage == "teacher" else self.student
         if section is None:
             key = "teacher" if stage == "teacher" else "student"

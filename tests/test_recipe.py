@@ -11,12 +11,6 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
 runner = CliRunner()
 
 
-def test_repository_has_the_reference_recipes():
-    names = {p.stem for p in RECIPES}
-    assert {"quickstart", "vit_base_teacher", "resnet152_teacher", "vit_tiny_baseline", "resnet18_baseline",
-            "mobilevit_s_baseline"} <= names
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_in_the_repository_is_valid(path):
     result = runner.invoke(app, ["recipe", "check", str(path)])

@@ -1,9 +1,2 @@
-"""One training loop (`loop.fit`) and the stages built on it (`stages.train_stage`)."""
-
-from kdforge.train.loop import Plan, cross_entropy_objective, evaluate, fit, predict_logits, topk_accuracy
-from kdforge.train.stages import STAGES, StageResult, train_stage
-
-__all__ = [
-    "STAGES", "Plan", "StageResult", "cross_entropy_objective", "evaluate", "fit", "predict_logits",
-    "topk_accuracy", "train_stage",
-]
+"""Training: the one loop (`kdforge.train.loop`), checkpoints, event consumers and the stages built on them
+(`kdforge.train.stages`). Import from those modules directly."""

@@ -1,6 +1,6 @@
 """Consumers of the training loop's events: progress display and the metrics log.
 
-The loop emits plain dicts: {"event": "start" | "step" | "log" | "eval" | "end", ...}. A consumer is any
+The loop emits plain dicts: {"event": "start" | "step" | "log" | "eval" | "end" | "note", ...}. A consumer is any
 callable taking one event; the loop knows nothing about terminals or files.
 """
 
@@ -83,6 +83,8 @@ class ProgressDisplay:
                 self.console.print(f"{self.title} step {event['step']}/{event['total_steps']}  {format_metrics(event)}")
         elif kind == "eval":
             self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}): {format_metrics(event)}")
+        elif kind == "note":
+            self.console.print(event["message"])
         elif kind == "end":
             self.close()
 

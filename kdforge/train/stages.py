@@ -1,10 +1,12 @@
-"""Training stages: what `kdforge teacher` and `kdforge baseline` run, on top of the one loop.
+"""Training stages on top of the one loop: `teacher`, `baseline` and the distilled `student`.
 
     result = train_stage(recipe, "teacher")           # runs/<recipe>/teacher/{recipe.toml, metrics.jsonl, ...}
 
-A stage trains one model section of the recipe (`teacher` trains [teacher]; `baseline` trains [student] with
-plain cross-entropy). A stage that already finished with the same settings is not trained again; an
-unfinished one continues with `resume=True`.
+`teacher` trains [teacher] on labels; `baseline` trains [student] on labels; `student` trains [student] with
+the [distill] objective against the frozen, finished teacher. A stage that already finished with the same
+settings is not trained again; an unfinished one continues with `resume=True`. A stage's settings are its
+fingerprint: data, seed, its model section and, for the distilled student, the distillation settings and a
+hash of the teacher's weights, so a retrained teacher invalidates the student that learned from it.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import torch
 
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
+from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.errors import CheckpointError, ModelError
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import runtime_scope, seed_everything
-from kdforge.train.checkpoint import atomic_write_text, checkpoint_metadata, write_json
+from kdforge.train.checkpoint import WEIGHTS, atomic_write_text, checkpoint_metadata, write_json
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
-from kdforge.train.loop import cross_entropy_objective, fit
+from kdforge.train.loop import cross_entropy_objective, evaluate, fit
 
-STAGES = ("teacher", "baseline")
+STAGES = ("teacher", "baseline", "student")
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,56 @@ class StageResult:
     skipped: bool = False  # True when an earlier finished run was reused
 
 
-def stage_fingerprint(recipe: Recipe, stage: str) -> str:
-    """What the stage's output depends on: data, seed and its model section (not runtime, not other models)."""
+def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None = None) -> str:
+    """What the stage's output depends on: data, seed and its model section (not runtime, not other models);
+    for the distilled student also the [distill] settings and the teacher's weights."""
     parts = {
         "stage": stage,
         "seed": recipe.seed,
         "data": recipe.data.model_dump(mode="json"),
         "model": recipe.model_for(stage).model_dump(mode="json"),
     }
+    if stage == "student":
+        parts["distill"] = recipe.distill.model_dump(mode="json", exclude={"baseline"})
+        parts["teacher"] = file_digest(teacher_weights) if teacher_weights else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resolve_weights(path: Path, what: str) -> Path:
+    """A finished stage folder, a checkpoint folder or a .safetensors file -> the weights file."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if (path / "result.json").is_file() and (path / "last" / WEIGHTS).is_file():
+        return path / "last" / WEIGHTS
+    if (path / "last").exists():
+        raise CheckpointError(f"{what}: the run in {path} has not finished; finish it with --resume first")
+    if (path / WEIGHTS).is_file():
+        return path / WEIGHTS
+    raise CheckpointError(f"{what}: no weights at {path} (expected a finished run folder or a .safetensors file)")
+
+
+def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
+    """The weights the distilled student learns from: teacher.checkpoint, else this recipe's teacher run."""
+    teacher = recipe.model_for("teacher")
+    if teacher.checkpoint:
+        return resolve_weights(Path(teacher.checkpoint), "teacher.checkpoint")
+    stage_dir = runs_dir / recipe.name / "teacher"
+    if not (stage_dir / "result.json").is_file():
+        raise CheckpointError(
+            f"no trained teacher in {stage_dir}; run `kdforge distill` (which trains it first), "
+            f"`kdforge teacher` or set teacher.checkpoint"
+        )
+    if json.loads((stage_dir / "result.json").read_text())["fingerprint"] != stage_fingerprint(recipe, "teacher"):
+        raise CheckpointError(f"the teacher in {stage_dir} was trained with other [teacher] settings; retrain it")
+    return resolve_weights(stage_dir, "teacher")
 
 
 def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None:
@@ -82,15 +126,28 @@ def train_stage(
     runs_dir: str | Path = "runs",
     resume: bool = False,
     overwrite: bool = False,
+    retrain_stale: bool = False,
     device: str | None = None,
     consumers: list[Consumer] | None = None,
 ) -> StageResult:
+    """Train one stage. `retrain_stale`: when the stage's settings changed, discard the old run (and say so)
+    instead of refusing; `kdforge distill` uses it so that a changed recipe invalidates what depends on it."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     cfg = recipe.model_for(stage)
-    stage_dir = Path(runs_dir) / recipe.name / stage
-    fingerprint = stage_fingerprint(recipe, stage)
+    consumers = consumers if consumers is not None else [ProgressDisplay()]
+    runs_dir = Path(runs_dir)
+    stage_dir = runs_dir / recipe.name / stage
+    teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
+    fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
     result_path = stage_dir / "result.json"
+
+    def stale(reason: str) -> None:
+        if not retrain_stale:
+            raise CheckpointError(f"{stage_dir}: {reason}; pass --overwrite to start over")
+        for consume in consumers:
+            consume({"event": "note", "message": f"{stage}: {reason}; training it again"})
+        shutil.rmtree(stage_dir)
 
     if overwrite:
         shutil.rmtree(stage_dir, ignore_errors=True)
@@ -98,22 +155,19 @@ def train_stage(
         previous = json.loads(result_path.read_text())
         if previous.get("fingerprint") == fingerprint:
             return StageResult(**{**previous, "skipped": True})
-        raise CheckpointError(
-            f"{stage_dir} holds a finished {stage} trained with other settings; pass --overwrite to retrain it"
-        )
+        stale("finished with other settings (or another teacher) than the recipe now asks for")
     resume_from = None
     if (stage_dir / "last").exists():
         last = (stage_dir / "last").resolve()
-        if not resume:
+        if checkpoint_metadata(last).get("fingerprint") != fingerprint:
+            stale("the recipe changed since this unfinished run started")
+        elif not resume:
             raise CheckpointError(
                 f"{stage_dir} holds an unfinished run (checkpoint {last.name}); pass --resume to continue it "
                 f"or --overwrite to start over"
             )
-        if checkpoint_metadata(last).get("fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"{stage_dir}: the recipe changed since this run started; pass --overwrite to start over"
-            )
-        resume_from = last
+        else:
+            resume_from = last
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -126,16 +180,20 @@ def train_stage(
 
     with runtime_scope(recipe.runtime, device) as runtime:
         data = load_dataset(recipe.data)
-        seed_everything(recipe.seed)
+        seed_everything(recipe.seed)  # the baseline and the distilled student start from the same weights
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
         check_input_size(model, spec, cfg.model)
+        if teacher_weights is not None:
+            teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
+            objective = create_distill_objective(recipe.distill, teacher.to(runtime.device), cfg.train.label_smoothing)
+        else:
+            objective = cross_entropy_objective(cfg.train.label_smoothing)
         result = fit(
-            model, spec, cross_entropy_objective(cfg.train.label_smoothing), data, cfg.train,
-            recipe.data.augment, runtime, recipe.seed, stage_dir,
+            model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
             title=f"{stage} {cfg.model}",
             resume_from=resume_from,
-            consumers=[metrics, *(consumers if consumers is not None else [ProgressDisplay()])],
+            consumers=[metrics, *consumers],
             checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
         )
 
@@ -148,3 +206,21 @@ def train_stage(
     )
     write_json(result_path, {k: v for k, v in asdict(outcome).items() if k != "skipped"})
     return outcome
+
+
+def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> StageResult:
+    """Test accuracy of the finished teacher named by teacher.checkpoint (always reported, never assumed)."""
+    cfg = recipe.model_for("teacher")
+    weights = resolve_weights(Path(cfg.checkpoint), "teacher.checkpoint")
+    started = time.perf_counter()
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data)
+        teacher = load_frozen_teacher(cfg, weights, data.num_classes).to(runtime.device)
+        metrics = evaluate(teacher.model, teacher.spec, data.test.to(runtime.device), cfg.train.batch_size,
+                           runtime, cfg.train.limit_eval_batches)
+    return StageResult(
+        stage="teacher", model=cfg.model, params=count_parameters(teacher.model), top1=metrics["top1"],
+        top5=metrics["top5"], best_top1=metrics["top1"], best_epoch=0, steps=0, input_size=teacher.spec.size,
+        wall_s=round(time.perf_counter() - started, 2), train_images_per_s=0.0, fingerprint=file_digest(weights),
+        stage_dir=str(weights),
+    )

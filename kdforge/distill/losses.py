@@ -1,0 +1,52 @@
+"""Distillation losses: pure functions of logits (and labels), no state, no modules.
+
+Each has a golden-value test. The objective (`objective.py`) weights them and adds cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): KL(teacher || student) of temperature-softened distributions, times T^2.
+
+    The T^2 factor keeps the gradient scale independent of T, so alpha means the same at any temperature.
+    Averaged over the batch.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT (Touvron et al., 2021) hard-label distillation: cross-entropy against the teacher's argmax."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=1))
+
+
+def dkd_parts(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoupled KD (Zhao et al., 2022): (TCKD, NCKD), each times T^2 and averaged over the batch.
+
+    TCKD: KL between the binary (target, all others) distributions of teacher and student.
+    NCKD: KL between the distributions over the non-target classes only.
+    """
+    t = temperature
+    s, te = student_logits.float() / t, teacher_logits.float() / t
+    target = F.one_hot(labels, s.shape[1]).bool()
+
+    def binary(logits: torch.Tensor) -> torch.Tensor:  # log [p_target, p_others]
+        log_p = F.log_softmax(logits, dim=1)
+        log_target = log_p.masked_select(target)
+        log_others = torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=1)
+        return torch.stack([log_target, log_others], dim=1)
+
+    tckd = F.kl_div(binary(s), binary(te), reduction="batchmean", log_target=True) * (t * t)
+    # non-target distribution: drop the target class (a -inf logit) and renormalize
+    log_s_nt = F.log_softmax(s.masked_fill(target, float("-inf")), dim=1).masked_fill(target, 0.0)
+    log_t_nt = F.log_softmax(te.masked_fill(target, float("-inf")), dim=1).masked_fill(target, 0.0)
+    nckd = (log_t_nt.exp() * (log_t_nt - log_s_nt)).sum(dim=1).mean() * (t * t)
+    return tckd, nckd

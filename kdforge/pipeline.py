@@ -1,0 +1,107 @@
+"""`kdforge distill`: the chain a recipe describes, stage by stage, and its summary.
+
+    summary = run_distill(recipe)      # teacher -> baseline -> distilled student; runs/<name>/summary.json
+
+`plan_stages` lists what runs. Each stage is skipped when its finished output matches the recipe and
+redone when the recipe changed (a retrained teacher also redoes the student that learned from it).
+Later stages (quantize, export, verify) join the list and the STAGE_RUNNERS table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdforge.errors import RecipeError
+from kdforge.recipe import Recipe, recipe_hash
+from kdforge.train.checkpoint import write_json
+from kdforge.train.events import Consumer, ProgressDisplay
+from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
+
+
+def plan_stages(recipe: Recipe) -> list[str]:
+    if recipe.teacher is None or recipe.student is None:
+        missing = "[teacher]" if recipe.teacher is None else "[student]"
+        raise RecipeError(f"recipe {recipe.name!r} has no {missing} section; distillation needs both")
+    stages = ["teacher_eval" if recipe.teacher.checkpoint else "teacher"]
+    if recipe.distill.baseline:
+        stages.append("baseline")
+    stages.append("student")
+    return stages
+
+
+@dataclass
+class ChainContext:
+    runs_dir: Path
+    resume: bool = False
+    device: str | None = None
+    consumers: list[Consumer] = field(default_factory=lambda: [ProgressDisplay()])
+
+
+def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
+    def run(recipe: Recipe, ctx: ChainContext) -> StageResult:
+        return train_stage(recipe, stage, runs_dir=ctx.runs_dir, resume=ctx.resume, retrain_stale=True,
+                           device=ctx.device, consumers=ctx.consumers)
+
+    return run
+
+
+STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
+    "teacher": _train("teacher"),
+    "teacher_eval": lambda recipe, ctx: evaluate_teacher_checkpoint(recipe, device=ctx.device),
+    "baseline": _train("baseline"),
+    "student": _train("student"),
+}
+
+
+@dataclass(frozen=True)
+class DistillSummary:
+    recipe: str
+    recipe_hash: str
+    teacher: dict[str, Any]
+    baseline: dict[str, Any] | None
+    student: dict[str, Any]
+    gain_top1: float | None  # distilled - baseline, in points of accuracy (fraction)
+    compression: float  # teacher parameters / student parameters
+    reused: list[str]  # stages whose earlier finished output was reused
+
+
+def _row(result: StageResult) -> dict[str, Any]:
+    return {"model": result.model, "params": result.params, "top1": result.top1, "top5": result.top5,
+            "input_size": result.input_size, "stage_dir": result.stage_dir}
+
+
+def summarize(recipe: Recipe, results: dict[str, StageResult]) -> DistillSummary:
+    teacher = results.get("teacher") or results["teacher_eval"]
+    baseline, student = results.get("baseline"), results["student"]
+    return DistillSummary(
+        recipe=recipe.name,
+        recipe_hash=recipe_hash(recipe),
+        teacher=_row(teacher),
+        baseline=_row(baseline) if baseline else None,
+        student=_row(student),
+        gain_top1=student.top1 - baseline.top1 if baseline else None,
+        compression=teacher.params / student.params,
+        reused=[name for name, result in results.items() if result.skipped],
+    )
+
+
+def run_distill(
+    recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
+    consumers: list[Consumer] | None = None,
+) -> DistillSummary:
+    ctx = ChainContext(Path(runs_dir), resume, device)
+    if consumers is not None:
+        ctx.consumers = consumers
+    results = {}
+    for stage in plan_stages(recipe):
+        results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
+        if results[stage].skipped:
+            for consume in ctx.consumers:
+                consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
+    summary = summarize(recipe, results)
+    write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
+    return summary
+

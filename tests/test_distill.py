@@ -1,0 +1,216 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from kdforge.cli import app
+from kdforge.data.transforms import InputSpec
+from kdforge.distill import FrozenTeacher, create_distill_objective, dkd_parts, hard_distillation_loss, kd_loss
+from kdforge.pipeline import run_distill
+from kdforge.recipe import DistillConfig, load_recipe
+
+from .conftest import TINY_MODELS
+
+S = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+T = [[3.0, 2.0, 1.0], [0.0, 1.0, -1.0]]
+LABELS = [2, 0]
+
+
+def softmax(row, temperature):
+    exps = [math.exp(v / temperature) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
+
+
+def test_kd_loss_golden_value_includes_t_squared():
+    # KL(softmax(t/2) || softmax(s/2)) * 2^2, averaged over the batch, written out by hand
+    expected = sum(kl(softmax(t, 2.0), softmax(s, 2.0)) for s, t in zip(S, T, strict=True)) / 2 * 4
+    assert kd_loss(torch.tensor(S), torch.tensor(T), 2.0).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(1.6361172, rel=1e-6)  # golden value (checked by hand)
+    assert kd_loss(torch.tensor(T), torch.tensor(T), 4.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_matches_timms_logit_distillation_task():
+    from timm.task import LogitDistillationTask
+    from timm.task.distillation import DistillationTeacher
+
+    student_logits, teacher_logits = torch.randn(8, 10), torch.randn(8, 10)
+
+    class Fixed(torch.nn.Module):  # a "model" answering fixed logits, with the config timm reads
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+            self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.logits + 0 * self.anchor
+
+    task = LogitDistillationTask(Fixed(student_logits), DistillationTeacher(Fixed(teacher_logits)), temperature=4.0,
+                                 task_loss_weight=0.5, verbose=False)
+    out = task(torch.zeros(8, 3, 4, 4), torch.zeros(8, dtype=torch.long))
+    assert kd_loss(student_logits, teacher_logits, 4.0).item() == pytest.approx(out["kd_loss"].item(), rel=1e-5)
+
+
+def test_hard_distillation_is_cross_entropy_against_the_teachers_argmax():
+    expected = (-math.log(softmax(S[0], 1)[0]) - math.log(softmax(S[1], 1)[1])) / 2
+    assert hard_distillation_loss(torch.tensor(S), torch.tensor(T)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dkd_parts_golden_values_and_the_papers_decomposition():
+    temperature = 2.0
+    tckd, nckd = dkd_parts(torch.tensor(S), torch.tensor(T), torch.tensor(LABELS), temperature)
+    tckd_ref, nckd_ref, kd_ref = 0.0, 0.0, 0.0
+    for s, t, y in zip(S, T, LABELS, strict=True):
+        ps, pt = softmax(s, temperature), softmax(t, temperature)
+        tckd_ref += kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+        others = [i for i in range(3) if i != y]
+        nckd_ref += kl([pt[i] / (1 - pt[y]) for i in others], [ps[i] / (1 - ps[y]) for i in others])
+        # Zhao et al. (2022), eq. 4: KD = TCKD + (1 - p_t) * NCKD, per sample
+        kd_ref += kl(pt, ps)
+        assert kl(pt, ps) == pytest.approx(
+            kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+            + (1 - pt[y]) * kl([pt[i] / (1 - pt[y]) for i in others], [ps[i] / (1 - ps[y]) for i in others])
+        )
+    scale = temperature**2 / len(S)
+    assert tckd.item() == pytest.approx(tckd_ref * scale, rel=1e-5)
+    assert nckd.item() == pytest.approx(nckd_ref * scale, rel=1e-5)
+    assert (tckd.item(), nckd.item()) == pytest.approx((0.4450171, 1.6765152), rel=1e-5)  # golden values
+
+
+def test_objective_weights_named_terms_and_returns_each_part():
+    teacher = FrozenTeacher(torch.nn.Identity(), InputSpec(2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    student_logits = torch.randn(4, 12, requires_grad=True)
+    teacher_images = torch.randint(0, 255, (4, 3, 2, 2), dtype=torch.uint8)  # Identity teacher: 12 "logits"
+    teacher_logits = teacher(teacher_images).flatten(1)
+    teacher.model = torch.nn.Flatten()
+    labels = torch.tensor([0, 1, 2, 3])
+
+    cfg = DistillConfig(method="kd", temperature=3.0, alpha=0.7)
+    loss, parts = create_distill_objective(cfg, teacher)(student_logits, labels, teacher_images)
+    assert set(parts) == {"ce", "kd"}
+    assert parts["ce"].item() == pytest.approx(F.cross_entropy(student_logits, labels).item())
+    assert parts["kd"].item() == pytest.approx(kd_loss(student_logits, teacher_logits, 3.0).item())
+    assert loss.item() == pytest.approx(0.3 * parts["ce"].item() + 0.7 * parts["kd"].item())
+    loss.backward()
+    assert student_logits.grad is not None
+
+    dkd = DistillConfig(method="dkd", dkd_alpha=1.0, dkd_beta=8.0)
+    loss, parts = create_distill_objective(dkd, teacher)(student_logits, labels, teacher_images)
+    assert set(parts) == {"ce", "tckd", "nckd"}
+    assert loss.item() == pytest.approx(parts["ce"].item() + parts["tckd"].item() + 8 * parts["nckd"].item(),
+                                        rel=1e-5)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps the inputs it was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_teacher_sees_the_same_augmented_batch_with_its_own_size_and_normalization(make_recipe, tmp_path):
+    """A teacher with another input size and mean/std than the student sees exactly what it sees at evaluation."""
+    from kdforge.data import load_dataset
+    from kdforge.data.transforms import augment_batch
+    from kdforge.models import create_model, resolve_input_spec
+    from kdforge.runtime import Runtime
+    from kdforge.train.loop import fit, predict_logits
+
+    recipe = load_recipe(make_recipe(TINY_MODELS), [
+        "teacher.input_size=48", "teacher.mean=[0.5, 0.4, 0.3]", "teacher.std=[0.2, 0.3, 0.4]",
+        "student.mean=[0.0, 0.0, 0.0]", "student.std=[1.0, 1.0, 1.0]",
+    ])
+    data = load_dataset(recipe.data)
+    teacher_spec, student_spec = resolve_input_spec(recipe.teacher), resolve_input_spec(recipe.student)
+    teacher_model = Recorder(create_model(recipe.teacher, data.num_classes))
+    student_model = Recorder(create_model(recipe.student, data.num_classes))
+    teacher = FrozenTeacher(teacher_model, teacher_spec)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=None)
+    fit(student_model, student_spec, create_distill_objective(recipe.distill, teacher), data,
+        recipe.student.train.model_copy(update={"max_steps": 1}), recipe.data.augment, runtime, recipe.seed,
+        tmp_path / "stage", title="t")
+
+    # rebuild the step's augmented batch from the seed, as the loop does
+    from kdforge.data.dataset import epoch_order
+
+    idx = epoch_order(len(data.train), recipe.student.train.batch_size, recipe.seed, 0)[0]
+    images = augment_batch(data.train.images[idx], 4, True, torch.Generator().manual_seed(recipe.seed * 1_000_003))
+    teacher_input, student_input = teacher_model.inputs[0], student_model.inputs[0]
+    assert teacher_input.shape[-1] == 48 and student_input.shape[-1] == 32
+    assert torch.equal(teacher_input, teacher_spec.prepare(images))
+    assert torch.equal(student_input, student_spec.prepare(images))
+
+    # and what the teacher is fed at evaluation is prepared the same way
+    teacher_model.inputs.clear()
+    predict_logits(teacher.model, teacher_spec, data.test, 16, runtime, limit_batches=1)
+    assert torch.equal(teacher_model.inputs[0], teacher_spec.prepare(data.test.images[:16]))
+    # frozen: eval mode, no gradients
+    assert not teacher_model.training and not any(p.requires_grad for p in teacher_model.parameters())
+
+
+def test_distill_chain_trains_reuses_and_invalidates_what_depends_on_a_change(make_recipe, tmp_path):
+    path = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = true\n")
+    runs = tmp_path / "runs"
+    steps = ["train.max_steps=4", "train.limit_eval_batches=2"]
+    summary = run_distill(load_recipe(path, steps), runs_dir=runs, consumers=[])
+    assert summary.teacher["model"] == "test_resnet" and summary.student["model"] == "test_convnext"
+    assert summary.gain_top1 == pytest.approx(summary.student["top1"] - summary.baseline["top1"])
+    assert summary.compression == pytest.approx(summary.teacher["params"] / summary.student["params"])
+    saved = json.loads((runs / "tiny" / "summary.json").read_text())
+    assert saved["student"]["top1"] == summary.student["top1"] and summary.reused == []
+
+    again = run_distill(load_recipe(path, steps), runs_dir=runs, consumers=[])
+    assert again.reused == ["teacher", "baseline", "student"]
+
+    # a new temperature redoes only the distilled student
+    changed = run_distill(load_recipe(path, [*steps, "distill.temperature=2.0"]), runs_dir=runs, consumers=[])
+    assert changed.reused == ["teacher", "baseline"]
+
+    # a different teacher redoes the teacher and the student that learned from it, not the baseline
+    notes = []
+    changed = run_distill(load_recipe(path, [*steps, "distill.temperature=2.0", "teacher.train.lr=1e-3"]),
+                          runs_dir=runs, consumers=[notes.append])
+    assert changed.reused == ["baseline"]
+    assert any("teacher: finished with other settings" in n.get("message", "") for n in notes)
+
+
+def test_distill_with_a_teacher_checkpoint_reports_the_teachers_accuracy(make_recipe, tmp_path):
+    path = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = false\n")
+    runs = tmp_path / "runs"
+    first = run_distill(load_recipe(path, ["train.max_steps=3"]), runs_dir=runs, consumers=[])
+    teacher_dir = runs / "tiny" / "teacher"
+    reused = run_distill(load_recipe(path, ["train.max_steps=3", f"teacher.checkpoint={teacher_dir}",
+                                            "name=other"]), runs_dir=runs, consumers=[])
+    assert reused.teacher["top1"] == pytest.approx(first.teacher["top1"])
+    assert reused.baseline is None and reused.gain_top1 is None
+    assert not (runs / "other" / "teacher").exists()  # evaluated, not retrained
+
+
+def test_distill_command_prints_the_summary_table(make_recipe, tmp_path):
+    path = make_recipe(TINY_MODELS)
+    result = CliRunner().invoke(app, ["distill", str(path), "--set", "train.max_steps=2",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    for word in ("teacher", "baseline", "distilled", "test_resnet", "test_convnext", "fewer parameters"):
+        assert word in result.stdout
+    assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
+
+
+def test_distilled_student_needs_a_finished_teacher(make_recipe, tmp_path):
+    from kdforge.errors import CheckpointError
+    from kdforge.train.stages import train_stage
+
+    with pytest.raises(CheckpointError, match="no trained teacher"):
+        train_stage(load_recipe(make_recipe(TINY_MODELS)), "student", runs_dir=tmp_path, consumers=[])
