@@ -134,6 +134,8 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     with user_errors():
         summary = run_distill(load_recipe(recipe, set_ or []), runs_dir=runs_dir, resume=resume, device=device)
     out.print(summary_table(summary))
+    if summary.exports:
+        out.print(exports_table(summary.exports))
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
               f"-> {runs_dir / summary.recipe / 'summary.json'}", highlight=False)
@@ -151,6 +153,97 @@ def summary_table(summary):
             table.add_row(role, row["model"], f"{row['params'] / 1e6:.2f}M", f"{row['top1']:.2%}",
                           f"{row['top5']:.2%}", str(row["input_size"]))
     return table
+
+
+def exports_table(rows):
+    from rich.table import Table
+
+    table = Table(title="exported vs PyTorch student, test split")
+    for column in ("format", "PyTorch top-1", "exported top-1", "agreement", "max |Δlogit|", "result"):
+        table.add_column(column, justify="left" if column in ("format", "result") else "right")
+    for name, row in rows.items():
+        if row["verified"]:
+            table.add_row(name, f"{row['pytorch_top1']:.2%}", f"{row['exported_top1']:.2%}", f"{row['agreement']:.2%}",
+                          f"{row['max_abs_diff']:.1e}", "PASS" if row["passed"] else "FAIL")
+        else:
+            table.add_row(name, "-", "-", "-", "-", "not verified")
+    return table
+
+
+def _report_row(name: str, report) -> dict:
+    return {"artifact": name, "verified": True, "pytorch_top1": report.reference_top1,
+            "exported_top1": report.candidate_top1, "agreement": report.agreement,
+            "max_abs_diff": report.max_abs_diff, "passed": report.passed}
+
+
+@app.command()
+def export(
+    target: Annotated[Path | None, typer.Argument(
+        help="A run (runs/NAME), a stage folder or a recipe file; default: the most recent run.",
+        show_default=False)] = None,
+    formats: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="Format to write (repeatable); default: the recipe's export.formats, else onnx.",
+        show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (>= 17); default: the recipe's export.opset.",
+                                                 show_default=False, min=17)] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify each artifact on the test split.")]
+    = True,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Exports folder; default: the recipe's export.dir.",
+                                                    show_default=False)] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    device: DeviceOpt = None,
+) -> None:
+    """Export a trained student (the distilled one, else the baseline) and verify it against PyTorch.
+
+    Artifacts go to exports/NAME/ (student.onnx, metadata.json, verify.json). A failed verification exits
+    non-zero and says by how much it failed.
+
+    Example:  kdforge export runs/quickstart --format onnx
+    """
+    from kdforge.export.artifacts import export_run, resolve_export_source
+
+    with user_errors():
+        source = resolve_export_source(target, runs_dir)
+        if target is None:
+            err.print(f"exporting the most recent run: {source}", highlight=False)
+        result = export_run(source, formats, opset, out_dir, verify=verify, device=device)
+    rows = {}
+    for name, path in result.artifacts.items():
+        report = result.reports.get(name)
+        rows[name] = {**(_report_row(str(path), report) if report else {"verified": False}), "artifact": str(path)}
+        out.print(f"exported {name} in {result.seconds[name]:.1f} s -> {path}", highlight=False)
+    out.print(exports_table(rows))
+
+
+@app.command()
+def verify(
+    target: Annotated[Path | None, typer.Argument(
+        help="An artifact (exports/NAME/student.onnx) or export folder; default: the most recent export.",
+        show_default=False)] = None,
+    exports_dir: Annotated[Path, typer.Option("--exports-dir", help="Where to look for the most recent export.")]
+    = Path("exports"),
+    device: DeviceOpt = None,
+) -> None:
+    """Verify exported artifacts against the PyTorch student on the test split; writes verify.json.
+
+    Exits non-zero when an artifact is outside the recipe's [verify] tolerance.
+
+    Example:  kdforge verify exports/quickstart/student.onnx
+    """
+    import json
+
+    from kdforge.export.artifacts import METADATA, resolve_export_dir, verify_export
+
+    with user_errors():
+        export_dir, fmt = resolve_export_dir(target, exports_dir)
+        if target is None:
+            err.print(f"verifying the most recent export: {export_dir}", highlight=False)
+        names = [fmt] if fmt else list(json.loads((export_dir / METADATA).read_text())["formats"])
+        rows = {}
+        for name in names:
+            report = verify_export(export_dir, name, device=device)
+            rows[name] = _report_row(str(export_dir / name), report)
+    out.print(exports_table(rows))
 
 
 @recipe_app.command("check")

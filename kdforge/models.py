@@ -35,7 +35,8 @@ def resolve_input_spec(cfg: ModelConfig) -> InputSpec:
     return InputSpec(size=size, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+def create_model(cfg: ModelConfig, num_classes: int, exportable: bool = False) -> torch.nn.Module:
+    """`exportable`: build with timm's export-friendly layers (for ONNX export)."""
     import timm
 
     kwargs: dict = dict(cfg.model_kwargs)
@@ -46,7 +47,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     # timm logs where weights come from; keep that quiet unless the user configured logging
     logging.getLogger("timm").setLevel(logging.WARNING)
     try:
-        return timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        return timm.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, exportable=exportable,
+                                 **kwargs)
     except TypeError as exc:
         raise ModelError(f"{cfg.model}: model_kwargs {cfg.model_kwargs} not accepted: {exc}") from None
     except (OSError, RuntimeError, ValueError, KeyError) as exc:

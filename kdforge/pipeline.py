@@ -4,7 +4,7 @@
 
 `plan_stages` lists what runs. Each stage is skipped when its finished output matches the recipe and
 redone when the recipe changed (a retrained teacher also redoes the student that learned from it).
-Later stages (quantize, export, verify) join the list and the STAGE_RUNNERS table.
+Export (with verification) joins when the recipe's [export] names formats; later stages join the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import RecipeError
+from kdforge.export.artifacts import ExportResult, export_run
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.train.checkpoint import write_json
 from kdforge.train.events import Consumer, ProgressDisplay
@@ -29,6 +30,8 @@ def plan_stages(recipe: Recipe) -> list[str]:
     if recipe.distill.baseline:
         stages.append("baseline")
     stages.append("student")
+    if recipe.export.formats:
+        stages.append("export")
     return stages
 
 
@@ -48,11 +51,17 @@ def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
     return run
 
 
+def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
+    return export_run(ctx.runs_dir / recipe.name / "student", recipe.export.formats, recipe.export.opset,
+                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device)
+
+
 STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
     "teacher": _train("teacher"),
     "teacher_eval": lambda recipe, ctx: evaluate_teacher_checkpoint(recipe, device=ctx.device),
     "baseline": _train("baseline"),
     "student": _train("student"),
+    "export": _export,
 }
 
 
@@ -66,6 +75,7 @@ class DistillSummary:
     gain_top1: float | None  # distilled - baseline, in points of accuracy (fraction)
     compression: float  # teacher parameters / student parameters
     reused: list[str]  # stages whose earlier finished output was reused
+    exports: dict[str, dict[str, Any]]  # format -> artifact, PyTorch vs exported top-1, verification
 
 
 def _row(result: StageResult) -> dict[str, Any]:
@@ -73,7 +83,20 @@ def _row(result: StageResult) -> dict[str, Any]:
             "input_size": result.input_size, "stage_dir": result.stage_dir}
 
 
-def summarize(recipe: Recipe, results: dict[str, StageResult]) -> DistillSummary:
+def _export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
+    if result is None:
+        return {}
+    rows = {}
+    for name, path in result.artifacts.items():
+        report = result.reports.get(name)
+        rows[name] = {"artifact": str(path), "export_s": result.seconds[name], "verified": report is not None}
+        if report is not None:
+            rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
+                              agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed)
+    return rows
+
+
+def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
     teacher = results.get("teacher") or results["teacher_eval"]
     baseline, student = results.get("baseline"), results["student"]
     return DistillSummary(
@@ -84,7 +107,8 @@ def summarize(recipe: Recipe, results: dict[str, StageResult]) -> DistillSummary
         student=_row(student),
         gain_top1=student.top1 - baseline.top1 if baseline else None,
         compression=teacher.params / student.params,
-        reused=[name for name, result in results.items() if result.skipped],
+        reused=[name for name, result in results.items() if getattr(result, "skipped", False)],
+        exports=_export_rows(results.get("export")),
     )
 
 
@@ -98,7 +122,7 @@ def run_distill(
     results = {}
     for stage in plan_stages(recipe):
         results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
-        if results[stage].skipped:
+        if getattr(results[stage], "skipped", False):
             for consume in ctx.consumers:
                 consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
     summary = summarize(recipe, results)

@@ -174,6 +174,36 @@ class DistillConfig(Strict):
         return name
 
 
+class ExportConfig(Strict):
+    """What `kdforge distill` exports after training (and `kdforge export` by default)."""
+
+    formats: list[str] = []  # e.g. ["onnx"]; empty: the chain ends with the trained student
+    opset: Annotated[int, Field(ge=17)] = 17  # >= 17 keeps LayerNormalization one op (FP16-safe on TensorRT)
+    dir: str = "exports"  # artifacts go to <dir>/<recipe name>/
+    verify: bool = True  # prove each artifact against the PyTorch student on the test split
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, names: list[str]) -> list[str]:
+        from kdforge.export import FORMATS
+
+        for name in names:
+            if name not in FORMATS:
+                raise ValueError(f"unknown export format {name!r}{suggest(name, FORMATS)}; known: {', '.join(FORMATS)}")
+        return names
+
+
+class Tolerance(Strict):
+    min_agreement: Annotated[float, Field(ge=0, le=1)]  # share of test images whose top-1 class is the same
+    max_top1_delta: Annotated[float, Field(ge=0)]  # |top-1 difference| in percentage points
+
+
+class VerifyConfig(Strict):
+    batch_size: PositiveInt = 256
+    limit_batches: PositiveInt | None = None  # test batches compared; default: the whole test split
+    fp32: Tolerance = Tolerance(min_agreement=0.999, max_top1_delta=0.1)
+
+
 class RuntimeConfig(Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU
@@ -198,6 +228,8 @@ class Recipe(Strict):
     teacher: TeacherConfig | None = None
     student: ModelConfig | None = None
     distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     @model_validator(mode="before")
     @classmethod

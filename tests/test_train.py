@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from kdforge.cli import app
 from kdforge.errors import CheckpointError, DataError
 from kdforge.recipe import load_recipe
-from kdforge.train.stages import train_stage
 from kdforge.train.loop import lr_factor
+from kdforge.train.stages import train_stage
 
 from .conftest import TINY_MODELS
 

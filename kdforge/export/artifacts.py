@@ -1,0 +1,237 @@
+"""Export a trained student to deployable artifacts and verify them against the PyTorch student.
+
+    result = export_run(Path("runs/quickstart"), formats=["onnx"])   # exports/quickstart/{student.onnx, ...}
+    report = verify_export(Path("exports/quickstart"), "onnx")        # writes verify.json, raises if it fails
+
+An export directory holds the artifacts, `metadata.json` (what they are and where they came from: class names,
+input size, mean/std, recipe hash, checkpoint hash, versions, each file's sha256) and `verify.json` (one report
+per format). Re-exporting a format drops its old verification; a failed verification is written as failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kdforge import __version__
+from kdforge.errors import CheckpointError, ExportError, VerificationError
+from kdforge.export.formats import FORMATS
+from kdforge.recipe import Recipe, load_recipe, recipe_hash
+from kdforge.train.checkpoint import WEIGHTS, write_json
+
+METADATA = "metadata.json"
+VERIFY = "verify.json"
+EXPORTED_STAGES = ("student", "baseline")  # the distilled student, else the baseline student
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what to export / verify
+
+
+def resolve_export_source(target: Path | None, runs_dir: Path) -> Path:
+    """The finished stage folder to export: from a run folder, a stage folder, a recipe file, or the most
+    recent run when `target` is None."""
+    if target is None:
+        finished = [p for stage in EXPORTED_STAGES for p in runs_dir.glob(f"*/{stage}/result.json")]
+        if not finished:
+            raise CheckpointError(f"no finished student in {runs_dir}/; train one with `kdforge distill RECIPE`")
+        newest = max(finished, key=lambda p: p.stat().st_mtime).parent
+        return _student_of(newest.parent)
+    if target.suffix == ".toml":
+        return _student_of(runs_dir / load_recipe(target).name)
+    if (target / "result.json").is_file():
+        return target
+    return _student_of(target)
+
+
+def _student_of(run_dir: Path) -> Path:
+    for stage in EXPORTED_STAGES:
+        if (run_dir / stage / "result.json").is_file():
+            return run_dir / stage
+    if any((run_dir / stage / "last").exists() for stage in EXPORTED_STAGES):
+        raise CheckpointError(f"the student in {run_dir} has not finished training; finish it with --resume")
+    raise CheckpointError(f"no trained student in {run_dir} (no finished checkpoint); run `kdforge distill` first")
+
+
+def resolve_export_dir(target: Path | None, exports_dir: Path) -> tuple[Path, str | None]:
+    """(export folder, format or None for all) from an artifact, an export folder, or the newest export."""
+    if target is None:
+        found = list(exports_dir.glob(f"*/{METADATA}"))
+        if not found:
+            raise ExportError(f"no exports in {exports_dir}/; run `kdforge export` first")
+        return max(found, key=lambda p: p.stat().st_mtime).parent, None
+    if target.is_file() or target.suffix:
+        by_file = {fmt.filename: fmt.name for fmt in map(FORMATS.get, FORMATS)}
+        if target.name not in by_file:
+            raise ExportError(f"{target}: not a kdforge artifact (expected one of {', '.join(by_file)})")
+        return target.parent, by_file[target.name]
+    if (target / METADATA).is_file():
+        return target, None
+    raise ExportError(f"{target}: no {METADATA} here; pass an export folder or artifact (exports/<recipe>/)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    export_dir: Path
+    source: Path  # the stage folder exported
+    artifacts: dict[str, Path]
+    seconds: dict[str, float]  # export time per format
+    reports: dict[str, Any]  # verification reports per format (when verified)
+
+
+def check_options(formats: list[str], options: dict[str, Any]) -> None:
+    """Before any work: every format exists, runs here, and accepts the options given."""
+    import torch
+
+    for name in formats:
+        fmt = FORMATS.get(name)
+        if fmt.needs_gpu and not torch.cuda.is_available():
+            raise ExportError(f"format {name!r} needs an NVIDIA GPU; none is visible here")
+        unknown = sorted(set(options) - fmt.options)
+        if unknown:
+            raise ExportError(f"format {name!r} does not take option(s) {', '.join(unknown)}")
+
+
+def build_metadata(recipe: Recipe, stage_dir: Path, classes: tuple[str, ...], spec, opset: int) -> dict[str, Any]:
+    import timm
+    import torch
+
+    cfg = recipe.model_for(stage_dir.name)
+    return {
+        "model": cfg.model, "stage": stage_dir.name, "recipe": recipe.name, "recipe_hash": recipe_hash(recipe),
+        "input_size": spec.size, "mean": list(spec.mean), "std": list(spec.std),
+        "class_names": list(classes), "num_classes": len(classes),
+        "run": str(stage_dir), "checkpoint_sha256": sha256(stage_dir / "last" / WEIGHTS),
+        "kdforge_version": __version__, "torch_version": torch.__version__, "timm_version": timm.__version__,
+        "opset": opset,
+    }
+
+
+def export_run(
+    source: Path,
+    formats: list[str] | None = None,
+    opset: int | None = None,
+    exports_dir: Path | None = None,
+    verify: bool = True,
+    device: str | None = None,
+) -> ExportResult:
+    """Export the finished stage `source` (runs/<recipe>/student) to every format, then verify each.
+
+    Formats, opset and the exports folder default to the run's recipe ([export]); formats to ["onnx"] when
+    the recipe names none."""
+    from kdforge.data import load_dataset
+    from kdforge.export.converters import torch_to_onnx
+    from kdforge.models import create_model, resolve_input_spec
+    from kdforge.train.checkpoint import load_weights
+
+    recipe = load_recipe(source / "recipe.toml")
+    formats = formats or recipe.export.formats or ["onnx"]
+    opset = opset or recipe.export.opset
+    check_options(formats, {"opset": opset})
+    cfg = recipe.model_for(source.name)
+    export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
+    export_dir.mkdir(parents=True, exist_ok=True)
+
+    data = load_dataset(recipe.data)
+    spec = resolve_input_spec(cfg)
+    model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
+                         exportable=True)
+    load_weights(model, source / "last")
+    common = build_metadata(recipe, source, data.train.classes, spec, opset)
+
+    artifacts, seconds, files = {}, {}, {}
+    previous = _read_json(export_dir / METADATA).get("formats", {})
+    for name in formats:
+        fmt = FORMATS.get(name)
+        _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
+        started = time.perf_counter()
+        path = torch_to_onnx(model, spec.size, export_dir / fmt.filename, opset,
+                             {**common, "precision": fmt.precision, "format": name})
+        seconds[name] = round(time.perf_counter() - started, 3)
+        artifacts[name] = path
+        files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
+                       "bytes": path.stat().st_size}
+    write_json(export_dir / METADATA, {
+        **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "formats": {**previous, **files},
+    })
+    reports = {name: verify_export(export_dir, name, device=device) for name in formats} if verify else {}
+    return ExportResult(export_dir, source, artifacts, seconds, reports)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verify
+
+
+def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
+    """Verify one artifact against the PyTorch student it came from; writes verify.json either way and
+    raises VerificationError (saying by how much) when it fails."""
+    from kdforge.backends import OnnxRunner, TorchRunner
+    from kdforge.data import load_dataset
+    from kdforge.models import create_model
+    from kdforge.runtime import runtime_scope
+    from kdforge.train.checkpoint import load_weights
+    from kdforge.verify import compare
+
+    meta = _read_json(export_dir / METADATA)
+    if fmt_name not in meta.get("formats", {}):
+        raise ExportError(f"{export_dir}: no {fmt_name} export recorded in {METADATA}; run `kdforge export` first")
+    entry = meta["formats"][fmt_name]
+    artifact = export_dir / entry["file"]
+    if not artifact.is_file():
+        raise ExportError(f"{artifact} is missing; export it again")
+    if sha256(artifact) != entry["sha256"]:
+        raise ExportError(f"{artifact} changed since it was exported (sha256 differs from {METADATA}); export again")
+    stage_dir = Path(meta["run"])
+    weights = stage_dir / "last" / WEIGHTS
+    if not weights.is_file() or sha256(weights) != meta["checkpoint_sha256"]:
+        raise CheckpointError(f"the PyTorch student {weights} is missing or changed since export; export again")
+
+    recipe = load_recipe(stage_dir / "recipe.toml")
+    cfg = recipe.model_for(stage_dir.name)
+    started = time.perf_counter()
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data)
+        model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
+        load_weights(model, stage_dir / "last")
+        candidate = OnnxRunner(artifact)
+        reference = TorchRunner(model, candidate.spec, runtime)
+        tolerance = getattr(recipe.verify, entry["precision"])
+        report = compare(reference, candidate, data.test, recipe.verify.batch_size, tolerance,
+                         recipe.verify.limit_batches)
+    record = {**report.to_dict(), "format": fmt_name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
+              "seconds": round(time.perf_counter() - started, 3)}
+    reports = _read_json(export_dir / VERIFY)
+    write_json(export_dir / VERIFY, {**reports, fmt_name: record})
+    if not report.passed:
+        raise VerificationError(f"{artifact} FAILED verification against the PyTorch student: "
+                                + "; ".join(report.failures))
+    return report
+
+
+def _drop_verification(export_dir: Path, fmt_name: str) -> None:
+    reports = _read_json(export_dir / VERIFY)
+    if fmt_name in reports:
+        del reports[fmt_name]
+        write_json(export_dir / VERIFY, reports)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

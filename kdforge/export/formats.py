@@ -1,0 +1,24 @@
+"""The table of export formats: name -> file, precision, whether it needs a GPU, which options it takes.
+
+Options are checked against this table before any work starts; a format never silently changes what the
+user asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdforge.registry import Registry
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    filename: str  # inside exports/<recipe>/
+    precision: str  # fp32 | fp16 | int8: which [verify] tolerance applies
+    needs_gpu: bool
+    options: frozenset[str]  # options this format accepts
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+FORMATS.register("onnx")(ExportFormat("onnx", "student.onnx", "fp32", needs_gpu=False, options=frozenset({"opset"})))
