@@ -18,6 +18,7 @@ import torch
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
 from kdforge.export.converters import INPUT_NAME
+from kdforge.optional import require
 from kdforge.runtime import Runtime
 
 # ONNX Runtime execution providers in order of preference; the first one installed wins
@@ -46,7 +47,7 @@ class TorchRunner:
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
-    import onnxruntime as ort
+    ort = require("onnxruntime")
 
     available = ort.get_available_providers()
     if requested:
@@ -61,7 +62,7 @@ class OnnxRunner:
     """An ONNX file through ONNX Runtime. Input size and mean/std come from the file's own metadata."""
 
     def __init__(self, path: Path, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime")
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -145,3 +145,13 @@ def test_distill_chain_ends_with_a_verified_onnx_student(make_recipe, tmp_path):
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     row = summary["exports"]["onnx"]
     assert row["passed"] and row["exported_top1"] == pytest.approx(row["pytorch_top1"], abs=1e-3)
+
+
+def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from kdforge.errors import KdforgeError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(KdforgeError, match=r'onnxruntime is not installed.*pip install "kdforge\[export\]"'):
+        OnnxRunner(tmp_path / "student.onnx")

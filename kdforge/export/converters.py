@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kdforge.errors import ExportError
+from kdforge.optional import require
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -27,7 +28,7 @@ def torch_to_onnx(
     external data. The file is checked with onnx.checker and run once with ONNX Runtime before it is moved
     into place.
     """
-    import onnx
+    onnx = require("onnx")
 
     model = model.eval()
     dummy = torch.zeros(1, 3, input_size, input_size)
@@ -62,8 +63,8 @@ def torch_to_onnx(
 def check_onnx_runs(path: Path, input_size: int) -> None:
     """One ONNX Runtime inference at batch 2 (exercises the dynamic batch axis)."""
     import numpy as np
-    import onnxruntime as ort
 
+    ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {INPUT_NAME: np.zeros((2, 3, input_size, input_size), np.float32)})[0]
     if out.shape[0] != 2 or not np.isfinite(out).all():
