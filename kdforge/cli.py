@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdforge import __version__
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, RecipeError
 
 app = typer.Typer(
     name="kdforge",
@@ -186,6 +186,16 @@ def export(
         show_default=False)] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (>= 17); default: the recipe's export.opset.",
                                                  show_default=False, min=17)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Shorthand for --format int8.")] = False,
+    int8_target: Annotated[str | None, typer.Option(
+        "--target", help="INT8 target: cpu (uint8 activations) or tensorrt (symmetric int8); default: the recipe's.",
+        show_default=False)] = None,
+    calibration: Annotated[int | None, typer.Option(
+        help="INT8 calibration images from the training split; default: the recipe's (512).", min=1,
+        show_default=False)] = None,
+    method: Annotated[str | None, typer.Option(
+        help="INT8 calibration method: minmax, entropy or percentile; default: the recipe's.",
+        show_default=False)] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify each artifact on the test split.")]
     = True,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Exports folder; default: the recipe's export.dir.",
@@ -195,23 +205,40 @@ def export(
 ) -> None:
     """Export a trained student (the distilled one, else the baseline) and verify it against PyTorch.
 
-    Artifacts go to exports/NAME/ (student.onnx, metadata.json, verify.json). A failed verification exits
-    non-zero and says by how much it failed.
+    Artifacts go to exports/NAME/ (student.onnx, student.int8.onnx, metadata.json, verify.json). A failed
+    verification exits non-zero and says by how much it failed.
 
-    Example:  kdforge export runs/quickstart --format onnx
+    Examples:  kdforge export runs/quickstart --format onnx
+               kdforge export runs/quickstart --int8 --target cpu --calibration 512 --method entropy
     """
+    from pydantic import ValidationError
+
     from kdforge.export.artifacts import export_run, resolve_export_source
+    from kdforge.recipe import QuantizeConfig, format_validation_error
 
     with user_errors():
         source = resolve_export_source(target, runs_dir)
         if target is None:
             err.print(f"exporting the most recent run: {source}", highlight=False)
-        result = export_run(source, formats, opset, out_dir, verify=verify, device=device)
+        formats = [*(formats or []), *(["int8"] if int8 else [])]
+        overrides = {"target": int8_target, "calibration": calibration, "method": method}
+        try:  # the same checks as in a recipe's [quantize]
+            QuantizeConfig(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc, "kdforge export")) from None
+        result = export_run(source, formats or None, opset, out_dir, verify=verify, device=device,
+                            quantize=overrides)
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False)
     rows = {}
     for name, path in result.artifacts.items():
         report = result.reports.get(name)
         rows[name] = {**(_report_row(str(path), report) if report else {"verified": False}), "artifact": str(path)}
-        out.print(f"exported {name} in {result.seconds[name]:.1f} s -> {path}", highlight=False)
+        out.print(f"exported {name} in {result.seconds[name]:.1f} s ({path.stat().st_size / 1e6:.2f} MB) -> {path}",
+                  highlight=False)
+    if result.quantization and result.quantization.float_nodes:
+        kept = ", ".join(f"{n['node']} ({n['sensitivity_points']:+.2f})" for n in result.quantization.float_nodes)
+        out.print(f"int8: kept in float (top-1 drop in points when quantized alone): {kept}", highlight=False)
     out.print(exports_table(rows))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import RecipeError
-from kdforge.export.artifacts import ExportResult, export_run
+from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.train.checkpoint import write_json
 from kdforge.train.events import Consumer, ProgressDisplay
@@ -30,7 +30,7 @@ def plan_stages(recipe: Recipe) -> list[str]:
     if recipe.distill.baseline:
         stages.append("baseline")
     stages.append("student")
-    if recipe.export.formats:
+    if recipe_formats(recipe):
         stages.append("export")
     return stages
 
@@ -52,7 +52,7 @@ def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
 
 
 def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
-    return export_run(ctx.runs_dir / recipe.name / "student", recipe.export.formats, recipe.export.opset,
+    return export_run(ctx.runs_dir / recipe.name / "student", recipe_formats(recipe), recipe.export.opset,
                       Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device)
 
 
@@ -89,7 +89,8 @@ def _export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
     rows = {}
     for name, path in result.artifacts.items():
         report = result.reports.get(name)
-        rows[name] = {"artifact": str(path), "export_s": result.seconds[name], "verified": report is not None}
+        rows[name] = {"artifact": str(path), "export_s": result.seconds[name], "verified": report is not None,
+                      "bytes": path.stat().st_size}
         if report is not None:
             rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
                               agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed)

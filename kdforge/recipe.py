@@ -193,6 +193,31 @@ class ExportConfig(Strict):
         return names
 
 
+class QuantizeConfig(Strict):
+    """INT8 post-training quantization (the `int8` export format), with ONNX Runtime's static QDQ tooling."""
+
+    enabled: bool = False  # kdforge distill also exports the int8 format
+    target: Literal["cpu", "tensorrt"] = "cpu"  # cpu: uint8 activations / int8 weights; tensorrt: symmetric int8
+    calibration: PositiveInt = 512  # calibration images, drawn from the training split
+    split: str = "train"  # where calibration images come from: only the training split is allowed
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    batch_size: PositiveInt = 32  # calibration batch size
+    op_types: list[str] = ["Conv", "MatMul", "Gemm"]  # LayerNorm, Softmax, GELU, ... stay float
+    exclude: list[str] = []  # ONNX node names to keep in float
+    # accuracy-aware mode: keep the most sensitive layers in float until the top-1 drop (percentage points,
+    # measured on held-out training images) is at most this; unset: quantize everything in op_types
+    max_top1_drop: Annotated[float, Field(ge=0)] | None = None
+    sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
+
+    @field_validator("split")
+    @classmethod
+    def _train_split_only(cls, split: str) -> str:
+        if split != "train":
+            raise ValueError(f"calibration images come from the training split only, got {split!r}: calibrating "
+                             f"on the test split would leak it into the model that is then measured on it")
+        return split
+
+
 class Tolerance(Strict):
     min_agreement: Annotated[float, Field(ge=0, le=1)]  # share of test images whose top-1 class is the same
     max_top1_delta: Annotated[float, Field(ge=0)]  # |top-1 difference| in percentage points
@@ -202,6 +227,8 @@ class VerifyConfig(Strict):
     batch_size: PositiveInt = 256
     limit_batches: PositiveInt | None = None  # test batches compared; default: the whole test split
     fp32: Tolerance = Tolerance(min_agreement=0.999, max_top1_delta=0.1)
+    # INT8 flips the top-1 of low-margin images while keeping accuracy: by default only the top-1 delta is judged
+    int8: Tolerance = Tolerance(min_agreement=0.0, max_top1_delta=1.0)
 
 
 class RuntimeConfig(Strict):
@@ -229,6 +256,7 @@ class Recipe(Strict):
     student: ModelConfig | None = None
     distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     verify: VerifyConfig = VerifyConfig()
 
     @model_validator(mode="before")

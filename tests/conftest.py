@@ -54,3 +54,27 @@ input_size = 32
 model = "test_convnext"
 input_size = 32
 """
+
+
+@pytest.fixture(scope="session")
+def trained_students(tmp_path_factory, synth_root):
+    """A small CNN and a small ViT trained on the small synthetic dataset (a few seconds each), shared by the
+    INT8 tests: {"cnn": stage folder, "vit": stage folder}."""
+    from kdforge.recipe import load_recipe
+    from kdforge.train.stages import train_stage
+
+    root = tmp_path_factory.mktemp("trained")
+    vit_at_32 = ["student.model_kwargs.img_size=32", "student.model_kwargs.patch_size=4"]
+    students = {"cnn": ('model = "test_convnext"', []), "vit": ('model = "test_vit"', vit_at_32)}
+    stages = {}
+    for kind, (model_line, extra) in students.items():
+        path = root / f"{kind}.toml"
+        path.write_text(
+            f'[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
+            f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n"
+            + TINY_MODELS.replace('model = "test_convnext"', model_line)
+        )
+        recipe = load_recipe(path, ["train.epochs=3", "train.lr=4e-3", f"export.dir={root / 'exports'}",
+                                    "verify.batch_size=100", "quantize.calibration=200", *extra])
+        stages[kind] = Path(train_stage(recipe, "baseline", runs_dir=root / "runs", consumers=[]).stage_dir)
+    return stages

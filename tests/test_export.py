@@ -135,9 +135,10 @@ def test_unknown_format_is_rejected_before_work_starts(make_recipe, tmp_path):
     assert not (tmp_path / "exports").exists()
 
 
-def test_distill_chain_ends_with_a_verified_onnx_student(make_recipe, tmp_path):
+def test_distill_chain_ends_with_verified_onnx_and_int8_students(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     result = runner.invoke(app, ["distill", str(path), "--set", "train.max_steps=2", "--set", "export.formats=['onnx']",
+                                 "--set", "quantize.enabled=true", "--set", "quantize.calibration=64",
                                  "--set", f"export.dir={tmp_path / 'exports'}", "--runs-dir", str(tmp_path / "runs"),
                                  *[a for o in SMALL_VERIFY for a in ("--set", o)]])
     assert result.exit_code == 0, result.output
@@ -145,6 +146,7 @@ def test_distill_chain_ends_with_a_verified_onnx_student(make_recipe, tmp_path):
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     row = summary["exports"]["onnx"]
     assert row["passed"] and row["exported_top1"] == pytest.approx(row["pytorch_top1"], abs=1e-3)
+    assert summary["exports"]["int8"]["verified"] and "int8" in result.stdout  # [quantize] enabled adds INT8
 
 
 def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch, tmp_path):

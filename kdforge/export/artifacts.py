@@ -94,19 +94,21 @@ class ExportResult:
     artifacts: dict[str, Path]
     seconds: dict[str, float]  # export time per format
     reports: dict[str, Any]  # verification reports per format (when verified)
+    notes: list[str]  # what was adjusted or added, reported to the user
+    quantization: Any = None  # QuantizeResult of the int8 format
 
 
 def check_options(formats: list[str], options: dict[str, Any]) -> None:
-    """Before any work: every format exists, runs here, and accepts the options given."""
+    """Before any work: every format exists and runs here, and some requested format takes each option."""
     import torch
 
     for name in formats:
         fmt = FORMATS.get(name)
         if fmt.needs_gpu and not torch.cuda.is_available():
             raise ExportError(f"format {name!r} needs an NVIDIA GPU; none is visible here")
-        unknown = sorted(set(options) - fmt.options)
-        if unknown:
-            raise ExportError(f"format {name!r} does not take option(s) {', '.join(unknown)}")
+    for option in options:
+        if not any(option in FORMATS.get(name).options for name in formats):
+            raise ExportError(f"option {option!r} applies to none of the formats {', '.join(formats)}")
 
 
 def build_metadata(recipe: Recipe, stage_dir: Path, classes: tuple[str, ...], spec, opset: int) -> dict[str, Any]:
@@ -124,6 +126,14 @@ def build_metadata(recipe: Recipe, stage_dir: Path, classes: tuple[str, ...], sp
     }
 
 
+def recipe_formats(recipe: Recipe) -> list[str]:
+    """The formats a recipe asks for: [export] formats, plus int8 when [quantize] is enabled."""
+    formats = list(recipe.export.formats)
+    if recipe.quantize.enabled and "int8" not in formats:
+        formats.append("int8")
+    return formats
+
+
 def export_run(
     source: Path,
     formats: list[str] | None = None,
@@ -131,20 +141,30 @@ def export_run(
     exports_dir: Path | None = None,
     verify: bool = True,
     device: str | None = None,
+    quantize: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export the finished stage `source` (runs/<recipe>/student) to every format, then verify each.
 
-    Formats, opset and the exports folder default to the run's recipe ([export]); formats to ["onnx"] when
-    the recipe names none."""
+    Formats, opset, quantization settings and the exports folder default to the run's recipe ([export],
+    [quantize]); formats to ["onnx"] when the recipe names none. `quantize` overrides [quantize] keys
+    (target, calibration, method)."""
     from kdforge.data import load_dataset
     from kdforge.export.converters import torch_to_onnx
+    from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.train.checkpoint import load_weights
 
     recipe = load_recipe(source / "recipe.toml")
-    formats = formats or recipe.export.formats or ["onnx"]
+    formats = list(dict.fromkeys(formats or recipe_formats(recipe) or ["onnx"]))
+    quantize = {k: v for k, v in (quantize or {}).items() if v is not None}
+    check_options(formats, {**({"opset": opset} if opset else {}), **quantize})
     opset = opset or recipe.export.opset
-    check_options(formats, {"opset": opset})
+    notes = []
+    if "int8" in formats and "onnx" not in formats:
+        notes.append("INT8 is quantized from the FP32 ONNX export: exporting and verifying onnx too")
+    if "int8" in formats:
+        formats = ["onnx", *[f for f in formats if f != "onnx"]]
+    qcfg = recipe.quantize.model_copy(update=quantize)
     cfg = recipe.model_for(source.name)
     export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -156,24 +176,33 @@ def export_run(
     load_weights(model, source / "last")
     common = build_metadata(recipe, source, data.train.classes, spec, opset)
 
-    artifacts, seconds, files = {}, {}, {}
+    artifacts, seconds, files, quantization = {}, {}, {}, None
     previous = _read_json(export_dir / METADATA).get("formats", {})
     for name in formats:
         fmt = FORMATS.get(name)
         _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
         started = time.perf_counter()
-        path = torch_to_onnx(model, spec.size, export_dir / fmt.filename, opset,
-                             {**common, "precision": fmt.precision, "format": name})
+        path = export_dir / fmt.filename
+        if name == "onnx":
+            torch_to_onnx(model, spec.size, path, opset, {**common, "precision": fmt.precision, "format": name})
+        elif name == "int8":
+            calibration = select_calibration(data.train, spec, qcfg, recipe.seed)
+            quantization = quantize_student(artifacts["onnx"], path, calibration, spec, qcfg,
+                                            {**common, "format": name})
+            notes += quantization.notes
         seconds[name] = round(time.perf_counter() - started, 3)
         artifacts[name] = path
         files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
                        "bytes": path.stat().st_size}
+        if name == "int8":
+            files[name].update(target=qcfg.target, calibration_method=qcfg.method,
+                               calibration_images=calibration.count, **quantization.to_metadata())
     write_json(export_dir / METADATA, {
         **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "formats": {**previous, **files},
     })
     reports = {name: verify_export(export_dir, name, device=device) for name in formats} if verify else {}
-    return ExportResult(export_dir, source, artifacts, seconds, reports)
+    return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization)
 
 
 # ----------------------------------------------------------------------------------------------------------

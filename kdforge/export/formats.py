@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdforge.recipe import QuantizeConfig
 from kdforge.registry import Registry
 
 
@@ -22,3 +23,9 @@ class ExportFormat:
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
 FORMATS.register("onnx")(ExportFormat("onnx", "student.onnx", "fp32", needs_gpu=False, options=frozenset({"opset"})))
+# INT8 is quantized from the FP32 ONNX export, which is produced (and verified) first; it takes the keys of
+# [quantize] as options (target, calibration, method, ...)
+FORMATS.register("int8")(ExportFormat(
+    "int8", "student.int8.onnx", "int8", needs_gpu=False,
+    options=frozenset({"opset", *QuantizeConfig.model_fields} - {"enabled"}),
+))

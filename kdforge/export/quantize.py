@@ -1,0 +1,154 @@
+"""INT8 post-training quantization of an exported student: calibration data and the accuracy-aware search.
+
+Calibration images come from the TRAINING split (never the test split), prepared exactly as at inference.
+In accuracy-aware mode (`[quantize] max_top1_drop`), a held-out slice of the training split, disjoint from the
+calibration images, measures each quantized layer's sensitivity; the most sensitive layers are kept in float,
+one at a time, until the top-1 drop is within the tolerance or nothing is left to try.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdforge.data import ImageDataset
+from kdforge.data.transforms import InputSpec
+from kdforge.errors import ExportError
+from kdforge.export.converters import INPUT_NAME, onnx_to_int8, quantizable_nodes
+from kdforge.optional import require
+from kdforge.recipe import QuantizeConfig
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    batches: list[np.ndarray]  # float32, prepared for the model
+    count: int
+    heldout_images: torch.Tensor  # uint8, for the accuracy-aware search (disjoint from calibration)
+    heldout_labels: torch.Tensor
+    notes: list[str]  # adjustments made to the request, reported to the user
+
+
+def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig, seed: int) -> CalibrationData:
+    """Calibration batches from the training split, and a held-out slice of it; adjustments are reported."""
+    available = len(train)
+    if available == 0:
+        raise ExportError("the training split is empty: INT8 calibration needs training images")
+    notes = []
+    count = cfg.calibration
+    if count > available:
+        notes.append(f"asked for {count} calibration images, the training split has {available}: using {available}")
+        count = available
+    batch_size = cfg.batch_size
+    if count < batch_size:
+        notes.append(f"{count} calibration images are fewer than one batch of {batch_size}: "
+                     f"calibrating on a single batch of {count}")
+        batch_size = count
+    elif count % batch_size:  # histogram calibrators (entropy, percentile) need batches of one shape
+        notes.append(f"using {count - count % batch_size} of {count} calibration images: a whole number of "
+                     f"batches of {batch_size}")
+        count -= count % batch_size
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    calibration, heldout = order[:count], order[count : count + cfg.sensitivity_images]
+    batches = [spec.prepare(train.images[idx]).numpy() for idx in calibration.split(batch_size)]
+    return CalibrationData(batches, count, train.images[heldout], train.labels[heldout], notes)
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    float_nodes: list[dict[str, Any]] = field(default_factory=list)  # kept in float, with their sensitivity
+    heldout_fp32_top1: float | None = None
+    heldout_int8_top1: float | None = None
+    tried: int = 1  # quantizations run
+    notes: list[str] = field(default_factory=list)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"float_nodes": self.float_nodes, "heldout_fp32_top1": self.heldout_fp32_top1,
+                "heldout_int8_top1": self.heldout_int8_top1, "quantizations_tried": self.tried,
+                "notes": self.notes}
+
+
+def _top1(path: Path, batches: list[np.ndarray], labels: torch.Tensor) -> float:
+    ort = require("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    predictions = np.concatenate([session.run(None, {INPUT_NAME: b})[0].argmax(1) for b in batches])
+    return float((predictions == labels.numpy()).mean())
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    kept: list[str]  # nodes kept in float, most sensitive first
+    sensitivity: dict[str, float]  # top-1 drop (points) with only that node quantized
+    final_drop: float
+    tried: int  # drops measured
+
+
+def keep_sensitive_in_float(nodes: list[str], drop_of, max_drop: float) -> SearchResult:
+    """Greedy accuracy-aware search. `drop_of(excluded_nodes)` quantizes all but `excluded_nodes` and returns the
+    top-1 drop in points. If quantizing everything drops too much, each node's sensitivity is its drop when it
+    alone is quantized; the most sensitive nodes are then kept in float one by one until the drop is within
+    `max_drop` or every node is float."""
+    current, tried = drop_of([]), 1
+    if current <= max_drop:
+        return SearchResult([], {}, current, tried)
+    sensitivity = {}
+    for node in nodes:
+        sensitivity[node] = drop_of([n for n in nodes if n != node])
+        tried += 1
+    kept: list[str] = []
+    for node in sorted(nodes, key=lambda n: sensitivity[n], reverse=True):
+        kept.append(node)
+        current = drop_of(kept)
+        tried += 1
+        if current <= max_drop:
+            break
+    return SearchResult(kept, sensitivity, current, tried)
+
+
+def quantize_student(
+    fp32_path: Path, path: Path, calib: CalibrationData, spec: InputSpec, cfg: QuantizeConfig,
+    metadata: dict[str, Any],
+) -> QuantizeResult:
+    """Quantize the FP32 ONNX student to INT8; with cfg.max_top1_drop, keep sensitive layers in float."""
+    meta = {**metadata, "precision": "int8", "target": cfg.target, "calibration_method": cfg.method,
+            "calibration_images": calib.count, "calibration_split": "train"}
+    with tempfile.TemporaryDirectory(prefix="kdforge-int8-") as tmp:
+        cache = Path(tmp) / "calibration.json"
+
+        def quantize(exclude: list[str], out: Path) -> Path:
+            return onnx_to_int8(fp32_path, out, calib.batches, cfg.target, cfg.method, cfg.op_types,
+                                [*cfg.exclude, *exclude], meta, calibration_cache=cache)
+
+        if cfg.max_top1_drop is None:
+            meta["notes"] = list(calib.notes)
+            quantize([], path)
+            return QuantizeResult(path, notes=list(calib.notes))
+
+        if len(calib.heldout_labels) == 0:
+            raise ExportError("accuracy-aware INT8 needs held-out training images beyond the calibration set; "
+                              "lower quantize.calibration or turn off quantize.max_top1_drop")
+        heldout = [spec.prepare(images).numpy() for images in calib.heldout_images.split(cfg.batch_size)]
+        fp32_top1 = _top1(fp32_path, heldout, calib.heldout_labels)
+        trial = Path(tmp) / "trial.onnx"
+
+        def drop(exclude: list[str]) -> float:
+            return (fp32_top1 - _top1(quantize(exclude, trial), heldout, calib.heldout_labels)) * 100
+
+        nodes = [n for n in quantizable_nodes(fp32_path, cfg.op_types) if n not in cfg.exclude]
+        search = keep_sensitive_in_float(nodes, drop, cfg.max_top1_drop)
+        kept_info = [{"node": n, "sensitivity_points": round(search.sensitivity[n], 3),
+                      "why": "among the most sensitive layers: keeping it in float reduced the top-1 drop"}
+                     for n in search.kept]
+        notes = list(calib.notes)
+        if search.final_drop > cfg.max_top1_drop:
+            notes.append(f"top-1 drop {search.final_drop:.2f} points on held-out training images is still above "
+                         f"max_top1_drop {cfg.max_top1_drop} with every quantized layer tried in float")
+        result = QuantizeResult(path, kept_info, fp32_top1, fp32_top1 - search.final_drop / 100, search.tried, notes)
+        meta.update(result.to_metadata())
+        quantize(search.kept, path)  # the chosen configuration, with the final metadata
+        return result
