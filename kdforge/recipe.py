@@ -203,7 +203,7 @@ class QuantizeConfig(Strict):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     batch_size: PositiveInt = 32  # calibration batch size
     op_types: list[str] = ["Conv", "MatMul", "Gemm"]  # LayerNorm, Softmax, GELU, ... stay float
-    exclude: list[str] = []  # ONNX node names to keep in float
+    exclude: list[str] = []  # ONNX node names to keep in float (as accuracy-aware mode reports them)
     # accuracy-aware mode: keep the most sensitive layers in float until the top-1 drop (percentage points,
     # measured on held-out training images) is at most this; unset: quantize everything in op_types
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None

@@ -19,7 +19,7 @@ import torch
 from kdforge.data import ImageDataset
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
-from kdforge.export.converters import INPUT_NAME, onnx_to_int8, quantizable_nodes
+from kdforge.export.converters import INPUT_NAME, onnx_to_int8, prepare_for_int8, quantizable_nodes
 from kdforge.optional import require
 from kdforge.recipe import QuantizeConfig
 
@@ -139,7 +139,8 @@ def quantize_student(
         def drop(exclude: list[str]) -> float:
             return (fp32_top1 - _top1(quantize(exclude, trial), heldout, calib.heldout_labels)) * 100
 
-        nodes = [n for n in quantizable_nodes(fp32_path, cfg.op_types) if n not in cfg.exclude]
+        nodes = quantizable_nodes(prepare_for_int8(fp32_path, Path(tmp) / "prepared.onnx"), cfg.op_types)
+        nodes = [n for n in nodes if n not in cfg.exclude]
         search = keep_sensitive_in_float(nodes, drop, cfg.max_top1_drop)
         kept_info = [{"node": n, "sensitivity_points": round(search.sensitivity[n], 3),
                       "why": "among the most sensitive layers: keeping it in float reduced the top-1 drop"}
