@@ -1,8 +1,8 @@
 """Distillation overhead: step time of distillation vs plain student training, measured side by side.
 
     .venv/bin/python benchmarks/distill_overhead.py                       # the quickstart pair at 32x32
-    .venv/bin/python benchmarks/distill_overhead.py --teacher vit_small_patch16_224 --student vit_tiny_patch16_224 \
-        --size 32 --kwargs img_size=32 patch_size=4
+    .venv/bin/python benchmarks/distill_overhead.py --student vit_tiny_patch16_224 \
+        --student-kwargs img_size=32 patch_size=4 depth=6
 
 One training step = augmentation, forward, loss, backward, optimizer step, as in kdforge's loop; the distillation
 step adds the frozen teacher's forward on its own view of the batch. Prints the median step times and their ratio.
@@ -43,17 +43,19 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet18")
     parser.add_argument("--student", default="mobilenetv3_small_050")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--kwargs", nargs="*", default=[], help="model kwargs for both, e.g. img_size=32")
+    parser.add_argument("--teacher-kwargs", nargs="*", default=[], help="timm kwargs, e.g. img_size=32 patch_size=4")
+    parser.add_argument("--student-kwargs", nargs="*", default=[], help="timm kwargs, e.g. img_size=32 patch_size=4")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kwargs = {k: int(v) for k, v in (kv.split("=") for kv in args.kwargs)}
+    def kwargs(pairs):
+        return {k: int(v) for k, v in (kv.split("=") for kv in pairs)}
 
-    teacher_cfg = ModelConfig(model=args.teacher, input_size=args.size, model_kwargs=kwargs)
-    student_cfg = ModelConfig(model=args.student, input_size=args.size, model_kwargs=kwargs)
+    teacher_cfg = ModelConfig(model=args.teacher, input_size=args.size, model_kwargs=kwargs(args.teacher_kwargs))
+    student_cfg = ModelConfig(model=args.student, input_size=args.size, model_kwargs=kwargs(args.student_kwargs))
     images = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 100, (args.batch,))
     teacher = FrozenTeacher(create_model(teacher_cfg, 100), resolve_input_spec(teacher_cfg))

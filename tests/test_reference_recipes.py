@@ -19,6 +19,7 @@ SINGLE_STAGE = {
     "mobilevit_s_baseline": ("baseline", "student"),
 }
 DISTILL = ["vit_to_vit", "vit_to_resnet", "vit_to_mobilevit", "resnet_to_vit", "resnet_to_resnet"]
+QUICKSTART = ["quickstart", "quickstart_vit"]
 
 
 def offline_smoke(synth_root, sections):
@@ -31,7 +32,7 @@ def offline_smoke(synth_root, sections):
 
 
 def test_every_recipe_is_covered():
-    assert {p.stem for p in RECIPES.glob("*.toml")} == {*SINGLE_STAGE, *DISTILL, "quickstart"}
+    assert {p.stem for p in RECIPES.glob("*.toml")} == {*SINGLE_STAGE, *DISTILL, *QUICKSTART}
 
 
 @pytest.mark.slow
@@ -55,3 +56,16 @@ def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_pa
     assert summary.teacher["input_size"] == summary.student["input_size"] == 224
     assert summary.compression > 1
     assert (tmp_path / name / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QUICKSTART)
+def test_quickstart_chain_runs_end_to_end_with_exports(name, synth_root, tmp_path):
+    recipe = load_recipe(RECIPES / f"{name}.toml", [
+        f"data.root={synth_root}", f"data.synthetic.train={SYNTH['train']}", f"data.synthetic.test={SYNTH['test']}",
+        "train.max_steps=2", "train.limit_eval_batches=1",
+        f"export.dir={tmp_path / 'exports'}", "verify.limit_batches=1", "quantize.calibration=64",
+    ])
+    summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
+    assert set(summary.exports) == {"onnx", "int8"}
+    assert all(row["passed"] for row in summary.exports.values())
