@@ -16,8 +16,8 @@ from typing import Any
 
 from kdforge.errors import RecipeError
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
+from kdforge.fileio import write_json
 from kdforge.recipe import Recipe, recipe_hash
-from kdforge.train.checkpoint import write_json
 from kdforge.train.events import Consumer, ProgressDisplay
 from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
 

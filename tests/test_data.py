@@ -14,6 +14,7 @@ from kdforge.data.dataset import epoch_order
 from kdforge.data.synthetic import CLASSES, MANIFEST, generate_split, load_synthetic
 from kdforge.data.transforms import InputSpec, augment_batch
 from kdforge.errors import DataError
+from kdforge.fileio import file_hash
 from kdforge.recipe import load_recipe
 
 from .conftest import SYNTH
@@ -87,7 +88,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     path = tmp_path / "train"
     path.write_bytes(payload)
     with pytest.raises(DataError, match="not a CIFAR-100 python file"):
-        cifar.read_pickle(path, cifar.md5sum(path))
+        cifar.read_pickle(path, file_hash(path, "md5"))
 
 
 def test_missing_cifar_offline_names_the_folder_and_the_fix(tmp_path):

@@ -8,7 +8,6 @@ unpickler that can build only the numpy arrays the format needs, and decoded onc
 from __future__ import annotations
 
 import codecs
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from kdforge.data.dataset import DataSplits, ImageDataset
 from kdforge.errors import DataError
+from kdforge.fileio import file_hash
 
 FOLDER = "cifar-100-python"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -59,16 +59,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         return resolve()
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_pickle(path: Path, expected_md5: str) -> dict[str, Any]:
-    actual = md5sum(path)
+    actual = file_hash(path, "md5")
     if actual != expected_md5:
         raise DataError(
             f"{path}: md5 mismatch (expected {expected_md5}, got {actual}); the file is corrupt or "
@@ -155,7 +147,7 @@ def write_cifar100(
         }
         _atomic_pickle(folder / split, payload)
     _atomic_pickle(folder / "meta", {"fine_label_names": fine_names, "coarse_label_names": coarse_names})
-    return {name: md5sum(folder / name) for name in ("train", "test", "meta")}
+    return {name: file_hash(folder / name, "md5") for name in ("train", "test", "meta")}
 
 
 def _atomic_pickle(path: Path, obj: Any) -> None:

@@ -10,8 +10,6 @@ per format). Re-exporting a format drops its old verification; a failed verifica
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,20 +19,14 @@ from typing import Any
 from kdforge import __version__
 from kdforge.errors import CheckpointError, ExportError, VerificationError
 from kdforge.export.formats import FORMATS
+from kdforge.fileio import file_hash as sha256
+from kdforge.fileio import read_json, write_json
 from kdforge.recipe import Recipe, load_recipe, recipe_hash
-from kdforge.train.checkpoint import WEIGHTS, write_json
+from kdforge.train.checkpoint import WEIGHTS
 
 METADATA = "metadata.json"
 VERIFY = "verify.json"
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student, else the baseline student
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,7 +169,7 @@ def export_run(
     common = build_metadata(recipe, source, data.train.classes, spec, opset)
 
     artifacts, seconds, files, quantization = {}, {}, {}, None
-    previous = _read_json(export_dir / METADATA).get("formats", {})
+    previous = read_json(export_dir / METADATA).get("formats", {})
     for name in formats:
         fmt = FORMATS.get(name)
         _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
@@ -219,7 +211,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
     from kdforge.train.checkpoint import load_weights
     from kdforge.verify import compare
 
-    meta = _read_json(export_dir / METADATA)
+    meta = read_json(export_dir / METADATA)
     if fmt_name not in meta.get("formats", {}):
         raise ExportError(f"{export_dir}: no {fmt_name} export recorded in {METADATA}; run `kdforge export` first")
     entry = meta["formats"][fmt_name]
@@ -247,7 +239,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
                          recipe.verify.limit_batches)
     record = {**report.to_dict(), "format": fmt_name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
               "seconds": round(time.perf_counter() - started, 3)}
-    reports = _read_json(export_dir / VERIFY)
+    reports = read_json(export_dir / VERIFY)
     write_json(export_dir / VERIFY, {**reports, fmt_name: record})
     if not report.passed:
         raise VerificationError(f"{artifact} FAILED verification against the PyTorch student: "
@@ -256,11 +248,8 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
 
 
 def _drop_verification(export_dir: Path, fmt_name: str) -> None:
-    reports = _read_json(export_dir / VERIFY)
+    reports = read_json(export_dir / VERIFY)
     if fmt_name in reports:
         del reports[fmt_name]
         write_json(export_dir / VERIFY, reports)
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -14,7 +14,6 @@ atomically; only then are checkpoints no link points to deleted. `state.pt` is l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -27,16 +26,6 @@ from kdforge.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(

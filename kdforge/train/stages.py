@@ -24,10 +24,11 @@ from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.errors import CheckpointError, ModelError
+from kdforge.fileio import atomic_write_text, file_hash, write_json
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import runtime_scope, seed_everything
-from kdforge.train.checkpoint import WEIGHTS, atomic_write_text, checkpoint_metadata, write_json
+from kdforge.train.checkpoint import WEIGHTS, checkpoint_metadata
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
 
@@ -63,16 +64,8 @@ def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None =
     }
     if stage == "student":
         parts["distill"] = recipe.distill.model_dump(mode="json", exclude={"baseline"})
-        parts["teacher"] = file_digest(teacher_weights) if teacher_weights else None
+        parts["teacher"] = file_hash(teacher_weights)[:16] if teacher_weights else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def resolve_weights(path: Path, what: str) -> Path:
@@ -221,6 +214,6 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> St
     return StageResult(
         stage="teacher", model=cfg.model, params=count_parameters(teacher.model), top1=metrics["top1"],
         top5=metrics["top5"], best_top1=metrics["top1"], best_epoch=0, steps=0, input_size=teacher.spec.size,
-        wall_s=round(time.perf_counter() - started, 2), train_images_per_s=0.0, fingerprint=file_digest(weights),
+        wall_s=round(time.perf_counter() - started, 2), train_images_per_s=0.0, fingerprint=file_hash(weights)[:16],
         stage_dir=str(weights),
     )
