@@ -273,6 +273,64 @@ def verify(
     out.print(exports_table(rows))
 
 
+@app.command()
+def serve(
+    export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 listens on every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8 or onnx.")]
+    = "auto",
+    max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.")] = 10 * 1024 * 1024,
+    top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
+) -> None:
+    """Serve an exported student over HTTP: POST /predict, /predict/batch; GET /healthz, /metadata.
+
+    Example:  kdforge serve exports/quickstart --port 8000
+              curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
+    """
+    from kdforge.serve.__main__ import run
+    from kdforge.serve.model import ServingError
+
+    try:
+        run(export_dir, host, port, fmt, max_bytes, top_k=top_k)
+    except ServingError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).", show_default=False)],
+    model: Annotated[Path, typer.Option("--model", help="An export folder.")] = Path("exports/quickstart"),
+    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8 or onnx.")]
+    = "auto",
+    top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
+) -> None:
+    """Classify images locally with an exported student; prints one JSON line per image, the same top-k as
+    the server's /predict.
+
+    Example:  kdforge predict cat.png dog.jpg --model exports/quickstart
+    """
+    import json
+
+    from kdforge.serve.model import ImageError, ServedModel, ServingError
+
+    try:
+        served = ServedModel.load(model, fmt)
+        for path in images:
+            if not path.is_file():
+                raise ImageError(f"{path}: no such file")
+            try:
+                predictions = served.predict([path.read_bytes()], top_k)[0]
+            except ImageError as exc:
+                raise ImageError(f"{path}: {exc}") from None
+            out.print(json.dumps({"file": str(path), "predictions": predictions}), markup=False, highlight=False,
+                      soft_wrap=True)
+    except (ServingError, ImageError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 @recipe_app.command("check")
 def recipe_check(
     files: Annotated[list[Path], typer.Argument(help="Recipe files to validate.", show_default=False)],

@@ -1,0 +1,38 @@
+"""`python -m kdforge.serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]`: the server without the CLI's
+dependencies (what the container runs). `kdforge serve` calls the same `run`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kdforge.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES
+
+
+def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
+        max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5) -> None:
+    import uvicorn
+
+    from kdforge.serve.app import create_app
+
+    app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k)
+    # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info", access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdforge.serve", description="Serve an exported student over HTTP.")
+    parser.add_argument("export_dir", type=Path, help="an export folder (exports/NAME) holding metadata.json")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--format", default="auto", choices=["auto", "int8", "onnx"],
+                        help="auto: the verified INT8 export when there is one, else the FP32 ONNX")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most images in one batch request")
+    parser.add_argument("--top-k", type=int, default=5)
+    args = parser.parse_args(argv)
+    run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The HTTP app: FastAPI over the served model.
+
+    GET  /healthz          {"status": "ok"}
+    GET  /metadata         model, format, input size, classes, verification
+    POST /predict          one image: raw bytes (Content-Type image/png, image/jpeg, image/webp, ...) or a
+                           multipart form with a `file` field  -> {"predictions": [{"label", "index", "probability"}]}
+    POST /predict/batch    a multipart form with one or more `files` fields -> {"results": [{"predictions": ...}]}
+
+Bad input (empty body, not an image, too large, wrong content type, too many files) gets a 4xx JSON error
+{"error": ...}; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from starlette.formparsers import MultiPartParser
+
+from kdforge.serve.model import ImageError, ServedModel
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_BATCH = 32
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing more than `max_bytes` before reading it all when the client says its size."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def images_from(request: Request, field: str, max_bytes: int) -> list[bytes]:
+    """Image bytes from a raw image body or from the multipart `field`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, max_bytes)
+    if not body:
+        raise RequestError(400, "empty request body: send an image")
+    if content_type == "multipart/form-data":
+        async def chunks():
+            yield body
+
+        try:  # parse the body already read (and size-checked), not the consumed stream
+            form = await MultiPartParser(request.headers, chunks()).parse()
+        except Exception as exc:  # malformed multipart bodies raise parser-specific errors
+            raise RequestError(400, f"malformed multipart body: {exc}") from None
+        uploads = [item for item in form.getlist(field) if hasattr(item, "read")]
+        if not uploads:
+            raise RequestError(400, f"multipart body has no file field named {field!r}")
+        return [await upload.read() for upload in uploads]
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [body]
+    raise RequestError(415, f"unsupported content type {content_type or '(none)'!r}: send image/* bytes "
+                            f"or multipart/form-data")
+
+
+def create_app(
+    export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+    top_k: int = 5,
+) -> FastAPI:
+    model = ServedModel.load(Path(export_dir), fmt)
+    app = FastAPI(title="kdforge student", version="1", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    async def metadata() -> dict:
+        return {**model.info, "labels": model.labels, "max_bytes": max_bytes, "max_batch": max_batch, "top_k": top_k}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        images = await images_from(request, "file", max_bytes)
+        if len(images) != 1:
+            raise RequestError(400, f"/predict takes one image, got {len(images)}; use /predict/batch")
+        results = await run_in_threadpool(model.predict, images, top_k)
+        return {"predictions": results[0]}
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request) -> dict:
+        images = await images_from(request, "files", max_bytes)
+        if len(images) > max_batch:
+            raise RequestError(413, f"{len(images)} images exceed the batch limit of {max_batch}")
+        results = await run_in_threadpool(model.predict, images, top_k)
+        return {"results": [{"predictions": r} for r in results]}
+
+    return app

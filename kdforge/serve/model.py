@@ -1,0 +1,102 @@
+"""The served model: an exported student (ONNX or INT8 ONNX) with its preprocessing, without torch.
+
+    model = ServedModel.load(Path("exports/quickstart"))
+    model.predict([png_bytes], top_k=5)   # [[{"label": "red_disk", "index": 0, "probability": 0.93}, ...]]
+
+Images of any size and format Pillow reads (PNG, JPEG, WebP, ...) are converted to RGB, resized to the model's
+input size and normalized with the mean/std recorded at export.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdforge.fileio import read_json
+
+# export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
+# CPU), but only an artifact that passed verification is chosen automatically
+SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx"}
+
+
+class ServingError(Exception):
+    """The export cannot be served (missing, unverified when required, unreadable)."""
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this server can read."""
+
+
+@dataclass
+class ServedModel:
+    session: Any  # onnxruntime.InferenceSession
+    input_name: str
+    size: int
+    mean: np.ndarray
+    std: np.ndarray
+    labels: list[str]
+    info: dict[str, Any]  # what /metadata reports
+
+    @classmethod
+    def load(cls, export_dir: Path, fmt: str = "auto") -> ServedModel:
+        import onnxruntime as ort
+
+        meta_path = export_dir / "metadata.json"
+        if not meta_path.is_file():
+            raise ServingError(f"{export_dir} is not a kdforge export (no metadata.json); run `kdforge export`")
+        meta = json.loads(meta_path.read_text())
+        verified = read_json(export_dir / "verify.json")
+        if fmt == "auto":
+            candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()]
+            passed = [f for f in candidates if verified.get(f, {}).get("passed")]
+            if not candidates:
+                raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
+            fmt = (passed or candidates)[0]
+        if fmt not in SERVABLE or not (export_dir / SERVABLE[fmt]).is_file():
+            raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE.get(fmt, '?')})")
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=providers)
+        report = verified.get(fmt, {})
+        info = {
+            "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
+            "input_size": meta["input_size"], "num_classes": meta["num_classes"],
+            "provider": session.get_providers()[0],
+            "verified": bool(report.get("passed")),
+            "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
+        }
+        return cls(session, session.get_inputs()[0].name, int(meta["input_size"]),
+                   np.asarray(meta["mean"], np.float32).reshape(3, 1, 1),
+                   np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Image bytes -> normalized float32 (3, size, size)."""
+        from PIL import Image, UnidentifiedImageError
+
+        if not data:
+            raise ImageError("empty image")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+            raise ImageError(f"not a readable image: {exc}") from None
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (pixels - self.mean) / self.std
+
+    def predict(self, images: list[bytes], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        batch = np.stack([self.preprocess(data) for data in images]).astype(np.float32)
+        logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        k = min(top_k, probabilities.shape[1])
+        results = []
+        for row in probabilities:
+            top = np.argsort(-row, kind="stable")[:k]
+            results.append([{"label": self.labels[i], "index": int(i), "probability": round(float(row[i]), 6)}
+                            for i in top])
+        return results

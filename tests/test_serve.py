@@ -1,0 +1,132 @@
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdforge.cli import app as cli
+from kdforge.data import load_dataset
+from kdforge.export.artifacts import export_run
+from kdforge.recipe import load_recipe
+from kdforge.serve.app import create_app
+from kdforge.serve.model import ServedModel
+
+
+@pytest.fixture(scope="session")
+def served_export(trained_students, tmp_path_factory):
+    """An export folder with verified ONNX and INT8 students, and test-split images as PNG files."""
+    out = tmp_path_factory.mktemp("served")
+    result = export_run(trained_students["cnn"], ["onnx", "int8"], exports_dir=out)
+    data = load_dataset(load_recipe(trained_students["cnn"] / "recipe.toml").data)
+    pngs = []
+    for i in range(6):
+        path = out / f"test_{i}.png"
+        Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(path)
+        pngs.append(path)
+    return result.export_dir, pngs
+
+
+def png(size=(40, 24), seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_metadata_and_predictions(served_export):
+    export_dir, pngs = served_export
+    client = TestClient(create_app(export_dir))
+    assert client.get("/healthz").json() == {"status": "ok"}
+    meta = client.get("/metadata").json()
+    assert meta["format"] == "int8" and meta["verified"] is True  # the verified INT8 export is preferred
+    assert meta["input_size"] == 32 and len(meta["labels"]) == 100
+
+    body = pngs[0].read_bytes()
+    raw = client.post("/predict", content=body, headers={"Content-Type": "image/png"}).json()
+    form = client.post("/predict", files={"file": ("x.png", body, "image/png")}).json()
+    assert raw == form
+    predictions = raw["predictions"]
+    assert len(predictions) == 5 and {"label", "index", "probability"} <= set(predictions[0])
+    assert predictions[0]["probability"] >= predictions[-1]["probability"]
+    assert predictions == ServedModel.load(export_dir).predict([body])[0]
+
+    batch = client.post("/predict/batch", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in pngs])
+    assert batch.status_code == 200
+    assert [r["predictions"] for r in batch.json()["results"]] == ServedModel.load(export_dir).predict(
+        [p.read_bytes() for p in pngs])
+
+
+def test_any_image_size_and_format_is_resized_from_the_metadata(served_export):
+    export_dir, _ = served_export
+    client = TestClient(create_app(export_dir))
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png((300, 200)))).save(buffer, format="JPEG")
+    for body, kind in ((png((300, 200)), "image/png"), (buffer.getvalue(), "image/jpeg")):
+        response = client.post("/predict", content=body, headers={"Content-Type": kind})
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"", "image/png", 400, "empty request body"),
+        (b"definitely not an image", "image/png", 400, "not a readable image"),
+        (b"x" * 3000, "image/png", 413, "exceeds the limit of 2048"),
+        (b"hello", "text/plain", 415, "unsupported content type"),
+        (b"--b\r\nbroken", "multipart/form-data; boundary=b", 400, ""),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served_export, body, content_type, status, message):
+    export_dir, pngs = served_export
+    client = TestClient(create_app(export_dir, max_bytes=2048), raise_server_exceptions=False)
+    response = client.post("/predict", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    ok = client.post("/predict", content=pngs[0].read_bytes(), headers={"Content-Type": "image/png"})
+    assert ok.status_code == 200
+
+
+def test_batch_limit_and_wrong_field_are_4xx(served_export):
+    export_dir, pngs = served_export
+    client = TestClient(create_app(export_dir, max_batch=2), raise_server_exceptions=False)
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in pngs[:3]]
+    assert client.post("/predict/batch", files=files).status_code == 413
+    response = client.post("/predict", files={"image": ("x.png", pngs[0].read_bytes(), "image/png")})
+    assert response.status_code == 400 and "no file field named 'file'" in response.json()["error"]
+
+
+def test_the_serving_path_never_imports_torch(served_export):
+    export_dir, pngs = served_export
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any `import torch` now fails\n"
+        "from fastapi.testclient import TestClient\n"
+        "from kdforge.serve.app import create_app\n"
+        f"client = TestClient(create_app({str(export_dir)!r}))\n"
+        f"r = client.post('/predict', content=open({str(pngs[0])!r}, 'rb').read(), "
+        "headers={'Content-Type': 'image/png'})\n"
+        "assert r.status_code == 200, r.text\n"
+        "assert 'timm' not in sys.modules\n"
+        "print('served without torch')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "served without torch" in result.stdout
+
+
+def test_predict_command_prints_what_the_server_answers(served_export):
+    export_dir, pngs = served_export
+    result = CliRunner().invoke(cli, ["predict", *map(str, pngs[:3]), "--model", str(export_dir)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    client = TestClient(create_app(export_dir))
+    for line, path in zip(lines, pngs, strict=False):
+        answer = client.post("/predict", content=path.read_bytes(), headers={"Content-Type": "image/png"}).json()
+        assert line["file"] == str(path) and line["predictions"] == answer["predictions"]
+    bad = CliRunner().invoke(cli, ["predict", str(export_dir / "metadata.json"), "--model", str(export_dir)])
+    assert bad.exit_code == 1 and "not a readable image" in bad.stderr and "Traceback" not in bad.output
