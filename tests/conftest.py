@@ -78,3 +78,23 @@ def trained_students(tmp_path_factory, synth_root):
                                     "verify.batch_size=100", "quantize.calibration=200", *extra])
         stages[kind] = Path(train_stage(recipe, "baseline", runs_dir=root / "runs", consumers=[]).stage_dir)
     return stages
+
+
+@pytest.fixture(scope="session")
+def served_export(trained_students, tmp_path_factory):
+    """An export folder with verified ONNX and INT8 students, and test-split images as PNG files."""
+    from PIL import Image
+
+    from kdforge.data import load_dataset
+    from kdforge.export.artifacts import export_run
+    from kdforge.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("served")
+    result = export_run(trained_students["cnn"], ["onnx", "int8"], exports_dir=out)
+    data = load_dataset(load_recipe(trained_students["cnn"] / "recipe.toml").data)
+    pngs = []
+    for i in range(6):
+        path = out / f"test_{i}.png"
+        Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(path)
+        pngs.append(path)
+    return result.export_dir, pngs

@@ -10,25 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdforge.cli import app as cli
-from kdforge.data import load_dataset
-from kdforge.export.artifacts import export_run
-from kdforge.recipe import load_recipe
 from kdforge.serve.app import create_app
 from kdforge.serve.model import ServedModel
-
-
-@pytest.fixture(scope="session")
-def served_export(trained_students, tmp_path_factory):
-    """An export folder with verified ONNX and INT8 students, and test-split images as PNG files."""
-    out = tmp_path_factory.mktemp("served")
-    result = export_run(trained_students["cnn"], ["onnx", "int8"], exports_dir=out)
-    data = load_dataset(load_recipe(trained_students["cnn"] / "recipe.toml").data)
-    pngs = []
-    for i in range(6):
-        path = out / f"test_{i}.png"
-        Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(path)
-        pngs.append(path)
-    return result.export_dir, pngs
 
 
 def png(size=(40, 24), seed=0) -> bytes:

@@ -4,6 +4,7 @@ dependencies (what the container runs). `kdforge serve` calls the same `run`."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kdforge.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES
@@ -23,8 +24,10 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdforge.serve", description="Serve an exported student over HTTP.")
     parser.add_argument("export_dir", type=Path, help="an export folder (exports/NAME) holding metadata.json")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default=os.environ.get("KDFORGE_HOST", "127.0.0.1"),
+                        help="address to bind (default: $KDFORGE_HOST, else 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("KDFORGE_PORT", "8000")),
+                        help="TCP port (default: $KDFORGE_PORT, else 8000)")
     parser.add_argument("--format", default="auto", choices=["auto", "int8", "onnx"],
                         help="auto: the verified INT8 export when there is one, else the FP32 ONNX")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")

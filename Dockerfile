@@ -1,0 +1,44 @@
+# The serving image: an exported student behind kdforge's HTTP app (ONNX Runtime, numpy, Pillow, FastAPI,
+# uvicorn; no torch), running as a non-root user.
+#
+#   docker build --build-arg EXPORT_DIR=exports/quickstart -t kdforge-serve .
+#   docker run --rm -p 8000:8000 kdforge-serve
+#   curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
+#
+# BASE_IMAGE must be a Debian/Ubuntu image with apt (the default is Debian 12 slim; its python3 is 3.11).
+
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${BASE_IMAGE} AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
+# trust the system CA store (which includes any CA certificates added to the base image)
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY kdforge ./kdforge
+# the `serve` extra's packages, read from pyproject.toml, then kdforge itself without its training dependencies
+RUN python3 -m venv /opt/venv \
+    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > /tmp/serve.txt \
+    && /opt/venv/bin/pip install -r /tmp/serve.txt \
+    && /opt/venv/bin/pip install --no-deps . \
+    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
+    && rm -rf /opt/venv/lib/python3*/site-packages/pip /opt/venv/lib/python3*/site-packages/pip-*
+
+FROM ${BASE_IMAGE}
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin kdforge
+COPY --from=build /opt/venv /opt/venv
+ARG EXPORT_DIR=exports/quickstart
+COPY ${EXPORT_DIR} /models
+USER kdforge
+# where the server listens (the HEALTHCHECK reads the same variable): docker run -e KDFORGE_PORT=9000 ...
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 KDFORGE_HOST=0.0.0.0 KDFORGE_PORT=8000
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['KDFORGE_PORT']}/healthz\", timeout=2)"]
+# exec form: the server is PID 1 and gets SIGTERM directly (uvicorn stops within a second)
+ENTRYPOINT ["/opt/venv/bin/python", "-m", "kdforge.serve", "/models"]
