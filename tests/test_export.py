@@ -157,3 +157,26 @@ def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(KdforgeError, match=r'onnxruntime is not installed.*pip install "kdforge\[export\]"'):
         OnnxRunner(tmp_path / "student.onnx")
+
+
+def test_triton_model_repository_is_valid_for_triton(make_recipe, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    stage = trained_student(make_recipe, tmp_path)
+    result = export_run(stage, ["triton"])
+    assert "triton is made from the FP32 ONNX export" in result.notes[0]
+    assert result.reports["triton"].passed  # the model inside the repository is verified like any export
+    model_dir = tmp_path / "exports" / "tiny" / "triton" / "student"
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == ("student", "onnxruntime_onnx", 64)
+    assert config.HasField("dynamic_batching")
+    assert (config.input[0].name, list(config.input[0].dims)) == ("input", [3, 32, 32])
+    assert config.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert (config.output[0].name, list(config.output[0].dims)) == ("logits", [100])
+    labels = (model_dir / config.output[0].label_filename).read_text().splitlines()
+    assert len(labels) == 100 and labels[0] == "red_disk"
+    proto = onnx.load(str(model_dir / "1" / "model.onnx"))
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    result = runner.invoke(app, ["verify", str(model_dir / "1" / "model.onnx")])
+    assert result.exit_code == 0, result.output

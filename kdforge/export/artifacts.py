@@ -67,9 +67,14 @@ def resolve_export_dir(target: Path | None, exports_dir: Path) -> tuple[Path, st
         return max(found, key=lambda p: p.stat().st_mtime).parent, None
     if target.is_file() or target.suffix:
         by_file = {fmt.filename: fmt.name for fmt in map(FORMATS.get, FORMATS)}
-        if target.name not in by_file:
-            raise ExportError(f"{target}: not a kdforge artifact (expected one of {', '.join(by_file)})")
-        return target.parent, by_file[target.name]
+        for folder in target.parents:  # the export folder is the nearest one holding metadata.json
+            if (folder / METADATA).is_file():
+                relative = target.relative_to(folder).as_posix()
+                if relative in by_file:
+                    return folder, by_file[relative]
+                break
+        raise ExportError(f"{target}: not a kdforge artifact (expected one of {', '.join(by_file)} "
+                          f"in an export folder)")
     if (target / METADATA).is_file():
         return target, None
     raise ExportError(f"{target}: no {METADATA} here; pass an export folder or artifact (exports/<recipe>/)")
@@ -141,7 +146,7 @@ def export_run(
     [quantize]); formats to ["onnx"] when the recipe names none. `quantize` overrides [quantize] keys
     (target, calibration, method)."""
     from kdforge.data import load_dataset
-    from kdforge.export.converters import torch_to_onnx
+    from kdforge.export.converters import onnx_to_triton, torch_to_onnx
     from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.train.checkpoint import load_weights
@@ -152,9 +157,10 @@ def export_run(
     check_options(formats, {**({"opset": opset} if opset else {}), **quantize})
     opset = opset or recipe.export.opset
     notes = []
-    if "int8" in formats and "onnx" not in formats:
-        notes.append("INT8 is quantized from the FP32 ONNX export: exporting and verifying onnx too")
-    if "int8" in formats:
+    for derived in ("int8", "triton"):
+        if derived in formats and "onnx" not in formats:
+            notes.append(f"{derived} is made from the FP32 ONNX export: exporting and verifying onnx too")
+    if {"int8", "triton"} & set(formats):
         formats = ["onnx", *[f for f in formats if f != "onnx"]]
     qcfg = recipe.quantize.model_copy(update=quantize)
     cfg = recipe.model_for(source.name)
@@ -177,6 +183,8 @@ def export_run(
         path = export_dir / fmt.filename
         if name == "onnx":
             torch_to_onnx(model, spec.size, path, opset, {**common, "precision": fmt.precision, "format": name})
+        elif name == "triton":
+            onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
             calibration = select_calibration(data.train, spec, qcfg, recipe.seed)
             quantization = quantize_student(artifacts["onnx"], path, calibration, spec, qcfg,

@@ -60,6 +60,50 @@ def torch_to_onnx(
     return path
 
 
+def onnx_to_triton(onnx_path: Path, repository: Path, name: str, input_size: int, labels: list[str],
+                   max_batch_size: int = 64) -> Path:
+    """A Triton Inference Server model repository holding the ONNX model: <repository>/<name>/config.pbtxt,
+    labels.txt and 1/model.onnx, with dynamic batching over the batch axis. Returns the model file."""
+    import shutil
+
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / "1" / f".model.onnx.tmp-{os.getpid()}"
+    shutil.copyfile(onnx_path, tmp)
+    tmp.replace(model_dir / "1" / "model.onnx")
+    (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    config = f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [
+  {{
+    name: "{INPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ 3, {input_size}, {input_size} ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {len(labels)} ]
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 1000
+}}
+instance_group [
+  {{
+    kind: KIND_AUTO
+    count: 1
+  }}
+]
+"""
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir / "1" / "model.onnx"
+
+
 def check_onnx_runs(path: Path, input_size: int) -> None:
     """One ONNX Runtime inference at batch 2 (exercises the dynamic batch axis)."""
     import numpy as np

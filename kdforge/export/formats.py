@@ -29,3 +29,7 @@ FORMATS.register("int8")(ExportFormat(
     "int8", "student.int8.onnx", "int8", needs_gpu=False,
     options=frozenset({"opset", *QuantizeConfig.model_fields} - {"enabled"}),
 ))
+# A Triton Inference Server model repository around the FP32 ONNX export (config.pbtxt, labels, model.onnx)
+FORMATS.register("triton")(ExportFormat(
+    "triton", "triton/student/1/model.onnx", "fp32", needs_gpu=False, options=frozenset({"opset"}),
+))
