@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdforge import __version__
-from kdforge.errors import KdforgeError, RecipeError
+from kdforge.errors import KdforgeError
 
 app = typer.Typer(
     name="kdforge",
@@ -211,30 +211,21 @@ def export(
     Examples:  kdforge export runs/quickstart --format onnx
                kdforge export runs/quickstart --int8 --target cpu --calibration 512 --method entropy
     """
-    from pydantic import ValidationError
-
     from kdforge.export.artifacts import export_run, resolve_export_source
-    from kdforge.recipe import QuantizeConfig, format_validation_error
+    from kdforge.pipeline import export_rows
 
     with user_errors():
         source = resolve_export_source(target, runs_dir)
         if target is None:
             err.print(f"exporting the most recent run: {source}", highlight=False)
-        formats = [*(formats or []), *(["int8"] if int8 else [])]
-        overrides = {"target": int8_target, "calibration": calibration, "method": method}
-        try:  # the same checks as in a recipe's [quantize]
-            QuantizeConfig(**{k: v for k, v in overrides.items() if v is not None})
-        except ValidationError as exc:
-            raise RecipeError(format_validation_error(exc, "kdforge export")) from None
-        result = export_run(source, formats or None, opset, out_dir, verify=verify, device=device,
-                            quantize=overrides)
+        result = export_run(source, [*(formats or []), *(["int8"] if int8 else [])] or None, opset, out_dir,
+                            verify=verify, device=device,
+                            quantize={"target": int8_target, "calibration": calibration, "method": method})
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
-    rows = {}
-    for name, path in result.artifacts.items():
-        report = result.reports.get(name)
-        rows[name] = {**(_report_row(str(path), report) if report else {"verified": False}), "artifact": str(path)}
-        out.print(f"exported {name} in {result.seconds[name]:.1f} s ({path.stat().st_size / 1e6:.2f} MB) -> {path}",
+    rows = export_rows(result)
+    for name, row in rows.items():
+        out.print(f"exported {name} in {row['export_s']:.1f} s ({row['bytes'] / 1e6:.2f} MB) -> {row['artifact']}",
                   highlight=False)
     if result.quantization and result.quantization.float_nodes:
         kept = ", ".join(f"{n['node']} ({n['sensitivity_points']:+.2f})" for n in result.quantization.float_nodes)

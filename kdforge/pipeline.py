@@ -83,7 +83,8 @@ def _row(result: StageResult) -> dict[str, Any]:
             "input_size": result.input_size, "stage_dir": result.stage_dir}
 
 
-def _export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
+def export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
+    """Per format: the artifact, its export time and size, and PyTorch vs exported top-1 when verified."""
     if result is None:
         return {}
     rows = {}
@@ -109,7 +110,7 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
         gain_top1=student.top1 - baseline.top1 if baseline else None,
         compression=teacher.params / student.params,
         reused=[name for name, result in results.items() if getattr(result, "skipped", False)],
-        exports=_export_rows(results.get("export")),
+        exports=export_rows(results.get("export")),
     )
 
 

@@ -16,12 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from kdforge import __version__
-from kdforge.errors import CheckpointError, ExportError, VerificationError
+from kdforge.errors import CheckpointError, ExportError, RecipeError, VerificationError
 from kdforge.export.formats import FORMATS
 from kdforge.fileio import file_hash as sha256
 from kdforge.fileio import read_json, write_json
-from kdforge.recipe import Recipe, load_recipe, recipe_hash
+from kdforge.recipe import QuantizeConfig, Recipe, format_validation_error, load_recipe, recipe_hash
 from kdforge.train.checkpoint import WEIGHTS
 
 METADATA = "metadata.json"
@@ -162,7 +164,10 @@ def export_run(
             notes.append(f"{derived} is made from the FP32 ONNX export: exporting and verifying onnx too")
     if {"int8", "triton"} & set(formats):
         formats = ["onnx", *[f for f in formats if f != "onnx"]]
-    qcfg = recipe.quantize.model_copy(update=quantize)
+    try:  # overrides get the same checks as the recipe's [quantize]
+        qcfg = QuantizeConfig.model_validate({**recipe.quantize.model_dump(), **quantize})
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, "quantize options")) from None
     cfg = recipe.model_for(source.name)
     export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
     export_dir.mkdir(parents=True, exist_ok=True)
