@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -176,7 +177,9 @@ def onnx_to_int8(
         prepare_for_int8(fp32_path, prepared)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            kwargs = {"calibration_cache_path": calibration_cache} if calibration_cache else {}
+            # ONNX Runtime 1.2x+ can keep calibration ranges in a file; older releases calibrate every time
+            reuse = calibration_cache and "calibration_cache_path" in inspect.signature(quantize_static).parameters
+            kwargs = {"calibration_cache_path": calibration_cache} if reuse else {}
             quantize_static(
                 str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(op_types), per_channel=True,
