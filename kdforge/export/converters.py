@@ -177,7 +177,7 @@ def onnx_to_int8(
         prepare_for_int8(fp32_path, prepared)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # ONNX Runtime 1.2x+ can keep calibration ranges in a file; older releases calibrate every time
+            # newer ONNX Runtime releases can keep calibration ranges in a file; older ones calibrate every time
             reuse = calibration_cache and "calibration_cache_path" in inspect.signature(quantize_static).parameters
             kwargs = {"calibration_cache_path": calibration_cache} if reuse else {}
             quantize_static(
