@@ -28,7 +28,7 @@ def dequantized_inputs(proto):
 def test_int8_is_verified_with_pytorch_fp32_and_int8_side_by_side(trained_students, kind):
     result = runner.invoke(app, ["export", str(trained_students[kind]), "--int8"])
     assert result.exit_code == 0, result.output
-    assert "INT8 is quantized from the FP32 ONNX export" in result.stderr
+    assert "int8 is made from the FP32 ONNX export" in result.stderr
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│")}
     assert "PASS" in lines["onnx"] and "PASS" in lines["int8"]
     export_dir = next(trained_students[kind].parents[2].glob("exports/*"))
