@@ -42,9 +42,6 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}{suggest(name, self._items)}; known: {known}"
             ) from None
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -27,16 +27,10 @@ from kdforge.recipe import RuntimeConfig
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full fp32
-    rank: int = 0
-    world_size: int = 1
 
     @property
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

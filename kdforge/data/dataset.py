@@ -16,10 +16,6 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def image_size(self) -> int:
-        return int(self.images.shape[-1])
-
     def to(self, device: torch.device | str) -> ImageDataset:
         """The same data on another device (the whole set lives there; batches are then just index ops)."""
         return ImageDataset(self.images.to(device), self.labels.to(device), self.classes)
