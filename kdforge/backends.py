@@ -5,6 +5,7 @@ its mean/std), so a comparison between runners compares the models, not two prep
 
     runner = OnnxRunner(Path("exports/quickstart/student.onnx"))
     logits = runner.predict(images)           # runner.provider says where it ran
+    runner = open_runner(Path("exports/quickstart/student.fp16.engine"))   # by file: ONNX or TensorRT
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
-from kdforge.export.converters import INPUT_NAME
+from kdforge.export.converters import INPUT_NAME, OUTPUT_NAME
+from kdforge.fileio import read_json
 from kdforge.optional import require
 from kdforge.runtime import Runtime
 
@@ -61,14 +63,17 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 class OnnxRunner:
     """An ONNX file through ONNX Runtime. Input size and mean/std come from the file's own metadata."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
         ort = require("onnxruntime")
 
         self.path = Path(path)
         if not self.path.is_file():
             raise ExportError(f"ONNX file not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads:  # default: ONNX Runtime's (one per physical core)
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=choose_providers(providers))
+            self.session = ort.InferenceSession(str(self.path), options, providers=choose_providers(providers))
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise ExportError(
                 f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}); "
@@ -87,3 +92,68 @@ class OnnxRunner:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         x = self.spec.prepare(images.cpu()).numpy()
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: x})[0]).float()
+
+
+class TrtRunner:
+    """A TensorRT engine on a CUDA device, with torch CUDA tensors as its I/O buffers.
+
+    Input size and mean/std come from the engine's sidecar `<engine>.json`, which also records the TensorRT
+    version and GPU the engine was built for: an engine from another TensorRT version or GPU architecture is
+    refused. Batches larger than the engine's profile are split; smaller than its minimum, padded."""
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        from kdforge.export.tensorrt import check_engine_runs_here, load_tensorrt, this_gpu
+
+        trt = load_tensorrt()
+        self.path = Path(path)
+        sidecar = self.path.with_name(self.path.name + ".json")
+        if not self.path.is_file() or not sidecar.is_file():
+            raise ExportError(f"{self.path} or its sidecar {sidecar.name} is missing; "
+                              f"build it with `kdforge export --trt`")
+        meta = read_json(sidecar)
+        self.device = torch.device(device or "cuda")
+        torch.cuda.set_device(self.device)
+        here = this_gpu()
+        self.notes = check_engine_runs_here(self.path, meta["tensorrt"], here)
+        self.spec = InputSpec(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+        self.metadata = meta
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ExportError(f"{self.path}: TensorRT cannot load it (truncated or tampered with); build it again")
+        self.context = self.engine.create_execution_context()
+        min_shape, _, max_shape = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        self.input_dtype = dtypes[self.engine.get_tensor_dtype(INPUT_NAME)]
+        self.output_dtype = dtypes[self.engine.get_tensor_dtype(OUTPUT_NAME)]
+        self.provider = "TensorRT"
+        self.name = f"tensorrt {here['tensorrt_version']} ({here['gpu']})"
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        from kdforge.export.tensorrt import split_batches
+
+        x = self.spec.prepare(images.to(self.device)).to(self.input_dtype)
+        stream = torch.cuda.current_stream(self.device)
+        outputs = []
+        for start, stop, size in split_batches(len(x), self.min_batch, self.max_batch):
+            chunk = x[start:stop]
+            if size > len(chunk):
+                chunk = torch.cat([chunk, chunk.new_zeros((size - len(chunk), *chunk.shape[1:]))])
+            chunk = chunk.contiguous()
+            self.context.set_input_shape(INPUT_NAME, tuple(chunk.shape))
+            out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=self.output_dtype,
+                              device=self.device)
+            self.context.set_tensor_address(INPUT_NAME, chunk.data_ptr())
+            self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+            # enqueued on torch's current stream, so the buffers' lifetimes follow torch's stream order
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise ExportError(f"{self.path}: TensorRT failed to run a batch of {size}")
+            outputs.append(out[: stop - start])
+        stream.synchronize()
+        return torch.cat(outputs).float().cpu()
+
+
+def open_runner(path: Path, device: str | None = None) -> OnnxRunner | TrtRunner:
+    """The runner for an exported artifact: TensorRT for `.engine` files, ONNX Runtime for `.onnx`."""
+    return TrtRunner(path, device) if Path(path).suffix == ".engine" else OnnxRunner(path)

@@ -128,17 +128,23 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
 
     Example:  kdforge distill recipes/quickstart.toml
     """
+    from kdforge.export.artifacts import recipe_formats, unbuildable_here
+    from kdforge.export.formats import with_sources
     from kdforge.pipeline import run_distill
     from kdforge.recipe import load_recipe
 
     with user_errors():
-        summary = run_distill(load_recipe(recipe, set_ or []), runs_dir=runs_dir, resume=resume, device=device)
+        loaded = load_recipe(recipe, set_ or [])
+        for name, reason in unbuildable_here(with_sources(recipe_formats(loaded))).items():
+            err.print(f"note: {name} will not be built here ({reason}); the other stages run", highlight=False)
+        summary = run_distill(loaded, runs_dir=runs_dir, resume=resume, device=device)
     out.print(summary_table(summary))
     if summary.exports:
         out.print(exports_table(summary.exports))
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
               f"-> {runs_dir / summary.recipe / 'summary.json'}", highlight=False)
+    _exit_if_unavailable(summary.unavailable)
 
 
 def summary_table(summary):
@@ -182,11 +188,16 @@ def export(
         help="A run (runs/NAME), a stage folder or a recipe file; default: the most recent run.",
         show_default=False)] = None,
     formats: Annotated[list[str] | None, typer.Option(
-        "--format", "-f", help="Format to write (repeatable); default: the recipe's export.formats, else onnx.",
-        show_default=False)] = None,
+        "--format", "-f", help="Format to write (repeatable): onnx, fp16, int8, triton, trt_fp16, trt_int8; "
+        "default: the recipe's export.formats, else onnx.", show_default=False)] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (>= 17); default: the recipe's export.opset.",
                                                  show_default=False, min=17)] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Shorthand for --format int8.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="The FP16 ONNX (with --trt: an FP16 TensorRT engine).")]
+    = False,
+    int8: Annotated[bool, typer.Option("--int8", help="The INT8 ONNX (with --trt: an INT8 TensorRT engine).")]
+    = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Build TensorRT engines on this GPU (FP16 unless --int8).")]
+    = False,
     int8_target: Annotated[str | None, typer.Option(
         "--target", help="INT8 target: cpu (uint8 activations) or tensorrt (symmetric int8); default: the recipe's.",
         show_default=False)] = None,
@@ -196,6 +207,13 @@ def export(
     method: Annotated[str | None, typer.Option(
         help="INT8 calibration method: minmax, entropy or percentile; default: the recipe's.",
         show_default=False)] = None,
+    max_batch: Annotated[int | None, typer.Option(
+        help="TensorRT: largest batch of the engine's profile; default: the recipe's (256).", min=1,
+        show_default=False)] = None,
+    workspace_mb: Annotated[int | None, typer.Option(
+        help="TensorRT: builder workspace limit in MB; default: TensorRT's.", min=1, show_default=False)] = None,
+    timing_cache: Annotated[str | None, typer.Option(
+        help="TensorRT: timing cache file, reused and updated by each build.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify each artifact on the test split.")]
     = True,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Exports folder; default: the recipe's export.dir.",
@@ -205,24 +223,29 @@ def export(
 ) -> None:
     """Export a trained student (the distilled one, else the baseline) and verify it against PyTorch.
 
-    Artifacts go to exports/NAME/ (student.onnx, student.int8.onnx, metadata.json, verify.json). A failed
-    verification exits non-zero and says by how much it failed.
+    Artifacts go to exports/NAME/ (student.onnx, student.fp16.onnx, student.int8.onnx, student.fp16.engine,
+    metadata.json, verify.json). A format made from another brings it along: --trt exports and verifies the
+    FP32 and FP16 ONNX first. A failed verification exits 1 and says by how much; an engine this machine cannot
+    build (no TensorRT or no GPU) exits 3 after everything else is done.
 
     Examples:  kdforge export runs/quickstart --format onnx
                kdforge export runs/quickstart --int8 --target cpu --calibration 512 --method entropy
+               kdforge export --trt --int8
     """
-    from kdforge.export.artifacts import export_run, resolve_export_source
+    from kdforge.export.artifacts import export_run, requested_formats, resolve_export_source
     from kdforge.pipeline import export_rows
 
     with user_errors():
         source = resolve_export_source(target, runs_dir)
         if target is None:
             err.print(f"exporting the most recent run: {source}", highlight=False)
-        result = export_run(source, [*(formats or []), *(["int8"] if int8 else [])] or None, opset, out_dir,
+        result = export_run(source, requested_formats(formats, fp16, int8, trt), opset, out_dir,
                             verify=verify, device=device,
-                            quantize={"target": int8_target, "calibration": calibration, "method": method})
+                            quantize={"target": int8_target, "calibration": calibration, "method": method},
+                            tensorrt={"max_batch": max_batch, "workspace_mb": workspace_mb,
+                                      "timing_cache": timing_cache})
     for note in result.notes:
-        err.print(f"note: {note}", highlight=False)
+        err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     rows = export_rows(result)
     for name, row in rows.items():
         out.print(f"exported {name} in {row['export_s']:.1f} s ({row['bytes'] / 1e6:.2f} MB) -> {row['artifact']}",
@@ -231,6 +254,21 @@ def export(
         kept = ", ".join(f"{n['node']} ({n['sensitivity_points']:+.2f})" for n in result.quantization.float_nodes)
         out.print(f"int8: kept in float (top-1 drop in points when quantized alone): {kept}", highlight=False)
     out.print(exports_table(rows))
+    _exit_if_unavailable(result.unavailable)
+
+
+def _exit_if_unavailable(unavailable: dict[str, str]) -> None:
+    """One line per reason for the formats this machine could not make, then exit 3."""
+    from kdforge.errors import UnavailableError
+
+    reasons: dict[str, list[str]] = {}
+    for name, reason in unavailable.items():
+        reasons.setdefault(reason, []).append(name)
+    for reason, names in reasons.items():
+        err.print(f"[red]error:[/red] {escape(', '.join(names))} not built: {escape(reason)}", highlight=False,
+                  soft_wrap=True)
+    if unavailable:
+        raise typer.Exit(UnavailableError.exit_code)
 
 
 @app.command()
@@ -269,7 +307,7 @@ def serve(
     export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 listens on every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8 or onnx.")]
+    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8, fp16 or onnx.")]
     = "auto",
     max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.")] = 10 * 1024 * 1024,
     top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
@@ -293,7 +331,7 @@ def serve(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).", show_default=False)],
     model: Annotated[Path, typer.Option("--model", help="An export folder.")] = Path("exports/quickstart"),
-    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8 or onnx.")]
+    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8, fp16 or onnx.")]
     = "auto",
     top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
 ) -> None:

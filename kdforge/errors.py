@@ -31,3 +31,10 @@ class ExportError(KdforgeError):
 
 class VerificationError(KdforgeError):
     """An exported model does not match the PyTorch model within tolerance."""
+
+
+class UnavailableError(KdforgeError):
+    """What was asked needs software or hardware this machine lacks (TensorRT, a CUDA GPU); everything that
+    could be done here was done."""
+
+    exit_code = 3

@@ -76,6 +76,7 @@ class DistillSummary:
     compression: float  # teacher parameters / student parameters
     reused: list[str]  # stages whose earlier finished output was reused
     exports: dict[str, dict[str, Any]]  # format -> artifact, PyTorch vs exported top-1, verification
+    unavailable: dict[str, str] = field(default_factory=dict)  # formats this machine could not make -> why
 
 
 def _row(result: StageResult) -> dict[str, Any]:
@@ -111,6 +112,7 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
         compression=teacher.params / student.params,
         reused=[name for name, result in results.items() if getattr(result, "skipped", False)],
         exports=export_rows(results.get("export")),
+        unavailable=results["export"].unavailable if results.get("export") else {},
     )
 
 

@@ -11,7 +11,7 @@ per format). Re-exporting a format drops its old verification; a failed verifica
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,17 @@ from pydantic import ValidationError
 
 from kdforge import __version__
 from kdforge.errors import CheckpointError, ExportError, RecipeError, VerificationError
-from kdforge.export.formats import FORMATS
+from kdforge.export.formats import FORMATS, with_sources
 from kdforge.fileio import file_hash as sha256
 from kdforge.fileio import read_json, write_json
-from kdforge.recipe import QuantizeConfig, Recipe, format_validation_error, load_recipe, recipe_hash
+from kdforge.recipe import (
+    QuantizeConfig,
+    Recipe,
+    TensorRTConfig,
+    format_validation_error,
+    load_recipe,
+    recipe_hash,
+)
 from kdforge.train.checkpoint import WEIGHTS
 
 METADATA = "metadata.json"
@@ -82,6 +89,31 @@ def resolve_export_dir(target: Path | None, exports_dir: Path) -> tuple[Path, st
     raise ExportError(f"{target}: no {METADATA} here; pass an export folder or artifact (exports/<recipe>/)")
 
 
+def export_dir_of_run(run_dir: Path) -> Path | None:
+    """The export folder of a run (its recipe's <export.dir>/<name>), or None when it has not been exported."""
+    for stage in EXPORTED_STAGES:
+        recipe_file = run_dir / stage / "recipe.toml"
+        if recipe_file.is_file():
+            recipe = load_recipe(recipe_file)
+            export_dir = Path(recipe.export.dir) / recipe.name
+            return export_dir if (export_dir / METADATA).is_file() else None
+    return None
+
+
+def resolve_run_dir(target: Path | None, runs_dir: Path) -> Path:
+    """A run folder (runs/NAME) from a run folder or a recipe file; the most recently finished run when None."""
+    if target is None:
+        finished = list(runs_dir.glob("*/*/result.json"))
+        if not finished:
+            raise CheckpointError(f"no finished run in {runs_dir}/; train one with `kdforge distill RECIPE`")
+        return max(finished, key=lambda p: p.stat().st_mtime).parent.parent
+    if target.suffix == ".toml":
+        return runs_dir / load_recipe(target).name
+    if not target.is_dir():
+        raise CheckpointError(f"{target}: no such run folder (expected runs/NAME or a recipe file)")
+    return target
+
+
 # ----------------------------------------------------------------------------------------------------------
 # export
 
@@ -95,16 +127,11 @@ class ExportResult:
     reports: dict[str, Any]  # verification reports per format (when verified)
     notes: list[str]  # what was adjusted or added, reported to the user
     quantization: Any = None  # QuantizeResult of the int8 format
+    unavailable: dict[str, str] = field(default_factory=dict)  # format -> what this machine lacks to make it
 
 
 def check_options(formats: list[str], options: dict[str, Any]) -> None:
-    """Before any work: every format exists and runs here, and some requested format takes each option."""
-    import torch
-
-    for name in formats:
-        fmt = FORMATS.get(name)
-        if fmt.needs_gpu and not torch.cuda.is_available():
-            raise ExportError(f"format {name!r} needs an NVIDIA GPU; none is visible here")
+    """Before any work: some requested format takes each option."""
     for option in options:
         if not any(option in FORMATS.get(name).options for name in formats):
             raise ExportError(f"option {option!r} applies to none of the formats {', '.join(formats)}")
@@ -133,6 +160,35 @@ def recipe_formats(recipe: Recipe) -> list[str]:
     return formats
 
 
+def unbuildable_here(formats: list[str]) -> dict[str, str]:
+    """The formats this machine cannot make (TensorRT engines without TensorRT or a GPU) -> why."""
+    from kdforge.export.tensorrt import tensorrt_missing
+
+    gpu_formats = [name for name in formats if FORMATS.get(name).needs_gpu]
+    missing = tensorrt_missing() if gpu_formats else None
+    return {name: missing for name in gpu_formats} if missing else {}
+
+
+def requested_formats(formats: list[str] | None, fp16: bool = False, int8: bool = False,
+                      trt: bool = False) -> list[str] | None:
+    """The formats of `kdforge export`'s options: --fp16 / --int8 add the FP16 / INT8 ONNX; with --trt they
+    name the TensorRT engine precisions instead (FP16 when neither is given). None: the recipe's formats."""
+    names = list(formats or [])
+    precisions = [p for p, asked in (("fp16", fp16), ("int8", int8)) if asked]
+    if trt:
+        names += [f"trt_{p}" for p in precisions or ["fp16"]]
+    else:
+        names += precisions
+    return names or None
+
+
+def _validated(model: type, base: Any, overrides: dict[str, Any], what: str) -> Any:
+    try:  # overrides get the same checks as the recipe's section
+        return model.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, what)) from None
+
+
 def export_run(
     source: Path,
     formats: list[str] | None = None,
@@ -141,37 +197,48 @@ def export_run(
     verify: bool = True,
     device: str | None = None,
     quantize: dict[str, Any] | None = None,
+    tensorrt: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export the finished stage `source` (runs/<recipe>/student) to every format, then verify each.
 
-    Formats, opset, quantization settings and the exports folder default to the run's recipe ([export],
-    [quantize]); formats to ["onnx"] when the recipe names none. `quantize` overrides [quantize] keys
-    (target, calibration, method)."""
+    Formats, opset, quantization and TensorRT settings and the exports folder default to the run's recipe
+    ([export], [quantize], [export.tensorrt]); formats to ["onnx"] when the recipe names none. `quantize` and
+    `tensorrt` override keys of those sections. Formats made from another bring it along (trt_fp16 -> fp16 ->
+    onnx). TensorRT formats this machine cannot build (no TensorRT or no GPU) are skipped after their ONNX
+    sources are made and verified, and listed in `unavailable`."""
     from kdforge.data import load_dataset
-    from kdforge.export.converters import onnx_to_triton, torch_to_onnx
+    from kdforge.export.converters import onnx_to_fp16, onnx_to_triton, torch_to_onnx
     from kdforge.export.quantize import quantize_student, select_calibration
+    from kdforge.export.tensorrt import onnx_to_trt
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.train.checkpoint import load_weights
 
     recipe = load_recipe(source / "recipe.toml")
-    formats = list(dict.fromkeys(formats or recipe_formats(recipe) or ["onnx"]))
+    requested = list(dict.fromkeys(formats or recipe_formats(recipe) or ["onnx"]))
     quantize = {k: v for k, v in (quantize or {}).items() if v is not None}
-    check_options(formats, {**({"opset": opset} if opset else {}), **quantize})
-    opset = opset or recipe.export.opset
+    tensorrt = {k: v for k, v in (tensorrt or {}).items() if v is not None}
+    check_options(requested, {**({"opset": opset} if opset else {}), **quantize, **tensorrt})
+    formats = with_sources(requested)
     notes = []
-    for derived in ("int8", "triton"):
-        if derived in formats and "onnx" not in formats:
-            notes.append(f"{derived} is made from the FP32 ONNX export: exporting and verifying onnx too")
-    if {"int8", "triton"} & set(formats):
-        formats = ["onnx", *[f for f in formats if f != "onnx"]]
-    try:  # overrides get the same checks as the recipe's [quantize]
-        qcfg = QuantizeConfig.model_validate({**recipe.quantize.model_dump(), **quantize})
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, "quantize options")) from None
+    for added in (name for name in formats if name not in requested):
+        users = [name for name in formats if FORMATS.get(name).source == added]
+        notes.append(f"{', '.join(users)} {'is' if len(users) == 1 else 'are'} made from the "
+                     f"{FORMATS.get(added).precision.upper()} ONNX export: exporting and verifying {added} too")
+    if "trt_int8" in formats:  # TensorRT builds INT8 from symmetric Q/DQ only
+        if quantize.get("target") == "cpu":
+            raise ExportError("trt_int8 is built from the tensorrt-target INT8 ONNX (symmetric int8); "
+                              "--target cpu cannot make it: drop --target or export the cpu INT8 separately")
+        if recipe.quantize.target != "tensorrt" and "target" not in quantize:
+            notes.append("int8 uses the tensorrt target (symmetric int8 Q/DQ), which the TensorRT INT8 engine needs")
+        quantize["target"] = "tensorrt"
+    qcfg = _validated(QuantizeConfig, recipe.quantize, quantize, "quantize options")
+    tcfg = _validated(TensorRTConfig, recipe.export.tensorrt, tensorrt, "tensorrt options")
+    opset = opset or recipe.export.opset
+    unavailable = unbuildable_here(formats)
+
     cfg = recipe.model_for(source.name)
     export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
     export_dir.mkdir(parents=True, exist_ok=True)
-
     data = load_dataset(recipe.data)
     spec = resolve_input_spec(cfg)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
@@ -181,33 +248,43 @@ def export_run(
 
     artifacts, seconds, files, quantization = {}, {}, {}, None
     previous = read_json(export_dir / METADATA).get("formats", {})
-    for name in formats:
+    for name in (f for f in formats if f not in unavailable):
         fmt = FORMATS.get(name)
         _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
         started = time.perf_counter()
         path = export_dir / fmt.filename
+        meta = {**common, "precision": fmt.precision, "format": name}
+        extra: dict[str, Any] = {}
         if name == "onnx":
-            torch_to_onnx(model, spec.size, path, opset, {**common, "precision": fmt.precision, "format": name})
+            torch_to_onnx(model, spec.size, path, opset, meta)
+        elif name == "fp16":
+            onnx_to_fp16(artifacts["onnx"], path, meta)
         elif name == "triton":
             onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
             calibration = select_calibration(data.train, spec, qcfg, recipe.seed)
-            quantization = quantize_student(artifacts["onnx"], path, calibration, spec, qcfg,
-                                            {**common, "format": name})
+            quantization = quantize_student(artifacts["onnx"], path, calibration, spec, qcfg, meta)
             notes += quantization.notes
+            extra = {"target": qcfg.target, "calibration_method": qcfg.method,
+                     "calibration_images": calibration.count, **quantization.to_metadata()}
+        elif fmt.needs_gpu:
+            info = onnx_to_trt(artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
+                               tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)
+            if info["precision_built"] != fmt.precision:
+                notes.append(f"{name}: TensorRT built {info['precision_built']} layers only "
+                             f"({info['layer_precisions']}); the graph asked for {fmt.precision}")
+            extra = {"tensorrt": info, "source_sha256": sha256(artifacts[fmt.source])}
+            write_json(path.with_name(path.name + ".json"), {**meta, **extra})  # an engine has no metadata_props
         seconds[name] = round(time.perf_counter() - started, 3)
         artifacts[name] = path
         files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
-                       "bytes": path.stat().st_size}
-        if name == "int8":
-            files[name].update(target=qcfg.target, calibration_method=qcfg.method,
-                               calibration_images=calibration.count, **quantization.to_metadata())
+                       "bytes": path.stat().st_size, **extra}
     write_json(export_dir / METADATA, {
         **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "formats": {**previous, **files},
     })
-    reports = {name: verify_export(export_dir, name, device=device) for name in formats} if verify else {}
-    return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization)
+    reports = {name: verify_export(export_dir, name, device=device) for name in artifacts} if verify else {}
+    return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,7 +294,7 @@ def export_run(
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
     """Verify one artifact against the PyTorch student it came from; writes verify.json either way and
     raises VerificationError (saying by how much) when it fails."""
-    from kdforge.backends import OnnxRunner, TorchRunner
+    from kdforge.backends import TorchRunner, open_runner
     from kdforge.data import load_dataset
     from kdforge.models import create_model
     from kdforge.runtime import runtime_scope
@@ -245,7 +322,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
         data = load_dataset(recipe.data)
         model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
         load_weights(model, stage_dir / "last")
-        candidate = OnnxRunner(artifact)
+        candidate = open_runner(artifact, str(runtime.device) if runtime.device.type == "cuda" else None)
         reference = TorchRunner(model, candidate.spec, runtime)
         tolerance = getattr(recipe.verify, entry["precision"])
         report = compare(reference, candidate, data.test, recipe.verify.batch_size, tolerance,

@@ -105,6 +105,46 @@ instance_group [
     return model_dir / "1" / "model.onnx"
 
 
+# Op types the FP16 graph keeps in FP32: LayerNorm, Softmax and reductions (their sums of squares and
+# exponentials overflow or lose the small terms in FP16), plus the ops ONNX Runtime's converter never converts
+FP32_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp")
+
+
+def onnx_to_fp16(fp32_path: Path, path: Path, metadata: dict[str, Any] | None = None,
+                 keep_fp32: tuple[str, ...] = FP32_OP_TYPES) -> Path:
+    """FP16 weights and activations, FP32 inputs and outputs (callers and TensorRT I/O stay FP32), op types in
+    `keep_fp32` computed in FP32 behind Cast nodes. Uses ONNX Runtime's float16 converter, then sorts the graph
+    (the converter appends the input Casts at the end). Checked and run on ONNX Runtime CPU before it is moved
+    into place; this graph is what a strongly typed TensorRT build turns into an FP16 engine."""
+    onnx = require("onnx")
+    require("onnxruntime")
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    proto = onnx.load(str(fp32_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(proto, keep_io_types=True,
+                                        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32])
+    model = OnnxModel(half)
+    model.topological_sort()
+    half = model.model
+    del half.metadata_props[:]
+    for key, value in (metadata or {}).items():
+        entry = half.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(half, full_check=True)
+    input_size = half.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    onnx.save(half, str(tmp))
+    try:
+        check_onnx_runs(tmp, input_size)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def check_onnx_runs(path: Path, input_size: int) -> None:
     """One ONNX Runtime inference at batch 2 (exercises the dynamic batch axis)."""
     import numpy as np

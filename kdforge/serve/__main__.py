@@ -8,15 +8,18 @@ import os
 from pathlib import Path
 
 from kdforge.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES
+from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
-        max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5) -> None:
+        max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5,
+        providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
 
-    app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k)
+    app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
+                     providers=providers, engine_cache=engine_cache)
     # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info", access_log=False)
 
@@ -28,13 +31,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="address to bind (default: $KDFORGE_HOST, else 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("KDFORGE_PORT", "8000")),
                         help="TCP port (default: $KDFORGE_PORT, else 8000)")
-    parser.add_argument("--format", default="auto", choices=["auto", "int8", "onnx"],
-                        help="auto: the verified INT8 export when there is one, else the FP32 ONNX")
+    parser.add_argument("--format", default=os.environ.get("KDFORGE_FORMAT", "auto"), choices=["auto", *SERVABLE],
+                        help="auto: the verified INT8 export when there is one, else the FP32 ONNX "
+                             "(default: $KDFORGE_FORMAT, else auto)")
+    parser.add_argument("--providers", default=os.environ.get("KDFORGE_PROVIDERS", ",".join(DEFAULT_PROVIDERS)),
+                        help=f"ONNX Runtime providers in order of preference, from {', '.join(PROVIDERS)} "
+                             f"(default: $KDFORGE_PROVIDERS, else {','.join(DEFAULT_PROVIDERS)})")
+    parser.add_argument("--engine-cache", type=Path, default=os.environ.get("KDFORGE_ENGINE_CACHE") or None,
+                        help="TensorRT provider: where engines built on this GPU are kept for the next start "
+                             "(default: $KDFORGE_ENGINE_CACHE)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most images in one batch request")
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)
-    run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k)
+    run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
+        tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.formparsers import MultiPartParser
 
-from kdforge.serve.model import ImageError, ServedModel
+from kdforge.serve.model import DEFAULT_PROVIDERS, ImageError, ServedModel
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
@@ -71,9 +71,9 @@ async def images_from(request: Request, field: str, max_bytes: int) -> list[byte
 
 def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
-    top_k: int = 5,
+    top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
 ) -> FastAPI:
-    model = ServedModel.load(Path(export_dir), fmt)
+    model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache)
     app = FastAPI(title="kdforge student", version="1", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)

@@ -21,7 +21,32 @@ from kdforge.fileio import read_json
 
 # export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
 # CPU), but only an artifact that passed verification is chosen automatically
-SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx"}
+SERVABLE = {"int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "onnx": "student.onnx"}
+# ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+DEFAULT_PROVIDERS = ("cuda", "cpu")
+
+
+def session_providers(names: list[str] | tuple[str, ...], available: list[str],
+                      engine_cache: Path | None = None) -> list[Any]:
+    """ONNX Runtime providers for the requested short names that are installed here, in order. TensorRT gets an
+    engine cache (built on this GPU at the first start, reused by later ones) when `engine_cache` is given."""
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise ServingError(f"unknown execution providers {unknown}; known: {', '.join(PROVIDERS)}")
+    chosen: list[Any] = []
+    for name in names:
+        provider = PROVIDERS[name]
+        if provider not in available:
+            continue
+        if name == "tensorrt" and engine_cache is not None:
+            engine_cache.mkdir(parents=True, exist_ok=True)
+            provider = (provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
+                                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engine_cache)})
+        chosen.append(provider)
+    if not chosen:
+        raise ServingError(f"none of the execution providers {list(names)} is installed; available: {available}")
+    return chosen
 
 
 class ServingError(Exception):
@@ -43,7 +68,8 @@ class ServedModel:
     info: dict[str, Any]  # what /metadata reports
 
     @classmethod
-    def load(cls, export_dir: Path, fmt: str = "auto") -> ServedModel:
+    def load(cls, export_dir: Path, fmt: str = "auto", providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+             engine_cache: Path | None = None) -> ServedModel:
         import onnxruntime as ort
 
         meta_path = export_dir / "metadata.json"
@@ -59,9 +85,11 @@ class ServedModel:
             fmt = (passed or candidates)[0]
         if fmt not in SERVABLE or not (export_dir / SERVABLE[fmt]).is_file():
             raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE.get(fmt, '?')})")
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=providers)
+        chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
+        session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
+        size = int(meta["input_size"])
+        # one inference before the server says it is healthy: the TensorRT provider builds its engine here
+        session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)})
         report = verified.get(fmt, {})
         info = {
             "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
