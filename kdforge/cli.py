@@ -143,7 +143,7 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
         out.print(exports_table(summary.exports))
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
-              f"-> {runs_dir / summary.recipe / 'summary.json'}", highlight=False)
+              f"-> {runs_dir / summary.recipe / 'summary.json'}, report: {summary.report}", highlight=False)
     _exit_if_unavailable(summary.unavailable)
 
 
@@ -300,6 +300,80 @@ def verify(
             report = verify_export(export_dir, name, device=device)
             rows[name] = _report_row(str(export_dir / name), report)
     out.print(exports_table(rows))
+
+
+@app.command()
+def bench(
+    target: Annotated[Path | None, typer.Argument(
+        help="An export folder (exports/NAME) or a run (runs/NAME); default: the most recent export.",
+        show_default=False)] = None,
+    formats: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="Format to measure (repeatable): pytorch or one in the export; default: all.",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size for throughput (latency is at batch 1).", min=1)] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed batch-1 calls per format.", min=1)] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.", min=0)] = 5,
+    threads: Annotated[int, typer.Option(help="CPU threads for PyTorch and ONNX Runtime.", min=1)] = 2,
+    exports_dir: Annotated[Path, typer.Option("--exports-dir", help="Where to look for the most recent export.")]
+    = Path("exports"),
+    device: DeviceOpt = None,
+) -> None:
+    """Measure every format of an export: size, latency p50/p95 at batch 1, images/s at a larger batch, with
+    the test top-1 from verification. Prints a table and writes bench.json in the export folder.
+
+    Example:  kdforge bench exports/quickstart --threads 2 --batch-size 64
+    """
+    from kdforge.bench import BenchSettings, bench_export
+    from kdforge.export.artifacts import METADATA, export_dir_of_run, resolve_export_dir
+
+    with user_errors():
+        if target is not None and target.is_dir() and not (target / METADATA).is_file():
+            export_dir = export_dir_of_run(target)
+            if export_dir is None:
+                raise KdforgeError(f"{target} has no export yet; run `kdforge export {target}` first")
+        else:
+            export_dir, _ = resolve_export_dir(target, exports_dir)
+        settings = BenchSettings(batch_size, repeats, warmup, threads, tuple(formats) if formats else None, device)
+        with err.status("benchmarking") as status:
+            result = bench_export(export_dir, settings, progress=lambda name: status.update(f"benchmarking {name}"))
+    out.print(bench_table(result))
+    for name, why in result.skipped.items():
+        err.print(f"note: {name} not measured: {escape(why)}", highlight=False, soft_wrap=True)
+    out.print(f"-> {export_dir / 'bench.json'}", highlight=False)
+
+
+def bench_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"{result.export_dir}: {result.settings['threads']} threads, "
+                        f"throughput at batch {result.settings['batch_size']}")
+    for column in ("format", "runtime", "size MB", "p50 ms", "p95 ms", "images/s", "test top-1", "agreement"):
+        table.add_column(column, justify="left" if column in ("format", "runtime") else "right")
+    for row in result.rows:
+        table.add_row(row.format, row.runtime, f"{row.bytes / 1e6:.2f}", f"{row.latency_p50_ms:.2f}",
+                      f"{row.latency_p95_ms:.2f}", f"{row.throughput:.0f}",
+                      "-" if row.top1 is None else f"{row.top1:.2%}",
+                      "-" if row.agreement is None else f"{row.agreement:.2%}")
+    return table
+
+
+@app.command()
+def report(
+    run: Annotated[Path | None, typer.Argument(
+        help="A run (runs/NAME) or its recipe file; default: the most recent run.", show_default=False)] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Write runs/NAME/report/report.md and report.html: the summary, training curves, size per format and,
+    after `kdforge bench`, accuracy against latency (PNG plots beside them). `kdforge distill` writes it too.
+
+    Example:  kdforge report runs/quickstart
+    """
+    from kdforge.export.artifacts import resolve_run_dir
+    from kdforge.report import write_report
+
+    with user_errors():
+        paths = write_report(resolve_run_dir(run, runs_dir))
+    out.print(f"report: {paths.markdown} and {paths.html} ({len(paths.plots)} plots)", highlight=False)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """`kdforge distill`: the chain a recipe describes, stage by stage, and its summary.
 
     summary = run_distill(recipe)      # teacher -> baseline -> distilled student; runs/<name>/summary.json
+                                       # and runs/<name>/report/report.md (+ .html, plots)
 
 `plan_stages` lists what runs. Each stage is skipped when its finished output matches the recipe and
 redone when the recipe changed (a retrained teacher also redoes the student that learned from it).
@@ -10,7 +11,7 @@ Export (with verification) joins when the recipe's [export] names formats; later
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kdforge.errors import RecipeError
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import write_json
 from kdforge.recipe import Recipe, recipe_hash
+from kdforge.report import write_report
 from kdforge.train.events import Consumer, ProgressDisplay
 from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
 
@@ -77,6 +79,7 @@ class DistillSummary:
     reused: list[str]  # stages whose earlier finished output was reused
     exports: dict[str, dict[str, Any]]  # format -> artifact, PyTorch vs exported top-1, verification
     unavailable: dict[str, str] = field(default_factory=dict)  # formats this machine could not make -> why
+    report: str | None = None  # runs/<name>/report/report.md
 
 
 def _row(result: StageResult) -> dict[str, Any]:
@@ -130,6 +133,7 @@ def run_distill(
             for consume in ctx.consumers:
                 consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
     summary = summarize(recipe, results)
+    summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
     write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
     return summary
 

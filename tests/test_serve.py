@@ -113,3 +113,20 @@ def test_predict_command_prints_what_the_server_answers(served_export):
         assert line["file"] == str(path) and line["predictions"] == answer["predictions"]
     bad = CliRunner().invoke(cli, ["predict", str(export_dir / "metadata.json"), "--model", str(export_dir)])
     assert bad.exit_code == 1 and "not a readable image" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path):
+    from kdforge.serve.model import ServingError, session_providers
+
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = session_providers(("tensorrt", "cuda", "cpu"), everything, tmp_path / "engines")
+    assert chosen[0][0] == "TensorrtExecutionProvider" and chosen[1:] == everything[1:]
+    options = chosen[0][1]
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "engines")
+    assert (tmp_path / "engines").is_dir()
+    # on a CPU-only machine the GPU image's provider list falls back to the CPU
+    assert session_providers(("tensorrt", "cuda", "cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(ServingError, match="unknown execution providers"):
+        session_providers(("tensorrtt",), everything)
+    with pytest.raises(ServingError, match="none of the execution providers"):
+        session_providers(("cuda",), ["CPUExecutionProvider"])

@@ -124,9 +124,10 @@ def test_engines_from_another_tensorrt_version_or_gpu_are_refused(tmp_path):
 
 
 def test_layer_precisions_are_read_from_tensorrt_10_and_11_inspector_documents():
+    fp16, int8 = "Channel major FP16 format where channel % 8 == 0", "Channel major INT8 format where channel % 32 == 0"
     trt10 = {"Layers": [
-        {"Name": "conv1", "Outputs": [{"Name": "a", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}]},
-        {"Name": "q", "Outputs": [{"Name": "b", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}]},
+        {"Name": "conv1", "Outputs": [{"Name": "a", "Format/Datatype": fp16}]},
+        {"Name": "q", "Outputs": [{"Name": "b", "Format/Datatype": int8}]},
         {"Name": "fc", "Outputs": [{"Name": "logits_fp16", "Format/Datatype": "Row major linear FP32"}]},
     ], "Bindings": ["input", "logits"]}
     trt11 = {"Layers": [{"Name": "ln", "Outputs": [{"Name": "x", "Format": "Row major linear", "DataType": "Half"}]}]}

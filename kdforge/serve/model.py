@@ -20,8 +20,9 @@ import numpy as np
 from kdforge.fileio import read_json
 
 # export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
-# CPU), but only an artifact that passed verification is chosen automatically
-SERVABLE = {"int8": "student.int8.onnx", "fp16": "student.fp16.onnx", "onnx": "student.onnx"}
+# CPU), but only an artifact that passed verification is chosen automatically; FP16 (for GPUs: ONNX Runtime's
+# CPU kernels compute it in FP32 behind casts) only when asked for or alone
+SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "student.fp16.onnx"}
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")

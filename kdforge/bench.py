@@ -1,0 +1,186 @@
+"""Benchmark every format of an export side by side: file size, latency at batch 1, throughput at a larger batch,
+joined with the test top-1 each format reached in verification.
+
+    result = bench_export(Path("exports/quickstart"), BenchSettings(threads=2))   # writes bench.json there
+
+The PyTorch student (eager, FP32) is the first row: the reference every exported format is compared with. Every
+runner gets the same uint8 images at the model's input size through its own `predict` (the call a user makes),
+after warm-up, with a fixed thread count for PyTorch and ONNX Runtime. TensorRT engines are measured where
+TensorRT and a GPU are present and listed as skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kdforge.errors import ExportError, KdforgeError
+from kdforge.export.artifacts import METADATA, VERIFY
+from kdforge.export.formats import FORMATS
+from kdforge.fileio import read_json, write_json
+
+BENCH = "bench.json"
+PYTORCH = "pytorch"
+SKIPPED_FORMATS = {"triton": "the same model file as onnx, for Triton's server"}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch_size: int = 64  # the throughput batch; latency is measured at batch 1
+    repeats: int = 50  # timed batch-1 calls (p50/p95 come from these)
+    warmup: int = 5  # untimed calls before timing
+    threads: int = 2  # CPU threads for PyTorch and ONNX Runtime
+    formats: tuple[str, ...] | None = None  # default: pytorch and every format in the export
+    device: str | None = None  # PyTorch's device; default: the recipe's
+
+    def __post_init__(self) -> None:
+        for name, value in (("batch_size", self.batch_size), ("repeats", self.repeats), ("threads", self.threads)):
+            if value < 1:
+                raise KdforgeError(f"bench {name} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise KdforgeError(f"bench warmup must be 0 or more, got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    format: str
+    runtime: str  # what ran it: "pytorch (cpu)", "onnxruntime (CPU)", "tensorrt 10.3 (...)"
+    precision: str
+    bytes: int  # weights file (PyTorch) or artifact size
+    latency_p50_ms: float  # batch 1
+    latency_p95_ms: float
+    throughput: float  # images per second at settings.batch_size
+    top1: float | None  # test top-1 from verification (PyTorch: the reference's)
+    agreement: float | None  # top-1 agreement with PyTorch
+    verified: bool | None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    export_dir: Path
+    rows: list[BenchRow]
+    skipped: dict[str, str] = field(default_factory=dict)  # format -> why it was not measured
+    settings: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        measured_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return {"export_dir": str(self.export_dir), "measured_at": measured_at,
+                "machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows],
+                "skipped": self.skipped}
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation, like numpy's default."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(runner, size: int, settings: BenchSettings) -> tuple[float, float, float]:
+    """(p50 ms, p95 ms) at batch 1 and images/s at settings.batch_size for one runner."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
+    many = torch.randint(0, 256, (settings.batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+    single = time_calls(lambda: runner.predict(one), settings.warmup, settings.repeats)
+    batched = time_calls(lambda: runner.predict(many), min(settings.warmup, 2), max(3, settings.repeats // 10))
+    return (percentile(single, 50) * 1e3, percentile(single, 95) * 1e3,
+            settings.batch_size / statistics.median(batched))
+
+
+def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
+                 progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""
+    import torch
+
+    from kdforge.backends import OnnxRunner, TorchRunner, TrtRunner
+    from kdforge.data.transforms import InputSpec
+    from kdforge.export.tensorrt import tensorrt_missing
+    from kdforge.models import create_model
+    from kdforge.recipe import load_recipe
+    from kdforge.runtime import runtime_scope
+    from kdforge.train.checkpoint import WEIGHTS, load_weights
+
+    meta = read_json(export_dir / METADATA)
+    if not meta:
+        raise ExportError(f"{export_dir}: no {METADATA} here; pass an export folder (exports/NAME)")
+    verified = read_json(export_dir / VERIFY)
+    available = [PYTORCH, *meta.get("formats", {})]
+    wanted = list(settings.formats or available)
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise ExportError(f"{export_dir} has no {', '.join(unknown)} export; it has: {', '.join(available)}")
+    spec = InputSpec(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+
+    rows, skipped = [], {}
+    stage_dir = Path(meta["run"])
+    recipe = load_recipe(stage_dir / "recipe.toml")
+    with runtime_scope(recipe.runtime.model_copy(update={"threads": settings.threads}), settings.device) as rt:
+        for name in wanted:
+            if name in SKIPPED_FORMATS:
+                skipped[name] = SKIPPED_FORMATS[name]
+                continue
+            if name != PYTORCH and FORMATS.get(name).needs_gpu and tensorrt_missing():
+                skipped[name] = tensorrt_missing()
+                continue
+            if progress:
+                progress(name)
+            if name == PYTORCH:
+                weights = stage_dir / "last" / WEIGHTS
+                if not weights.is_file():
+                    raise ExportError(f"the PyTorch student {weights} is missing; the export's run was moved")
+                cfg = recipe.model_for(stage_dir.name)
+                model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}),
+                                     int(meta["num_classes"]))
+                load_weights(model, stage_dir / "last")
+                runner, precision, size = TorchRunner(model, spec, rt), "fp32", weights.stat().st_size
+                report = next(iter(verified.values()), {})
+                top1, agreement, passed = report.get("reference_top1"), 1.0, None
+            else:
+                entry = meta["formats"][name]
+                artifact = export_dir / entry["file"]
+                runner = (TrtRunner(artifact, str(rt.device) if rt.device.type == "cuda" else None)
+                          if artifact.suffix == ".engine" else OnnxRunner(artifact, threads=settings.threads))
+                precision, size = entry["precision"], entry["bytes"]
+                report = verified.get(name, {})
+                top1, agreement, passed = report.get("candidate_top1"), report.get("agreement"), report.get("passed")
+            p50, p95, throughput = measure(runner, spec.size, settings)
+            rows.append(BenchRow(name, runner.name, precision, size, round(p50, 3), round(p95, 3),
+                                 round(throughput, 1), top1, agreement, passed))
+        machine = {
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": _cpu_count(), "device": str(rt.device), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
+        }
+    settings_record = {**asdict(settings), "input_size": spec.size}
+    result = BenchResult(export_dir, rows, skipped, settings_record, machine)
+    write_json(export_dir / BENCH, result.to_dict())
+    return result
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,220 @@
+"""A run's report: `runs/<name>/report/report.md` and `report.html` (the same content) with PNG plots.
+
+    paths = write_report(Path("runs/quickstart"))   # -> ReportPaths(markdown=..., html=..., plots=[...])
+
+It holds the summary in the columns of the reference experiments (experiment, teacher, student, baseline ->
+distilled top-1), training curves (loss and test top-1 per epoch for teacher, baseline and distilled student),
+and for the export: size per format and, once `kdforge bench` has measured it, accuracy against latency.
+Everything is read from files the other commands wrote (result.json, metrics.jsonl, the export's
+metadata.json, verify.json and bench.json); nothing is re-measured here. Plots use matplotlib's object API
+(no pyplot, no global backend).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdforge.errors import CheckpointError
+from kdforge.export.artifacts import export_dir_of_run
+from kdforge.fileio import atomic_write_text, read_json
+
+STAGES = ("teacher", "baseline", "student")
+LABELS = {"teacher": "teacher", "baseline": "baseline", "student": "distilled"}
+REPORT_DIR = "report"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    markdown: Path
+    html: Path
+    plots: list[Path]
+
+
+def epoch_curves(metrics: Path) -> dict[str, list[float]]:
+    """Per epoch from a stage's metrics.jsonl: mean training loss, test loss and test top-1 (lists by epoch)."""
+    train: dict[int, list[float]] = defaultdict(list)
+    evals: dict[int, dict[str, float]] = {}
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        event = json.loads(line)
+        if event.get("event") == "log" and "loss" in event:
+            train[event["epoch"] + 1].append(event["loss"])  # logged during epoch N (0-based) -> epoch N+1
+        elif event.get("event") == "eval":
+            evals[event["epoch"]] = event
+    epochs = sorted(evals)
+    return {
+        "epoch": epochs,
+        "train_loss": [sum(train[e]) / len(train[e]) if train[e] else float("nan") for e in epochs],
+        "test_loss": [evals[e].get("loss", float("nan")) for e in epochs],
+        "test_top1": [evals[e]["top1"] * 100 for e in epochs],
+    }
+
+
+def _stage_results(run_dir: Path) -> dict[str, dict[str, Any]]:
+    results = {stage: read_json(run_dir / stage / "result.json") for stage in STAGES}
+    teacher_eval = read_json(run_dir / "teacher_eval" / "result.json")  # a teacher given by checkpoint
+    if not results["teacher"] and teacher_eval:
+        results["teacher"] = teacher_eval
+    return {stage: result for stage, result in results.items() if result}
+
+
+def _figure(width: float = 6.4, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    fig = _figure(10, 4)
+    loss_ax, top1_ax = fig.subplots(1, 2)
+    colors = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:orange"}
+    for stage, curve in curves.items():
+        color = colors[stage]
+        loss_ax.plot(curve["epoch"], curve["train_loss"], "-o", color=color, label=f"{LABELS[stage]} train")
+        loss_ax.plot(curve["epoch"], curve["test_loss"], "--", color=color, label=f"{LABELS[stage]} test")
+        top1_ax.plot(curve["epoch"], curve["test_top1"], "-o", color=color, label=LABELS[stage])
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    top1_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1 per epoch")
+    loss_ax.legend(fontsize="small")
+    top1_ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.subplots()
+    for row in rows:
+        if row.get("top1") is None:
+            continue
+        ax.scatter(row["latency_p50_ms"], row["top1"] * 100, s=60)
+        ax.annotate(row["format"], (row["latency_p50_ms"], row["top1"] * 100), textcoords="offset points",
+                    xytext=(6, 4))
+    ax.set(xlabel="latency at batch 1, p50 (ms)", ylabel="test top-1 (%)", title="accuracy vs latency per format")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
+def plot_sizes(sizes: dict[str, int], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.subplots()
+    names = list(sizes)
+    megabytes = [sizes[n] / 1e6 for n in names]
+    bars = ax.bar(names, megabytes, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{mb:.2f}" for mb in megabytes])
+    ax.set(ylabel="file size (MB)", title="size per format")
+    fig.savefig(path)
+    return path
+
+
+class Document:
+    """Markdown and HTML written side by side from the same calls, so the two always hold the same content."""
+
+    def __init__(self, title: str) -> None:
+        self.md = [f"# {title}", ""]
+        self.html = [f"<h1>{html.escape(title)}</h1>"]
+        self.title = title
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def paragraph(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, headers: list[str], rows: list[list[str]]) -> None:
+        self.md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        self.md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, path: Path, alt: str) -> None:
+        self.md += [f"![{alt}]({path.name})", ""]
+        self.html.append(f'<p><img src="{html.escape(path.name)}" alt="{html.escape(alt)}"></p>')
+
+    def render_html(self) -> str:
+        style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+                 "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}"
+                 "img{max-width:100%}")
+        return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(self.html) + "\n</body></html>\n")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}"
+
+
+def _model_cell(result: dict[str, Any] | None) -> str:
+    return f"{result['model']} ({result['params'] / 1e6:.1f}M, top-1 {result['top1'] * 100:.2f})" if result else "-"
+
+
+def write_report(run_dir: Path) -> ReportPaths:
+    """Write runs/<name>/report/{report.md, report.html, *.png} from what the run and its export hold."""
+    results = _stage_results(run_dir)
+    if not results:
+        raise CheckpointError(f"{run_dir}: no finished stage to report on (no result.json); run `kdforge distill`")
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    doc = Document(f"kdforge report: {run_dir.name}")
+    plots: list[Path] = []
+
+    teacher, baseline, student = (results.get(s) for s in STAGES)
+    doc.heading("Summary")
+    transfer = f"{_pct(baseline and baseline['top1'])} -> {_pct(student and student['top1'])}"
+    doc.table(["experiment", "teacher", "student", "baseline -> distilled top-1"],
+              [[run_dir.name, _model_cell(teacher), _model_cell(student or baseline), transfer]])
+    doc.paragraph("Test-split top-1 in percent; each stage's final weights (never selected on the test split).")
+
+    curves = {stage: epoch_curves(run_dir / stage / "metrics.jsonl") for stage in STAGES if stage in results}
+    curves = {stage: curve for stage, curve in curves.items() if curve["epoch"]}
+    if curves:
+        doc.heading("Training")
+        plots.append(plot_curves(curves, out / "curves.png"))
+        doc.image(plots[-1], "loss and test top-1 per epoch")
+
+    export_dir = export_dir_of_run(run_dir)
+    doc.heading("Export")
+    if export_dir is None:
+        doc.paragraph("No export yet: run `kdforge export` (and `kdforge bench`) for sizes, accuracy and latency.")
+    else:
+        meta, verified = read_json(export_dir / "metadata.json"), read_json(export_dir / "verify.json")
+        bench = read_json(export_dir / "bench.json")
+        measured = {row["format"]: row for row in bench.get("rows", [])}
+        sizes = {"pytorch": measured["pytorch"]["bytes"]} if "pytorch" in measured else {}
+        sizes.update({name: entry["bytes"] for name, entry in meta.get("formats", {}).items() if name != "triton"})
+        rows = []
+        for name in sizes:
+            timing, check = measured.get(name, {}), verified.get(name, {})
+            top1 = timing.get("top1", check.get("candidate_top1"))
+            passed = check.get("passed")
+            rows.append([name, f"{sizes[name] / 1e6:.2f}", _pct(top1), _pct(check.get("agreement")),
+                         "-" if passed is None else "PASS" if passed else "FAIL",
+                         f"{timing['latency_p50_ms']:.2f}" if timing else "-",
+                         f"{timing['latency_p95_ms']:.2f}" if timing else "-",
+                         f"{timing['throughput']:.0f}" if timing else "-"])
+        doc.table(["format", "size (MB)", "test top-1", "agreement", "verified", "p50 ms (batch 1)", "p95 ms",
+                   f"images/s (batch {bench.get('settings', {}).get('batch_size', '-')})"], rows)
+        if bench:
+            machine = bench.get("machine", {})
+            doc.paragraph(f"Measured by `kdforge bench` on {machine.get('processor')} ({machine.get('cpu_count')} "
+                          f"CPUs, {bench['settings'].get('threads')} threads, device {machine.get('device')}) "
+                          f"at {bench.get('measured_at')}.")
+            plots.append(plot_accuracy_latency(bench["rows"], out / "accuracy_latency.png"))
+            doc.image(plots[-1], "test top-1 against latency per format")
+        else:
+            doc.paragraph("Latency not measured yet: run `kdforge bench` and then `kdforge report` again.")
+        plots.append(plot_sizes(sizes, out / "size.png"))
+        doc.image(plots[-1], "file size per format")
+
+    markdown, page = out / "report.md", out / "report.html"
+    atomic_write_text(markdown, "\n".join(doc.md))
+    atomic_write_text(page, doc.render_html())
+    return ReportPaths(markdown, page, plots)
