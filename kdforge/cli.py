@@ -45,6 +45,31 @@ DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc", min=1, help="Train with N processes (DistributedDataParallel via torchrun; one GPU each, or gloo "
+    "on CPU). train.batch_size stays the global batch.")]
+
+
+def _launch_torchrun(nproc: int, args: list[str]) -> None:
+    """Run `kdforge ARGS` again as N processes under torchrun, and exit with its exit code."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "kdforge", *args]
+    err.print(f"launching {nproc} processes: {' '.join(command[2:])}", highlight=False, soft_wrap=True)
+    raise typer.Exit(subprocess.call(command))
+
+
+def _common_args(recipe: Path, overrides, resume: bool, device: str | None, runs_dir: Path) -> list[str]:
+    args = [str(recipe), *[a for o in overrides or [] for a in ("--set", o)], "--runs-dir", str(runs_dir)]
+    return args + (["--resume"] if resume else []) + (["--device", device] if device else [])
+
+
+def _is_main() -> bool:
+    from kdforge.runtime import current_rank
+
+    return current_rank() == 0
 
 
 @contextlib.contextmanager
@@ -79,13 +104,20 @@ def main(
     """
 
 
-def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir) -> None:
+def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir, nproc=1) -> None:
     from kdforge.recipe import load_recipe
+    from kdforge.runtime import distributed_session
     from kdforge.train.stages import train_stage
 
-    with user_errors():
+    if nproc > 1:
+        _launch_torchrun(nproc, [stage, *_common_args(recipe_path, overrides, resume, device, runs_dir),
+                                 *(["--overwrite"] if overwrite else [])])
+    with user_errors(), distributed_session():
         recipe = load_recipe(recipe_path, overrides or [])
         result = train_stage(recipe, stage, runs_dir=runs_dir, resume=resume, overwrite=overwrite, device=device)
+        main = _is_main()
+    if not main:
+        return
     if result.skipped:
         out.print(f"{stage} already trained with these settings in {result.stage_dir} (use --overwrite to retrain)")
     out.print(
@@ -98,46 +130,54 @@ def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, 
 
 @app.command()
 def teacher(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-            device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs")) -> None:
+            device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
     """Train the teacher model of a recipe (its \\[teacher] section).
 
     Example:  kdforge teacher recipes/quickstart.toml --set train.epochs=2
     """
-    _train("teacher", recipe, set_, resume, overwrite, device, runs_dir)
+    _train("teacher", recipe, set_, resume, overwrite, device, runs_dir, nproc)
 
 
 @app.command()
 def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-             device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs")) -> None:
+             device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
     """Train the student model of a recipe (its \\[student] section) on labels alone, without a teacher.
 
     This is the baseline that distillation must beat.
 
     Example:  kdforge baseline recipes/quickstart.toml
     """
-    _train("baseline", recipe, set_, resume, overwrite, device, runs_dir)
+    _train("baseline", recipe, set_, resume, overwrite, device, runs_dir, nproc)
 
 
 @app.command()
 def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, device: DeviceOpt = None,
-            runs_dir: RunsDirOpt = Path("runs")) -> None:
+            runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
     """Run the recipe's chain: teacher, baseline student, distilled student, and the stages it enables.
 
     Finished stages whose settings match the recipe are reused; changed ones are redone. Ends with a summary
-    table, also written to runs/NAME/summary.json.
+    table, also written to runs/NAME/summary.json, and a report in runs/NAME/report/. With --nproc N every
+    training stage runs on N processes (the same as `torchrun --nproc-per-node N -m kdforge distill ...`).
 
     Example:  kdforge distill recipes/quickstart.toml
+              kdforge distill recipes/vit_to_vit.toml --nproc 8
     """
     from kdforge.export.artifacts import recipe_formats, unbuildable_here
     from kdforge.export.formats import with_sources
     from kdforge.pipeline import run_distill
     from kdforge.recipe import load_recipe
+    from kdforge.runtime import distributed_session
 
-    with user_errors():
+    if nproc > 1:
+        _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)])
+    with user_errors(), distributed_session():
         loaded = load_recipe(recipe, set_ or [])
-        for name, reason in unbuildable_here(with_sources(recipe_formats(loaded))).items():
+        main = _is_main()
+        for name, reason in unbuildable_here(with_sources(recipe_formats(loaded))).items() if main else []:
             err.print(f"note: {name} will not be built here ({reason}); the other stages run", highlight=False)
         summary = run_distill(loaded, runs_dir=runs_dir, resume=resume, device=device)
+    if not main:
+        return
     out.print(summary_table(summary))
     if summary.exports:
         out.print(exports_table(summary.exports))

@@ -20,6 +20,7 @@ from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
+from kdforge.runtime import current_rank, sync
 from kdforge.train.events import Consumer, ProgressDisplay
 from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
 
@@ -123,17 +124,24 @@ def run_distill(
     recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
     consumers: list[Consumer] | None = None,
 ) -> DistillSummary:
+    """Run the recipe's stages. Under torchrun every process trains (each its share of every batch); only
+    rank 0 exports, writes summary.json and the report, and its summary is the one to print."""
     ctx = ChainContext(Path(runs_dir), resume, device)
     if consumers is not None:
         ctx.consumers = consumers
+    main = current_rank() == 0
     results = {}
     for stage in plan_stages(recipe):
+        if stage == "export" and not main:
+            continue
         results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
-        if getattr(results[stage], "skipped", False):
+        if getattr(results[stage], "skipped", False) and main:
             for consume in ctx.consumers:
                 consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
     summary = summarize(recipe, results)
-    summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
-    write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
+    if main:
+        summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
+        write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
+    sync()
     return summary
 

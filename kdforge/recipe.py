@@ -155,6 +155,16 @@ class TeacherConfig(ModelConfig):
         return path
 
 
+class TeacherCacheConfig(Strict):
+    """Offline teacher answers: K augmented views of every training image, the teacher run once per view, its
+    logits stored next to the run; training draws one stored view per image per epoch instead of running the
+    teacher. views = 0: off (the teacher runs on every step); views = 1 with augmentation off: classic offline KD."""
+
+    views: Annotated[int, Field(ge=0)] = 0
+    topk: PositiveInt | None = None  # store only the k largest logits (+ the tail's log-mean-exp); None: all
+    batch_size: PositiveInt = 512  # teacher batch while generating the cache
+
+
 class DistillConfig(Strict):
     method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD)
     temperature: Annotated[float, Field(gt=0)] = 4.0
@@ -162,6 +172,7 @@ class DistillConfig(Strict):
     dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
     dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
     baseline: bool = True  # also train the student on labels alone, for the gain column
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
 
     @field_validator("method")
     @classmethod
@@ -257,6 +268,9 @@ class RuntimeConfig(Strict):
     # auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: PositiveInt | None = None  # CPU threads for PyTorch; default: PyTorch's choice
+    # channels_last memory format for CNNs: None (auto) turns it on for CNNs on CUDA, off elsewhere
+    channels_last: bool | None = None
+    compile: bool = False  # torch.compile the trained model (minutes of compilation; pays off on long GPU runs)
 
     @field_validator("device")
     @classmethod

@@ -1,17 +1,25 @@
-"""The one place that decides device, precision (autocast, grad scaler), CPU threads and seeding.
+"""The one place that decides device, precision (autocast, grad scaler), memory format, compilation, CPU
+threads, seeding and the distributed rank.
 
-    with runtime_scope(recipe.runtime) as rt:
-        model.to(rt.device)
-        with rt.autocast():
-            logits = model(x)
+    with distributed_session():                     # torchrun: one process group for the whole command
+        with runtime_scope(recipe.runtime) as rt:
+            forward = rt.for_training(rt.place(model))   # channels_last, DDP, torch.compile as decided here
+            with rt.autocast():
+                logits = forward(rt.format_input(model, x))
 
-Nothing else in kdforge calls `.cuda()` or picks a dtype. Process-wide settings (thread count) are set
-inside the scope and restored when it ends.
+Nothing else in kdforge calls `.cuda()`, picks a dtype or a memory format. Process-wide settings (thread
+count) are set inside the scope and restored when it ends. On CPU, mixed precision, channels_last and
+compilation are off unless the recipe asks for them.
+
+Multi-process training: `torchrun --nproc-per-node N -m kdforge ...` (or `kdforge distill --nproc N`, which
+launches it) starts N processes; `distributed_session` joins them in one process group (NCCL on GPUs, gloo on
+CPU) and every runtime then knows its rank and the world size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +35,61 @@ from kdforge.recipe import RuntimeConfig
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool | None = None  # None: for CNNs on CUDA
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, checkpoints and exports."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def uses_channels_last(self, model: torch.nn.Module) -> bool:
+        if self.channels_last is not None:
+            return self.channels_last
+        return self.device.type == "cuda" and is_cnn(model)
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this runtime's device, in channels_last where that is decided."""
+        model.to(self.device)
+        if self.uses_channels_last(model):
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def format_input(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.uses_channels_last(model) else x
+
+    def for_training(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training step calls: the model, wrapped in DistributedDataParallel across processes and
+        compiled when asked. Weights are saved from `model` itself (no wrapper prefixes in checkpoints)."""
+        forward = model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":  # batch statistics over the global batch, as in one process
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces BatchNorm children in place
+            # (PyTorch's SyncBatchNorm runs on GPUs only: on CPU each process normalizes over its share)
+            forward = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.compile:
+            forward = torch.compile(forward)
+        return forward
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums of `values` over all processes (the values themselves when alone)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
 
     @property
     def precision(self) -> str:
@@ -46,6 +109,11 @@ class Runtime:
             return f"{torch.cuda.get_device_name(self.device)} ({self.device}), {self.precision}"
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         return f"{self.device}, {self.precision}{threads}"
+
+
+def is_cnn(model: torch.nn.Module) -> bool:
+    """More than one 2-D convolution: a CNN or a hybrid (a ViT has one, its patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -83,7 +151,14 @@ def seed_everything(seed: int) -> None:
 def runtime_scope(cfg: RuntimeConfig, device: str | None = None) -> Iterator[Runtime]:
     """Resolve the runtime (the `device` argument overrides the recipe's) and apply its process settings."""
     resolved = resolve_device(device or cfg.device)
-    runtime = Runtime(device=resolved, amp_dtype=resolve_amp_dtype(cfg.precision, resolved))
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if resolved.type == "cuda":  # one GPU per process
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(resolved)
+    runtime = Runtime(device=resolved, amp_dtype=resolve_amp_dtype(cfg.precision, resolved),
+                      channels_last=cfg.channels_last, compile=cfg.compile, rank=rank, world_size=world_size)
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -91,3 +166,30 @@ def runtime_scope(cfg: RuntimeConfig, device: str | None = None) -> Iterator[Run
         yield runtime
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def current_rank() -> int:
+    """This process's rank in the torchrun process group (0 when alone)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def sync() -> None:
+    """Wait for every process of the group (nothing to wait for when alone)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def distributed_session() -> Iterator[int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment) for the duration of a
+    command, and leave it at the end; yields the world size (1 outside torchrun: nothing to do)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or torch.distributed.is_initialized():
+        yield world_size
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    try:
+        yield world_size
+    finally:
+        torch.distributed.destroy_process_group()

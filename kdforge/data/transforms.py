@@ -34,26 +34,41 @@ class InputSpec:
         return (x - mean) / std
 
 
-def augment_batch(
-    images: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator
-) -> torch.Tensor:
-    """Random crop (zero padding of `crop_padding` pixels) and random horizontal flip of a uint8 batch.
+def draw_augment(
+    n: int, crop_padding: int, hflip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Random crop offsets (2, n) in [0, 2 * crop_padding] and flip flags (n,), drawn on the CPU from
+    `generator` (so they do not depend on the device); None where that augmentation is off."""
+    offsets = torch.randint(0, 2 * crop_padding + 1, (2, n), generator=generator) if crop_padding > 0 else None
+    flips = torch.rand(n, generator=generator) < 0.5 if hflip else None
+    return offsets, flips
 
-    Random parameters are drawn on the CPU from `generator` (so they do not depend on the device) and
-    applied as a gather on the batch's own device.
-    """
+
+def apply_augment(
+    images: torch.Tensor, crop_padding: int, offsets: torch.Tensor | None, flips: torch.Tensor | None
+) -> torch.Tensor:
+    """Crop (zero padding of `crop_padding` pixels, at `offsets`) and flip (where `flips`) a uint8 batch,
+    as one gather on the batch's own device."""
     n, _, h, w = images.shape
     out = images
-    if crop_padding > 0:
+    if offsets is not None:
         p = crop_padding
-        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(images.device)
+        offsets = offsets.to(images.device)
         padded = F.pad(images, (p, p, p, p))
         rows = (offsets[0, :, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N,1,H,1)
         cols = (offsets[1, :, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N,1,1,W)
         batch = torch.arange(n, device=images.device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         out = padded[batch, channel, rows, cols]
-    if hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if flips is not None:
+        flips = flips.to(images.device)
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
     return out
+
+
+def augment_batch(
+    images: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Random crop (zero padding of `crop_padding` pixels) and random horizontal flip of a uint8 batch."""
+    offsets, flips = draw_augment(len(images), crop_padding, hflip, generator)
+    return apply_augment(images, crop_padding, offsets, flips)

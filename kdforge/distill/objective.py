@@ -50,11 +50,18 @@ def ce_weight(cfg: DistillConfig) -> float:
     return 1.0 if cfg.method == "dkd" else 1.0 - cfg.alpha
 
 
-def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher, label_smoothing: float = 0.0) -> Objective:
+def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,
+                             label_smoothing: float = 0.0) -> Objective:
+    """The objective; the teacher answers each batch unless the loop passes its cached `teacher_logits`
+    (then `teacher` may be None)."""
     terms_of = METHODS.get(cfg.method)
 
-    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor):
-        teacher_logits = teacher(images)
+    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                  teacher_logits: torch.Tensor | None = None):
+        if teacher_logits is None:
+            if teacher is None:
+                raise ValueError("no teacher and no cached teacher logits for this batch")
+            teacher_logits = teacher(images)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         terms: Terms = {"ce": (ce_weight(cfg), ce)}
         terms.update(terms_of(logits, teacher_logits, labels, cfg))

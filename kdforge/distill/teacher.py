@@ -22,13 +22,17 @@ class FrozenTeacher:
     def __init__(self, model: torch.nn.Module, spec: InputSpec) -> None:
         self.model = model.eval().requires_grad_(False)
         self.spec = spec
+        self.memory_format = torch.contiguous_format
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.spec.prepare(images))
+        return self.model(self.spec.prepare(images).contiguous(memory_format=self.memory_format))
 
-    def to(self, device: torch.device) -> FrozenTeacher:
+    def to(self, device: torch.device, channels_last: bool = False) -> FrozenTeacher:
         self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.memory_format = torch.channels_last
         return self
 
 

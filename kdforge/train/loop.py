@@ -16,28 +16,32 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
-from kdforge.data.transforms import InputSpec, augment_batch
+from kdforge.data.transforms import InputSpec, apply_augment, draw_augment
 from kdforge.errors import DataError, KdforgeError
 from kdforge.recipe import AugmentConfig, TrainConfig
 from kdforge.runtime import Runtime
 from kdforge.train.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.train.events import Consumer
 
+if TYPE_CHECKING:
+    from kdforge.distill.cache import TeacherCache
+
 
 class Objective(Protocol):
     def __call__(
-        self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor
+        self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
-    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor):
+    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         return loss, {"ce": loss}
 
@@ -58,16 +62,22 @@ def predict_logits(
     limit_batches: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels of the dataset, in order, with the model in eval mode."""
+    return _predict(model, spec, dataset, eval_batches(len(dataset), batch_size)[:limit_batches], runtime)
+
+
+def _predict(model, spec: InputSpec, dataset: ImageDataset, batches: list[torch.Tensor], runtime: Runtime):
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for idx in eval_batches(len(dataset), batch_size)[:limit_batches]:
+    for idx in batches:
         idx = idx.to(dataset.images.device)
         with runtime.autocast():
-            out = model(spec.prepare(dataset.images[idx]))
+            out = model(runtime.format_input(model, spec.prepare(dataset.images[idx])))
         logits.append(out.float().cpu())
         labels.append(dataset.labels[idx].cpu())
     model.train(was_training)
+    if not logits:  # more processes than evaluation batches
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -78,8 +88,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 def evaluate(model, spec, dataset, batch_size, runtime, limit_batches=None) -> dict[str, float]:
-    logits, labels = predict_logits(model, spec, dataset, batch_size, runtime, limit_batches)
-    return {**topk_accuracy(logits, labels), "loss": F.cross_entropy(logits, labels).item(), "count": len(labels)}
+    """Test top-1/top-5/loss. Across processes each evaluates its share of the batches and the sums are
+    reduced, so every process gets the metrics of the whole split."""
+    batches = eval_batches(len(dataset), batch_size)[:limit_batches]
+    logits, labels = _predict(model, spec, dataset, batches[runtime.rank::runtime.world_size], runtime)
+    if len(labels):
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums = [top[:, :1].any(1).sum().item(), top.any(1).sum().item(),
+                F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)]
+    else:
+        sums = [0.0, 0.0, 0.0, 0]
+    top1, top5, loss, count = runtime.all_reduce_sum(sums)
+    return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "count": int(count)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,12 +165,22 @@ def fit(
     resume_from: Path | None = None,
     consumers: Sequence[Consumer] = (),
     checkpoint_metadata: dict[str, str] | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> FitResult:
-    """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`."""
+    """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`.
+
+    With a `teacher_cache`, augmented views and the teacher's logits come from it (the objective receives them
+    as `teacher_logits`). Across several processes (torchrun), each takes its share of every global batch of
+    `cfg.batch_size` (the same images and augmentation a single process would use), gradients are averaged by
+    DistributedDataParallel, metrics are reduced, and only the main process checkpoints."""
     import timm.optim
 
     plan = Plan.create(len(data.train), cfg)
-    model.to(runtime.device).train()
+    if cfg.batch_size % runtime.world_size:
+        raise DataError(f"train.batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                        f"{runtime.world_size} processes")
+    runtime.place(model).train()
+    forward = runtime.for_training(model)
     optimizer = timm.optim.create_optimizer_v2(
         model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
@@ -187,7 +217,8 @@ def fit(
             "best": best,
         }
         meta = {**(checkpoint_metadata or {}), "step": str(step), "top1": str(best.get("top1"))}
-        save_checkpoint(stage_dir, step, model, state, meta, best=is_best)
+        if runtime.is_main:
+            save_checkpoint(stage_dir, step, model, state, meta, best=is_best)
 
     train_set = data.train.to(runtime.device)
     test_set = data.test.to(runtime.device)
@@ -206,13 +237,21 @@ def fit(
             batch_idx = order[index]
             started = time.perf_counter()
 
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            idx = batch_idx.to(runtime.device)
-            images = augment_batch(train_set.images[idx], augment.crop_padding, augment.hflip, generator)
+            mine = slice(runtime.rank, None, runtime.world_size)  # this process's share of the global batch
+            idx = batch_idx[mine].to(runtime.device)
+            if teacher_cache is not None:
+                images, teacher_logits = teacher_cache.batch(train_set.images, idx, epoch)
+            else:  # drawn for the global batch, so every process count sees the same augmentation
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                offsets, flips = draw_augment(len(batch_idx), augment.crop_padding, augment.hflip, generator)
+                images = apply_augment(train_set.images[idx], augment.crop_padding,
+                                       offsets[:, mine] if offsets is not None else None,
+                                       flips[mine] if flips is not None else None)
+                teacher_logits = None
             labels = train_set.labels[idx]
             with runtime.autocast():
-                logits = model(spec.prepare(images))
-                loss, parts = objective(logits, labels, images)
+                logits = forward(runtime.format_input(model, spec.prepare(images)))
+                loss, parts = objective(logits, labels, images, teacher_logits)
             if not torch.isfinite(loss):
                 raise KdforgeError(
                     f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
@@ -236,10 +275,11 @@ def fit(
 
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 elapsed = time.perf_counter() - window["time"]
+                loss_sum, correct, seen = runtime.all_reduce_sum([window["loss"], window["correct"], window["seen"]])
                 emit({
                     "event": "log", "step": step, "total_steps": plan.total_steps, "epoch": epoch,
-                    "loss": window["loss"] / window["seen"], "train_top1": window["correct"] / window["seen"],
-                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": window["seen"] / max(elapsed, 1e-9),
+                    "loss": loss_sum / seen, "train_top1": correct / seen,
+                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
                     **{f"loss_{name}": value.item() for name, value in parts.items()},
                 })
                 window = {"loss": 0.0, "correct": 0, "seen": 0, "time": time.perf_counter()}
@@ -261,6 +301,6 @@ def fit(
         final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
     return FitResult(
         steps=step, final=final, best=best,
-        train_images_per_s=images_seen / train_time if train_time else 0.0,
+        train_images_per_s=images_seen * runtime.world_size / train_time if train_time else 0.0,
     )
 

@@ -23,11 +23,12 @@ import torch
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
+from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.errors import CheckpointError, ModelError
 from kdforge.fileio import atomic_write_text, file_hash, write_json
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
-from kdforge.runtime import runtime_scope, seed_everything
+from kdforge.runtime import current_rank, runtime_scope, seed_everything, sync
 from kdforge.train.checkpoint import WEIGHTS, checkpoint_metadata
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
@@ -128,32 +129,27 @@ def train_stage(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     cfg = recipe.model_for(stage)
-    consumers = consumers if consumers is not None else [ProgressDisplay()]
+    main = current_rank() == 0  # with torchrun: only rank 0 writes files, logs and shows progress
+    consumers = (consumers if consumers is not None else [ProgressDisplay()]) if main else []
     runs_dir = Path(runs_dir)
     stage_dir = runs_dir / recipe.name / stage
     teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
     fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
     result_path = stage_dir / "result.json"
 
-    def stale(reason: str) -> None:
-        if not retrain_stale:
-            raise CheckpointError(f"{stage_dir}: {reason}; pass --overwrite to start over")
-        for consume in consumers:
-            consume({"event": "note", "message": f"{stage}: {reason}; training it again"})
-        shutil.rmtree(stage_dir)
-
-    if overwrite:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    elif result_path.is_file():
+    # every process decides from the same files, then rank 0 alone changes them
+    discard: str | None = "--overwrite" if overwrite else None
+    resume_from = None
+    if not overwrite and result_path.is_file():
         previous = json.loads(result_path.read_text())
         if previous.get("fingerprint") == fingerprint:
+            sync()
             return StageResult(**{**previous, "skipped": True})
-        stale("finished with other settings (or another teacher) than the recipe now asks for")
-    resume_from = None
-    if (stage_dir / "last").exists():
+        discard = "finished with other settings (or another teacher) than the recipe now asks for"
+    elif not overwrite and (stage_dir / "last").exists():
         last = (stage_dir / "last").resolve()
         if checkpoint_metadata(last).get("fingerprint") != fingerprint:
-            stale("the recipe changed since this unfinished run started")
+            discard = "the recipe changed since this unfinished run started"
         elif not resume:
             raise CheckpointError(
                 f"{stage_dir} holds an unfinished run (checkpoint {last.name}); pass --resume to continue it "
@@ -161,15 +157,25 @@ def train_stage(
             )
         else:
             resume_from = last
+    if discard and discard != "--overwrite" and not retrain_stale:
+        raise CheckpointError(f"{stage_dir}: {discard}; pass --overwrite to start over")
+    sync()
 
     started = time.perf_counter()
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
     metrics = MetricsLog(stage_dir / "metrics.jsonl")
-    if resume_from is None:
-        metrics.path.unlink(missing_ok=True)
-    else:
-        metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
+    if main:
+        if discard:
+            if discard != "--overwrite":
+                for consume in consumers:
+                    consume({"event": "note", "message": f"{stage}: {discard}; training it again"})
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+        if resume_from is None:
+            metrics.path.unlink(missing_ok=True)
+        else:
+            metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
+    sync()
 
     with runtime_scope(recipe.runtime, device) as runtime:
         data = load_dataset(recipe.data)
@@ -177,17 +183,23 @@ def train_stage(
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
         check_input_size(model, spec, cfg.model)
+        cache = None
         if teacher_weights is not None:
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
-            objective = create_distill_objective(recipe.distill, teacher.to(runtime.device), cfg.train.label_smoothing)
+            teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
+            if recipe.distill.teacher_cache.views:
+                cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
+                teacher = None  # the cache answers for it from here on
+            objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
         else:
             objective = cross_entropy_objective(cfg.train.label_smoothing)
         result = fit(
             model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
             title=f"{stage} {cfg.model}",
             resume_from=resume_from,
-            consumers=[metrics, *consumers],
+            consumers=[metrics, *consumers] if main else [],
             checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
+            teacher_cache=cache,
         )
 
     outcome = StageResult(
@@ -197,8 +209,30 @@ def train_stage(
         steps=result.steps, input_size=spec.size, wall_s=round(time.perf_counter() - started, 2),
         train_images_per_s=round(result.train_images_per_s, 1), fingerprint=fingerprint, stage_dir=str(stage_dir),
     )
-    write_json(result_path, {k: v for k, v in asdict(outcome).items() if k != "skipped"})
+    if main:
+        write_json(result_path, {k: v for k, v in asdict(outcome).items() if k != "skipped"})
+    sync()
     return outcome
+
+
+def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: Path, data, runtime,
+                      consumers) -> TeacherCache:
+    """The recipe's teacher cache (runs/<name>/teacher_cache.safetensors), generated when its key changed."""
+    cache_cfg = recipe.distill.teacher_cache
+    key = cache_key(
+        teacher=file_hash(teacher_weights), teacher_model=recipe.model_for("teacher").model_dump(mode="json"),
+        data=recipe.data.model_dump(mode="json", exclude={"augment"}), images=len(data.train),
+        augment=recipe.data.augment.model_dump(mode="json"), seed=recipe.seed,
+        views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
+    )
+    (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)
+
+    def note(message: str) -> None:
+        for consume in consumers:
+            consume({"event": "note", "message": message})
+
+    return load_or_build_cache(runs_dir / recipe.name / "teacher_cache.safetensors", key, teacher, data.train,
+                               cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
 
 
 def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> StageResult:

@@ -1,0 +1,161 @@
+"""The teacher output cache: the teacher answers once per augmented view, training reads its answers.
+
+    cache = load_or_build_cache(path, key, teacher, train_set, recipe.distill.teacher_cache, augment, seed, runtime)
+    images, teacher_logits = cache.batch(train_set.images, idx, epoch)      # inside the training step
+
+Every training image gets K views. A view's augmentation (crop offsets, flip) is a pure function of
+(seed, view index, image index), so the cache stores logits only and the views are re-made exactly when
+training reads them. Each epoch, every image draws one of its K views (a function of seed, epoch and image
+index). With K = 1 and augmentation off this is classic offline distillation.
+
+Logits are stored as FP16 (K x N x classes), or with `topk` as the k largest values and their class indices
+plus, per image, the log-mean-exp of the remaining logits (the tail is rebuilt with that value, which keeps
+its total probability mass exact at temperature 1 and approximate at others). The file
+(`runs/<name>/teacher_cache.safetensors`) carries a key over the teacher's weights, the data, the augmentation
+settings, the seed and the cache settings; a changed key regenerates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdforge.data.dataset import ImageDataset, eval_batches
+from kdforge.data.transforms import apply_augment, draw_augment
+
+if TYPE_CHECKING:
+    from kdforge.distill.teacher import FrozenTeacher
+    from kdforge.recipe import AugmentConfig, TeacherCacheConfig
+    from kdforge.runtime import Runtime
+
+FORMAT_VERSION = "1"
+
+
+def view_augment(n: int, view: int, seed: int,
+                 augment: AugmentConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Crop offsets (2, n) and flips (n,) of view `view` for all n training images: a function of (seed, view)
+    indexed by image, drawn from a generator separate from the online one (seed, step)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + view) * 7_919 + 104_729)
+    return draw_augment(n, augment.crop_padding, augment.hflip, generator)
+
+
+def view_choice(n: int, views: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which stored view each of the n images uses in `epoch`."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7_919 + 15_485_863)
+    return torch.randint(0, views, (n,), generator=generator)
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps({**parts, "format": FORMAT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TeacherCache:
+    """Stored teacher logits for K views of every training image, and the views themselves on demand."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], num_images: int, seed: int, augment: AugmentConfig,
+                 device: torch.device) -> None:
+        self.tensors = {name: t.to(device) for name, t in tensors.items()}
+        self.views = int(next(iter(self.tensors.values())).shape[0])
+        self.num_images, self.seed, self.augment = num_images, seed, augment
+        params = [view_augment(num_images, v, seed, augment) for v in range(self.views)]
+        self.offsets = torch.stack([p[0] for p in params]).to(device) if augment.crop_padding > 0 else None
+        self.flips = torch.stack([p[1] for p in params]).to(device) if augment.hflip else None
+        self._epoch, self._choice = -1, torch.empty(0)
+
+    def logits(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Float32 teacher logits (B, classes) of images `idx`, each in its view."""
+        if "logits" in self.tensors:
+            return self.tensors["logits"][view, idx].float()
+        values, indices, tail = (self.tensors[k][view, idx] for k in ("values", "indices", "tail"))
+        dense = tail.float()[:, None].expand(len(idx), int(self.tensors["num_classes"][0])).clone()
+        return dense.scatter_(1, indices.long(), values.float())
+
+    def batch(self, images: torch.Tensor, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented uint8 images, teacher logits) of training images `idx` in `epoch`."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._choice = view_choice(self.num_images, self.views, self.seed, epoch).to(idx.device)
+        view = self._choice[idx]
+        offsets = self.offsets[view, :, idx].T if self.offsets is not None else None
+        flips = self.flips[view, idx] if self.flips is not None else None
+        return apply_augment(images[idx], self.augment.crop_padding, offsets, flips), self.logits(view, idx)
+
+
+@torch.inference_mode()
+def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig, augment: AugmentConfig,
+                        seed: int, runtime: Runtime,
+                        progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run the teacher once per view of every image (large batches, the runtime's mixed precision)."""
+    n = len(train)
+    images = train.images.to(runtime.device)
+    topk = cfg.topk
+    out: dict[str, list[torch.Tensor]] = {}
+    batches = eval_batches(n, cfg.batch_size)
+    for view in range(cfg.views):
+        offsets, flips = view_augment(n, view, seed, augment)
+        for i, idx in enumerate(batches):
+            x = apply_augment(images[idx.to(runtime.device)], augment.crop_padding,
+                              offsets[:, idx] if offsets is not None else None,
+                              flips[idx] if flips is not None else None)
+            with runtime.autocast():
+                logits = teacher(x).float()
+            if topk is None or topk >= logits.shape[1]:
+                parts = {"logits": logits.half()}
+            else:
+                values, indices = logits.topk(topk, dim=1)
+                rest = logits.scatter(1, indices, float("-inf"))
+                tail = torch.logsumexp(rest, dim=1) - torch.log(torch.tensor(logits.shape[1] - topk))
+                parts = {"values": values.half(), "indices": indices.int(), "tail": tail.half()}
+            for name, value in parts.items():
+                out.setdefault(name, []).append(value.cpu())
+            if progress:
+                progress(view * len(batches) + i + 1, cfg.views * len(batches))
+    tensors = {name: torch.cat(chunks).reshape(cfg.views, n, *chunks[0].shape[1:]) for name, chunks in out.items()}
+    if "values" in tensors:
+        tensors["num_classes"] = torch.tensor([logits.shape[1]])
+    return tensors
+
+
+def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig,
+                        augment: AugmentConfig, seed: int, runtime: Runtime,
+                        note: Callable[[str], None] = lambda message: None) -> TeacherCache:
+    """The cache at `path` when its key matches; otherwise the teacher's answers are generated (by the main
+    process when several train together) and written atomically. Every process then loads the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def stored_key() -> str | None:
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("key")
+
+    if runtime.is_main:
+        found = stored_key()
+        if found != key:
+            note(f"teacher cache: {'key changed (teacher, data or augmentation), ' if found else ''}"
+                 f"running the teacher on {cfg.views} view(s) of {len(train)} images")
+            reported = [0]
+
+            def progress(done: int, total: int) -> None:
+                if done * 10 // total > reported[0]:
+                    reported[0] = done * 10 // total
+                    note(f"teacher cache: {done}/{total} batches")
+
+            tensors = build_cache_tensors(teacher, train, cfg, augment, seed, runtime, progress)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                save_file(tensors, str(tmp), metadata={"key": key, "views": str(cfg.views), "topk": str(cfg.topk)})
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            note(f"teacher cache: reusing {path} ({cfg.views} view(s))")
+    runtime.barrier()
+    return TeacherCache(load_file(str(path)), len(train), seed, augment, runtime.device)
