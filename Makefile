@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check kdforge tests
+	$(BIN)/ruff check kdforge tests benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

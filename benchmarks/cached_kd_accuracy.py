@@ -34,7 +34,7 @@ def main() -> None:
         base = [f"seed={seed}", "distill.baseline=false", "export.formats=[]", "quantize.enabled=false",
                 *args.overrides]
         teacher_recipe = load_recipe(args.recipe, [*base, f"name=bench_kdcache_seed{seed}"])
-        train_stage(teacher_recipe, "teacher", runs_dir=runs, retrain_stale=True, consumers=[])
+        train_stage(teacher_recipe, "teacher", runs_dir=runs, resume=True, retrain_stale=True, consumers=[])
         teacher = f"teacher.checkpoint={runs / teacher_recipe.name / 'teacher'}"
         result = {"seed": seed}
         for mode, extra in (("online", []), ("cached", [f"distill.teacher_cache.views={args.views}"])):

@@ -6,7 +6,8 @@
 Every training image gets K views. A view's augmentation (crop offsets, flip) is a pure function of
 (seed, view index, image index), so the cache stores logits only and the views are re-made exactly when
 training reads them. Each epoch, every image draws one of its K views (a function of seed, epoch and image
-index). With K = 1 and augmentation off this is classic offline distillation.
+index: a random start, then the next view each epoch). With K = 1 and augmentation off this is classic
+offline distillation.
 
 Logits are stored as FP16 (K x N x classes), or with `topk` as the k largest values and their class indices
 plus, per image, the log-mean-exp of the remaining logits (the tail is rebuilt with that value, which keeps
@@ -46,9 +47,11 @@ def view_augment(n: int, view: int, seed: int,
 
 
 def view_choice(n: int, views: int, seed: int, epoch: int) -> torch.Tensor:
-    """Which stored view each of the n images uses in `epoch`."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7_919 + 15_485_863)
-    return torch.randint(0, views, (n,), generator=generator)
+    """Which stored view each of the n images uses in `epoch`: every image starts at a random view and moves
+    to the next one each epoch, so K epochs show it K different views (as many as online augmentation would;
+    drawing a view at random each epoch repeats some and showed fewer)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 15_485_863)
+    return (torch.randint(0, views, (n,), generator=generator) + epoch) % views
 
 
 def cache_key(**parts: Any) -> str:
