@@ -105,7 +105,7 @@ def measure(runner, size: int, settings: BenchSettings) -> tuple[float, float, f
     one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
     many = torch.randint(0, 256, (settings.batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
     single = time_calls(lambda: runner.predict(one), settings.warmup, settings.repeats)
-    batched = time_calls(lambda: runner.predict(many), min(settings.warmup, 2), max(3, settings.repeats // 10))
+    batched = time_calls(lambda: runner.predict(many), min(settings.warmup, 3), max(5, settings.repeats // 5))
     return (percentile(single, 50) * 1e3, percentile(single, 95) * 1e3,
             settings.batch_size / statistics.median(batched))
 
