@@ -110,6 +110,18 @@ def measure(runner, size: int, settings: BenchSettings) -> tuple[float, float, f
             settings.batch_size / statistics.median(batched))
 
 
+def resolve_bench_dir(target: Path | None, exports_dir: Path) -> Path:
+    """The export folder to measure: an export folder, a run folder's export, or the most recent export."""
+    from kdforge.export.artifacts import export_dir_of_run, resolve_export_dir
+
+    if target is not None and target.is_dir() and not (target / METADATA).is_file():
+        export_dir = export_dir_of_run(target)
+        if export_dir is None:
+            raise ExportError(f"{target} has no export yet; run `kdforge export {target}` first")
+        return export_dir
+    return resolve_export_dir(target, exports_dir)[0]
+
+
 def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                  progress: Callable[[str], None] | None = None) -> BenchResult:
     """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""

@@ -363,16 +363,10 @@ def bench(
 
     Example:  kdforge bench exports/quickstart --threads 2 --batch-size 64
     """
-    from kdforge.bench import BenchSettings, bench_export
-    from kdforge.export.artifacts import METADATA, export_dir_of_run, resolve_export_dir
+    from kdforge.bench import BenchSettings, bench_export, resolve_bench_dir
 
     with user_errors():
-        if target is not None and target.is_dir() and not (target / METADATA).is_file():
-            export_dir = export_dir_of_run(target)
-            if export_dir is None:
-                raise KdforgeError(f"{target} has no export yet; run `kdforge export {target}` first")
-        else:
-            export_dir, _ = resolve_export_dir(target, exports_dir)
+        export_dir = resolve_bench_dir(target, exports_dir)
         settings = BenchSettings(batch_size, repeats, warmup, threads, tuple(formats) if formats else None, device)
         with err.status("benchmarking") as status:
             result = bench_export(export_dir, settings, progress=lambda name: status.update(f"benchmarking {name}"))
