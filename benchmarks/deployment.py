@@ -19,16 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdforge.bench import time_calls
+
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, warmup, repeats))
 
 
 def main() -> None:

@@ -45,12 +45,20 @@ def torch_to_onnx(
             )
         except Exception as exc:  # the exporter raises many types for unsupported layers
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:300]}") from None
-    proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in metadata.items():
+    return save_checked(onnx.load_from_string(buffer.getvalue()), path, metadata, input_size)
+
+
+def save_checked(proto: Any, path: Path, metadata: dict[str, Any] | None, input_size: int,
+                 full_check: bool = True) -> Path:
+    """Write an ONNX model to `path` the safe way: `metadata` as its metadata_props (replacing any), checked with
+    onnx.checker, saved beside `path`, run once on ONNX Runtime, then renamed into place."""
+    onnx = require("onnx")
+
+    del proto.metadata_props[:]
+    for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto, full_check=True)
-
+    onnx.checker.check_model(proto, full_check=full_check)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     onnx.save(proto, str(tmp))
     try:
@@ -128,21 +136,8 @@ def onnx_to_fp16(fp32_path: Path, path: Path, metadata: dict[str, Any] | None = 
                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *keep_fp32])
     model = OnnxModel(half)
     model.topological_sort()
-    half = model.model
-    del half.metadata_props[:]
-    for key, value in (metadata or {}).items():
-        entry = half.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(half, full_check=True)
-    input_size = half.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    onnx.save(half, str(tmp))
-    try:
-        check_onnx_runs(tmp, input_size)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    input_size = model.model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    return save_checked(model.model, path, metadata, input_size)
 
 
 def check_onnx_runs(path: Path, input_size: int) -> None:
@@ -228,15 +223,7 @@ def onnx_to_int8(
                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                 extra_options=dict(settings["extra"]), **kwargs,
             )
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for key, value in (metadata or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-        check_onnx_runs(tmp, int(calibration[0].shape[-1]))
-        tmp.replace(path)
+        save_checked(onnx.load(str(tmp)), path, metadata, int(calibration[0].shape[-1]), full_check=False)
     finally:
         tmp.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)
