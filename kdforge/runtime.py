@@ -79,10 +79,6 @@ class Runtime:
             forward = torch.compile(forward)
         return forward
 
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums of `values` over all processes (the values themselves when alone)."""
         if not self.distributed:

@@ -29,6 +29,7 @@ import torch
 
 from kdforge.data.dataset import ImageDataset, eval_batches
 from kdforge.data.transforms import apply_augment, draw_augment
+from kdforge.runtime import sync
 
 if TYPE_CHECKING:
     from kdforge.distill.teacher import FrozenTeacher
@@ -160,5 +161,5 @@ def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: Ima
                 tmp.unlink(missing_ok=True)
         else:
             note(f"teacher cache: reusing {path} ({cfg.views} view(s))")
-    runtime.barrier()
+    sync()
     return TeacherCache(load_file(str(path)), len(train), seed, augment, runtime.device)
