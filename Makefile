@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # pyproject.toml keeps an open range for users installing kdforge into their own environments.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# On a machine with one NVIDIA GPU: the reference recipes at 224, exports, verification, TensorRT (see README)
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: install
 	$(BIN)/ruff check kdforge tests benchmarks

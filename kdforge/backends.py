@@ -21,7 +21,7 @@ from kdforge.errors import ExportError
 from kdforge.export.converters import INPUT_NAME, OUTPUT_NAME
 from kdforge.fileio import read_json
 from kdforge.optional import require
-from kdforge.runtime import Runtime
+from kdforge.runtime import Runtime, exact_fp32
 
 # ONNX Runtime execution providers in order of preference; the first one installed wins
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -35,17 +35,20 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """The PyTorch model in eval mode, fp32 (the reference every export is compared with)."""
+    """The PyTorch model in eval mode, true FP32 (the reference every export is compared with): no autocast, and
+    on CUDA with TF32 off for cuDNN and matmuls while it runs (Ampere/Hopper default to TF32 convolutions)."""
 
     def __init__(self, model: torch.nn.Module, spec: InputSpec, runtime: Runtime) -> None:
         self.model = model.eval().to(runtime.device)
         self.spec = spec
         self.runtime = runtime
-        self.name = f"pytorch ({runtime.device.type})"
+        tf32 = ", TF32 off" if runtime.device.type == "cuda" else ""
+        self.name = f"pytorch ({runtime.device.type}, fp32{tf32})"
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.spec.prepare(images.to(self.runtime.device))).float().cpu()
+        with exact_fp32():
+            return self.model(self.spec.prepare(images.to(self.runtime.device))).float().cpu()
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -129,7 +132,7 @@ class TrtRunner:
         self.provider = "TensorRT"
         self.name = f"tensorrt {here['tensorrt_version']} ({here['gpu']})"
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         from kdforge.export.tensorrt import split_batches
 

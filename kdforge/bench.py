@@ -187,9 +187,23 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
             "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
         }
     settings_record = {**asdict(settings), "input_size": spec.size}
+    rows = _merged(read_json(export_dir / BENCH), rows, settings_record, machine)
     result = BenchResult(export_dir, rows, skipped, settings_record, machine)
     write_json(export_dir / BENCH, result.to_dict())
     return result
+
+
+def _merged(previous: dict[str, Any], rows: list[BenchRow], settings: dict[str, Any],
+            machine: dict[str, Any]) -> list[BenchRow]:
+    """Rows of an earlier bench.json for formats not measured now are kept when they were measured the same way
+    (batch size, threads, device, machine), so measuring a subset adds to bench.json instead of replacing it."""
+    same = ("batch_size", "threads", "input_size")
+    if not previous or any(previous.get("settings", {}).get(k) != settings[k] for k in same) \
+            or previous.get("machine") != machine:
+        return rows
+    measured = {row.format for row in rows}
+    kept = [BenchRow(**row) for row in previous.get("rows", []) if row["format"] not in measured]
+    return [*rows, *kept]
 
 
 def _cpu_count() -> int:

@@ -181,10 +181,22 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     out.print(summary_table(summary))
     if summary.exports:
         out.print(exports_table(summary.exports))
+        _print_int8_steps(summary.exports)
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
               f"-> {runs_dir / summary.recipe / 'summary.json'}, report: {summary.report}", highlight=False)
+    _exit_if_failed(summary.failures)
     _exit_if_unavailable(summary.unavailable)
+
+
+def _exit_if_failed(failures: dict[str, str]) -> None:
+    """One `error:` line per artifact that failed verification (after the summary was printed and written)."""
+    from kdforge.errors import VerificationError
+
+    for message in failures.values():
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(VerificationError.exit_code)
 
 
 def summary_table(summary):
@@ -214,6 +226,20 @@ def exports_table(rows):
         else:
             table.add_row(name, "-", "-", "-", "-", "not verified")
     return table
+
+
+def _print_int8_steps(rows) -> None:
+    """When INT8 needed more than plain PTQ: what each step measured and which one produced the shipped file."""
+    steps = rows.get("int8", {}).get("int8_steps", [])
+    if len(steps) < 2:
+        return
+    for step in steps:
+        out.print(f"int8 step {step['step']}: top-1 {step['top1_delta_points']:+.2f} points ({step['lost']} images "
+                  f"lost, {step['gained']} gained, McNemar p = {step['mcnemar_p']:.2g}), agreement "
+                  f"{step['agreement']:.2%}: {'PASS' if step['passed'] else 'FAIL'}", highlight=False)
+    shipped = steps[-1]
+    out.print(f"int8: {'shipped the' if shipped['passed'] else 'no step passed; kept the last,'} "
+              f"{shipped['step']} file", highlight=False)
 
 
 def _report_row(name: str, report) -> dict:
@@ -260,6 +286,9 @@ def export(
                                                     show_default=False)] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     device: DeviceOpt = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override an export setting of the run's recipe ([export], [quantize], [verify]), e.g. "
+        "--set quantize.max_top1_drop=0.5 (repeatable).", show_default=False)] = None,
 ) -> None:
     """Export a trained student (the distilled one, else the baseline) and verify it against PyTorch.
 
@@ -268,22 +297,28 @@ def export(
     FP32 and FP16 ONNX first. A failed verification exits 1 and says by how much; an engine this machine cannot
     build (no TensorRT or no GPU) exits 3 after everything else is done.
 
+    When the INT8 file fails verification, the remedies of quantize.escalate are tried (accuracy-aware INT8
+    by default) and the first that passes is shipped; every step is printed and recorded in metadata.json.
+
     Examples:  kdforge export runs/quickstart --format onnx
                kdforge export runs/quickstart --int8 --target cpu --calibration 512 --method entropy
+               kdforge export runs/quickstart --int8 --set quantize.max_top1_drop=0.5
                kdforge export --trt --int8
     """
-    from kdforge.export.artifacts import export_run, requested_formats, resolve_export_source
+    from kdforge.export.artifacts import export_recipe, export_run, requested_formats, resolve_export_source
     from kdforge.pipeline import export_rows
 
     with user_errors():
         source = resolve_export_source(target, runs_dir)
+        settings = export_recipe(source, overrides=set_ or [])
         if target is None:
             err.print(f"exporting the most recent run: {source}", highlight=False)
-        result = export_run(source, requested_formats(formats, fp16, int8, trt), opset, out_dir,
+        result = export_run(source, requested_formats(formats, fp16, int8, trt), opset, out_dir, recipe=settings,
                             verify=verify, device=device,
                             quantize={"target": int8_target, "calibration": calibration, "method": method},
                             tensorrt={"max_batch": max_batch, "workspace_mb": workspace_mb,
-                                      "timing_cache": timing_cache})
+                                      "timing_cache": timing_cache},
+                            progress=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
     for note in result.notes:
         err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     rows = export_rows(result)
@@ -294,6 +329,8 @@ def export(
         kept = ", ".join(f"{n['node']} ({n['sensitivity_points']:+.2f})" for n in result.quantization.float_nodes)
         out.print(f"int8: kept in float (top-1 drop in points when quantized alone): {kept}", highlight=False)
     out.print(exports_table(rows))
+    _print_int8_steps(rows)
+    _exit_if_failed(result.failures)
     _exit_if_unavailable(result.unavailable)
 
 
@@ -335,9 +372,9 @@ def verify(
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
         names = [fmt] if fmt else list(json.loads((export_dir / METADATA).read_text())["formats"])
-        rows = {}
+        rows, references = {}, {}
         for name in names:
-            report = verify_export(export_dir, name, device=device)
+            report = verify_export(export_dir, name, device=device, references=references)
             rows[name] = _report_row(str(export_dir / name), report)
     out.print(exports_table(rows))
 
@@ -381,13 +418,16 @@ def bench_table(result):
 
     table = Table(title=f"{result.export_dir}: {result.settings['threads']} threads, "
                         f"throughput at batch {result.settings['batch_size']}")
-    for column in ("format", "runtime", "size MB", "p50 ms", "p95 ms", "images/s", "test top-1", "agreement"):
-        table.add_column(column, justify="left" if column in ("format", "runtime") else "right")
+    for column in ("format", "runtime", "size MB", "p50 ms", "p95 ms", "images/s", "test top-1", "agreement",
+                   "verified"):
+        table.add_column(column, justify="left" if column in ("format", "runtime", "verified") else "right")
     for row in result.rows:
+        verified = ("reference" if row.format == "pytorch" else "not verified" if row.verified is None
+                    else "PASS" if row.verified else "[red]FAILED[/red]")
         table.add_row(row.format, row.runtime, f"{row.bytes / 1e6:.2f}", f"{row.latency_p50_ms:.2f}",
                       f"{row.latency_p95_ms:.2f}", f"{row.throughput:.0f}",
                       "-" if row.top1 is None else f"{row.top1:.2%}",
-                      "-" if row.agreement is None else f"{row.agreement:.2%}")
+                      "-" if row.agreement is None else f"{row.agreement:.2%}", verified)
     return table
 
 

@@ -30,7 +30,11 @@ class ExportError(KdforgeError):
 
 
 class VerificationError(KdforgeError):
-    """An exported model does not match the PyTorch model within tolerance."""
+    """An exported model does not match the PyTorch model within tolerance; `report` holds the measurements."""
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class UnavailableError(KdforgeError):
@@ -38,3 +42,8 @@ class UnavailableError(KdforgeError):
     could be done here was done."""
 
     exit_code = 3
+
+
+class OutOfMemoryError(KdforgeError):
+    """The device (GPU, MPS or CPU memory) could not hold what a stage asked for; the message says which stage,
+    model and batch size, and what to change. Checkpoints written before it are kept."""

@@ -10,6 +10,7 @@ Export (with verification) joins when the recipe's [export] names formats; later
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,8 +56,14 @@ def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
 
 
 def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
+    def progress(line: str) -> None:
+        for consume in ctx.consumers:
+            consume({"event": "note", "message": line})
+
+    # the recipe as it is now decides the export settings, also when the training stages were reused
     return export_run(ctx.runs_dir / recipe.name / "student", recipe_formats(recipe), recipe.export.opset,
-                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device)
+                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device, progress=progress,
+                      recipe=recipe)
 
 
 STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
@@ -80,6 +87,7 @@ class DistillSummary:
     reused: list[str]  # stages whose earlier finished output was reused
     exports: dict[str, dict[str, Any]]  # format -> artifact, PyTorch vs exported top-1, verification
     unavailable: dict[str, str] = field(default_factory=dict)  # formats this machine could not make -> why
+    failures: dict[str, str] = field(default_factory=dict)  # formats that failed verification -> why
     report: str | None = None  # runs/<name>/report/report.md
 
 
@@ -99,7 +107,12 @@ def export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
                       "bytes": path.stat().st_size}
         if report is not None:
             rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
-                              agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed)
+                              agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed,
+                              top1_delta_points=report.top1_delta_points, mcnemar_p=report.mcnemar_p)
+        if name == "int8" and result.quantization is not None:
+            steps = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["int8"].get("steps")
+            if steps:
+                rows[name]["int8_steps"] = steps
     return rows
 
 
@@ -117,6 +130,7 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
         reused=[name for name, result in results.items() if getattr(result, "skipped", False)],
         exports=export_rows(results.get("export")),
         unavailable=results["export"].unavailable if results.get("export") else {},
+        failures=results["export"].failures if results.get("export") else {},
     )
 
 
@@ -139,7 +153,7 @@ def run_distill(
             for consume in ctx.consumers:
                 consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
     summary = summarize(recipe, results)
-    if main:
+    if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
         write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
     sync()

@@ -238,6 +238,9 @@ class QuantizeConfig(Strict):
     # measured on held-out training images) is at most this; unset: quantize everything in op_types
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None
     sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
+    # when the INT8 file fails its [verify] tolerance: the remedies to try, in order, before giving up.
+    # accuracy_aware: the mode above with max_top1_drop = half the INT8 tolerance. [] forbids escalation.
+    escalate: list[Literal["accuracy_aware"]] = ["accuracy_aware"]
 
     @field_validator("split")
     @classmethod
@@ -261,6 +264,19 @@ class VerifyConfig(Strict):
     fp16: Tolerance = Tolerance(min_agreement=0.99, max_top1_delta=0.5)
     # INT8 flips the top-1 of low-margin images while keeping accuracy: by default only the top-1 delta is judged
     int8: Tolerance = Tolerance(min_agreement=0.0, max_top1_delta=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_tolerances(cls, raw: Any) -> Any:
+        """A tolerance given in part (`--set verify.int8.max_top1_delta=0.5`) keeps the other key's default."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for precision in ("fp32", "fp16", "int8"):
+            if isinstance(raw.get(precision), dict):
+                default = cls.model_fields[precision].default.model_dump()
+                raw[precision] = {**default, **raw[precision]}
+        return raw
 
 
 class RuntimeConfig(Strict):

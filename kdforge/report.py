@@ -202,6 +202,14 @@ def write_report(run_dir: Path) -> ReportPaths:
                          f"{timing['throughput']:.0f}" if timing else "-"])
         doc.table(["format", "size (MB)", "test top-1", "agreement", "verified", "p50 ms (batch 1)", "p95 ms",
                    f"images/s (batch {bench.get('settings', {}).get('batch_size', '-')})"], rows)
+        steps = meta.get("formats", {}).get("int8", {}).get("steps", [])
+        if steps:
+            doc.paragraph("INT8 quantization steps, each verified on the test split (McNemar p: the chance of a "
+                          "split of changed answers this uneven if INT8 were as accurate as FP32):")
+            doc.table(["step", "top-1 change (points)", "agreement", "lost / gained images", "McNemar p", "verified"],
+                      [[step["step"], f"{step['top1_delta_points']:+.2f}", _pct(step["agreement"]),
+                        f"{step['lost']} / {step['gained']}", f"{step['mcnemar_p']:.2g}",
+                        "PASS" if step["passed"] else "FAIL"] for step in steps])
         if bench:
             machine = bench.get("machine", {})
             doc.paragraph(f"Measured by `kdforge bench` on {machine.get('processor')} ({machine.get('cpu_count')} "

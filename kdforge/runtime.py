@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, OutOfMemoryError
 from kdforge.recipe import RuntimeConfig
 
 
@@ -105,6 +105,42 @@ class Runtime:
             return f"{torch.cuda.get_device_name(self.device)} ({self.device}), {self.precision}"
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         return f"{self.device}, {self.precision}{threads}"
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """True FP32 inside the block: on Ampere/Hopper GPUs cuDNN convolutions use TF32 by default (and matmuls
+    may), so a PyTorch reference on CUDA is not FP32 unless both are switched off. Restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the RuntimeErrors MPS and the CPU allocator raise when memory runs out."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("out of memory", "can't allocate memory", "not enough memory")
+    )
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str, advice: str) -> Iterator[None]:
+    """Turn running out of device memory inside the block into one OutOfMemoryError naming `what` ran out
+    (stage, model, batch size) and `advice` (what to change), instead of a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(f"out of memory {what}: {advice}") from None
 
 
 def is_cnn(model: torch.nn.Module) -> bool:

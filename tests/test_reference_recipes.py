@@ -1,4 +1,6 @@
-"""Every reference recipe runs end to end at its real model sizes: 2 steps a stage, synthetic data, offline."""
+"""Every reference recipe runs end to end at its real model sizes (224x224): 2 steps a stage, several evaluation
+batches, the student's ONNX export verified, synthetic data, offline. Evaluation memory of every reference model
+is checked to stay flat over the number of evaluation batches (what filled an 80 GB GPU when it did not)."""
 
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from kdforge.recipe import load_recipe
 from kdforge.train.stages import train_stage
 
 from .conftest import SYNTH
+from .test_real_scale import evaluation_growth, needs_proc
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SINGLE_STAGE = {
@@ -26,7 +29,7 @@ def offline_smoke(synth_root, sections):
     return [
         "data.dataset=synthetic", f"data.root={synth_root}", f"data.synthetic.train={SYNTH['train']}",
         f"data.synthetic.test={SYNTH['test']}", *(f"{s}.pretrained=false" for s in sections),
-        "train.max_steps=2", "train.batch_size=2", "teacher.train.batch_size=2", "train.limit_eval_batches=1",
+        "train.max_steps=2", "train.batch_size=2", "teacher.train.batch_size=2", "train.limit_eval_batches=3",
         "runtime.device=cpu",
     ]
 
@@ -50,12 +53,30 @@ def test_reference_recipe_trains_two_steps_offline(name, synth_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DISTILL)
 def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_path):
-    recipe = load_recipe(RECIPES / f"{name}.toml", offline_smoke(synth_root, ["teacher", "student"]))
+    recipe = load_recipe(RECIPES / f"{name}.toml", [
+        *offline_smoke(synth_root, ["teacher", "student"]), 'export.formats=["onnx"]',
+        f"export.dir={tmp_path / 'exports'}", "verify.batch_size=4", "verify.limit_batches=2",
+    ])
     assert (recipe.distill.method, recipe.distill.temperature, recipe.distill.alpha) == ("kd", 4.0, 0.5)
     summary = run_distill(recipe, runs_dir=tmp_path, consumers=[])
     assert summary.teacher["input_size"] == summary.student["input_size"] == 224
     assert summary.compression > 1
     assert (tmp_path / name / "summary.json").is_file()
+    onnx = summary.exports["onnx"]
+    assert onnx["passed"] and onnx["agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3, onnx
+
+
+@pytest.mark.slow
+@needs_proc
+@pytest.mark.parametrize("model", ["vit_base_patch16_224", "resnet152", "vit_tiny_patch16_224", "resnet18",
+                                   "mobilevit_s"])
+def test_reference_model_evaluation_memory_is_flat_over_batches(model):
+    from kdforge.models import create_model
+    from kdforge.recipe import ModelConfig
+
+    few, many = evaluation_growth(create_model(ModelConfig(model=model), num_classes=100), 224, batch=2,
+                                  few=2, many=6)
+    assert many < few + 100, f"{model}: peak memory grew {few:.0f} MB over 2 batches but {many:.0f} MB over 6"
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ class FrozenTeacher:
         self.spec = spec
         self.memory_format = torch.contiguous_format
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: the KD loss saves these logits' softmax for the student's backward
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.spec.prepare(images).contiguous(memory_format=self.memory_format))
 

@@ -11,6 +11,7 @@ per format). Re-exporting a format drops its old verification; a failed verifica
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,10 +24,12 @@ from kdforge.errors import CheckpointError, ExportError, RecipeError, Verificati
 from kdforge.export.formats import FORMATS, with_sources
 from kdforge.fileio import file_hash as sha256
 from kdforge.fileio import read_json, write_json
+from kdforge.phases import Phases
 from kdforge.recipe import (
     QuantizeConfig,
     Recipe,
     TensorRTConfig,
+    VerifyConfig,
     format_validation_error,
     load_recipe,
     recipe_hash,
@@ -128,6 +131,8 @@ class ExportResult:
     notes: list[str]  # what was adjusted or added, reported to the user
     quantization: Any = None  # QuantizeResult of the int8 format
     unavailable: dict[str, str] = field(default_factory=dict)  # format -> what this machine lacks to make it
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (export, int8 phases, verification)
+    failures: dict[str, str] = field(default_factory=dict)  # format -> why it failed verification
 
 
 def check_options(formats: list[str], options: dict[str, Any]) -> None:
@@ -189,6 +194,31 @@ def _validated(model: type, base: Any, overrides: dict[str, Any], what: str) -> 
         raise RecipeError(format_validation_error(exc, what)) from None
 
 
+EXPORT_SECTIONS = ("export", "quantize", "verify")  # the recipe sections an export follows (not training)
+
+
+def export_recipe(source: Path, settings: Recipe | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe an export of the finished stage `source` follows: what the student was trained with (its
+    stage's recipe.toml), with the export settings that apply NOW: the [export], [quantize] and [verify] sections
+    of `settings` (the recipe as `kdforge distill` has it today, even when the training stages were reused) and
+    then `overrides` (`kdforge export --set`), which may only name keys of those sections."""
+    for override in overrides:
+        if override.split("=", 1)[0].strip().split(".", 1)[0] not in EXPORT_SECTIONS:
+            raise RecipeError(f"--set {override!r}: an export only takes [{'], ['.join(EXPORT_SECTIONS)}] keys; "
+                              f"training settings change with `kdforge distill --set ...`")
+    recipe = load_recipe(source / "recipe.toml")
+    if settings is not None:
+        recipe = recipe.model_copy(update={name: getattr(settings, name) for name in EXPORT_SECTIONS})
+    if overrides:
+        from kdforge.recipe import apply_override, recipe_to_dict, validate_recipe
+
+        raw = recipe_to_dict(recipe)
+        for override in overrides:
+            apply_override(raw, override)
+        recipe = validate_recipe(raw, source=f"{source / 'recipe.toml'} with --set")
+    return recipe
+
+
 def export_run(
     source: Path,
     formats: list[str] | None = None,
@@ -198,14 +228,19 @@ def export_run(
     device: str | None = None,
     quantize: dict[str, Any] | None = None,
     tensorrt: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> ExportResult:
-    """Export the finished stage `source` (runs/<recipe>/student) to every format, then verify each.
+    """Export the finished stage `source` (runs/<recipe>/student) to every format and verify each after it is made.
 
-    Formats, opset, quantization and TensorRT settings and the exports folder default to the run's recipe
-    ([export], [quantize], [export.tensorrt]); formats to ["onnx"] when the recipe names none. `quantize` and
-    `tensorrt` override keys of those sections. Formats made from another bring it along (trt_fp16 -> fp16 ->
-    onnx). TensorRT formats this machine cannot build (no TensorRT or no GPU) are skipped after their ONNX
-    sources are made and verified, and listed in `unavailable`."""
+    `recipe` gives the export settings ([export], [quantize], [verify]; default: those the stage was trained
+    with, see `export_recipe`); formats default to ["onnx"] when it names none. `quantize` and `tensorrt`
+    override keys of those sections. Formats made from another bring it along (trt_fp16 -> fp16 -> onnx).
+    TensorRT formats this machine cannot build (no TensorRT or no GPU) are skipped after their ONNX sources are
+    made and verified, and listed in `unavailable`. A failed verification is recorded in `failures` (and
+    verify.json), never raised: every format is still made and the caller decides. When the INT8 file fails,
+    the remedies `quantize.escalate` allows are tried in order and the first that passes is shipped; the
+    metadata records every step. Each phase is announced through `progress` with its time."""
     from kdforge.data import load_dataset
     from kdforge.export.converters import onnx_to_fp16, onnx_to_triton, torch_to_onnx
     from kdforge.export.quantize import quantize_student, select_calibration
@@ -213,7 +248,7 @@ def export_run(
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.train.checkpoint import load_weights
 
-    recipe = load_recipe(source / "recipe.toml")
+    recipe = export_recipe(source, recipe)
     requested = list(dict.fromkeys(formats or recipe_formats(recipe) or ["onnx"]))
     quantize = {k: v for k, v in (quantize or {}).items() if v is not None}
     tensorrt = {k: v for k, v in (tensorrt or {}).items() if v is not None}
@@ -245,12 +280,47 @@ def export_run(
                          exportable=True)
     load_weights(model, source / "last")
     common = build_metadata(recipe, source, data.train.classes, spec, opset)
+    settings = {"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
+                "quantize": qcfg.model_dump(mode="json")}
 
-    artifacts, seconds, files, quantization = {}, {}, {}, None
+    phases = Phases(progress)
+    artifacts, seconds, files, reports, failures = {}, {}, {}, {}, {}
+    references: dict = {}  # the PyTorch reference runs once for all formats
     previous = read_json(export_dir / METADATA).get("formats", {})
+    quantization, calibration = None, None
+
+    def record(name: str, path: Path, extra: dict[str, Any]) -> None:
+        fmt = FORMATS.get(name)
+        artifacts[name] = path
+        files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
+                       "bytes": path.stat().st_size, **extra}
+        write_json(export_dir / METADATA, {
+            **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": settings, "formats": {**previous, **files},
+        })
+
+    def check(name: str) -> None:
+        if not verify:
+            return
+        with phases(f"verification {name}"):
+            try:
+                reports[name] = verify_export(export_dir, name, device=device, references=references)
+                failures.pop(name, None)
+            except VerificationError as exc:
+                reports[name], failures[name] = exc.report, str(exc)
+
+    def make_int8(step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        nonlocal quantization, calibration
+        calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed)
+        quantization = quantize_student(artifacts["onnx"], path, calibration, spec, step_cfg, meta, phases)
+        notes.extend(n for n in quantization.notes if n not in notes)
+        return {"target": step_cfg.target, "calibration_method": step_cfg.method,
+                "calibration_images": calibration.count, **quantization.to_metadata()}
+
     for name in (f for f in formats if f not in unavailable):
         fmt = FORMATS.get(name)
         _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
+        phases.report(f"export {name} ...")
         started = time.perf_counter()
         path = export_dir / fmt.filename
         meta = {**common, "precision": fmt.precision, "format": name}
@@ -262,11 +332,7 @@ def export_run(
         elif name == "triton":
             onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
-            calibration = select_calibration(data.train, spec, qcfg, recipe.seed)
-            quantization = quantize_student(artifacts["onnx"], path, calibration, spec, qcfg, meta)
-            notes += quantization.notes
-            extra = {"target": qcfg.target, "calibration_method": qcfg.method,
-                     "calibration_images": calibration.count, **quantization.to_metadata()}
+            extra = make_int8(qcfg, path, meta)
         elif fmt.needs_gpu:
             info = onnx_to_trt(artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
                                tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)
@@ -275,31 +341,87 @@ def export_run(
                              f"({info['layer_precisions']}); the graph asked for {fmt.precision}")
             extra = {"tensorrt": info, "source_sha256": sha256(artifacts[fmt.source])}
             write_json(path.with_name(path.name + ".json"), {**meta, **extra})  # an engine has no metadata_props
-        seconds[name] = round(time.perf_counter() - started, 3)
-        artifacts[name] = path
-        files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
-                       "bytes": path.stat().st_size, **extra}
-    write_json(export_dir / METADATA, {
-        **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "formats": {**previous, **files},
-    })
-    reports = {name: verify_export(export_dir, name, device=device) for name in artifacts} if verify else {}
-    return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable)
+        seconds[name] = phases.seconds[f"export {name}"] = round(time.perf_counter() - started, 3)
+        phases.report(f"export {name}: {seconds[name]:.1f} s")
+        record(name, path, extra)
+        check(name)
+        if name == "int8" and verify:
+            steps = [_int8_step("accuracy_aware" if qcfg.max_top1_drop is not None else "ptq", reports["int8"])]
+            for remedy in (r for r in qcfg.escalate if "int8" in failures):
+                if remedy == "accuracy_aware" and qcfg.max_top1_drop is not None:
+                    continue  # that is what just failed
+                step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
+                phases.report(f"int8: {steps[-1]['step']} failed verification ({'; '.join(reports['int8'].failures)})"
+                              f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out "
+                              f"training images)")
+                _drop_verification(export_dir, name)
+                with phases(f"int8: escalation to {remedy}"):
+                    extra = make_int8(step_cfg, path, meta)
+                record(name, path, extra)
+                check(name)
+                steps.append(_int8_step(remedy, reports["int8"]))
+            with phases("int8: latency check against the FP32 ONNX"):
+                speed = int8_speed(artifacts["onnx"], path, spec.size)
+            if speed["batch1"] > 1.0:
+                notes.append(f"int8 is {speed['batch1']:.2f}x the FP32 ONNX latency at batch 1 and "
+                             f"{speed['batchN']:.2f}x at batch {speed['batch_size']} on this machine: slower, not "
+                             f"faster; after `kdforge bench`, `kdforge serve --format auto` serves the fastest "
+                             f"verified format")
+            record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps, "latency_vs_fp32": speed})
+            if len(steps) > 1:
+                outcome = "shipped" if "int8" not in failures else "every allowed step failed; last tried"
+                notes.append(f"int8: {outcome}: {steps[-1]['step']} ("
+                             + "; ".join(f"{s['step']}: top-1 {s['top1_delta_points']:+.2f} points, McNemar p "
+                                         f"{s['mcnemar_p']:.2g}, {'PASS' if s['passed'] else 'FAIL'}" for s in steps)
+                             + ")")
+    return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable,
+                        phases.seconds, failures)
+
+
+def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 16) -> dict[str, Any]:
+    """A short timing on this machine: INT8 latency as a multiple of the FP32 ONNX's at batch 1 and batch N
+    (median of a few calls after warm-up; above 1 means INT8 is slower)."""
+    import statistics
+
+    import torch
+
+    from kdforge.backends import OnnxRunner
+    from kdforge.bench import time_calls
+
+    one = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    many = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
+    medians = {}
+    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
+        runner = OnnxRunner(path)
+        medians[key] = (statistics.median(time_calls(lambda r=runner: r.predict(one), 2, 10)),
+                        statistics.median(time_calls(lambda r=runner: r.predict(many), 1, 3)))
+    return {"batch1": round(medians["int8"][0] / medians["fp32"][0], 3),
+            "batchN": round(medians["int8"][1] / medians["fp32"][1], 3), "batch_size": batch_size}
+
+
+def _int8_step(step: str, report) -> dict[str, Any]:
+    """What one INT8 step measured in verification, for the metadata and the summary."""
+    return {"step": step, "top1_delta_points": round(report.top1_delta_points, 3), "agreement": report.agreement,
+            "lost": report.lost, "gained": report.gained, "mcnemar_p": report.mcnemar_p, "passed": report.passed}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # verify
 
 
-def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
+def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
+                  references: dict | None = None):
     """Verify one artifact against the PyTorch student it came from; writes verify.json either way and
-    raises VerificationError (saying by how much) when it fails."""
+    raises VerificationError (saying by how much) when it fails.
+
+    `references` (a dict the caller keeps between calls) holds the PyTorch student's logits once computed, so
+    verifying several formats of one export runs the reference once, not once per format."""
     from kdforge.backends import TorchRunner, open_runner
     from kdforge.data import load_dataset
     from kdforge.models import create_model
-    from kdforge.runtime import runtime_scope
+    from kdforge.runtime import out_of_memory_as_error, runtime_scope
     from kdforge.train.checkpoint import load_weights
-    from kdforge.verify import compare
+    from kdforge.verify import judge, predict_all
 
     meta = read_json(export_dir / METADATA)
     if fmt_name not in meta.get("formats", {}):
@@ -317,23 +439,34 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None):
 
     recipe = load_recipe(stage_dir / "recipe.toml")
     cfg = recipe.model_for(stage_dir.name)
+    checks = VerifyConfig.model_validate(meta["settings"]["verify"]) if "settings" in meta else recipe.verify
+    references = {} if references is None else references
     started = time.perf_counter()
+    batch_size, limit = checks.batch_size, checks.limit_batches
     with runtime_scope(recipe.runtime, device) as runtime:
         data = load_dataset(recipe.data)
-        model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
-        load_weights(model, stage_dir / "last")
         candidate = open_runner(artifact, str(runtime.device) if runtime.device.type == "cuda" else None)
-        reference = TorchRunner(model, candidate.spec, runtime)
-        tolerance = getattr(recipe.verify, entry["precision"])
-        report = compare(reference, candidate, data.test, recipe.verify.batch_size, tolerance,
-                         recipe.verify.limit_batches)
+        key = (meta["checkpoint_sha256"], str(runtime.device), candidate.spec, batch_size, limit)
+        with out_of_memory_as_error(
+            f"verifying {fmt_name} of {cfg.model} on {runtime.device} at batch size {batch_size}",
+            "lower verify.batch_size (or compare fewer batches with verify.limit_batches)",
+        ):
+            if key not in references:
+                model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
+                load_weights(model, stage_dir / "last")
+                reference = TorchRunner(model, candidate.spec, runtime)
+                references[key] = (reference.name, *predict_all(reference, data.test, batch_size, limit))
+            reference_name, ref, labels = references[key]
+            cand, _ = predict_all(candidate, data.test, batch_size, limit)
+        tolerance = getattr(checks, entry["precision"])  # the export's own [verify] settings
+        report = judge(reference_name, candidate.name, ref, cand, labels, tolerance)
     record = {**report.to_dict(), "format": fmt_name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
               "seconds": round(time.perf_counter() - started, 3)}
     reports = read_json(export_dir / VERIFY)
     write_json(export_dir / VERIFY, {**reports, fmt_name: record})
     if not report.passed:
         raise VerificationError(f"{artifact} FAILED verification against the PyTorch student: "
-                                + "; ".join(report.failures))
+                                + "; ".join(report.failures), report)
     return report
 
 

@@ -177,12 +177,16 @@ def onnx_to_int8(
     exclude: list[str] | tuple[str, ...] = (),
     metadata: dict[str, Any] | None = None,
     calibration_cache: Path | None = None,
+    prepared: Path | None = None,
+    progress: Any = None,
 ) -> Path:
     """Static QDQ INT8 with per-channel weights, calibrated on `calibration` (a list of float32 input batches).
 
     Only `op_types` are quantized (LayerNorm, Softmax, GELU and the like stay float); nodes named in `exclude`
     (names in the prepared graph, see `quantizable_nodes`) stay float too. `calibration_cache` (a JSON file)
-    lets repeated quantizations of one model reuse the activation ranges instead of calibrating again.
+    lets repeated quantizations of one model reuse the activation ranges instead of calibrating again;
+    `prepared` (the output of `prepare_for_int8`) saves preparing the graph again. `progress(done, total)` is
+    called as each calibration batch is read.
     """
     onnx = require("onnx")
     require("onnxruntime")
@@ -201,15 +205,22 @@ def onnx_to_int8(
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(calibration)
+            self.done = 0
 
         def get_next(self):
             batch = next(self.items, None)
+            if batch is not None and progress:
+                self.done += 1
+                progress(self.done, len(calibration))
             return None if batch is None else {INPUT_NAME: batch}
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    prepared = path.with_name(f".{path.name}.pre-{os.getpid()}")
+    own_prepared = prepared is None
+    if own_prepared:
+        prepared = path.with_name(f".{path.name}.pre-{os.getpid()}")
     try:
-        prepare_for_int8(fp32_path, prepared)
+        if own_prepared:
+            prepare_for_int8(fp32_path, prepared)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # newer ONNX Runtime releases can keep calibration ranges in a file; older ones calibrate every time
@@ -226,7 +237,8 @@ def onnx_to_int8(
         save_checked(onnx.load(str(tmp)), path, metadata, int(calibration[0].shape[-1]), full_check=False)
     finally:
         tmp.unlink(missing_ok=True)
-        prepared.unlink(missing_ok=True)
+        if own_prepared:
+            prepared.unlink(missing_ok=True)
     return path
 
 

@@ -21,6 +21,7 @@ from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
 from kdforge.export.converters import INPUT_NAME, onnx_to_int8, prepare_for_int8, quantizable_nodes
 from kdforge.optional import require
+from kdforge.phases import Phases
 from kdforge.recipe import QuantizeConfig
 
 
@@ -112,36 +113,54 @@ def keep_sensitive_in_float(nodes: list[str], drop_of, max_drop: float) -> Searc
 
 def quantize_student(
     fp32_path: Path, path: Path, calib: CalibrationData, spec: InputSpec, cfg: QuantizeConfig,
-    metadata: dict[str, Any],
+    metadata: dict[str, Any], phases: Phases | None = None,
 ) -> QuantizeResult:
-    """Quantize the FP32 ONNX student to INT8; with cfg.max_top1_drop, keep sensitive layers in float."""
+    """Quantize the FP32 ONNX student to INT8; with cfg.max_top1_drop, keep sensitive layers in float.
+
+    Each phase (graph preparation, calibration with a progress line, sensitivity search, final quantization) is
+    announced and timed through `phases`."""
+    phases = phases or Phases()
     meta = {**metadata, "precision": "int8", "target": cfg.target, "calibration_method": cfg.method,
             "calibration_images": calib.count, "calibration_split": "train"}
+    reported = [0]
+
+    def calibration_progress(done: int, total: int) -> None:
+        if done * 4 // total > reported[0] or done == total:  # a line at each quarter
+            reported[0] = done * 4 // total
+            phases.report(f"int8: calibration batch {done}/{total} ({calib.count} training images)")
+
     with tempfile.TemporaryDirectory(prefix="kdforge-int8-") as tmp:
         cache = Path(tmp) / "calibration.json"
+        with phases("int8: graph preparation"):
+            prepared = prepare_for_int8(fp32_path, Path(tmp) / "prepared.onnx")
 
-        def quantize(exclude: list[str], out: Path) -> Path:
+        def quantize(exclude: list[str], out: Path, progress=None) -> Path:
             return onnx_to_int8(fp32_path, out, calib.batches, cfg.target, cfg.method, cfg.op_types,
-                                [*cfg.exclude, *exclude], meta, calibration_cache=cache)
+                                [*cfg.exclude, *exclude], meta, calibration_cache=cache, prepared=prepared,
+                                progress=progress)
 
         if cfg.max_top1_drop is None:
             meta["notes"] = list(calib.notes)
-            quantize([], path)
+            with phases("int8: calibration and quantization"):
+                quantize([], path, calibration_progress)
             return QuantizeResult(path, notes=list(calib.notes))
 
         if len(calib.heldout_labels) == 0:
             raise ExportError("accuracy-aware INT8 needs held-out training images beyond the calibration set; "
                               "lower quantize.calibration or turn off quantize.max_top1_drop")
         heldout = [spec.prepare(images).numpy() for images in calib.heldout_images.split(cfg.batch_size)]
-        fp32_top1 = _top1(fp32_path, heldout, calib.heldout_labels)
         trial = Path(tmp) / "trial.onnx"
+        with phases("int8: calibration and quantization"):
+            quantize([], trial, calibration_progress)  # fills the calibration cache the search reuses
+        fp32_top1 = _top1(fp32_path, heldout, calib.heldout_labels)
 
         def drop(exclude: list[str]) -> float:
             return (fp32_top1 - _top1(quantize(exclude, trial), heldout, calib.heldout_labels)) * 100
 
-        nodes = quantizable_nodes(prepare_for_int8(fp32_path, Path(tmp) / "prepared.onnx"), cfg.op_types)
-        nodes = [n for n in nodes if n not in cfg.exclude]
-        search = keep_sensitive_in_float(nodes, drop, cfg.max_top1_drop)
+        nodes = [n for n in quantizable_nodes(prepared, cfg.op_types) if n not in cfg.exclude]
+        with phases("int8: sensitivity search"):
+            search = keep_sensitive_in_float(nodes, drop, cfg.max_top1_drop)
+        phases.report(f"int8: sensitivity search measured {search.tried} configurations of {len(nodes)} layers")
         kept_info = [{"node": n, "sensitivity_points": round(search.sensitivity[n], 3),
                       "why": "among the most sensitive layers: keeping it in float reduced the top-1 drop"}
                      for n in search.kept]
@@ -151,5 +170,6 @@ def quantize_student(
                          f"max_top1_drop {cfg.max_top1_drop} with every quantized layer tried in float")
         result = QuantizeResult(path, kept_info, fp32_top1, fp32_top1 - search.final_drop / 100, search.tried, notes)
         meta.update(result.to_metadata())
-        quantize(search.kept, path)  # the chosen configuration, with the final metadata
+        with phases("int8: final quantization"):
+            quantize(search.kept, path)  # the chosen configuration, with the final metadata
         return result

@@ -50,6 +50,25 @@ def session_providers(names: list[str] | tuple[str, ...], available: list[str],
     return chosen
 
 
+def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
+    """The format `--format auto` serves, and why: the fastest format that passed verification as `kdforge bench`
+    measured it on this export (batch-1 p50 latency), else a verified INT8, else the verified FP32 ONNX."""
+    candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()]
+    if not candidates:
+        raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
+    passed = [f for f in candidates if verified.get(f, {}).get("passed")]
+    measured = {row["format"]: row["latency_p50_ms"] for row in bench.get("rows", []) if row["format"] in passed}
+    if measured:
+        fastest = min(measured, key=measured.get)
+        timings = ", ".join(f"{name} {ms:.2f} ms" for name, ms in sorted(measured.items(), key=lambda kv: kv[1]))
+        machine = bench.get("machine", {}).get("processor", "this machine")
+        return fastest, f"the fastest verified format in bench.json (batch-1 p50 on {machine}: {timings})"
+    if passed:
+        return passed[0], (f"verified; no bench.json to compare speeds, so {' before '.join(SERVABLE)} "
+                           f"is the order of preference")
+    return candidates[0], "no format passed verification: served unverified"
+
+
 class ServingError(Exception):
     """The export cannot be served (missing, unverified when required, unreadable)."""
 
@@ -78,12 +97,9 @@ class ServedModel:
             raise ServingError(f"{export_dir} is not a kdforge export (no metadata.json); run `kdforge export`")
         meta = json.loads(meta_path.read_text())
         verified = read_json(export_dir / "verify.json")
+        why = "asked for with --format"
         if fmt == "auto":
-            candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()]
-            passed = [f for f in candidates if verified.get(f, {}).get("passed")]
-            if not candidates:
-                raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
-            fmt = (passed or candidates)[0]
+            fmt, why = choose_format(export_dir, verified, read_json(export_dir / "bench.json"))
         if fmt not in SERVABLE or not (export_dir / SERVABLE[fmt]).is_file():
             raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE.get(fmt, '?')})")
         chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
@@ -95,7 +111,7 @@ class ServedModel:
         info = {
             "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
             "input_size": meta["input_size"], "num_classes": meta["num_classes"],
-            "provider": session.get_providers()[0],
+            "provider": session.get_providers()[0], "chosen_because": why,
             "verified": bool(report.get("passed")),
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
         }

@@ -25,7 +25,7 @@ from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
 from kdforge.data.transforms import InputSpec, apply_augment, draw_augment
 from kdforge.errors import DataError, KdforgeError
 from kdforge.recipe import AugmentConfig, TrainConfig
-from kdforge.runtime import Runtime
+from kdforge.runtime import Runtime, out_of_memory_as_error
 from kdforge.train.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.train.events import Consumer
 
@@ -52,7 +52,6 @@ def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
 # evaluation: logits first, metrics derive from them
 
 
-@torch.no_grad()
 def predict_logits(
     model: torch.nn.Module,
     spec: InputSpec,
@@ -65,7 +64,11 @@ def predict_logits(
     return _predict(model, spec, dataset, eval_batches(len(dataset), batch_size)[:limit_batches], runtime)
 
 
+@torch.inference_mode()
 def _predict(model, spec: InputSpec, dataset: ImageDataset, batches: list[torch.Tensor], runtime: Runtime):
+    """Every forward that is not training runs here, under inference mode: no autograd graph is kept, so memory
+    does not grow with the number of evaluation batches (with autograd on, each batch's graph stayed alive
+    through its logits and a ViT-B at 224 filled an 80 GB GPU in its first evaluation)."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -141,6 +144,12 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop
+
+TRAIN_ADVICE = ("lower the batch size ([train] or [teacher.train] / [student.train] batch_size), train in mixed "
+                "precision on a GPU (runtime.precision = \"bf16\" or \"fp16\") or use a smaller input_size")
+EVAL_ADVICE = ("evaluation runs at the training batch size: lower it, or evaluate fewer batches "
+               "(train.limit_eval_batches)")
+KEPT = "; checkpoints written before this are kept (run the same command with --resume to continue from them)"
 
 
 @dataclass
@@ -220,6 +229,11 @@ def fit(
         if runtime.is_main:
             save_checkpoint(stage_dir, step, model, state, meta, best=is_best)
 
+    def out_of_memory(phase: str, advice: str):
+        return out_of_memory_as_error(
+            f"in {title} on {runtime.device} while {phase} at batch size {cfg.batch_size} "
+            f"({spec.size}x{spec.size}, {runtime.precision})", advice + KEPT)
+
     train_set = data.train.to(runtime.device)
     test_set = data.test.to(runtime.device)
     emit({"event": "start", "title": title, "step": step, "total_steps": plan.total_steps,
@@ -248,22 +262,23 @@ def fit(
                                        offsets[:, mine] if offsets is not None else None,
                                        flips[mine] if flips is not None else None)
                 teacher_logits = None
-            labels = train_set.labels[idx]
-            with runtime.autocast():
-                logits = forward(runtime.format_input(model, spec.prepare(images)))
-                loss, parts = objective(logits, labels, images, teacher_logits)
-            if not torch.isfinite(loss):
-                raise KdforgeError(
-                    f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            with out_of_memory("training", TRAIN_ADVICE):
+                labels = train_set.labels[idx]
+                with runtime.autocast():
+                    logits = forward(runtime.format_input(model, spec.prepare(images)))
+                    loss, parts = objective(logits, labels, images, teacher_logits)
+                if not torch.isfinite(loss):
+                    raise KdforgeError(
+                        f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
             step += 1
 
             window["loss"] += loss.item() * len(labels)
@@ -286,7 +301,8 @@ def fit(
 
             end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if end_of_epoch:
-                final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+                with out_of_memory("evaluating", EVAL_ADVICE):
+                    final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
                 is_best = final["top1"] > best["top1"]
                 if is_best:
                     best = {**final, "step": step, "epoch": epoch + 1}
@@ -298,7 +314,8 @@ def fit(
         emit({"event": "end", "step": step})
 
     if not final:  # resumed a run whose last checkpoint was already its end
-        final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+        with out_of_memory("evaluating", EVAL_ADVICE):
+            final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
     return FitResult(
         steps=step, final=final, best=best,
         train_images_per_s=images_seen * runtime.world_size / train_time if train_time else 0.0,

@@ -28,7 +28,7 @@ from kdforge.errors import CheckpointError, ModelError
 from kdforge.fileio import atomic_write_text, file_hash, write_json
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
-from kdforge.runtime import current_rank, runtime_scope, seed_everything, sync
+from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.train.checkpoint import WEIGHTS, checkpoint_metadata
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
@@ -103,7 +103,7 @@ def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             model(torch.zeros(1, 3, spec.size, spec.size))
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise ModelError(
@@ -231,8 +231,12 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
         for consume in consumers:
             consume({"event": "note", "message": message})
 
-    return load_or_build_cache(runs_dir / recipe.name / "teacher_cache.safetensors", key, teacher, data.train,
-                               cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
+    with out_of_memory_as_error(
+        f"building the teacher cache ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch size "
+        f"{cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
+    ):
+        return load_or_build_cache(runs_dir / recipe.name / "teacher_cache.safetensors", key, teacher, data.train,
+                                   cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
 
 
 def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> StageResult:
