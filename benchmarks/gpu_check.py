@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}", flush=True)
             rows.append(check_recipe(name, args, work, work / "data", formats))
             print(f"== {name}: {'PASS' if rows[-1]['passed'] else 'FAIL'} in {rows[-1]['seconds']} s", flush=True)
+            args.out.write_text(json.dumps({"partial": True, "machine": machine, "recipes": rows}, indent=2))
     trt_tests = tensorrt_tests() if cuda else {"ran": False, "why": "not a GPU run"}
     passed = all(r["passed"] for r in rows) and trt_tests.get("exit_code", 0) == 0
     print_table(rows)
