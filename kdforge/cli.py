@@ -420,7 +420,8 @@ def bench_table(result):
                         f"throughput at batch {result.settings['batch_size']}")
     for column in ("format", "runtime", "size MB", "p50 ms", "p95 ms", "images/s", "test top-1", "agreement",
                    "verified"):
-        table.add_column(column, justify="left" if column in ("format", "runtime", "verified") else "right")
+        table.add_column(column, justify="left" if column in ("format", "runtime", "verified") else "right",
+                         no_wrap=column in ("format", "verified"))  # narrow terminals wrap the other columns
     for row in result.rows:
         verified = ("reference" if row.format == "pytorch" else "not verified" if row.verified is None
                     else "PASS" if row.verified else "[red]FAILED[/red]")

@@ -291,10 +291,15 @@ class RuntimeConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, device: str) -> str:
-        base, _, index = device.partition(":")
-        if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-        return device
+        return check_device_name(device)
+
+
+def check_device_name(device: str) -> str:
+    """`device` when it names a device kdforge runs on (auto, cpu, cuda, cuda:N, mps); ValueError otherwise."""
+    base, _, index = device.partition(":")
+    if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    return device
 
 
 class Recipe(Strict):

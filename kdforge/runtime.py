@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdforge.errors import KdforgeError, OutOfMemoryError
-from kdforge.recipe import RuntimeConfig
+from kdforge.errors import KdforgeError, OutOfMemoryError, UnavailableError
+from kdforge.recipe import RuntimeConfig, check_device_name
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,12 @@ def is_cnn(model: torch.nn.Module) -> bool:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The torch device for `auto`, `cpu`, `cuda`, `cuda:N` or `mps` (from a recipe or `--device`). A device this
+    machine lacks is UnavailableError (exit 3); a name that is no device at all is a KdforgeError."""
+    try:
+        check_device_name(requested)
+    except ValueError as exc:
+        raise KdforgeError(str(exc)) from None
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -157,11 +163,12 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdforgeError(f"device {requested!r} requested but CUDA is not available here; use device = \"cpu\"")
+        raise UnavailableError(f"device {requested!r} requested but CUDA is not available here; "
+                               f"use device = \"cpu\" (or --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdforgeError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        raise UnavailableError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise KdforgeError(f"device {requested!r} requested but MPS is not available here")
+        raise UnavailableError(f"device {requested!r} requested but MPS is not available here")
     return device
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kdforge.fileio import read_json
+from kdforge.fileio import file_hash, read_json
 
 # export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
 # CPU), but only an artifact that passed verification is chosen automatically; FP16 (for GPUs: ONNX Runtime's
@@ -26,6 +26,11 @@ SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "studen
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")
+# What the server decodes: raster formats only (Pillow hands EPS/PS to Ghostscript where it is installed), and
+# at most this many pixels, checked from the header BEFORE decoding: a 20 KB PNG can declare 13000x13000 pixels
+# (0.8 GB decoded), just under Pillow's own bomb limit
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_PIXELS = 4096 * 4096
 
 
 def session_providers(names: list[str] | tuple[str, ...], available: list[str],
@@ -66,7 +71,9 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
     if passed:
         return passed[0], (f"verified; no bench.json to compare speeds, so {' before '.join(SERVABLE)} "
                            f"is the order of preference")
-    return candidates[0], "no format passed verification: served unverified"
+    fallback = "onnx" if "onnx" in candidates else candidates[0]
+    return fallback, "no format passed verification: serving the FP32 ONNX (exact by construction) unverified" \
+        if fallback == "onnx" else f"no format passed verification: serving {fallback} unverified"
 
 
 class ServingError(Exception):
@@ -102,12 +109,18 @@ class ServedModel:
             fmt, why = choose_format(export_dir, verified, read_json(export_dir / "bench.json"))
         if fmt not in SERVABLE or not (export_dir / SERVABLE[fmt]).is_file():
             raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE.get(fmt, '?')})")
+        digest = file_hash(export_dir / SERVABLE[fmt])
+        if digest != meta.get("formats", {}).get(fmt, {}).get("sha256"):
+            raise ServingError(f"{export_dir / SERVABLE[fmt]} changed since it was exported (its sha256 is not the "
+                               f"one in metadata.json): export it again")
         chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
         session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
         size = int(meta["input_size"])
         # one inference before the server says it is healthy: the TensorRT provider builds its engine here
         session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)})
         report = verified.get(fmt, {})
+        if report.get("artifact_sha256") != digest:  # a verification of another file does not count
+            report = {}
         info = {
             "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
             "input_size": meta["input_size"], "num_classes": meta["num_classes"],
@@ -126,7 +139,12 @@ class ServedModel:
         if not data:
             raise ImageError("empty image")
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ImageError(f"image of {image.width}x{image.height} pixels is larger than the "
+                                     f"{MAX_PIXELS:,} pixels this server decodes; send it smaller")
+                if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip to white
+                    image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
                 image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
             raise ImageError(f"not a readable image: {exc}") from None

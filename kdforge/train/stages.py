@@ -163,29 +163,33 @@ def train_stage(
 
     started = time.perf_counter()
     metrics = MetricsLog(stage_dir / "metrics.jsonl")
-    if main:
-        if discard:
-            if discard != "--overwrite":
-                for consume in consumers:
-                    consume({"event": "note", "message": f"{stage}: {discard}; training it again"})
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-        if resume_from is None:
-            metrics.path.unlink(missing_ok=True)
-        else:
-            metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
-    sync()
-
     with runtime_scope(recipe.runtime, device) as runtime:
+        # every input is checked (device, data, model, teacher) before any file of the stage changes: a command
+        # that fails here leaves an earlier finished run exactly as it was
         data = load_dataset(recipe.data)
         seed_everything(recipe.seed)  # the baseline and the distilled student start from the same weights
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
         check_input_size(model, spec, cfg.model)
-        cache = None
+        teacher = None
         if teacher_weights is not None:
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
+        if main:
+            if discard:
+                if discard != "--overwrite":
+                    for consume in consumers:
+                        consume({"event": "note", "message": f"{stage}: {discard}; training it again"})
+                shutil.rmtree(stage_dir, ignore_errors=True)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
+            if resume_from is None:
+                metrics.path.unlink(missing_ok=True)
+            else:
+                metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
+        sync()
+
+        cache = None
+        if teacher is not None:
             teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
             if recipe.distill.teacher_cache.views:
                 cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)

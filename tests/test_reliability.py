@@ -1,0 +1,118 @@
+"""Nothing is lost when a command fails: a stage's finished run is only replaced after every input of the new
+run (device, data, model, teacher) has been checked."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from kdforge.cli import app
+
+from .conftest import TINY_MODELS
+
+runner = CliRunner()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_teacher(make_recipe, tmp_path):
+    recipe = make_recipe(TINY_MODELS)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["teacher", str(recipe), "--runs-dir", str(runs), "--set", "train.max_steps=3",
+                                 "--set", "train.limit_eval_batches=1"])
+    assert result.exit_code == 0, result.output
+    return recipe, runs, runs / "tiny" / "teacher"
+
+
+@pytest.mark.parametrize(("extra", "exit_code", "message"), [
+    (["--device", "cuda"], 3, "CUDA is not available here"),
+    (["--set", "data.dataset=cifar100", "--set", "data.root=/nonexistent/data"], 1, "/nonexistent/data"),
+    (["--device", "tpu"], 1, "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+], ids=["no-gpu", "missing-data", "bad-device"])
+def test_a_changed_recipe_that_fails_validation_leaves_the_finished_teacher_untouched(finished_teacher, extra,
+                                                                                      exit_code, message):
+    import torch
+
+    if extra == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda does not fail here")
+    recipe, runs, stage_dir = finished_teacher
+    before = snapshot(stage_dir)
+    # a changed teacher setting: the finished teacher is stale and would be retrained...
+    result = runner.invoke(app, ["distill", str(recipe), "--runs-dir", str(runs), "--set", "train.max_steps=4",
+                                 "--set", "train.limit_eval_batches=1", *extra])
+    assert result.exit_code == exit_code, result.output
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert snapshot(stage_dir) == before  # ...but nothing was deleted or rewritten before the failure
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the server decodes only what it can bound, and serves only what was verified
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header declares width x height pixels (an image bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def served_copy(served_export, tmp_path):
+    import shutil
+
+    export_dir, pngs = served_export
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("bench.json"))
+    return copy, pngs
+
+
+def test_image_bombs_and_non_raster_formats_are_refused_before_decoding(served_copy):
+    import io
+
+    from PIL import Image
+
+    from kdforge.serve.model import ImageError, ServedModel
+
+    export_dir, pngs = served_copy
+    model = ServedModel.load(export_dir)
+    with pytest.raises(ImageError, match="13000x13000 pixels is larger than the 16,777,216 pixels"):
+        model.preprocess(png_claiming(13000, 13000))
+    with pytest.raises(ImageError, match="not a readable image"):
+        model.preprocess(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    # a 16-bit grey PNG at about half intensity is half grey, not white
+    buffer = io.BytesIO()
+    Image.new("I;16", (40, 40), 30000).save(buffer, format="PNG")
+    pixels = model.preprocess(buffer.getvalue()) * model.std + model.mean
+    assert abs(float(pixels.mean()) - 30000 / 65535) < 0.01
+    assert model.predict([pngs[0].read_bytes()])[0]  # ordinary images still answered
+
+
+def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_int8_on_its_own(served_copy):
+    import json
+    import shutil
+
+    from kdforge.serve.model import ServedModel, ServingError
+
+    export_dir, _ = served_copy
+    shutil.copyfile(export_dir / "student.onnx", export_dir / "student.int8.onnx")  # swapped behind its back
+    with pytest.raises(ServingError, match="student.int8.onnx changed since it was exported"):
+        ServedModel.load(export_dir, "int8")
+    verified = json.loads((export_dir / "verify.json").read_text())
+    del verified["int8"]  # as after `kdforge export --int8 --no-verify`
+    (export_dir / "verify.json").write_text(json.dumps(verified))
+    served = ServedModel.load(export_dir)
+    assert served.info["format"] == "onnx" and served.info["verified"]
+    del verified["onnx"]
+    (export_dir / "verify.json").write_text(json.dumps(verified))
+    served = ServedModel.load(export_dir)
+    assert served.info["format"] == "onnx" and not served.info["verified"]
+    assert "no format passed verification" in served.info["chosen_because"]
