@@ -31,3 +31,28 @@ def file_hash(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in `folder` (`.NAME.tmp-PID`,
+    `.NAME.pre-PID`, `.tmp-step-N-PID`: the names kdforge's atomic writes use) when process PID is gone."""
+    import shutil
+
+    removed = []
+    for path in folder.glob(".*-*") if folder.is_dir() else []:
+        stem, _, pid = path.name.rpartition("-")
+        if not pid.isdigit() or not (stem.endswith((".tmp", ".pre")) or stem.startswith(".tmp-step-")):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process still runs: its file is not a leftover
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -10,7 +10,6 @@ Export (with verification) joins when the recipe's [export] names formats; later
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -109,10 +108,8 @@ def export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
             rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
                               agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed,
                               top1_delta_points=report.top1_delta_points, mcnemar_p=report.mcnemar_p)
-        if name == "int8" and result.quantization is not None:
-            steps = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["int8"].get("steps")
-            if steps:
-                rows[name]["int8_steps"] = steps
+        if name == "int8" and result.int8_steps:
+            rows[name]["int8_steps"] = result.int8_steps
     return rows
 
 

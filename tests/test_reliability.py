@@ -48,6 +48,29 @@ def test_a_changed_recipe_that_fails_validation_leaves_the_finished_teacher_unto
     assert snapshot(stage_dir) == before  # ...but nothing was deleted or rewritten before the failure
 
 
+def test_a_retrained_stage_keeps_the_earlier_run_until_the_new_one_finishes(finished_teacher, monkeypatch):
+    import kdforge.train.stages as stages
+
+    recipe, runs, stage_dir = finished_teacher
+    before = snapshot(stage_dir)
+    changed = ["--set", "train.max_steps=4", "--set", "train.limit_eval_batches=1"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the retraining is interrupted before it finishes
+
+    monkeypatch.setattr(stages, "fit", killed)
+    result = runner.invoke(app, ["distill", str(recipe), "--runs-dir", str(runs), *changed])
+    assert result.exit_code == 130, result.output
+    kept = list((runs / "tiny" / ".stale").glob("teacher-*"))
+    assert len(kept) == 1 and snapshot(kept[0]) == before  # the finished run survived, byte for byte
+    assert str(kept[0]) in " ".join(result.stderr.split())
+
+    monkeypatch.undo()
+    result = runner.invoke(app, ["distill", str(recipe), "--runs-dir", str(runs), *changed])
+    assert result.exit_code == 0, result.output
+    assert not list((runs / "tiny" / ".stale").glob("teacher-*"))  # removed once its successor finished
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the server decodes only what it can bound, and serves only what was verified
 
@@ -116,3 +139,34 @@ def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_i
     served = ServedModel.load(export_dir)
     assert served.info["format"] == "onnx" and not served.info["verified"]
     assert "no format passed verification" in served.info["chosen_because"]
+
+
+def test_unknown_paths_and_methods_answer_with_the_documented_error_body(served_copy):
+    from fastapi.testclient import TestClient
+
+    from kdforge.serve.app import create_app
+
+    client = TestClient(create_app(served_copy[0]))
+    missing, wrong_method = client.get("/nothing"), client.get("/predict")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_files_half_written_by_a_killed_export_are_removed_by_the_next_one(trained_students, tmp_path):
+    import os
+
+    from kdforge.export.artifacts import export_run
+    from kdforge.fileio import remove_leftovers
+
+    export_dir = tmp_path / "cnn"
+    export_dir.mkdir()
+    dead = export_dir / ".student.int8.onnx.pre-999999999"  # no such process
+    alive = export_dir / f".student.onnx.tmp-{os.getpid()}"  # a writer that still runs
+    mine = export_dir / "notes.tmp-1"  # not a name kdforge writes
+    for path in (dead, alive, mine):
+        path.write_bytes(b"partial")
+    assert remove_leftovers(export_dir) == [dead]
+    assert alive.exists() and mine.exists()
+    dead.write_bytes(b"partial")
+    result = export_run(trained_students["cnn"], ["onnx"], exports_dir=tmp_path, verify=False)
+    assert result.export_dir == export_dir and not dead.exists()

@@ -23,7 +23,7 @@ from kdforge import __version__
 from kdforge.errors import CheckpointError, ExportError, RecipeError, VerificationError
 from kdforge.export.formats import FORMATS, with_sources
 from kdforge.fileio import file_hash as sha256
-from kdforge.fileio import read_json, write_json
+from kdforge.fileio import read_json, remove_leftovers, write_json
 from kdforge.phases import Phases
 from kdforge.recipe import (
     QuantizeConfig,
@@ -133,6 +133,7 @@ class ExportResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # format -> what this machine lacks to make it
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (export, int8 phases, verification)
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it failed verification
+    int8_steps: list[dict[str, Any]] = field(default_factory=list)  # each INT8 step tried and what it measured
 
 
 def check_options(formats: list[str], options: dict[str, Any]) -> None:
@@ -273,9 +274,10 @@ def export_run(
 
     cfg = recipe.model_for(source.name)
     export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
-    export_dir.mkdir(parents=True, exist_ok=True)
     data = load_dataset(recipe.data)
     spec = resolve_input_spec(cfg)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(export_dir)  # half-written files of an export that was killed
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
                          exportable=True)
     load_weights(model, source / "last")
@@ -287,7 +289,7 @@ def export_run(
     artifacts, seconds, files, reports, failures = {}, {}, {}, {}, {}
     references: dict = {}  # the PyTorch reference runs once for all formats
     previous = read_json(export_dir / METADATA).get("formats", {})
-    quantization, calibration = None, None
+    quantization, calibration, steps = None, None, []
 
     def record(name: str, path: Path, extra: dict[str, Any]) -> None:
         fmt = FORMATS.get(name)
@@ -375,10 +377,10 @@ def export_run(
                                          f"{s['mcnemar_p']:.2g}, {'PASS' if s['passed'] else 'FAIL'}" for s in steps)
                              + ")")
     return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable,
-                        phases.seconds, failures)
+                        phases.seconds, failures, steps)
 
 
-def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 16) -> dict[str, Any]:
+def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8) -> dict[str, Any]:
     """A short timing on this machine: INT8 latency as a multiple of the FP32 ONNX's at batch 1 and batch N
     (median of a few calls after warm-up; above 1 means INT8 is slower)."""
     import statistics
@@ -393,8 +395,8 @@ def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 16
     medians = {}
     for key, path in (("fp32", fp32_path), ("int8", int8_path)):
         runner = OnnxRunner(path)
-        medians[key] = (statistics.median(time_calls(lambda r=runner: r.predict(one), 2, 10)),
-                        statistics.median(time_calls(lambda r=runner: r.predict(many), 1, 3)))
+        medians[key] = (statistics.median(time_calls(lambda r=runner: r.predict(one), 3, 15)),
+                        statistics.median(time_calls(lambda r=runner: r.predict(many), 2, 5)))
     return {"batch1": round(medians["int8"][0] / medians["fp32"][0], 3),
             "batchN": round(medians["int8"][1] / medians["fp32"][1], 3), "batch_size": batch_size}
 

@@ -12,17 +12,22 @@ Bad input (empty body, not an image, too large, wrong content type, too many fil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from anyio import CapacityLimiter, to_thread  # FastAPI's own async layer
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from kdforge.serve.model import DEFAULT_PROVIDERS, ImageError, ServedModel
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
+# requests decoded and run at once: each may decode an image of up to serve.model.MAX_PIXELS, so concurrent
+# requests multiply memory by at most this much (the others wait their turn)
+DEFAULT_MAX_CONCURRENT = min(4, os.cpu_count() or 1)
 
 
 class RequestError(Exception):
@@ -72,13 +77,23 @@ async def images_from(request: Request, field: str, max_bytes: int) -> list[byte
 def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
 ) -> FastAPI:
     model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache)
+    workers = CapacityLimiter(max_concurrent)
+
+    async def run_model(images: list[bytes]):
+        return await to_thread.run_sync(model.predict, images, top_k, limiter=workers)
+
     app = FastAPI(title="kdforge student", version="1", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)  # 404, 405, ...: the same {"error": ...} body as ours
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
@@ -97,7 +112,7 @@ def create_app(
         images = await images_from(request, "file", max_bytes)
         if len(images) != 1:
             raise RequestError(400, f"/predict takes one image, got {len(images)}; use /predict/batch")
-        results = await run_in_threadpool(model.predict, images, top_k)
+        results = await run_model(images)
         return {"predictions": results[0]}
 
     @app.post("/predict/batch")
@@ -105,7 +120,7 @@ def create_app(
         images = await images_from(request, "files", max_bytes)
         if len(images) > max_batch:
             raise RequestError(413, f"{len(images)} images exceed the batch limit of {max_batch}")
-        results = await run_in_threadpool(model.predict, images, top_k)
+        results = await run_model(images)
         return {"results": [{"predictions": r} for r in results]}
 
     return app

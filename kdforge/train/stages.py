@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.errors import CheckpointError, ModelError
-from kdforge.fileio import atomic_write_text, file_hash, write_json
+from kdforge.fileio import atomic_write_text, file_hash, remove_leftovers, write_json
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
@@ -34,6 +35,7 @@ from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
 
 STAGES = ("teacher", "baseline", "student")
+STALE = ".stale"  # runs/<name>/.stale/<stage>-<time>-<pid>: a replaced stage, kept until its successor finishes
 
 
 @dataclass(frozen=True)
@@ -174,13 +176,19 @@ def train_stage(
         teacher = None
         if teacher_weights is not None:
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
+        stale = None
         if main:
-            if discard:
-                if discard != "--overwrite":
-                    for consume in consumers:
-                        consume({"event": "note", "message": f"{stage}: {discard}; training it again"})
-                shutil.rmtree(stage_dir, ignore_errors=True)
+            if discard and stage_dir.exists():  # moved aside, deleted only once the new run has finished
+                stale = runs_dir / recipe.name / STALE / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                stale.parent.mkdir(parents=True, exist_ok=True)
+                stage_dir.rename(stale)
+            if discard and discard != "--overwrite":
+                for consume in consumers:
+                    consume({"event": "note", "message": f"{stage}: {discard}; training it again (the earlier run "
+                                                         f"is kept in {stale} until the new one finishes)"})
             stage_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (stage_dir, stage_dir / "checkpoints"):  # what a killed run left half-written
+                remove_leftovers(folder)
             atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
             if resume_from is None:
                 metrics.path.unlink(missing_ok=True)
@@ -215,6 +223,8 @@ def train_stage(
     )
     if main:
         write_json(result_path, {k: v for k, v in asdict(outcome).items() if k != "skipped"})
+        for earlier in (runs_dir / recipe.name / STALE).glob(f"{stage}-*"):  # this one and any a crash left
+            shutil.rmtree(earlier, ignore_errors=True)
     sync()
     return outcome
 
