@@ -235,7 +235,8 @@ class QuantizeConfig(Strict):
     op_types: list[str] = ["Conv", "MatMul", "Gemm"]  # LayerNorm, Softmax, GELU, ... stay float
     exclude: list[str] = []  # ONNX node names to keep in float (as accuracy-aware mode reports them)
     # accuracy-aware mode: keep the most sensitive layers in float until the top-1 drop (percentage points,
-    # measured on held-out training images) is at most this; unset: quantize everything in op_types
+    # measured on held-out training images, plus its standard error) is at most this; unset: quantize everything
+    # in op_types
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None
     sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
     # when the INT8 file fails its [verify] tolerance: the remedies to try, in order, before giving up.
