@@ -44,6 +44,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this sta
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
+FORMAT_HELP = "auto (the fastest verified format in bench.json, else a verified INT8, else ONNX), int8, fp16 or onnx."
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, help="Train with N processes (DistributedDataParallel via torchrun; one GPU each, or gloo "
@@ -363,15 +364,14 @@ def verify(
 
     Example:  kdforge verify exports/quickstart/student.onnx
     """
-    import json
-
     from kdforge.export.artifacts import METADATA, resolve_export_dir, verify_export
+    from kdforge.fileio import read_json
 
     with user_errors():
         export_dir, fmt = resolve_export_dir(target, exports_dir)
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
-        names = [fmt] if fmt else list(json.loads((export_dir / METADATA).read_text())["formats"])
+        names = [fmt] if fmt else list(read_json(export_dir / METADATA).get("formats", {}))
         rows, references = {}, {}
         for name in names:
             report = verify_export(export_dir, name, device=device, references=references)
@@ -456,7 +456,7 @@ def serve(
     export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 listens on every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8, fp16 or onnx.")]
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
     max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.")] = 10 * 1024 * 1024,
     top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
@@ -471,7 +471,7 @@ def serve(
 
     try:
         run(export_dir, host, port, fmt, max_bytes, top_k=top_k)
-    except ServingError as exc:
+    except (ServingError, KdforgeError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -480,7 +480,7 @@ def serve(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...).", show_default=False)],
     model: Annotated[Path, typer.Option("--model", help="An export folder.")] = Path("exports/quickstart"),
-    fmt: Annotated[str, typer.Option("--format", help="auto (verified INT8 if any, else ONNX), int8, fp16 or onnx.")]
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
     top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
 ) -> None:
@@ -504,7 +504,7 @@ def predict(
                 raise ImageError(f"{path}: {exc}") from None
             out.print(json.dumps({"file": str(path), "predictions": predictions}), markup=False, highlight=False,
                       soft_wrap=True)
-    except (ServingError, ImageError) as exc:
+    except (ServingError, ImageError, KdforgeError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 

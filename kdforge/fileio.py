@@ -21,8 +21,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} when there is no such file."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The JSON object in `path`, or {} when there is no such file; a damaged file is a KdforgeError that names it."""
+    from kdforge.errors import KdforgeError
+
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdforgeError(f"{path}: damaged or not JSON ({exc}); write it again (export again, or rerun the "
+                           f"command that made it)") from None
+    if not isinstance(value, dict):
+        raise KdforgeError(f"{path}: expected a JSON object, found {type(value).__name__}; write it again")
+    return value
 
 
 def file_hash(path: Path, algorithm: str = "sha256") -> str:

@@ -170,3 +170,59 @@ def test_files_half_written_by_a_killed_export_are_removed_by_the_next_one(train
     dead.write_bytes(b"partial")
     result = export_run(trained_students["cnn"], ["onnx"], exports_dir=tmp_path, verify=False)
     assert result.export_dir == export_dir and not dead.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# damaged or foreign files are one error line, not a traceback
+
+
+@pytest.fixture
+def distilled(make_recipe, tmp_path):
+    """A finished teacher -> student chain with an ONNX export (tiny models)."""
+    recipe = make_recipe(TINY_MODELS + '\n[distill]\nbaseline = false\n\n[export]\nformats = ["onnx"]\n')
+    runs = tmp_path / "runs"
+    args = ["--runs-dir", str(runs), "--set", "train.max_steps=3", "--set", "train.limit_eval_batches=1",
+            "--set", f"export.dir={tmp_path / 'exports'}", "--set", "verify.limit_batches=1"]
+    result = runner.invoke(app, ["distill", str(recipe), *args])
+    assert result.exit_code == 0, result.output
+    return recipe, runs / "tiny", tmp_path / "exports" / "tiny", args
+
+
+def one_error_line(result, exit_code, *words):
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in " ".join(result.stderr.split()), (word, result.stderr)
+
+
+def test_a_truncated_teacher_weights_file_is_an_error_naming_it(distilled):
+    recipe, run_dir, _, args = distilled
+    weights = (run_dir / "teacher" / "last").resolve() / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = runner.invoke(app, ["distill", str(recipe), *args, "--set", "distill.temperature=2"])
+    one_error_line(result, 1, "damaged weights file", "--overwrite")
+
+
+def test_a_foreign_training_state_is_refused_as_an_error(distilled):
+    import pickle
+
+    recipe, run_dir, _, args = distilled
+    state = (run_dir / "student" / "last").resolve() / "state.pt"
+    state.write_bytes(pickle.dumps({"optimizer": print}))  # not tensors: the safe loader must refuse it
+    (run_dir / "student" / "result.json").unlink()
+    result = runner.invoke(app, ["distill", str(recipe), *args, "--resume"])
+    one_error_line(result, 1, "not a kdforge training state", "--overwrite")
+
+
+@pytest.mark.parametrize("damage", ["metadata", "verify", "onnx"])
+def test_damaged_export_files_are_errors_in_serve_verify_and_bench(distilled, damage):
+    _, _, export_dir, _ = distilled
+    target = {"metadata": "metadata.json", "verify": "verify.json", "onnx": "student.onnx"}[damage]
+    path = export_dir / target
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    for command in (["predict", str(export_dir / "missing.png"), "--model", str(export_dir)],
+                    ["verify", str(export_dir)], ["bench", str(export_dir), "--repeats", "1", "--warmup", "0"]):
+        result = runner.invoke(app, command)
+        one_error_line(result, 1, target)

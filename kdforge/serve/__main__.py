@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("KDFORGE_PORT", "8000")),
                         help="TCP port (default: $KDFORGE_PORT, else 8000)")
     parser.add_argument("--format", default=os.environ.get("KDFORGE_FORMAT", "auto"), choices=["auto", *SERVABLE],
-                        help="auto: the verified INT8 export when there is one, else the FP32 ONNX "
-                             "(default: $KDFORGE_FORMAT, else auto)")
+                        help="auto: the fastest verified format in bench.json, else a verified INT8, else the "
+                             "FP32 ONNX (default: $KDFORGE_FORMAT, else auto)")
     parser.add_argument("--providers", default=os.environ.get("KDFORGE_PROVIDERS", ",".join(DEFAULT_PROVIDERS)),
                         help=f"ONNX Runtime providers in order of preference, from {', '.join(PROVIDERS)} "
                              f"(default: $KDFORGE_PROVIDERS, else {','.join(DEFAULT_PROVIDERS)})")

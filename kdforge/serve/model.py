@@ -10,13 +10,13 @@ input size and normalized with the mean/std recorded at export.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdforge.errors import KdforgeError
 from kdforge.fileio import file_hash, read_json
 
 # export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
@@ -102,8 +102,15 @@ class ServedModel:
         meta_path = export_dir / "metadata.json"
         if not meta_path.is_file():
             raise ServingError(f"{export_dir} is not a kdforge export (no metadata.json); run `kdforge export`")
-        meta = json.loads(meta_path.read_text())
-        verified = read_json(export_dir / "verify.json")
+        try:
+            meta = read_json(meta_path)
+            verified = read_json(export_dir / "verify.json")
+            missing = [k for k in ("model", "recipe", "input_size", "mean", "std", "class_names", "num_classes")
+                       if k not in meta]
+        except KdforgeError as exc:  # damaged JSON
+            raise ServingError(str(exc)) from None
+        if missing:
+            raise ServingError(f"{meta_path} lacks {', '.join(missing)}: not a complete kdforge export; export again")
         why = "asked for with --format"
         if fmt == "auto":
             fmt, why = choose_format(export_dir, verified, read_json(export_dir / "bench.json"))
@@ -114,7 +121,11 @@ class ServedModel:
             raise ServingError(f"{export_dir / SERVABLE[fmt]} changed since it was exported (its sha256 is not the "
                                f"one in metadata.json): export it again")
         chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
-        session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
+        try:
+            session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise ServingError(f"{export_dir / SERVABLE[fmt]}: ONNX Runtime cannot load it "
+                               f"({str(exc).splitlines()[0][:200]}); export it again") from None
         size = int(meta["input_size"])
         # one inference before the server says it is healthy: the TensorRT provider builds its engine here
         session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)})

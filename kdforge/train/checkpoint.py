@@ -15,11 +15,13 @@ atomically; only then are checkpoints no link points to deleted. `state.pt` is l
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from kdforge.errors import CheckpointError
@@ -72,7 +74,11 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(checkpoint / STATE, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{checkpoint / STATE}: cannot read training state: {exc}") from None
+        raise CheckpointError(f"{checkpoint / STATE}: cannot read training state: {str(exc)[:200]}; start the "
+                              f"stage over with --overwrite") from None
+    except pickle.UnpicklingError:  # weights_only refused something that is not plain tensors and containers
+        raise CheckpointError(f"{checkpoint / STATE}: not a kdforge training state (the safe loader refused what "
+                              f"it holds); start the stage over with --overwrite") from None
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
@@ -82,6 +88,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
         raise CheckpointError(f"no weights at {path}")
     try:
         load_model(model, str(path), strict=True)
+    except SafetensorError as exc:  # truncated or not a safetensors file
+        raise CheckpointError(f"{path}: damaged weights file ({exc}); train that stage again with --overwrite "
+                              f"(or restore the file)") from None
     except (RuntimeError, OSError, ValueError) as exc:  # safetensors' header errors are ValueErrors/OSErrors
         raise CheckpointError(f"{path}: weights do not fit the model: {str(exc)[:300]}") from None
     return model
@@ -90,5 +99,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
 def checkpoint_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / WEIGHTS}: damaged weights file ({exc}); start the stage over with "
+                              f"--overwrite") from None

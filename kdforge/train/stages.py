@@ -26,7 +26,7 @@ from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.errors import CheckpointError, ModelError
-from kdforge.fileio import atomic_write_text, file_hash, remove_leftovers, write_json
+from kdforge.fileio import atomic_write_text, file_hash, read_json, remove_leftovers, write_json
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
@@ -95,7 +95,7 @@ def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
             f"no trained teacher in {stage_dir}; run `kdforge distill` (which trains it first), "
             f"`kdforge teacher` or set teacher.checkpoint"
         )
-    if json.loads((stage_dir / "result.json").read_text())["fingerprint"] != stage_fingerprint(recipe, "teacher"):
+    if read_json(stage_dir / "result.json").get("fingerprint") != stage_fingerprint(recipe, "teacher"):
         raise CheckpointError(f"the teacher in {stage_dir} was trained with other [teacher] settings; retrain it")
     return resolve_weights(stage_dir, "teacher")
 
@@ -143,7 +143,7 @@ def train_stage(
     discard: str | None = "--overwrite" if overwrite else None
     resume_from = None
     if not overwrite and result_path.is_file():
-        previous = json.loads(result_path.read_text())
+        previous = read_json(result_path)
         if previous.get("fingerprint") == fingerprint:
             sync()
             return StageResult(**{**previous, "skipped": True})
