@@ -19,9 +19,10 @@ import numpy as np
 from kdforge.errors import KdforgeError
 from kdforge.fileio import file_hash, read_json
 
-# export formats a server can load, by preference when the format is "auto": INT8 first (smaller, faster on
-# CPU), but only an artifact that passed verification is chosen automatically; FP16 (for GPUs: ONNX Runtime's
-# CPU kernels compute it in FP32 behind casts) only when asked for or alone
+# export formats a server can load. "auto" serves the fastest verified one that `kdforge bench` measured
+# (`choose_format`); without a bench.json, in this order of preference: INT8 (smaller, usually faster on CPU),
+# FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32 behind casts); only an artifact that
+# passed verification is chosen automatically
 SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "student.fp16.onnx"}
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
