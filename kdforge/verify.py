@@ -1,6 +1,8 @@
 """Parity: the same test images through two runners, logits compared first, metrics derived from them.
 
-    report = compare(TorchRunner(...), OnnxRunner(...), data.test, batch_size=256, tolerance=recipe.verify.fp32)
+    ref, labels = predict_all(TorchRunner(...), data.test, batch_size=256)    # the reference, once per export
+    cand, _ = predict_all(OnnxRunner(...), data.test, batch_size=256)
+    report = judge("pytorch", "onnxruntime", ref, cand, labels, tolerance=recipe.verify.fp32)
 
 Reports top-1/top-5 of each runner, the top-1 delta, argmax agreement and max/mean absolute logit difference,
 and passes or fails against the recipe's [verify] tolerance for the artifact's precision.
@@ -92,11 +94,3 @@ def mcnemar_exact_p(lost: int, gained: int) -> float:
     tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1))
     return min(1.0, 2 * tail / 2**n)
 
-
-def compare(
-    reference: Runner, candidate: Runner, dataset: ImageDataset, batch_size: int, tolerance: Tolerance,
-    limit_batches: int | None = None,
-) -> VerifyReport:
-    ref, labels = predict_all(reference, dataset, batch_size, limit_batches)
-    cand, _ = predict_all(candidate, dataset, batch_size, limit_batches)
-    return judge(reference.name, candidate.name, ref, cand, labels, tolerance)

@@ -98,3 +98,14 @@ def served_export(trained_students, tmp_path_factory):
         Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(path)
         pngs.append(path)
     return result.export_dir, pngs
+
+
+@pytest.fixture
+def export_copy(served_export, tmp_path):
+    """A private copy of the served export (without bench.json) that a test may damage or extend."""
+    import shutil
+
+    export_dir, _ = served_export
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("bench.json"))
+    return copy

@@ -5,7 +5,6 @@ significance of the top-1 change, the serving format chosen from measured speed,
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -133,14 +132,6 @@ def test_mcnemar_exact_p_values():
 
 # ----------------------------------------------------------------------------------------------------------
 # serving choice and bench
-
-
-@pytest.fixture
-def export_copy(served_export, tmp_path):
-    export_dir, _ = served_export
-    copy = tmp_path / "export"
-    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("bench.json"))
-    return copy
 
 
 def bench_rows(**p50):

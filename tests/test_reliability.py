@@ -88,25 +88,15 @@ def png_claiming(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
-@pytest.fixture
-def served_copy(served_export, tmp_path):
-    import shutil
-
-    export_dir, pngs = served_export
-    copy = tmp_path / "export"
-    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("bench.json"))
-    return copy, pngs
-
-
-def test_image_bombs_and_non_raster_formats_are_refused_before_decoding(served_copy):
+def test_image_bombs_and_non_raster_formats_are_refused_before_decoding(export_copy, served_export):
     import io
 
     from PIL import Image
 
     from kdforge.serve.model import ImageError, ServedModel
 
-    export_dir, pngs = served_copy
-    model = ServedModel.load(export_dir)
+    pngs = served_export[1]
+    model = ServedModel.load(export_copy)
     with pytest.raises(ImageError, match="13000x13000 pixels is larger than the 16,777,216 pixels"):
         model.preprocess(png_claiming(13000, 13000))
     with pytest.raises(ImageError, match="not a readable image"):
@@ -119,13 +109,13 @@ def test_image_bombs_and_non_raster_formats_are_refused_before_decoding(served_c
     assert model.predict([pngs[0].read_bytes()])[0]  # ordinary images still answered
 
 
-def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_int8_on_its_own(served_copy):
+def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_int8_on_its_own(export_copy):
     import json
     import shutil
 
     from kdforge.serve.model import ServedModel, ServingError
 
-    export_dir, _ = served_copy
+    export_dir = export_copy
     shutil.copyfile(export_dir / "student.onnx", export_dir / "student.int8.onnx")  # swapped behind its back
     with pytest.raises(ServingError, match="student.int8.onnx changed since it was exported"):
         ServedModel.load(export_dir, "int8")
@@ -141,12 +131,12 @@ def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_i
     assert "no format passed verification" in served.info["chosen_because"]
 
 
-def test_unknown_paths_and_methods_answer_with_the_documented_error_body(served_copy):
+def test_unknown_paths_and_methods_answer_with_the_documented_error_body(export_copy):
     from fastapi.testclient import TestClient
 
     from kdforge.serve.app import create_app
 
-    client = TestClient(create_app(served_copy[0]))
+    client = TestClient(create_app(export_copy))
     missing, wrong_method = client.get("/nothing"), client.get("/predict")
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()

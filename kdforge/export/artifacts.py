@@ -319,6 +319,39 @@ def export_run(
         return {"target": step_cfg.target, "calibration_method": step_cfg.method,
                 "calibration_images": calibration.count, **quantization.to_metadata()}
 
+    def finish_int8(path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
+        """After the INT8 file was verified: the escalation steps the recipe allows while it fails, a latency
+        check against the FP32 ONNX, and the metadata that records them. Returns every step's measurements."""
+        steps = [_int8_step("accuracy_aware" if qcfg.max_top1_drop is not None else "ptq", reports["int8"])]
+        for remedy in (r for r in qcfg.escalate if "int8" in failures):
+            if remedy == "accuracy_aware" and qcfg.max_top1_drop is not None:
+                continue  # that is what just failed
+            step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
+            phases.report(f"int8: {steps[-1]['step']} failed verification ({'; '.join(reports['int8'].failures)})"
+                          f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out "
+                          f"training images)")
+            _drop_verification(export_dir, "int8")
+            with phases(f"int8: escalation to {remedy}"):
+                extra = make_int8(step_cfg, path, meta)
+            record("int8", path, extra)
+            check("int8")
+            steps.append(_int8_step(remedy, reports["int8"]))
+        with phases("int8: latency check against the FP32 ONNX"):
+            speed = int8_speed(artifacts["onnx"], path, spec.size)
+        if speed["batch1"] > 1.0:
+            notes.append(f"int8 is {speed['batch1']:.2f}x the FP32 ONNX latency at batch 1 and "
+                         f"{speed['batchN']:.2f}x at batch {speed['batch_size']} on this machine: slower, not "
+                         f"faster; after `kdforge bench`, `kdforge serve --format auto` serves the fastest "
+                         f"verified format")
+        record("int8", path, {**extra, "method": steps[-1]["step"], "steps": steps, "latency_vs_fp32": speed})
+        if len(steps) > 1:
+            outcome = "shipped" if "int8" not in failures else "every allowed step failed; last tried"
+            notes.append(f"int8: {outcome}: {steps[-1]['step']} ("
+                         + "; ".join(f"{s['step']}: top-1 {s['top1_delta_points']:+.2f} points, McNemar p "
+                                     f"{s['mcnemar_p']:.2g}, {'PASS' if s['passed'] else 'FAIL'}" for s in steps)
+                         + ")")
+        return steps
+
     for name in (f for f in formats if f not in unavailable):
         fmt = FORMATS.get(name)
         _drop_verification(export_dir, name)  # an artifact about to change is no longer verified
@@ -348,57 +381,22 @@ def export_run(
         record(name, path, extra)
         check(name)
         if name == "int8" and verify:
-            steps = [_int8_step("accuracy_aware" if qcfg.max_top1_drop is not None else "ptq", reports["int8"])]
-            for remedy in (r for r in qcfg.escalate if "int8" in failures):
-                if remedy == "accuracy_aware" and qcfg.max_top1_drop is not None:
-                    continue  # that is what just failed
-                step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
-                phases.report(f"int8: {steps[-1]['step']} failed verification ({'; '.join(reports['int8'].failures)})"
-                              f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out "
-                              f"training images)")
-                _drop_verification(export_dir, name)
-                with phases(f"int8: escalation to {remedy}"):
-                    extra = make_int8(step_cfg, path, meta)
-                record(name, path, extra)
-                check(name)
-                steps.append(_int8_step(remedy, reports["int8"]))
-            with phases("int8: latency check against the FP32 ONNX"):
-                speed = int8_speed(artifacts["onnx"], path, spec.size)
-            if speed["batch1"] > 1.0:
-                notes.append(f"int8 is {speed['batch1']:.2f}x the FP32 ONNX latency at batch 1 and "
-                             f"{speed['batchN']:.2f}x at batch {speed['batch_size']} on this machine: slower, not "
-                             f"faster; after `kdforge bench`, `kdforge serve --format auto` serves the fastest "
-                             f"verified format")
-            record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps, "latency_vs_fp32": speed})
-            if len(steps) > 1:
-                outcome = "shipped" if "int8" not in failures else "every allowed step failed; last tried"
-                notes.append(f"int8: {outcome}: {steps[-1]['step']} ("
-                             + "; ".join(f"{s['step']}: top-1 {s['top1_delta_points']:+.2f} points, McNemar p "
-                                         f"{s['mcnemar_p']:.2g}, {'PASS' if s['passed'] else 'FAIL'}" for s in steps)
-                             + ")")
+            steps = finish_int8(path, meta, extra)
     return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable,
                         phases.seconds, failures, steps)
 
 
 def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8) -> dict[str, Any]:
-    """A short timing on this machine: INT8 latency as a multiple of the FP32 ONNX's at batch 1 and batch N
-    (median of a few calls after warm-up; above 1 means INT8 is slower)."""
-    import statistics
-
-    import torch
-
+    """A short timing on this machine with `kdforge bench`'s measurement: INT8 latency as a multiple of the FP32
+    ONNX's at batch 1 (p50) and batch N (median); above 1 means INT8 is slower."""
     from kdforge.backends import OnnxRunner
-    from kdforge.bench import time_calls
+    from kdforge.bench import BenchSettings, measure
 
-    one = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-    many = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
-    medians = {}
-    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
-        runner = OnnxRunner(path)
-        medians[key] = (statistics.median(time_calls(lambda r=runner: r.predict(one), 3, 15)),
-                        statistics.median(time_calls(lambda r=runner: r.predict(many), 2, 5)))
-    return {"batch1": round(medians["int8"][0] / medians["fp32"][0], 3),
-            "batchN": round(medians["int8"][1] / medians["fp32"][1], 3), "batch_size": batch_size}
+    settings = BenchSettings(batch_size=batch_size, repeats=15, warmup=3)
+    (fp32_p50, _, fp32_rate), (int8_p50, _, int8_rate) = (
+        measure(OnnxRunner(path), size, settings) for path in (fp32_path, int8_path))
+    return {"batch1": round(int8_p50 / fp32_p50, 3), "batchN": round(fp32_rate / int8_rate, 3),
+            "batch_size": batch_size}
 
 
 def _int8_step(step: str, report) -> dict[str, Any]:

@@ -72,9 +72,8 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
     if passed:
         return passed[0], (f"verified; no bench.json to compare speeds, so {' before '.join(SERVABLE)} "
                            f"is the order of preference")
-    fallback = "onnx" if "onnx" in candidates else candidates[0]
-    return fallback, "no format passed verification: serving the FP32 ONNX (exact by construction) unverified" \
-        if fallback == "onnx" else f"no format passed verification: serving {fallback} unverified"
+    fallback = "onnx" if "onnx" in candidates else candidates[0]  # FP32 is exact by construction
+    return fallback, f"no format passed verification: serving {fallback} unverified"
 
 
 class ServingError(Exception):
