@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import ExportError, KdforgeError
-from kdforge.export.artifacts import METADATA, VERIFY
+from kdforge.export.artifacts import METADATA, VERIFY, check_artifact
 from kdforge.export.formats import FORMATS
-from kdforge.fileio import read_json, write_json
+from kdforge.fileio import read_json, read_metadata, write_json
 
 BENCH = "bench.json"
 PYTORCH = "pytorch"
@@ -135,9 +135,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     from kdforge.runtime import runtime_scope
     from kdforge.train.checkpoint import WEIGHTS, load_weights
 
-    meta = read_json(export_dir / METADATA)
-    if not meta:
-        raise ExportError(f"{export_dir}: no {METADATA} here; pass an export folder (exports/NAME)")
+    meta = read_metadata(export_dir)
     verified = read_json(export_dir / VERIFY)
     available = [PYTORCH, *meta.get("formats", {})]
     wanted = list(settings.formats or available)
@@ -172,7 +170,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                 top1, agreement, passed = report.get("reference_top1"), 1.0, None
             else:
                 entry = meta["formats"][name]
-                artifact = export_dir / entry["file"]
+                artifact = check_artifact(export_dir, entry)
                 runner = (TrtRunner(artifact, str(rt.device) if rt.device.type == "cuda" else None)
                           if artifact.suffix == ".engine" else OnnxRunner(artifact, threads=settings.threads))
                 precision, size = entry["precision"], entry["bytes"]

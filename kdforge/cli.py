@@ -364,14 +364,14 @@ def verify(
 
     Example:  kdforge verify exports/quickstart/student.onnx
     """
-    from kdforge.export.artifacts import METADATA, resolve_export_dir, verify_export
-    from kdforge.fileio import read_json
+    from kdforge.export.artifacts import resolve_export_dir, verify_export
+    from kdforge.fileio import read_metadata
 
     with user_errors():
         export_dir, fmt = resolve_export_dir(target, exports_dir)
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
-        names = [fmt] if fmt else list(read_json(export_dir / METADATA).get("formats", {}))
+        names = [fmt] if fmt else list(read_metadata(export_dir)["formats"])
         rows, references = {}, {}
         for name in names:
             report = verify_export(export_dir, name, device=device, references=references)
@@ -459,6 +459,8 @@ def serve(
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
     max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.")] = 10 * 1024 * 1024,
+    max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (JPEGs count after the "
+                                                 "decoder's 1/2-1/8 reduction).", min=1)] = 4096 * 4096,
     top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
 ) -> None:
     """Serve an exported student over HTTP: POST /predict, /predict/batch; GET /healthz, /metadata.
@@ -470,7 +472,7 @@ def serve(
     from kdforge.serve.model import ServingError
 
     try:
-        run(export_dir, host, port, fmt, max_bytes, top_k=top_k)
+        run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels)
     except (ServingError, KdforgeError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

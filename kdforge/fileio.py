@@ -36,6 +36,41 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def check_can_create(folder: Path, what: str = "folder") -> None:
+    """Raise a KdforgeError naming the obstacle when `folder` cannot be created (or used) as a folder because a
+    file is where it or one of its parents should be. Called before anything is written, so a command that
+    would fail on it half-way fails at the start instead."""
+    from kdforge.errors import KdforgeError
+
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise KdforgeError(f"cannot use {folder} as the {what}: {path} is a file; pass another path")
+            return
+
+
+# what every reader of an export's metadata.json relies on (written by kdforge.export.artifacts.build_metadata)
+METADATA_KEYS = ("model", "recipe", "run", "input_size", "mean", "std", "class_names", "num_classes", "formats",
+                 "checkpoint_sha256")
+
+
+def read_metadata(export_dir: Path) -> dict[str, Any]:
+    """The export's metadata.json, checked complete; a KdforgeError naming the file when it is missing, damaged
+    or lacks what serving, verification and benchmarks read."""
+    from kdforge.errors import KdforgeError
+
+    path = export_dir / "metadata.json"
+    if not path.is_file():
+        raise KdforgeError(f"{export_dir} is not a kdforge export (no metadata.json); pass an export folder "
+                           f"(exports/NAME) or run `kdforge export`")
+    meta = read_json(path)
+    missing = [key for key in METADATA_KEYS if key not in meta]
+    if missing or not isinstance(meta["formats"], dict):
+        raise KdforgeError(f"{path} lacks {', '.join(missing) or 'a formats table'}: not a complete kdforge export; "
+                           f"export again")
+    return meta
+
+
 def file_hash(path: Path, algorithm: str = "sha256") -> str:
     digest = hashlib.new(algorithm)
     with path.open("rb") as f:

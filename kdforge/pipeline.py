@@ -17,10 +17,10 @@ from typing import Any
 
 from kdforge.errors import RecipeError
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
-from kdforge.fileio import write_json
+from kdforge.fileio import check_can_create, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
-from kdforge.runtime import current_rank, sync
+from kdforge.runtime import current_rank, resolve_device, sync
 from kdforge.train.events import Consumer, ProgressDisplay
 from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
 
@@ -137,6 +137,12 @@ def run_distill(
 ) -> DistillSummary:
     """Run the recipe's stages. Under torchrun every process trains (each its share of every batch); only
     rank 0 exports, writes summary.json and the report, and its summary is the one to print."""
+    # what can be checked for the whole chain is checked before its first stage: a machine without the device,
+    # or a file where the runs or exports folder goes, fails here and not after hours of training
+    check_can_create(Path(runs_dir) / recipe.name, "run folder")
+    if "export" in plan_stages(recipe):
+        check_can_create(Path(recipe.export.dir) / recipe.name, "export folder")
+    resolve_device(device or recipe.runtime.device)
     ctx = ChainContext(Path(runs_dir), resume, device)
     if consumers is not None:
         ctx.consumers = consumers

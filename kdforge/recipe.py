@@ -30,6 +30,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 PositiveInt = Annotated[int, Field(ge=1)]
+MAX_INPUT_SIZE = 2048  # pixels per side for images and models
 Triple = tuple[float, float, float]
 
 
@@ -59,7 +60,7 @@ class DataConfig(Strict):
     root: str = ""
     download: bool = False
     # imagefolder only: every image is resized once, at load, to this square size.
-    image_size: Annotated[int, Field(ge=8)] = 32
+    image_size: Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)] = 32
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
 
@@ -108,7 +109,9 @@ class ModelConfig(Strict):
     model: str  # a timm model name, optionally with a pretrained tag: "vit_base_patch16_224.augreg_in21k"
     pretrained: bool = False  # timm's own download of ImageNet weights
     weights: str | None = None  # a local .safetensors/.pth file of initial weights, loaded instead of a download
-    input_size: PositiveInt | None = None  # square side; default: model_kwargs.img_size, else timm's config
+    # square side; default: model_kwargs.img_size, else timm's config. Bounded: a typo like 22400 would otherwise
+    # train for hours or run out of memory after the teacher finished
+    input_size: Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)] | None = None
     mean: Triple | None = None  # default: timm's pretrained config for the model
     std: Triple | None = None
     model_kwargs: dict[str, bool | int | float | str] = {}  # e.g. {img_size = 32, patch_size = 4}
@@ -345,11 +348,16 @@ class Recipe(Strict):
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises RecipeError with one line per problem."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder; pass a recipe file, e.g. recipes/quickstart.toml")
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          f"save the recipe as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
     for override in overrides:
         apply_override(raw, override)

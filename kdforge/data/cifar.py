@@ -63,8 +63,9 @@ def read_pickle(path: Path, expected_md5: str) -> dict[str, Any]:
     actual = file_hash(path, "md5")
     if actual != expected_md5:
         raise DataError(
-            f"{path}: md5 mismatch (expected {expected_md5}, got {actual}); the file is corrupt or "
-            f"incomplete. Delete it and download or generate the dataset again."
+            f"{path}: md5 mismatch (expected {expected_md5}, got {actual}): not the complete official file. "
+            f"A broken download: move it aside and download again (kdforge never deletes it); your own images: "
+            f"use dataset = \"imagefolder\""
         )
     try:
         with path.open("rb") as f:

@@ -17,7 +17,8 @@ import numpy as np
 
 from kdforge.data import cifar
 from kdforge.data.dataset import DataSplits
-from kdforge.errors import DataError
+from kdforge.errors import DataError, KdforgeError
+from kdforge.fileio import check_can_create, read_json
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "bar", "star", "crescent", "frame", "dots")
 HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "purple", "pink")
@@ -116,6 +117,7 @@ def generate_split(count: int, seed: int, split: str) -> tuple[np.ndarray, np.nd
 def write_synthetic(root: str | Path, train: int = 10_000, test: int = 2_000, seed: int = 0) -> Path:
     """Generate the dataset into `root/cifar-100-python/` (official format) plus its manifest."""
     folder = Path(root) / cifar.FOLDER
+    check_can_create(folder, "dataset folder")
     md5 = cifar.write_cifar100(
         root,
         train=generate_split(train, seed, "train"),
@@ -136,7 +138,13 @@ def load_synthetic(root: str | Path, train: int, test: int, seed: int) -> DataSp
     manifest_path = Path(root) / cifar.FOLDER / MANIFEST
     if not manifest_path.is_file():
         write_synthetic(root, train, test, seed)
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = read_json(manifest_path)
+    except KdforgeError:
+        manifest = {}
+    if not isinstance(manifest.get("md5"), dict):  # only kdforge writes this folder: generating it again is safe
+        raise DataError(f"{manifest_path}: damaged manifest of the synthetic dataset; delete {root} and it is "
+                        f"generated again")
     wanted = {"train": train, "test": test, "seed": seed}
     found = {key: manifest.get(key) for key in wanted}
     if found != wanted:

@@ -126,25 +126,32 @@ def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: Teache
     return tensors
 
 
+DAMAGED = "<damaged>"
+
+
 def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig,
                         augment: AugmentConfig, seed: int, runtime: Runtime,
                         note: Callable[[str], None] = lambda message: None) -> TeacherCache:
     """The cache at `path` when its key matches; otherwise the teacher's answers are generated (by the main
     process when several train together) and written atomically. Every process then loads the file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save_file
 
     def stored_key() -> str | None:
         if not path.is_file():
             return None
-        with safe_open(str(path), "pt") as handle:
-            return (handle.metadata() or {}).get("key")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return (handle.metadata() or {}).get("key")
+        except (SafetensorError, OSError, ValueError):  # truncated or not ours: derived data, made again
+            return DAMAGED
 
     if runtime.is_main:
         found = stored_key()
         if found != key:
-            note(f"teacher cache: {'key changed (teacher, data or augmentation), ' if found else ''}"
-                 f"running the teacher on {cfg.views} view(s) of {len(train)} images")
+            why = {None: "", DAMAGED: f"{path.name} is damaged, "}.get(found, "key changed (teacher, data or "
+                                                                             "augmentation), ")
+            note(f"teacher cache: {why}running the teacher on {cfg.views} view(s) of {len(train)} images")
             reported = [0]
 
             def progress(done: int, total: int) -> None:

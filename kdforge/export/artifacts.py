@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from kdforge import __version__
 from kdforge.errors import CheckpointError, ExportError, RecipeError, VerificationError
 from kdforge.export.formats import FORMATS, with_sources
+from kdforge.fileio import check_can_create, read_json, read_metadata, remove_leftovers, write_json
 from kdforge.fileio import file_hash as sha256
-from kdforge.fileio import read_json, remove_leftovers, write_json
 from kdforge.phases import Phases
 from kdforge.recipe import (
     QuantizeConfig,
@@ -247,6 +247,7 @@ def export_run(
     from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.export.tensorrt import onnx_to_trt
     from kdforge.models import create_model, resolve_input_spec
+    from kdforge.runtime import resolve_device
     from kdforge.train.checkpoint import load_weights
 
     recipe = export_recipe(source, recipe)
@@ -274,13 +275,17 @@ def export_run(
 
     cfg = recipe.model_for(source.name)
     export_dir = (exports_dir or Path(recipe.export.dir)) / recipe.name
+    # every input is checked before the export folder changes: a failure here leaves an earlier export as it was
+    check_can_create(export_dir, "export folder")
+    if verify:
+        resolve_device(device or recipe.runtime.device)
     data = load_dataset(recipe.data)
     spec = resolve_input_spec(cfg)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(export_dir)  # half-written files of an export that was killed
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
                          exportable=True)
     load_weights(model, source / "last")
+    export_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(export_dir)  # half-written files of an export that was killed
     common = build_metadata(recipe, source, data.train.classes, spec, opset)
     settings = {"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
                 "quantize": qcfg.model_dump(mode="json")}
@@ -409,6 +414,16 @@ def _int8_step(step: str, report) -> dict[str, Any]:
 # verify
 
 
+def check_artifact(export_dir: Path, entry: dict[str, Any]) -> Path:
+    """The artifact of a metadata.json format entry, checked to be the file that was exported (sha256)."""
+    artifact = export_dir / entry["file"]
+    if not artifact.is_file():
+        raise ExportError(f"{artifact} is missing; export it again")
+    if sha256(artifact) != entry["sha256"]:
+        raise ExportError(f"{artifact} changed since it was exported (sha256 differs from {METADATA}); export again")
+    return artifact
+
+
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
                   references: dict | None = None):
     """Verify one artifact against the PyTorch student it came from; writes verify.json either way and
@@ -423,15 +438,11 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
     from kdforge.train.checkpoint import load_weights
     from kdforge.verify import judge, predict_all
 
-    meta = read_json(export_dir / METADATA)
-    if fmt_name not in meta.get("formats", {}):
+    meta = read_metadata(export_dir)
+    if fmt_name not in meta["formats"]:
         raise ExportError(f"{export_dir}: no {fmt_name} export recorded in {METADATA}; run `kdforge export` first")
     entry = meta["formats"][fmt_name]
-    artifact = export_dir / entry["file"]
-    if not artifact.is_file():
-        raise ExportError(f"{artifact} is missing; export it again")
-    if sha256(artifact) != entry["sha256"]:
-        raise ExportError(f"{artifact} changed since it was exported (sha256 differs from {METADATA}); export again")
+    artifact = check_artifact(export_dir, entry)
     stage_dir = Path(meta["run"])
     weights = stage_dir / "last" / WEIGHTS
     if not weights.is_file() or sha256(weights) != meta["checkpoint_sha256"]:

@@ -4,24 +4,55 @@ dependencies (what the container runs). `kdforge serve` calls the same `run`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
+import sys
 from pathlib import Path
 
+from kdforge.errors import KdforgeError
+from kdforge.images import MAX_PIXELS
 from kdforge.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES
-from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE
+from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE, ServingError
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
         max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5,
-        providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None) -> None:
+        providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
+        max_pixels: int = MAX_PIXELS) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
 
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
-                     providers=providers, engine_cache=engine_cache)
+                     providers=providers, engine_cache=engine_cache, max_pixels=max_pixels)
+    listening = bind(host, port)
+    if "warning" in app.state.info:
+        print(f"warning: {app.state.info['warning']}", file=sys.stderr, flush=True)
     # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info", access_log=False)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info",
+                            access_log=False)
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one ServingError (uvicorn would log it and exit
+    with its start-up failure code, 3, which kdforge documents as "this machine lacks what was asked")."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServingError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from None
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServingError(f"port {port} on {host} is in use by another program; choose another with "
+                               f"--port") from None
+        raise ServingError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return listening
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,10 +73,15 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: $KDFORGE_ENGINE_CACHE)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most images in one batch request")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"largest image decoded, in pixels (default {MAX_PIXELS:,} = 4096x4096)")
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)
-    run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
-        tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache)
+    try:
+        run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
+            tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels)
+    except (ServingError, KdforgeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
                            multipart form with a `file` field  -> {"predictions": [{"label", "index", "probability"}]}
     POST /predict/batch    a multipart form with one or more `files` fields -> {"results": [{"predictions": ...}]}
 
-Bad input (empty body, not an image, too large, wrong content type, too many files) gets a 4xx JSON error
-{"error": ...}; the server keeps serving.
+Bad input (empty body, not an image, too many bytes or pixels, wrong content type, too many files) gets a 4xx
+JSON error {"error": ...}; the server keeps serving. Images are decoded by `kdforge.images.decode_rgb` (formats,
+pixel budget, transparency), at most `max_concurrent` requests at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from kdforge.serve.model import DEFAULT_PROVIDERS, ImageError, ServedModel
+from kdforge.images import MAX_PIXELS, ImageError, ImageTooLarge
+from kdforge.serve.model import DEFAULT_PROVIDERS, ServedModel
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
-# requests decoded and run at once: each may decode an image of up to serve.model.MAX_PIXELS, so concurrent
+# requests decoded and run at once: each decodes one image at a time of up to max_pixels, so concurrent
 # requests multiply memory by at most this much (the others wait their turn)
 DEFAULT_MAX_CONCURRENT = min(4, os.cpu_count() or 1)
 
@@ -77,15 +79,17 @@ async def images_from(request: Request, field: str, max_bytes: int) -> list[byte
 def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS,
 ) -> FastAPI:
     model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache)
+    model.max_pixels = max_pixels
     workers = CapacityLimiter(max_concurrent)
 
     async def run_model(images: list[bytes]):
         return await to_thread.run_sync(model.predict, images, top_k, limiter=workers)
 
     app = FastAPI(title="kdforge student", version="1", docs_url=None, redoc_url=None)
+    app.state.info = model.info
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -97,7 +101,7 @@ def create_app(
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, ImageTooLarge) else 400)
 
     @app.get("/healthz")
     async def healthz() -> dict:

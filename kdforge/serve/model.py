@@ -3,13 +3,12 @@
     model = ServedModel.load(Path("exports/quickstart"))
     model.predict([png_bytes], top_k=5)   # [[{"label": "red_disk", "index": 0, "probability": 0.93}, ...]]
 
-Images of any size and format Pillow reads (PNG, JPEG, WebP, ...) are converted to RGB, resized to the model's
-input size and normalized with the mean/std recorded at export.
+Images (PNG, JPEG, WebP, BMP, GIF, TIFF, within a pixel budget) are decoded by `kdforge.images.decode_rgb`, the
+same function ImageFolder datasets use, and normalized with the mean/std recorded at export.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from kdforge.errors import KdforgeError
-from kdforge.fileio import file_hash, read_json
+from kdforge.fileio import file_hash, read_json, read_metadata
+from kdforge.images import MAX_PIXELS, ImageError, decode_rgb
 
 # export formats a server can load. "auto" serves the fastest verified one that `kdforge bench` measured
 # (`choose_format`); without a bench.json, in this order of preference: INT8 (smaller, usually faster on CPU),
@@ -27,11 +27,6 @@ SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "studen
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")
-# What the server decodes: raster formats only (Pillow hands EPS/PS to Ghostscript where it is installed), and
-# at most this many pixels, checked from the header BEFORE decoding: a 20 KB PNG can declare 13000x13000 pixels
-# (0.8 GB decoded), just under Pillow's own bomb limit
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_PIXELS = 4096 * 4096
 
 
 def session_providers(names: list[str] | tuple[str, ...], available: list[str],
@@ -80,10 +75,6 @@ class ServingError(Exception):
     """The export cannot be served (missing, unverified when required, unreadable)."""
 
 
-class ImageError(ValueError):
-    """The bytes are not an image this server can read."""
-
-
 @dataclass
 class ServedModel:
     session: Any  # onnxruntime.InferenceSession
@@ -93,29 +84,33 @@ class ServedModel:
     std: np.ndarray
     labels: list[str]
     info: dict[str, Any]  # what /metadata reports
+    max_pixels: int = MAX_PIXELS  # decode budget per image (kdforge.images)
 
     @classmethod
     def load(cls, export_dir: Path, fmt: str = "auto", providers: tuple[str, ...] = DEFAULT_PROVIDERS,
              engine_cache: Path | None = None) -> ServedModel:
         import onnxruntime as ort
 
-        meta_path = export_dir / "metadata.json"
-        if not meta_path.is_file():
-            raise ServingError(f"{export_dir} is not a kdforge export (no metadata.json); run `kdforge export`")
         try:
-            meta = read_json(meta_path)
+            meta = read_metadata(export_dir)
             verified = read_json(export_dir / "verify.json")
-            missing = [k for k in ("model", "recipe", "input_size", "mean", "std", "class_names", "num_classes")
-                       if k not in meta]
-        except KdforgeError as exc:  # damaged JSON
+        except KdforgeError as exc:  # missing, damaged or incomplete
             raise ServingError(str(exc)) from None
-        if missing:
-            raise ServingError(f"{meta_path} lacks {', '.join(missing)}: not a complete kdforge export; export again")
         why = "asked for with --format"
         if fmt == "auto":
-            fmt, why = choose_format(export_dir, verified, read_json(export_dir / "bench.json"))
-        if fmt not in SERVABLE or not (export_dir / SERVABLE[fmt]).is_file():
-            raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE.get(fmt, '?')})")
+            try:
+                bench = read_json(export_dir / "bench.json")
+            except KdforgeError as exc:  # speeds are a preference, not a requirement: choose without them
+                bench, damaged = {}, f" ({exc.args[0].split(';')[0]})"
+            else:
+                damaged = ""
+            fmt, why = choose_format(export_dir, verified, bench)
+            why += damaged
+        if fmt not in SERVABLE:
+            raise ServingError(f"unknown format {fmt!r}: serve auto, {', '.join(SERVABLE)}")
+        if not (export_dir / SERVABLE[fmt]).is_file():
+            raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE[fmt]}); export it, or serve another "
+                               f"--format")
         digest = file_hash(export_dir / SERVABLE[fmt])
         if digest != meta.get("formats", {}).get(fmt, {}).get("sha256"):
             raise ServingError(f"{export_dir / SERVABLE[fmt]} changed since it was exported (its sha256 is not the "
@@ -139,31 +134,28 @@ class ServedModel:
             "verified": bool(report.get("passed")),
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
         }
+        if not info["verified"]:
+            info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "
+                               f"answers may differ; run `kdforge verify {export_dir}`")
         return cls(session, session.get_inputs()[0].name, int(meta["input_size"]),
                    np.asarray(meta["mean"], np.float32).reshape(3, 1, 1),
                    np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info)
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Image bytes -> normalized float32 (3, size, size)."""
-        from PIL import Image, UnidentifiedImageError
-
-        if not data:
-            raise ImageError("empty image")
-        try:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"image of {image.width}x{image.height} pixels is larger than the "
-                                     f"{MAX_PIXELS:,} pixels this server decodes; send it smaller")
-                if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip to white
-                    image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-                image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-            raise ImageError(f"not a readable image: {exc}") from None
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        """Image bytes -> normalized float32 (3, size, size), decoded as `kdforge.images.decode_rgb` says."""
+        pixels = decode_rgb(data, self.size, self.max_pixels).astype(np.float32).transpose(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
 
     def predict(self, images: list[bytes], top_k: int = 5) -> list[list[dict[str, Any]]]:
-        batch = np.stack([self.preprocess(data) for data in images]).astype(np.float32)
+        prepared = []
+        for number, data in enumerate(images, 1):
+            try:
+                prepared.append(self.preprocess(data))
+            except ImageError as exc:
+                if len(images) == 1:
+                    raise
+                raise type(exc)(f"image {number} of {len(images)}: {exc}") from None
+        batch = np.stack(prepared).astype(np.float32)
         logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities /= probabilities.sum(axis=1, keepdims=True)

@@ -92,8 +92,16 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
         raise CheckpointError(f"{path}: damaged weights file ({exc}); train that stage again with --overwrite "
                               f"(or restore the file)") from None
     except (RuntimeError, OSError, ValueError) as exc:  # safetensors' header errors are ValueErrors/OSErrors
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(exc)[:300]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the model {type(model).__name__} "
+                              f"({_first_line(str(exc))}); is this the checkpoint of another model?") from None
     return model
+
+
+def _first_line(message: str) -> str:
+    """torch's load_state_dict errors list every key over many lines; the first problem is enough to act on."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else "unknown"
+    return detail if len(detail) <= 200 else detail[:200] + "..."
 
 
 def checkpoint_metadata(path: Path) -> dict[str, str]:

@@ -26,7 +26,14 @@ from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.errors import CheckpointError, ModelError
-from kdforge.fileio import atomic_write_text, file_hash, read_json, remove_leftovers, write_json
+from kdforge.fileio import (
+    atomic_write_text,
+    check_can_create,
+    file_hash,
+    read_json,
+    remove_leftovers,
+    write_json,
+)
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
@@ -168,6 +175,7 @@ def train_stage(
     with runtime_scope(recipe.runtime, device) as runtime:
         # every input is checked (device, data, model, teacher) before any file of the stage changes: a command
         # that fails here leaves an earlier finished run exactly as it was
+        check_can_create(stage_dir, "stage folder")
         data = load_dataset(recipe.data)
         seed_everything(recipe.seed)  # the baseline and the distilled student start from the same weights
         model = create_model(cfg, num_classes=data.num_classes)

@@ -1,0 +1,75 @@
+"""Decoding a user's image file into the model's square RGB input, the same way everywhere: the server's
+/predict and `kdforge predict`, and ImageFolder datasets. Torch-free (Pillow and numpy), so the serving
+image needs nothing else.
+
+    pixels = decode_rgb(png_bytes, size=224)   # uint8 (224, 224, 3)
+
+What it accepts and how (the README's "Serving" section says the same):
+- raster formats only: PNG, JPEG, WebP, BMP, GIF (first frame), TIFF. Pillow hands EPS/PS to Ghostscript where it
+  is installed, so other formats are refused before anything decodes them;
+- at most `max_pixels` pixels (default 4096 x 4096), checked from the header BEFORE decoding: a 20 KB PNG can
+  declare 13000 x 13000 pixels (0.8 GB decoded). A JPEG is first reduced while it decodes (`Image.draft`, the DCT
+  scaling by 1/2, 1/4 or 1/8 that keeps it at least `size` pixels a side), so a 48-megapixel photo is accepted
+  and costs a fraction of its full decode;
+- 16-bit greyscale is scaled to 8 bits (not clipped to white); CMYK and palette images are converted to RGB;
+  transparency (RGBA, LA, palette with a transparent colour) is composited onto WHITE, the page a transparent
+  picture is usually seen on;
+- then resized to `size` x `size` with Pillow's bilinear filter (antialiased when reducing).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_PIXELS = 4096 * 4096
+BACKGROUND = (255, 255, 255)  # under transparent pixels
+
+
+class ImageError(ValueError):
+    """The bytes are not an image kdforge reads."""
+
+
+class ImageTooLarge(ImageError):
+    """The image declares more pixels than the decode budget allows."""
+
+
+def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Image bytes or file -> uint8 array (size, size, 3). Raises ImageError (ImageTooLarge over the budget)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, bytes) and not source:
+        raise ImageError("empty image")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that is still >= size
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is larger than the "
+                                    f"{max_pixels:,} pixels decoded here; send it smaller")
+            rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, met before ours by some headers
+        raise ImageTooLarge(f"image larger than the {max_pixels:,} pixels decoded here ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"not a readable image: {exc}") from None
+    return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
+
+
+def _to_rgb(image):
+    """Any Pillow mode -> RGB (see the module docstring for 16-bit and transparency)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip to white
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
