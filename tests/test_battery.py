@@ -329,6 +329,12 @@ def _damage_run(case: str, runs: Path, exports: Path, tmp_path: Path) -> None:
         (runs / "tiny" / "student" / "recipe.toml").write_text("[train\nepochs = 1")
     elif case == "result-json-damaged":
         (runs / "tiny" / "student" / "result.json").write_text("{")
+    elif case == "teacher-weights-truncated":
+        weights = (runs / "tiny" / "teacher" / "last").resolve() / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "foreign-state":
+        (last / "state.pt").write_bytes(pickle.dumps({"optimizer": print}))  # not tensors: the safe loader refuses
+        (runs / "tiny" / "student" / "result.json").unlink()
     elif case == "teacher-checkpoint-damaged":
         weights = (runs / "tiny" / "teacher" / "last").resolve() / "model.safetensors"
         weights.write_bytes(b"\0" * 100)
@@ -338,6 +344,10 @@ RUN_CASES = {
     # case: (command, extra args, exit code, words)
     "weights-of-another-model": ("export", [], 1, ["model.safetensors", "do not fit"]),
     "state-with-side-effect": ("distill", ["--resume"], 1, ["not a kdforge training state"]),
+    "foreign-state": ("distill", ["--resume"], 1, ["not a kdforge training state", "--overwrite"]),
+    # the student is stale (temperature changed), so the teacher's weights are read: damaged, they are an error
+    "teacher-weights-truncated": ("distill", ["--set", "distill.temperature=2"], 1,
+                                  ["damaged weights file", "--overwrite"]),
     "dangling-last": ("distill", ["--resume"], 0, []),  # nothing to resume: trained from the start
     "run-recipe-damaged": ("export", [], 2, ["recipe.toml"]),
     "result-json-damaged": ("distill", [], 1, ["result.json"]),
@@ -383,6 +393,10 @@ def _damage_export(case: str, export: Path) -> None:
         model = onnx.load(onnx_path)
         model.producer_name = "someone else"
         onnx.save(model, onnx_path)
+    elif case.endswith("-truncated"):
+        path = export / {"metadata": "metadata.json", "verify": "verify.json", "onnx": "student.onnx"}[
+            case.split("-")[0]]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif case == "onnx-missing":
         (export / "student.onnx").unlink()
     elif case == "onnx-is-a-folder":
@@ -391,6 +405,9 @@ def _damage_export(case: str, export: Path) -> None:
 
 
 EXPORT_CASES = {
+    "metadata-truncated": ["metadata.json"],
+    "verify-truncated": ["verify.json"],
+    "onnx-truncated": ["student.onnx"],
     "metadata-incomplete": ["input_size"],
     "metadata-not-an-object": ["metadata.json"],
     "verify-json-not-an-object": ["verify.json"],
@@ -605,17 +622,19 @@ def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> str:
 def test_a_training_killed_mid_run_resumes_to_the_end_and_the_teacher_is_untouched(sig, copy, tmp_path):
     recipe, runs, _, _ = copy
     teacher = snapshot(runs / "tiny" / "teacher")
-    args = ["distill", recipe, "--runs-dir", runs, "--set", "train.max_steps=400", "--set", "train.log_every=2",
-            "--set", "train.checkpoint_every=3", "--set", "train.limit_eval_batches=1",
-            "--set", f"export.dir={tmp_path / 'exports'}", "--set", "verify.limit_batches=1"]
+    args = ["distill", recipe, "--runs-dir", runs, "--set", "train.limit_eval_batches=1",
+            "--set", "verify.limit_batches=1", "--set", f"export.dir={tmp_path / 'exports'}",
+            "--set", "train.max_steps=3",  # the teacher as it was
+            "--set", "student.train.epochs=3", "--set", "student.train.max_steps=50",
+            "--set", "student.train.log_every=2", "--set", "student.train.checkpoint_every=3"]
     process = start(args, tmp_path)
-    wait_for(process, lambda out: "student step 8/" in out)
+    wait_for(process, lambda out: "student test_convnext step 8/" in out)
     process.send_signal(sig)
     code = process.wait(timeout=60)
     assert code == (-9 if sig == signal.SIGKILL else 130)
     stage = runs / "tiny" / "student"
     assert (stage / "last").resolve().is_dir() and not (stage / "result.json").exists()
-    resumed = start([*args[:-6], "--set", "train.max_steps=12", *args[-6:], "--resume"], tmp_path)
+    resumed = start([*args, "--resume"], tmp_path)
     output = wait_for(resumed, lambda out: resumed.poll() is not None, timeout=300)
     assert resumed.returncode == 0, output
     assert "resum" in output and (stage / "result.json").is_file()
@@ -626,7 +645,6 @@ def test_a_training_killed_mid_run_resumes_to_the_end_and_the_teacher_is_untouch
 def test_an_export_killed_mid_int8_is_never_served_and_the_next_export_finishes(copy, tmp_path):
     _, runs, exports, _ = copy
     export = exports / "tiny"
-    onnx_before = (export / "student.onnx").read_bytes()
     args = ["export", runs / "tiny", "--runs-dir", runs, "--out", exports, "--int8", "--calibration", "300"]
     process = start(args, tmp_path)
     wait_for(process, lambda out: "calibrat" in out)
@@ -635,8 +653,8 @@ def test_an_export_killed_mid_int8_is_never_served_and_the_next_export_finishes(
     from kdforge.serve.model import ServedModel
 
     served = ServedModel.load(export)
-    assert served.info["format"] == "onnx" and served.info["verified"]  # nothing half-made is served
-    assert (export / "student.onnx").read_bytes() == onnx_before
+    # the INT8 file was never finished: the verified FP32 ONNX (its sha256 checked against metadata.json) is served
+    assert served.info["format"] == "onnx" and served.info["verified"]
     finished = start(args, tmp_path)
     output = wait_for(finished, lambda out: finished.poll() is not None, timeout=300)
     assert finished.returncode == 0, output
@@ -657,3 +675,29 @@ def test_a_teacher_cache_build_killed_midway_is_rebuilt(copy, tmp_path):
     output = wait_for(finished, lambda out: finished.poll() is not None, timeout=300)
     assert finished.returncode == 0, output
     assert (runs / "tiny" / "student" / "result.json").is_file()
+
+
+@pytest.mark.slow
+def test_server_memory_stays_bounded_under_image_bombs_and_returns_to_idle(served_export):
+    """benchmarks/decode_memory.py, smaller: 6 clients at once send 13000x13000 bombs (a few KB each), then
+    images of exactly the pixel budget. Bombs are refused from their header; at most DEFAULT_MAX_CONCURRENT
+    budget-sized images are decoded at once (each at most 4 bytes a pixel in Pillow), and the memory is given back."""
+    import importlib.util
+
+    from kdforge.images import MAX_PIXELS
+    from kdforge.serve.app import DEFAULT_MAX_CONCURRENT
+
+    script = Path(__file__).parents[1] / "benchmarks" / "decode_memory.py"
+    spec = importlib.util.spec_from_file_location("decode_memory", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    server = bench.Server(served_export[0])
+    try:
+        bombs = bench.load(server, bench.bilevel_png(13000, 13000), clients=6, rounds=2, settle_s=0.5)
+        budget = bench.load(server, bench.bilevel_png(4096, 4096), clients=6, rounds=2, settle_s=2.0)
+    finally:
+        server.stop()
+    assert bombs["statuses"] == {413: 12} and bombs["rss_peak_mb"] - bombs["rss_before_mb"] < 50, bombs
+    bound_mb = DEFAULT_MAX_CONCURRENT * 4 * MAX_PIXELS * 1.5 / 2**20  # 1.5: Pillow's mode conversions overlap
+    assert budget["statuses"] == {200: 12} and budget["rss_peak_mb"] - budget["rss_before_mb"] < bound_mb, budget
+    assert budget["rss_after_mb"] - bombs["rss_before_mb"] < 40, budget  # back to (about) where it started
