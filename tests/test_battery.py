@@ -618,8 +618,8 @@ def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_a_training_killed_mid_run_resumes_to_the_end_and_the_teacher_is_untouched(sig, copy, tmp_path):
+def test_a_training_killed_mid_run_resumes_to_the_end_and_the_teacher_is_untouched(copy, tmp_path):
+    """kill -9 in the middle of the student's training (Ctrl-C: tests/test_reliability.py, in process)."""
     recipe, runs, _, _ = copy
     teacher = snapshot(runs / "tiny" / "teacher")
     args = ["distill", recipe, "--runs-dir", runs, "--set", "train.limit_eval_batches=1",
@@ -629,9 +629,8 @@ def test_a_training_killed_mid_run_resumes_to_the_end_and_the_teacher_is_untouch
             "--set", "student.train.log_every=2", "--set", "student.train.checkpoint_every=3"]
     process = start(args, tmp_path)
     wait_for(process, lambda out: "student test_convnext step 8/" in out)
-    process.send_signal(sig)
-    code = process.wait(timeout=60)
-    assert code == (-9 if sig == signal.SIGKILL else 130)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
     stage = runs / "tiny" / "student"
     assert (stage / "last").resolve().is_dir() and not (stage / "result.json").exists()
     resumed = start([*args, "--resume"], tmp_path)
