@@ -30,8 +30,9 @@ data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a message is one line, never wrapped mid-line in logs and pipes (tables still fit the width)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
 SetOpt = Annotated[

@@ -67,7 +67,7 @@ def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
 
 STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
     "teacher": _train("teacher"),
-    "teacher_eval": lambda recipe, ctx: evaluate_teacher_checkpoint(recipe, device=ctx.device),
+    "teacher_eval": lambda recipe, ctx: evaluate_teacher_checkpoint(recipe, device=ctx.device, runs_dir=ctx.runs_dir),
     "baseline": _train("baseline"),
     "student": _train("student"),
     "export": _export,

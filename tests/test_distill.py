@@ -196,6 +196,9 @@ def test_distill_with_a_teacher_checkpoint_reports_the_teachers_accuracy(make_re
     assert reused.teacher["top1"] == pytest.approx(first.teacher["top1"])
     assert reused.baseline is None and reused.gain_top1 is None
     assert not (runs / "other" / "teacher").exists()  # evaluated, not retrained
+    report = (runs / "other" / "report" / "report.md").read_text()
+    summary_row = next(line for line in report.splitlines() if line.startswith("| other |"))
+    assert summary_row.split("|")[2].strip().startswith("test_resnet")  # the report names the teacher too
 
 
 def test_distill_command_prints_the_summary_table(make_recipe, tmp_path):

@@ -162,3 +162,18 @@ def test_kill_9_then_resume_ends_with_the_same_weights(make_recipe, tmp_path):
         return [(e["step"], e["loss"]) for e in map(json.loads, lines) if e["event"] == "log"]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_progress_lines_off_a_terminal_are_one_event_per_line(capsys):
+    """In CI logs and `make demo > log`, a training log line is never wrapped at 80 columns: the lr stays on it."""
+    from kdforge.train.events import ProgressDisplay
+
+    display = ProgressDisplay()  # stderr is captured here: not a terminal
+    title = "student vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    display({"event": "start", "title": title, "total_steps": 7820, "steps_per_epoch": 782, "step": 0,
+             "device": "cuda, bf16 autocast, channels_last"})
+    display({"event": "log", "step": 100, "total_steps": 7820, "loss": 4.1234, "train_top1": 0.0625,
+             "images_per_s": 2871.0, "lr": 2.1e-3})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and len(lines[1]) > 80
+    assert lines[1].startswith(f"{title} step 100/7820") and lines[1].endswith("lr 2.10e-03")

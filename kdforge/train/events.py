@@ -51,7 +51,9 @@ class ProgressDisplay:
     """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        # soft_wrap: off a terminal (CI logs, `make demo > log`) rich would wrap at 80 columns mid-line; one event
+        # is one line, however long
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.progress: Progress | None = None
         self.task = None
         self.title = ""

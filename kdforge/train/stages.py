@@ -42,6 +42,7 @@ from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
 
 STAGES = ("teacher", "baseline", "student")
+TEACHER_EVAL = "teacher_eval"  # runs/<name>/teacher_eval/: the evaluation of a teacher given by teacher.checkpoint
 STALE = ".stale"  # runs/<name>/.stale/<stage>-<time>-<pid>: a replaced stage, kept until its successor finishes
 
 
@@ -261,8 +262,10 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
                                    cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
 
 
-def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> StageResult:
-    """Test accuracy of the finished teacher named by teacher.checkpoint (always reported, never assumed)."""
+def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
+                                runs_dir: str | Path | None = None) -> StageResult:
+    """Test accuracy of the finished teacher named by teacher.checkpoint (always reported, never assumed). With
+    `runs_dir`, the result is also written to runs/<name>/teacher_eval/result.json, where the report reads it."""
     cfg = recipe.model_for("teacher")
     weights = resolve_weights(Path(cfg.checkpoint), "teacher.checkpoint")
     started = time.perf_counter()
@@ -271,9 +274,14 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None) -> St
         teacher = load_frozen_teacher(cfg, weights, data.num_classes).to(runtime.device)
         metrics = evaluate(teacher.model, teacher.spec, data.test.to(runtime.device), cfg.train.batch_size,
                            runtime, cfg.train.limit_eval_batches)
-    return StageResult(
+    result = StageResult(
         stage="teacher", model=cfg.model, params=count_parameters(teacher.model), top1=metrics["top1"],
         top5=metrics["top5"], best_top1=metrics["top1"], best_epoch=0, steps=0, input_size=teacher.spec.size,
         wall_s=round(time.perf_counter() - started, 2), train_images_per_s=0.0, fingerprint=file_hash(weights)[:16],
         stage_dir=str(weights),
     )
+    if runs_dir is not None and current_rank() == 0:
+        folder = Path(runs_dir) / recipe.name / TEACHER_EVAL
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "result.json", {k: v for k, v in asdict(result).items() if k != "skipped"})
+    return result
