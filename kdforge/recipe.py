@@ -174,6 +174,9 @@ class DistillConfig(Strict):
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # kd/hard: weight of the teacher term; labels get 1 - alpha
     dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
     dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
+    # dkd: the distillation terms' weight grows linearly over the first epochs, min(epoch / warmup, 1) with epoch
+    # counted from 1, as in the method's reference code (20 of 240 epochs on CIFAR-100); 0: full weight at once
+    dkd_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     baseline: bool = True  # also train the student on labels alone, for the gain column
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
 

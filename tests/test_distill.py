@@ -107,6 +107,24 @@ def test_objective_weights_named_terms_and_returns_each_part():
     assert loss.item() == pytest.approx(parts["ce"].item() + parts["tckd"].item() + 8 * parts["nckd"].item(),
                                         rel=1e-5)
 
+    # DKD warm-up as in the method's reference code: min(epoch / warmup, 1) on both distillation terms
+    warm = create_distill_objective(dkd.model_copy(update={"dkd_warmup_epochs": 4}), teacher)
+    for epoch, factor in ((1, 0.25), (3, 0.75), (4, 1.0), (9, 1.0)):
+        loss, parts = warm(student_logits.detach(), labels, teacher_images, epoch=epoch)
+        distill_part = parts["tckd"].item() + 8 * parts["nckd"].item()
+        assert loss.item() == pytest.approx(parts["ce"].item() + factor * distill_part, rel=1e-5)
+
+
+def test_a_new_distill_key_at_its_default_keeps_finished_runs_reusable(make_recipe):
+    from kdforge.train.stages import stage_fingerprint
+
+    recipe = load_recipe(make_recipe(TINY_MODELS + '\n[distill]\nmethod = "dkd"\n'))
+    before = stage_fingerprint(recipe, "student")
+    explicit_default = recipe.model_copy(update={"distill": recipe.distill.model_copy(
+        update={"dkd_warmup_epochs": 0})})
+    warmed = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"dkd_warmup_epochs": 20})})
+    assert stage_fingerprint(explicit_default, "student") == before != stage_fingerprint(warmed, "student")
+
 
 class Recorder(torch.nn.Module):
     """Wraps a model and keeps the inputs it was given."""

@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 class Objective(Protocol):
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+        teacher_logits: torch.Tensor | None = None, epoch: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # epoch counts from 1 (DKD's warm-up reads it)
 
 
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
-    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None):
+    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None, epoch=1):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         return loss, {"ce": loss}
 
@@ -266,7 +266,7 @@ def fit(
                 labels = train_set.labels[idx]
                 with runtime.autocast():
                     logits = forward(runtime.format_input(model, spec.prepare(images)))
-                    loss, parts = objective(logits, labels, images, teacher_logits)
+                    loss, parts = objective(logits, labels, images, teacher_logits, epoch=epoch + 1)
                 if not torch.isfinite(loss):
                     raise KdforgeError(
                         f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"

@@ -64,6 +64,9 @@ class StageResult:
     skipped: bool = False  # True when an earlier finished run was reused
 
 
+LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0}  # [distill] keys newer than finished runs, with their defaults
+
+
 def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None = None) -> str:
     """What the stage's output depends on: data, seed and its model section (not runtime, not other models);
     for the distilled student also the [distill] settings and the teacher's weights."""
@@ -74,7 +77,9 @@ def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None =
         "model": recipe.model_for(stage).model_dump(mode="json"),
     }
     if stage == "student":
-        parts["distill"] = recipe.distill.model_dump(mode="json", exclude={"baseline"})
+        # keys added later are left out at their default, so runs finished before they existed stay reused
+        unset = {key for key, default in LATER_DISTILL_KEYS.items() if getattr(recipe.distill, key) == default}
+        parts["distill"] = recipe.distill.model_dump(mode="json", exclude={"baseline", *unset})
         parts["teacher"] = file_hash(teacher_weights)[:16] if teacher_weights else None
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
