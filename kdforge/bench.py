@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import ExportError, KdforgeError
-from kdforge.export.artifacts import METADATA, VERIFY, check_artifact
+from kdforge.export.artifacts import METADATA, VERIFY
 from kdforge.export.formats import FORMATS
-from kdforge.fileio import read_json, read_metadata, write_json
+from kdforge.fileio import check_artifact, read_json, read_metadata, write_json
 
 BENCH = "bench.json"
 PYTORCH = "pytorch"

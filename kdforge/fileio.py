@@ -71,6 +71,20 @@ def read_metadata(export_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def check_artifact(export_dir: Path, entry: dict[str, Any]) -> Path:
+    """The artifact of a metadata.json format entry, checked to be the very file that was exported (sha256):
+    what serving, verification and benchmarks open. A KdforgeError when it is missing or was replaced."""
+    from kdforge.errors import KdforgeError
+
+    artifact = export_dir / entry["file"]
+    if not artifact.is_file():
+        raise KdforgeError(f"{artifact} is missing; export it again")
+    if file_hash(artifact) != entry["sha256"]:
+        raise KdforgeError(f"{artifact} changed since it was exported (its sha256 is not the one in metadata.json); "
+                           f"export it again")
+    return artifact
+
+
 def file_hash(path: Path, algorithm: str = "sha256") -> str:
     digest = hashlib.new(algorithm)
     with path.open("rb") as f:

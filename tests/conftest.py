@@ -10,6 +10,12 @@ from kdforge.data.synthetic import write_synthetic
 SYNTH = {"train": 1000, "test": 300, "seed": 0}
 
 
+def synth_data_section(root: Path) -> str:
+    """The [data] section of a recipe on the small synthetic dataset at `root`."""
+    return (f'[data]\ndataset = "synthetic"\nroot = "{root}"\n'
+            f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n")
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic dataset in the official CIFAR-100 format, generated once per test session."""
@@ -23,11 +29,7 @@ def make_recipe(tmp_path, synth_root):
     """Write a recipe on the small synthetic dataset with tiny models; `body` adds or replaces sections."""
 
     def make(body: str = "", name: str = "tiny", data: bool = True) -> Path:
-        data_section = (
-            f'[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
-            f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n"
-            if data else ""
-        )
+        data_section = synth_data_section(synth_root) if data else ""
         path = tmp_path / f"{name}.toml"
         path.write_text(data_section + textwrap.dedent(body))
         return path
@@ -69,11 +71,7 @@ def trained_students(tmp_path_factory, synth_root):
     stages = {}
     for kind, (model_line, extra) in students.items():
         path = root / f"{kind}.toml"
-        path.write_text(
-            f'[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
-            f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n"
-            + TINY_MODELS.replace('model = "test_convnext"', model_line)
-        )
+        path.write_text(synth_data_section(synth_root) + TINY_MODELS.replace('model = "test_convnext"', model_line))
         recipe = load_recipe(path, ["train.epochs=3", "train.lr=4e-3", f"export.dir={root / 'exports'}",
                                     "verify.batch_size=100", "quantize.calibration=200", *extra])
         stages[kind] = Path(train_stage(recipe, "baseline", runs_dir=root / "runs", consumers=[]).stage_dir)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from kdforge.cli import app
 
-from .conftest import SYNTH, TINY_MODELS
+from .conftest import TINY_MODELS, synth_data_section
 from .test_reliability import png_claiming, snapshot
 
 runner = CliRunner()
@@ -55,11 +55,8 @@ def invoke(*args: str):
 def chain(tmp_path_factory, synth_root):
     root = tmp_path_factory.mktemp("battery")
     recipe = root / "tiny.toml"
-    recipe.write_text(
-        f'[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
-        f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n"
-        + TINY_MODELS + '\n[distill]\nbaseline = false\n\n[export]\nformats = ["onnx"]\n'
-    )
+    recipe.write_text(synth_data_section(synth_root) + TINY_MODELS
+                      + '\n[distill]\nbaseline = false\n\n[export]\nformats = ["onnx"]\n')
     result = invoke("distill", recipe, "--runs-dir", root / "runs", "--set", f"export.dir={root / 'exports'}", *FAST)
     assert result.exit_code == 0, result.output
     return root

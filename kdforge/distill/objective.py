@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from kdforge.train.loop import Objective
 
 Terms = dict[str, tuple[float, torch.Tensor]]
-METHODS: Registry[Callable[..., Terms]] = Registry(
-    "distillation method"
-)
+METHODS: Registry[Callable[..., Terms]] = Registry("distillation method")
 
 
 @METHODS.register("kd")

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from kdforge import __version__
 from kdforge.errors import CheckpointError, ExportError, RecipeError, VerificationError
 from kdforge.export.formats import FORMATS, with_sources
-from kdforge.fileio import check_can_create, read_json, read_metadata, remove_leftovers, write_json
+from kdforge.fileio import check_artifact, check_can_create, read_json, read_metadata, remove_leftovers, write_json
 from kdforge.fileio import file_hash as sha256
 from kdforge.phases import Phases
 from kdforge.recipe import (
@@ -412,16 +412,6 @@ def _int8_step(step: str, report) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------
 # verify
-
-
-def check_artifact(export_dir: Path, entry: dict[str, Any]) -> Path:
-    """The artifact of a metadata.json format entry, checked to be the file that was exported (sha256)."""
-    artifact = export_dir / entry["file"]
-    if not artifact.is_file():
-        raise ExportError(f"{artifact} is missing; export it again")
-    if sha256(artifact) != entry["sha256"]:
-        raise ExportError(f"{artifact} changed since it was exported (sha256 differs from {METADATA}); export again")
-    return artifact
 
 
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdforge.errors import KdforgeError
-from kdforge.fileio import file_hash, read_json, read_metadata
+from kdforge.fileio import check_artifact, read_json, read_metadata
 from kdforge.images import MAX_PIXELS, ImageError, decode_rgb
 
 # export formats a server can load. "auto" serves the fastest verified one that `kdforge bench` measured
@@ -99,22 +99,21 @@ class ServedModel:
         why = "asked for with --format"
         if fmt == "auto":
             try:
-                bench = read_json(export_dir / "bench.json")
-            except KdforgeError as exc:  # speeds are a preference, not a requirement: choose without them
-                bench, damaged = {}, f" ({exc.args[0].split(';')[0]})"
-            else:
-                damaged = ""
+                bench, damaged = read_json(export_dir / "bench.json"), ""
+            except KdforgeError:  # speeds are a preference, not a requirement: choose without them
+                bench, damaged = {}, " (bench.json is damaged: ignored; `kdforge bench` writes it again)"
             fmt, why = choose_format(export_dir, verified, bench)
             why += damaged
         if fmt not in SERVABLE:
             raise ServingError(f"unknown format {fmt!r}: serve auto, {', '.join(SERVABLE)}")
-        if not (export_dir / SERVABLE[fmt]).is_file():
+        if fmt not in meta["formats"] or not (export_dir / SERVABLE[fmt]).is_file():
             raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE[fmt]}); export it, or serve another "
                                f"--format")
-        digest = file_hash(export_dir / SERVABLE[fmt])
-        if digest != meta.get("formats", {}).get(fmt, {}).get("sha256"):
-            raise ServingError(f"{export_dir / SERVABLE[fmt]} changed since it was exported (its sha256 is not the "
-                               f"one in metadata.json): export it again")
+        try:
+            check_artifact(export_dir, meta["formats"][fmt])  # the very file that was exported (sha256)
+        except KdforgeError as exc:
+            raise ServingError(str(exc)) from None
+        digest = meta["formats"][fmt]["sha256"]
         chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
         try:
             session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
