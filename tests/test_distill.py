@@ -235,3 +235,34 @@ def test_distilled_student_needs_a_finished_teacher(make_recipe, tmp_path):
 
     with pytest.raises(CheckpointError, match="no trained teacher"):
         train_stage(load_recipe(make_recipe(TINY_MODELS)), "student", runs_dir=tmp_path, consumers=[])
+
+
+def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, monkeypatch):
+    import kdforge.train.stages as stages
+    from kdforge.train.stages import train_stage
+
+    runs = tmp_path / "runs"
+    first = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = false\n", name="first")
+    second = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = false\ntemperature = 2.0\n", name="second")
+    steps = ["train.max_steps=3", "train.limit_eval_batches=1"]
+    done = run_distill(load_recipe(first, steps), runs_dir=runs, consumers=[])
+
+    trained, real_fit = [], stages.fit
+    monkeypatch.setattr(stages, "fit", lambda *args, **kwargs: trained.append(kwargs["title"]) or real_fit(*args,
+                                                                                                             **kwargs))
+    notes = []
+    again = run_distill(load_recipe(second, steps), runs_dir=runs, consumers=[notes.append])
+    assert trained == ["student test_convnext"]  # the teacher was not trained again...
+    assert again.teacher["top1"] == done.teacher["top1"] and "teacher" in again.reused
+    assert any(f"trained with these settings in {runs / 'first' / 'teacher'}" in n.get("message", "") for n in notes)
+    mine, theirs = (runs / name / "teacher" / "last" / "model.safetensors" for name in ("second", "first"))
+    assert mine.stat().st_ino == theirs.stat().st_ino  # ...its files are linked, not copied
+    assert json.loads((runs / "second" / "teacher" / "result.json").read_text())["stage_dir"] == str(
+        runs / "second" / "teacher")
+
+    train_stage(load_recipe(second, steps), "teacher", runs_dir=runs, overwrite=True, consumers=[])
+    assert trained[-1] == "teacher test_resnet"  # --overwrite trains it...
+    assert theirs.is_file() and mine.resolve() != theirs.resolve()  # ...and the first recipe's teacher is intact
+    other_teacher = load_recipe(first, [*steps, "teacher.train.lr=1e-3", "name=third"])
+    run_distill(other_teacher, runs_dir=runs, consumers=[])
+    assert trained[-2:] == ["teacher test_resnet", "student test_convnext"]  # other settings: its own teacher

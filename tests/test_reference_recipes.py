@@ -90,3 +90,14 @@ def test_quickstart_chain_runs_end_to_end_with_exports(name, synth_root, tmp_pat
     summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
     assert set(summary.exports) == {"onnx", "int8"}
     assert all(row["passed"] for row in summary.exports.values())
+
+
+def test_the_five_reference_distillations_share_two_teachers():
+    """Reproducing the five trains one ViT-B and one ResNet-152 teacher (the others are reused by fingerprint)."""
+    from kdforge.train.stages import stage_fingerprint
+
+    teachers = {name: stage_fingerprint(load_recipe(RECIPES / f"{name}.toml"), "teacher")
+                for name in ("vit_to_vit", "vit_to_resnet", "vit_to_mobilevit", "resnet_to_vit", "resnet_to_resnet")}
+    assert len(set(teachers.values())) == 2
+    assert teachers["vit_to_vit"] == teachers["vit_to_resnet"] == teachers["vit_to_mobilevit"]
+    assert teachers["resnet_to_vit"] == teachers["resnet_to_resnet"]

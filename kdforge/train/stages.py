@@ -25,7 +25,7 @@ from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
-from kdforge.errors import CheckpointError, ModelError
+from kdforge.errors import CheckpointError, KdforgeError, ModelError
 from kdforge.fileio import (
     atomic_write_text,
     check_can_create,
@@ -42,6 +42,7 @@ from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
 
 STAGES = ("teacher", "baseline", "student")
+SHARED = ("teacher",)  # stages reused across recipes when their fingerprint matches (a teacher is trained once)
 TEACHER_EVAL = "teacher_eval"  # runs/<name>/teacher_eval/: the evaluation of a teacher given by teacher.checkpoint
 STALE = ".stale"  # runs/<name>/.stale/<stage>-<time>-<pid>: a replaced stage, kept until its successor finishes
 
@@ -175,6 +176,9 @@ def train_stage(
     if discard and discard != "--overwrite" and not retrain_stale:
         raise CheckpointError(f"{stage_dir}: {discard}; pass --overwrite to start over")
     sync()
+    # a teacher is trained once: a finished one with the same fingerprint in another run is reused, not retrained
+    donor = find_finished_stage(runs_dir, stage, fingerprint) if stage in SHARED and not (overwrite or resume_from) \
+        else None
 
     started = time.perf_counter()
     metrics = MetricsLog(stage_dir / "metrics.jsonl")
@@ -192,7 +196,7 @@ def train_stage(
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
         stale = None
         if main:
-            if discard and stage_dir.exists():  # moved aside, deleted only once the new run has finished
+            if (discard or donor) and stage_dir.exists():  # moved aside, deleted only once the new run finished
                 stale = runs_dir / recipe.name / STALE / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
                 stale.parent.mkdir(parents=True, exist_ok=True)
                 stage_dir.rename(stale)
@@ -200,15 +204,23 @@ def train_stage(
                 for consume in consumers:
                     consume({"event": "note", "message": f"{stage}: {discard}; training it again (the earlier run "
                                                          f"is kept in {stale} until the new one finishes)"})
+            if donor is not None:
+                adopt_stage(donor, stage_dir)
+                for consume in consumers:
+                    consume({"event": "note", "message": f"{stage}: trained with these settings in {donor}: reused "
+                                                         f"(its files linked here; --overwrite trains it again)"})
             stage_dir.mkdir(parents=True, exist_ok=True)
             for folder in (stage_dir, stage_dir / "checkpoints"):  # what a killed run left half-written
                 remove_leftovers(folder)
             atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-            if resume_from is None:
-                metrics.path.unlink(missing_ok=True)
-            else:
+            if resume_from is not None:
                 metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
+            elif donor is None:
+                metrics.path.unlink(missing_ok=True)
         sync()
+        if donor is not None:  # nothing to train
+            reused = StageResult(**{**read_json(donor / "result.json"), "stage_dir": str(stage_dir), "skipped": True})
+            return _finished(reused, runs_dir / recipe.name, main)
 
         cache = None
         if teacher is not None:
@@ -235,12 +247,47 @@ def train_stage(
         steps=result.steps, input_size=spec.size, wall_s=round(time.perf_counter() - started, 2),
         train_images_per_s=round(result.train_images_per_s, 1), fingerprint=fingerprint, stage_dir=str(stage_dir),
     )
+    return _finished(outcome, runs_dir / recipe.name, main)
+
+
+def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
+    """Record the finished stage (result.json) and drop the earlier runs it replaced."""
     if main:
-        write_json(result_path, {k: v for k, v in asdict(outcome).items() if k != "skipped"})
-        for earlier in (runs_dir / recipe.name / STALE).glob(f"{stage}-*"):  # this one and any a crash left
+        write_json(Path(outcome.stage_dir) / "result.json",
+                   {k: v for k, v in asdict(outcome).items() if k != "skipped"})
+        for earlier in (run_dir / STALE).glob(f"{outcome.stage}-*"):  # this one and any a crash left
             shutil.rmtree(earlier, ignore_errors=True)
     sync()
     return outcome
+
+
+def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str) -> Path | None:
+    """A finished `stage` of any run in `runs_dir` with this fingerprint (same model, data, seed and training
+    settings: the same weights up to the machine's arithmetic), or None. The runs folder is the store: nothing
+    else to keep in sync."""
+    for result in sorted(runs_dir.glob(f"*/{stage}/result.json")):
+        try:
+            finished = read_json(result).get("fingerprint") == fingerprint
+        except KdforgeError:  # a damaged result elsewhere is that run's problem, not this one's
+            continue
+        if finished and (result.parent / "last" / WEIGHTS).is_file():
+            return result.parent
+    return None
+
+
+def adopt_stage(donor: Path, stage_dir: Path) -> None:
+    """Make `stage_dir` a copy of the finished stage `donor`, files hard-linked where the file system allows
+    (checkpoints are never changed in place, so a link is as safe as a copy and costs no space)."""
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    tmp = stage_dir.with_name(f".{stage_dir.name}.tmp-{os.getpid()}")
+    shutil.copytree(donor, tmp, symlinks=True, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(".*", "result.json", "recipe.toml"))
+    tmp.rename(stage_dir)
 
 
 def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: Path, data, runtime,
