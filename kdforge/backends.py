@@ -157,6 +157,41 @@ class TrtRunner:
         return torch.cat(outputs).float().cpu()
 
 
-def open_runner(path: Path, device: str | None = None) -> OnnxRunner | TrtRunner:
-    """The runner for an exported artifact: TensorRT for `.engine` files, ONNX Runtime for `.onnx`."""
-    return TrtRunner(path, device) if Path(path).suffix == ".engine" else OnnxRunner(path)
+class OpenVinoRunner:
+    """An OpenVINO IR (.xml + .bin) on OpenVINO's CPU plugin, in FP32 arithmetic (the FP16-stored weights are
+    widened). Input size and mean/std come from the model's rt_info (written by `onnx_to_openvino`)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        ov = require("openvino")
+
+        self.path = Path(path)
+        if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
+            raise ExportError(f"OpenVINO model not found: {self.path} and its .bin are needed")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.path))
+            meta = {key: model.get_rt_info(["kdforge", key]).astype(str) for key in ("input_size", "mean", "std")}
+            config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:  # OpenVINO reports parse and missing-key errors as RuntimeError
+            raise ExportError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
+                              f"again") from None
+        self.spec = InputSpec(int(meta["input_size"]), tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])))
+        self.output = self.compiled.output(0)
+        self.name = f"openvino {ov.__version__.split('-')[0]} (CPU)"
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.spec.prepare(images.cpu()).numpy()
+        return torch.from_numpy(self.compiled(x)[self.output].copy()).float()
+
+
+def open_runner(path: Path, device: str | None = None,
+                threads: int | None = None) -> OnnxRunner | TrtRunner | OpenVinoRunner:
+    """The runner for an exported artifact, by suffix: TensorRT for `.engine`, OpenVINO for `.xml`, ONNX Runtime
+    for `.onnx` (`threads`: CPU threads for the CPU runtimes; default: theirs)."""
+    suffix = Path(path).suffix
+    if suffix == ".engine":
+        return TrtRunner(path, device)
+    if suffix == ".xml":
+        return OpenVinoRunner(path, threads)
+    return OnnxRunner(path, threads=threads)

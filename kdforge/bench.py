@@ -127,7 +127,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""
     import torch
 
-    from kdforge.backends import OnnxRunner, TorchRunner, TrtRunner
+    from kdforge.backends import TorchRunner, open_runner
     from kdforge.data.transforms import InputSpec
     from kdforge.export.tensorrt import tensorrt_missing
     from kdforge.models import create_model
@@ -171,8 +171,8 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
             else:
                 entry = meta["formats"][name]
                 artifact = check_artifact(export_dir, entry)
-                runner = (TrtRunner(artifact, str(rt.device) if rt.device.type == "cuda" else None)
-                          if artifact.suffix == ".engine" else OnnxRunner(artifact, threads=settings.threads))
+                runner = open_runner(artifact, str(rt.device) if rt.device.type == "cuda" else None,
+                                     threads=settings.threads)
                 precision, size = entry["precision"], entry["bytes"]
                 report = verified.get(name, {})
                 top1, agreement, passed = report.get("candidate_top1"), report.get("agreement"), report.get("passed")

@@ -73,15 +73,19 @@ def read_metadata(export_dir: Path) -> dict[str, Any]:
 
 def check_artifact(export_dir: Path, entry: dict[str, Any]) -> Path:
     """The artifact of a metadata.json format entry, checked to be the very file that was exported (sha256):
-    what serving, verification and benchmarks open. A KdforgeError when it is missing or was replaced."""
-    from kdforge.errors import KdforgeError
+    what serving, verification and benchmarks open. An ExportError when it is missing or was replaced."""
+    from kdforge.errors import ExportError
 
     artifact = export_dir / entry["file"]
-    if not artifact.is_file():
-        raise KdforgeError(f"{artifact} is missing; export it again")
-    if file_hash(artifact) != entry["sha256"]:
-        raise KdforgeError(f"{artifact} changed since it was exported (its sha256 is not the one in metadata.json); "
-                           f"export it again")
+    files = [(artifact, entry["sha256"])]
+    if "weights_file" in entry:  # a format whose weights are a second file (OpenVINO's .bin)
+        files.append((export_dir / entry["weights_file"], entry["weights_sha256"]))
+    for path, digest in files:
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; export it again")
+        if file_hash(path) != digest:
+            raise ExportError(f"{path} changed since it was exported (its sha256 is not the one in metadata.json); "
+                               f"export it again")
     return artifact
 
 

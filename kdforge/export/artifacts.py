@@ -167,12 +167,18 @@ def recipe_formats(recipe: Recipe) -> list[str]:
 
 
 def unbuildable_here(formats: list[str]) -> dict[str, str]:
-    """The formats this machine cannot make (TensorRT engines without TensorRT or a GPU) -> why."""
+    """The formats this machine cannot make (TensorRT engines without TensorRT or a GPU, OpenVINO IR without
+    OpenVINO) -> why."""
+    import importlib.util
+
     from kdforge.export.tensorrt import tensorrt_missing
 
     gpu_formats = [name for name in formats if FORMATS.get(name).needs_gpu]
     missing = tensorrt_missing() if gpu_formats else None
-    return {name: missing for name in gpu_formats} if missing else {}
+    unavailable = {name: missing for name in gpu_formats} if missing else {}
+    if "openvino" in formats and importlib.util.find_spec("openvino") is None:
+        unavailable["openvino"] = 'OpenVINO is not installed: pip install "kdforge[openvino]"'
+    return unavailable
 
 
 def requested_formats(formats: list[str] | None, fp16: bool = False, int8: bool = False,
@@ -243,7 +249,7 @@ def export_run(
     the remedies `quantize.escalate` allows are tried in order and the first that passes is shipped; the
     metadata records every step. Each phase is announced through `progress` with its time."""
     from kdforge.data import load_dataset
-    from kdforge.export.converters import onnx_to_fp16, onnx_to_triton, torch_to_onnx
+    from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, torch_to_onnx
     from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.export.tensorrt import onnx_to_trt
     from kdforge.models import create_model, resolve_input_spec
@@ -300,7 +306,7 @@ def export_run(
         fmt = FORMATS.get(name)
         artifacts[name] = path
         files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": sha256(path),
-                       "bytes": path.stat().st_size, **extra}
+                       "bytes": path.stat().st_size + extra.get("weights_bytes", 0), **extra}
         write_json(export_dir / METADATA, {
             **common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": settings, "formats": {**previous, **files},
@@ -373,6 +379,11 @@ def export_run(
             onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
             extra = make_int8(qcfg, path, meta)
+        elif name == "openvino":
+            onnx_to_openvino(artifacts["onnx"], path, meta)
+            weights = path.with_suffix(".bin")  # hashed too: serving and verification check both files
+            extra = {"weights_file": weights.name, "weights_sha256": sha256(weights), "weights_bytes":
+                     weights.stat().st_size}
         elif fmt.needs_gpu:
             info = onnx_to_trt(artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
                                tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)

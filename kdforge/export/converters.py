@@ -263,3 +263,29 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
     constants = {t.name for t in graph.initializer}
     return [node.name for node in graph.node if node.op_type in op_types
             and not (node.op_type == "MatMul" and node.input[1] not in constants)]
+
+
+def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any]) -> Path:
+    """Convert an ONNX export to OpenVINO IR (`xml_path` + the .bin beside it) with `metadata` in its rt_info
+    under "kdforge"; weights compressed to FP16 (`openvino.save_model`'s default). Written into a temporary folder,
+    loaded and run once on the CPU plugin, then moved into place (.bin first, so an .xml is never without it)."""
+    import shutil
+
+    import numpy as np
+
+    ov = require("openvino")
+    model = ov.convert_model(str(onnx_path))
+    for key, value in metadata.items():
+        model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["kdforge", key])
+    tmp = xml_path.with_name(f".{xml_path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        ov.save_model(model, str(tmp / xml_path.name), compress_to_fp16=True)
+        compiled = ov.Core().compile_model(str(tmp / xml_path.name), "CPU")
+        size = int(metadata["input_size"])
+        compiled(np.zeros((1, 3, size, size), np.float32))
+        (tmp / xml_path.name).with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
+        (tmp / xml_path.name).replace(xml_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return xml_path

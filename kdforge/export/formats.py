@@ -43,6 +43,11 @@ FORMATS.register("fp16")(ExportFormat(
 FORMATS.register("triton")(ExportFormat(
     "triton", "triton/student/1/model.onnx", "fp32", needs_gpu=False, options=frozenset({"opset"}), source="onnx",
 ))
+# OpenVINO IR (student.openvino.xml + .bin) converted from the FP32 ONNX, weights stored in FP16 (OpenVINO's
+# default; its CPU plugin computes in FP32, or bf16 on AMX CPUs), batch axis dynamic; runs on OpenVINO's CPU plugin
+FORMATS.register("openvino")(ExportFormat(
+    "openvino", "student.openvino.xml", "fp16", needs_gpu=False, options=frozenset({"opset"}), source="onnx",
+))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
 FORMATS.register("trt_fp16")(ExportFormat(
     "trt_fp16", "student.fp16.engine", "fp16", needs_gpu=True, options=frozenset({"opset"}) | TENSORRT_OPTIONS,
