@@ -33,6 +33,28 @@ def test_openvino_export_verifies_against_pytorch(trained_students, tmp_path, ki
 
 
 @needs_openvino
+def test_openvino_int8_is_quantized_by_nncf_and_verified(trained_students, tmp_path):
+    import json
+
+    from kdforge.export.artifacts import export_run
+
+    result = export_run(trained_students["cnn"], ["openvino_int8"], exports_dir=tmp_path)
+    report = result.reports["openvino_int8"]
+    print(f"openvino_int8 cnn: agreement {report.agreement:.4f}, top-1 delta {report.top1_delta_points:+.2f} "
+          f"points, {report.count} images")
+    # verified like every format (on this tiny, barely trained student INT8 moves a few of 300 answers either way:
+    # its pass/fail is the tolerance's call, not this test's); far above chance (1%) agreement with FP32
+    assert report.count == 300 and report.agreement > 0.6
+    assert json.loads((result.export_dir / "verify.json").read_text())["openvino_int8"]["passed"] == report.passed
+    entry = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["openvino_int8"]
+    assert 0 < entry["calibration_images"] <= 200 and entry["quantizer"] == "nncf.quantize"  # whole batches
+    import openvino as ov
+
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(result.artifacts["openvino_int8"])).get_ops()}
+    assert "FakeQuantize" in ops  # quantized: OpenVINO runs the marked layers in INT8
+
+
+@needs_openvino
 def test_openvino_is_benchmarked_and_a_replaced_weights_file_is_refused(trained_students, tmp_path):
     from kdforge.export.artifacts import export_run
 
@@ -57,6 +79,6 @@ def test_without_openvino_the_other_formats_are_made_and_it_exits_3(trained_stud
     result = runner.invoke(app, ["export", str(trained_students["cnn"]), "--format", "openvino", "--out",
                                  str(tmp_path)])
     assert result.exit_code == 3, result.output
-    assert 'openvino not built: OpenVINO is not installed: pip install "kdforge[openvino]"' in " ".join(
+    assert 'openvino not built: openvino not installed: pip install "kdforge[openvino]"' in " ".join(
         result.stderr.split())
     assert (tmp_path / "cnn" / "student.onnx").is_file()  # its source was still made and verified

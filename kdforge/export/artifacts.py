@@ -176,8 +176,10 @@ def unbuildable_here(formats: list[str]) -> dict[str, str]:
     gpu_formats = [name for name in formats if FORMATS.get(name).needs_gpu]
     missing = tensorrt_missing() if gpu_formats else None
     unavailable = {name: missing for name in gpu_formats} if missing else {}
-    if "openvino" in formats and importlib.util.find_spec("openvino") is None:
-        unavailable["openvino"] = 'OpenVINO is not installed: pip install "kdforge[openvino]"'
+    for name, modules in (("openvino", ("openvino",)), ("openvino_int8", ("openvino", "nncf"))):
+        missing = [module for module in modules if importlib.util.find_spec(module) is None]
+        if name in formats and missing:
+            unavailable[name] = f'{" and ".join(missing)} not installed: pip install "kdforge[openvino]"'
     return unavailable
 
 
@@ -379,11 +381,16 @@ def export_run(
             onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
             extra = make_int8(qcfg, path, meta)
-        elif name == "openvino":
-            onnx_to_openvino(artifacts["onnx"], path, meta)
-            weights = path.with_suffix(".bin")  # hashed too: serving and verification check both files
-            extra = {"weights_file": weights.name, "weights_sha256": sha256(weights), "weights_bytes":
-                     weights.stat().st_size}
+        elif name in ("openvino", "openvino_int8"):
+            batches = None
+            if name == "openvino_int8":  # the same calibration images as the ONNX INT8 export
+                calibration = calibration or select_calibration(data.train, spec, qcfg, recipe.seed)
+                batches = calibration.batches
+                extra = {"calibration_images": calibration.count, "quantizer": "nncf.quantize"}
+            onnx_to_openvino(artifacts["onnx"], path, meta, batches)
+            weights = path.with_suffix(".bin")  # hashed too: verification and benchmarks check both files
+            extra.update(weights_file=weights.name, weights_sha256=sha256(weights),
+                         weights_bytes=weights.stat().st_size)
         elif fmt.needs_gpu:
             info = onnx_to_trt(artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
                                tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)

@@ -265,16 +265,23 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
             and not (node.op_type == "MatMul" and node.input[1] not in constants)]
 
 
-def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any]) -> Path:
+def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any],
+                     calibration: list[Any] | None = None) -> Path:
     """Convert an ONNX export to OpenVINO IR (`xml_path` + the .bin beside it) with `metadata` in its rt_info
-    under "kdforge"; weights compressed to FP16 (`openvino.save_model`'s default). Written into a temporary folder,
-    loaded and run once on the CPU plugin, then moved into place (.bin first, so an .xml is never without it)."""
+    under "kdforge"; weights compressed to FP16 (`openvino.save_model`'s default). With `calibration` (batches of
+    prepared float32 images), the model is quantized to INT8 first with NNCF's post-training quantization
+    (`nncf.quantize`, its default symmetric preset). Written into a temporary folder, loaded and run once on the
+    CPU plugin, then moved into place (.bin first, so an .xml is never without it)."""
     import shutil
 
     import numpy as np
 
     ov = require("openvino")
     model = ov.convert_model(str(onnx_path))
+    if calibration is not None:
+        nncf = require("nncf")
+        images = sum(len(batch) for batch in calibration)  # every calibration image, however NNCF counts batches
+        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=images)
     for key, value in metadata.items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["kdforge", key])
     tmp = xml_path.with_name(f".{xml_path.name}.tmp-{os.getpid()}")

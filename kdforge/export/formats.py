@@ -48,6 +48,12 @@ FORMATS.register("triton")(ExportFormat(
 FORMATS.register("openvino")(ExportFormat(
     "openvino", "student.openvino.xml", "fp16", needs_gpu=False, options=frozenset({"opset"}), source="onnx",
 ))
+# OpenVINO INT8: NNCF post-training quantization of the FP32 ONNX's IR, calibrated on the same training-split images
+# as the ONNX INT8 export ([quantize] calibration)
+FORMATS.register("openvino_int8")(ExportFormat(
+    "openvino_int8", "student.openvino.int8.xml", "int8", needs_gpu=False, options=frozenset({"opset", "calibration"}),
+    source="onnx",
+))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
 FORMATS.register("trt_fp16")(ExportFormat(
     "trt_fp16", "student.fp16.engine", "fp16", needs_gpu=True, options=frozenset({"opset"}) | TENSORRT_OPTIONS,
