@@ -256,9 +256,8 @@ def export(
         help="A run (runs/NAME), a stage folder or a recipe file; default: the most recent run.",
         show_default=False)] = None,
     formats: Annotated[list[str] | None, typer.Option(
-        "--format", "-f", help="Format to write (repeatable): onnx, fp16, int8, openvino, openvino_int8, triton, trt_fp16, "
-        "trt_int8; "
-        "default: the recipe's export.formats, else onnx.", show_default=False)] = None,
+        "--format", "-f", help="Format to write (repeatable): onnx, fp16, int8, openvino, openvino_int8, triton, "
+        "trt_fp16, trt_int8; default: the recipe's export.formats, else onnx.", show_default=False)] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (>= 17); default: the recipe's export.opset.",
                                                  show_default=False, min=17)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="The FP16 ONNX (with --trt: an FP16 TensorRT engine).")]
