@@ -280,8 +280,8 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any],
     model = ov.convert_model(str(onnx_path))
     if calibration is not None:
         nncf = require("nncf")
-        images = sum(len(batch) for batch in calibration)  # every calibration image, however NNCF counts batches
-        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=images)
+        # NNCF counts dataset items, here whole batches: every calibration image is used
+        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
     for key, value in metadata.items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["kdforge", key])
     tmp = xml_path.with_name(f".{xml_path.name}.tmp-{os.getpid()}")

@@ -1,0 +1,81 @@
+"""OpenVINO vs ONNX Runtime on this CPU, FP32 and INT8, at the reference size (224x224), side by side.
+
+For each reference student (resnet18, mobilevit_s, vit_tiny baselines; 2 training steps from random init on
+synthetic data, so the timings are real and the accuracies are not), exports onnx, int8 (ONNX Runtime, uint8
+activations), openvino (FP16-stored weights, FP32 compute) and openvino_int8 (NNCF), verifies each against the
+PyTorch student, then runs `kdforge bench` on the export: latency p50 at batch 1 and images/s at batch 32.
+
+    .venv/bin/python benchmarks/openvino_vs_ort.py                   # all three, 2 threads
+    .venv/bin/python benchmarks/openvino_vs_ort.py --recipes resnet18_baseline --threads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+FORMATS = ["onnx", "int8", "openvino", "openvino_int8"]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["resnet18_baseline", "mobilevit_s_baseline",
+                                                         "vit_tiny_baseline"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--test", type=int, default=256, help="synthetic test images (verification)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per format")
+    args = parser.parse_args()
+
+    import torch
+
+    from kdforge.bench import BenchSettings, bench_export
+    from kdforge.data.synthetic import write_synthetic
+    from kdforge.export.artifacts import export_run
+    from kdforge.recipe import load_recipe
+    from kdforge.train.stages import train_stage
+
+    torch.set_num_threads(args.threads)
+    flags = [f for f in ("avx512f", "avx512_vnni", "amx_int8") if f in Path("/proc/cpuinfo").read_text()]
+    print(f"{cpu_model()} ({', '.join(flags) or 'no AVX-512/VNNI/AMX'}), {os.cpu_count()} CPUs, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synth"
+        write_synthetic(root, train=1000, test=args.test, seed=0)
+        for name in args.recipes:
+            recipe = load_recipe(RECIPES / f"{name}.toml", [
+                "data.dataset=synthetic", f"data.root={root}", "data.synthetic.train=1000",
+                f"data.synthetic.test={args.test}", "student.pretrained=false", "train.max_steps=2",
+                "train.batch_size=2", "train.limit_eval_batches=1", "runtime.device=cpu",
+                f"runtime.threads={args.threads}", f"export.dir={tmp}/exports", "quantize.calibration=256",
+                "verify.batch_size=64",
+            ])
+            stage = train_stage(recipe, "baseline", runs_dir=Path(tmp) / "runs", consumers=[])
+            result = export_run(Path(stage.stage_dir), FORMATS,
+                                progress=lambda line, name=name: print(f"  {name}: {line}", flush=True))
+            bench = bench_export(result.export_dir, BenchSettings(32, args.repeats, 3, args.threads, tuple(FORMATS)))
+            for row in bench.rows:
+                report = result.reports[row.format]
+                rows.append((recipe.student.model, row.format, row.runtime, row.latency_p50_ms, row.throughput,
+                             report.top1_delta_points, report.agreement, report.passed))
+                print(f"  {rows[-1]}", flush=True)
+    print("\n| student | format | runtime | batch-1 p50 ms | images/s at batch 32 | top-1 delta (points) | "
+          "agreement | verification |\n|---|---|---|---|---|---|---|---|")
+    for model, fmt, runtime, p50, throughput, delta, agreement, passed in rows:
+        print(f"| {model} | {fmt} | {runtime} | {p50:.2f} | {throughput:.0f} | {delta:+.2f} | {agreement:.1%} | "
+              f"{'PASS' if passed else 'FAIL'} |")
+
+
+if __name__ == "__main__":
+    main()
