@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -63,6 +64,10 @@ class StageResult:
     fingerprint: str
     stage_dir: str
     skipped: bool = False  # True when an earlier finished run was reused
+
+    def record(self) -> dict[str, Any]:
+        """What result.json holds (`skipped` describes this call, not the stage)."""
+        return {k: v for k, v in asdict(self).items() if k != "skipped"}
 
 
 LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0}  # [distill] keys newer than finished runs, with their defaults
@@ -253,8 +258,7 @@ def train_stage(
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
     """Record the finished stage (result.json) and drop the earlier runs it replaced."""
     if main:
-        write_json(Path(outcome.stage_dir) / "result.json",
-                   {k: v for k, v in asdict(outcome).items() if k != "skipped"})
+        write_json(Path(outcome.stage_dir) / "result.json", outcome.record())
         for earlier in (run_dir / STALE).glob(f"{outcome.stage}-*"):  # this one and any a crash left
             shutil.rmtree(earlier, ignore_errors=True)
     sync()
@@ -284,6 +288,7 @@ def adopt_stage(donor: Path, stage_dir: Path) -> None:
         except OSError:
             shutil.copy2(source, target)
 
+    remove_leftovers(stage_dir.parent)  # what an adoption killed half-way left
     tmp = stage_dir.with_name(f".{stage_dir.name}.tmp-{os.getpid()}")
     shutil.copytree(donor, tmp, symlinks=True, copy_function=link_or_copy,
                     ignore=shutil.ignore_patterns(".*", "result.json", "recipe.toml"))
@@ -335,5 +340,5 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
     if runs_dir is not None and current_rank() == 0:
         folder = Path(runs_dir) / recipe.name / TEACHER_EVAL
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "result.json", {k: v for k, v in asdict(result).items() if k != "skipped"})
+        write_json(folder / "result.json", result.record())
     return result
