@@ -17,8 +17,8 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 
