@@ -51,11 +51,11 @@ def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) ->
                 raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is larger than the "
                                     f"{max_pixels:,} pixels decoded here; send it smaller")
             rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+    except ImageError:  # ours, raised above (it is a ValueError: let it through unchanged)
+        raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, met before ours by some headers
         raise ImageTooLarge(f"image larger than the {max_pixels:,} pixels decoded here ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        if isinstance(exc, ImageError):
-            raise
         raise ImageError(f"not a readable image: {exc}") from None
     return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
 

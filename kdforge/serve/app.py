@@ -81,8 +81,7 @@ def create_app(
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS,
 ) -> FastAPI:
-    model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache)
-    model.max_pixels = max_pixels
+    model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache, max_pixels)
     workers = CapacityLimiter(max_concurrent)
 
     async def run_model(images: list[bytes]):

@@ -88,7 +88,7 @@ class ServedModel:
 
     @classmethod
     def load(cls, export_dir: Path, fmt: str = "auto", providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-             engine_cache: Path | None = None) -> ServedModel:
+             engine_cache: Path | None = None, max_pixels: int = MAX_PIXELS) -> ServedModel:
         import onnxruntime as ort
 
         try:
@@ -138,7 +138,8 @@ class ServedModel:
                                f"answers may differ; run `kdforge verify {export_dir}`")
         return cls(session, session.get_inputs()[0].name, int(meta["input_size"]),
                    np.asarray(meta["mean"], np.float32).reshape(3, 1, 1),
-                   np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info)
+                   np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info,
+                   max_pixels)
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Image bytes -> normalized float32 (3, size, size), decoded as `kdforge.images.decode_rgb` says."""
