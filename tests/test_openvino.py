@@ -33,12 +33,16 @@ def test_openvino_export_verifies_against_pytorch(trained_students, tmp_path, ki
 
 
 @needs_openvino
-def test_openvino_int8_is_quantized_by_nncf_and_verified(trained_students, tmp_path):
+def test_openvino_int8_is_quantized_by_nncf_verified_and_escalates_to_accuracy_control(trained_students, tmp_path):
     import json
 
-    from kdforge.export.artifacts import export_run
+    import openvino as ov
 
-    result = export_run(trained_students["cnn"], ["openvino_int8"], exports_dir=tmp_path)
+    from kdforge.export.artifacts import export_recipe, export_run
+
+    # plain NNCF post-training quantization (escalation off, so what is measured is nncf.quantize's own file)
+    source = trained_students["cnn"]
+    result = export_run(source, ["openvino_int8"], exports_dir=tmp_path / "plain", quantize={"escalate": []})
     report = result.reports["openvino_int8"]
     print(f"openvino_int8 cnn: agreement {report.agreement:.4f}, top-1 delta {report.top1_delta_points:+.2f} "
           f"points, {report.count} images")
@@ -46,12 +50,29 @@ def test_openvino_int8_is_quantized_by_nncf_and_verified(trained_students, tmp_p
     # its pass/fail is the tolerance's call, not this test's); far above chance (1%) agreement with FP32
     assert report.count == 300 and report.agreement > 0.6
     assert json.loads((result.export_dir / "verify.json").read_text())["openvino_int8"]["passed"] == report.passed
-    entry = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["openvino_int8"]
-    assert 0 < entry["calibration_images"] <= 200 and entry["quantizer"] == "nncf.quantize"  # whole batches
-    import openvino as ov
+    plain = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["openvino_int8"]
+    assert 0 < plain["calibration_images"] <= 200 and plain["quantizer"] == "nncf.quantize"  # whole batches
+    assert plain["method"] == "ptq" and plain["fake_quantize_ops"] > 0
+    ops = [op.get_type_name() for op in ov.Core().read_model(str(result.artifacts["openvino_int8"])).get_ops()]
+    assert ops.count("FakeQuantize") == plain["fake_quantize_ops"]  # OpenVINO runs those layers in INT8
 
-    ops = {op.get_type_name() for op in ov.Core().read_model(str(result.artifacts["openvino_int8"])).get_ops()}
-    assert "FakeQuantize" in ops  # quantized: OpenVINO runs the marked layers in INT8
+    # a tolerance PTQ cannot meet (no answer may change): the export tries NNCF's accuracy-controlled quantization
+    # on the held-out training images and records both steps
+    strict = export_recipe(source, overrides=["verify.int8.max_top1_delta=0", "verify.int8.min_agreement=1"])
+    result = export_run(source, ["openvino_int8"], exports_dir=tmp_path / "strict", recipe=strict)
+    entry = json.loads((result.export_dir / "metadata.json").read_text())["formats"]["openvino_int8"]
+    print(f"openvino_int8 steps: {entry['steps']}; FakeQuantize ops {plain['fake_quantize_ops']} -> "
+          f"{entry['fake_quantize_ops']}")
+    assert [s["step"] for s in entry["steps"]] == ["ptq", "accuracy_aware"] and not entry["steps"][0]["passed"]
+    assert entry["method"] == "accuracy_aware" and entry["quantizer"] == "nncf.quantize_with_accuracy_control"
+    assert entry["max_top1_drop"] == 0 and entry["heldout_images"] > 0
+    # NNCF reverts layers only for a drop it measures on the held-out images (on this barely trained student INT8
+    # may not lose any there, and then everything stays quantized)
+    assert entry["fake_quantize_ops"] <= plain["fake_quantize_ops"]
+    assert any(n.startswith("openvino_int8: ") and "accuracy_aware" in n for n in result.notes)
+    assert entry["steps"][-1]["passed"] == result.reports["openvino_int8"].passed
+    assert json.loads((result.export_dir / "verify.json").read_text())["openvino_int8"]["passed"] == entry[
+        "steps"][-1]["passed"]
 
 
 @needs_openvino

@@ -358,12 +358,47 @@ def export_run(
                          f"verified format")
         record("int8", path, {**extra, "method": steps[-1]["step"], "steps": steps, "latency_vs_fp32": speed})
         if len(steps) > 1:
-            outcome = "shipped" if "int8" not in failures else "every allowed step failed; last tried"
-            notes.append(f"int8: {outcome}: {steps[-1]['step']} ("
-                         + "; ".join(f"{s['step']}: top-1 {s['top1_delta_points']:+.2f} points, McNemar p "
-                                     f"{s['mcnemar_p']:.2g}, {'PASS' if s['passed'] else 'FAIL'}" for s in steps)
-                         + ")")
+            notes.append(_steps_note("int8", steps))
         return steps
+
+    def make_openvino(path: Path, meta: dict[str, Any], step_cfg: QuantizeConfig | None = None) -> dict[str, Any]:
+        """The OpenVINO IR; with `step_cfg`, INT8 by NNCF on the same calibration images as the ONNX INT8 export
+        (accuracy-controlled on the held-out training images when it sets max_top1_drop)."""
+        nonlocal calibration
+        extra: dict[str, Any] = {}
+        if step_cfg is None:
+            onnx_to_openvino(artifacts["onnx"], path, meta)
+        else:
+            calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed)
+            validation = [(spec.prepare(image[None]).numpy(), int(label))
+                          for image, label in zip(calibration.heldout_images, calibration.heldout_labels, strict=True)]
+            extra = {"calibration_images": calibration.count,
+                     "method": "ptq" if step_cfg.max_top1_drop is None else "accuracy_aware",
+                     **onnx_to_openvino(artifacts["onnx"], path, meta, calibration.batches, validation,
+                                        step_cfg.max_top1_drop)}
+        weights = path.with_suffix(".bin")  # hashed too: verification and benchmarks check both files
+        return {**extra, "weights_file": weights.name, "weights_sha256": sha256(weights),
+                "weights_bytes": weights.stat().st_size}
+
+    def escalate_openvino_int8(path: Path, meta: dict[str, Any]) -> None:
+        """A failing NNCF INT8 is quantized again with NNCF's accuracy control at half the INT8 tolerance, when
+        the recipe allows accuracy-aware escalation and did not already ask for it."""
+        if ("openvino_int8" not in failures or "accuracy_aware" not in qcfg.escalate
+                or qcfg.max_top1_drop is not None):
+            return
+        step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
+        first = _int8_step("ptq", reports["openvino_int8"])
+        phases.report(f"openvino_int8: nncf.quantize failed verification "
+                      f"({'; '.join(reports['openvino_int8'].failures)}): trying NNCF's accuracy control "
+                      f"(max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out training images)")
+        _drop_verification(export_dir, "openvino_int8")
+        with phases("openvino_int8: escalation to accuracy_aware"):
+            extra = make_openvino(path, meta, step_cfg)
+        record("openvino_int8", path, extra)
+        check("openvino_int8")
+        steps = [first, _int8_step("accuracy_aware", reports["openvino_int8"])]
+        record("openvino_int8", path, {**extra, "method": "accuracy_aware", "steps": steps})
+        notes.append(_steps_note("openvino_int8", steps))
 
     for name in (f for f in formats if f not in unavailable):
         fmt = FORMATS.get(name)
@@ -381,16 +416,10 @@ def export_run(
             onnx_to_triton(artifacts["onnx"], export_dir / "triton", "student", spec.size, list(data.train.classes))
         elif name == "int8":
             extra = make_int8(qcfg, path, meta)
-        elif name in ("openvino", "openvino_int8"):
-            batches = None
-            if name == "openvino_int8":  # the same calibration images as the ONNX INT8 export
-                calibration = calibration or select_calibration(data.train, spec, qcfg, recipe.seed)
-                batches = calibration.batches
-                extra = {"calibration_images": calibration.count, "quantizer": "nncf.quantize"}
-            onnx_to_openvino(artifacts["onnx"], path, meta, batches)
-            weights = path.with_suffix(".bin")  # hashed too: verification and benchmarks check both files
-            extra.update(weights_file=weights.name, weights_sha256=sha256(weights),
-                         weights_bytes=weights.stat().st_size)
+        elif name == "openvino":
+            extra = make_openvino(path, meta)
+        elif name == "openvino_int8":
+            extra = make_openvino(path, meta, qcfg)
         elif fmt.needs_gpu:
             info = onnx_to_trt(artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
                                tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)
@@ -405,6 +434,8 @@ def export_run(
         check(name)
         if name == "int8" and verify:
             steps = finish_int8(path, meta, extra)
+        if name == "openvino_int8" and verify:
+            escalate_openvino_int8(path, meta)
     return ExportResult(export_dir, source, artifacts, seconds, reports, notes, quantization, unavailable,
                         phases.seconds, failures, steps)
 
@@ -420,6 +451,14 @@ def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8)
         measure(OnnxRunner(path), size, settings) for path in (fp32_path, int8_path))
     return {"batch1": round(int8_p50 / fp32_p50, 3), "batchN": round(fp32_rate / int8_rate, 3),
             "batch_size": batch_size}
+
+
+def _steps_note(name: str, steps: list[dict[str, Any]]) -> str:
+    """One line on an escalation: which step ships (or that none passed) and what each measured."""
+    outcome = "shipped" if steps[-1]["passed"] else "every allowed step failed; last tried"
+    return (f"{name}: {outcome}: {steps[-1]['step']} ("
+            + "; ".join(f"{s['step']}: top-1 {s['top1_delta_points']:+.2f} points, McNemar p {s['mcnemar_p']:.2g}, "
+                        f"{'PASS' if s['passed'] else 'FAIL'}" for s in steps) + ")")
 
 
 def _int8_step(step: str, report) -> dict[str, Any]:

@@ -266,22 +266,46 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
 
 
 def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any],
-                     calibration: list[Any] | None = None) -> Path:
+                     calibration: list[Any] | None = None, validation: list[tuple[Any, int]] | None = None,
+                     max_drop: float | None = None) -> dict[str, Any]:
     """Convert an ONNX export to OpenVINO IR (`xml_path` + the .bin beside it) with `metadata` in its rt_info
     under "kdforge"; weights compressed to FP16 (`openvino.save_model`'s default). With `calibration` (batches of
-    prepared float32 images), the model is quantized to INT8 first with NNCF's post-training quantization
-    (`nncf.quantize`, its default symmetric preset). Written into a temporary folder, loaded and run once on the
-    CPU plugin, then moved into place (.bin first, so an .xml is never without it)."""
+    prepared float32 images), the model is quantized to INT8 first with NNCF: post-training quantization
+    (`nncf.quantize`, its default symmetric preset), or, with `max_drop` (top-1 points) and `validation` (prepared
+    single images with their labels), NNCF's accuracy-controlled quantization, which keeps the layers that cost
+    most top-1 on `validation` in float until the drop is at most `max_drop`. Written into a temporary folder,
+    loaded and run once on the CPU plugin, then moved into place (.bin first, so an .xml is never without it).
+    Returns what the quantizer did (empty for FP32): its name and how many FakeQuantize ops it placed."""
     import shutil
 
     import numpy as np
 
     ov = require("openvino")
     model = ov.convert_model(str(onnx_path))
+    info: dict[str, Any] = {}
     if calibration is not None:
         nncf = require("nncf")
         # NNCF counts dataset items, here whole batches: every calibration image is used
-        model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+        dataset = nncf.Dataset(calibration)
+        if max_drop is None:
+            model = nncf.quantize(model, dataset, subset_size=len(calibration))
+            info["quantizer"] = "nncf.quantize"
+        else:
+            if not validation:
+                raise ExportError("accuracy-controlled INT8 needs held-out training images beyond the calibration "
+                                  "set; lower [quantize] calibration")
+
+            def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
+                output = compiled.output(0)
+                hits = [float(int(np.argmax(compiled(image)[output])) == label) for image, label in items]
+                return float(np.mean(hits)), hits  # per image: NNCF ranks layers by the images they change
+
+            model = nncf.quantize_with_accuracy_control(
+                model, dataset, nncf.Dataset(validation), top1, max_drop=max_drop / 100,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
+            info.update(quantizer="nncf.quantize_with_accuracy_control", max_top1_drop=max_drop,
+                        heldout_images=len(validation))
+        info["fake_quantize_ops"] = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     for key, value in metadata.items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["kdforge", key])
     tmp = xml_path.with_name(f".{xml_path.name}.tmp-{os.getpid()}")
@@ -295,4 +319,4 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any],
         (tmp / xml_path.name).replace(xml_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return xml_path
+    return info

@@ -49,9 +49,11 @@ FORMATS.register("openvino")(ExportFormat(
     "openvino", "student.openvino.xml", "fp16", needs_gpu=False, options=frozenset({"opset"}), source="onnx",
 ))
 # OpenVINO INT8: NNCF post-training quantization of the FP32 ONNX's IR, calibrated on the same training-split images
-# as the ONNX INT8 export ([quantize] calibration)
+# as the ONNX INT8 export ([quantize] calibration); with [quantize] max_top1_drop, NNCF's accuracy-controlled
+# quantization on the same held-out training images as the ONNX accuracy-aware search
 FORMATS.register("openvino_int8")(ExportFormat(
-    "openvino_int8", "student.openvino.int8.xml", "int8", needs_gpu=False, options=frozenset({"opset", "calibration"}),
+    "openvino_int8", "student.openvino.int8.xml", "int8", needs_gpu=False,
+    options=frozenset({"opset", "calibration", "batch_size", "max_top1_drop", "sensitivity_images", "escalate"}),
     source="onnx",
 ))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
