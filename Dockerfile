@@ -6,6 +6,11 @@
 #   curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
 #
 # BASE_IMAGE must be a Debian/Ubuntu image with apt (the default is Debian 12 slim; its python3 is 3.11).
+# Builds for linux/amd64 and linux/arm64 (every serving package has an aarch64 wheel):
+#   docker buildx build --platform linux/arm64 --build-arg EXPORT_DIR=exports/quickstart -t kdforge-serve:arm64 .
+# EXTRAS: kdforge's optional-dependency groups installed into the image; to serve an OpenVINO IR
+# (`kdforge export --format openvino`) add its runtime (~180 MB installed), which the default image leaves out:
+#   docker build --build-arg EXTRAS=serve,serve-openvino ... && docker run -e KDFORGE_FORMAT=openvino ...
 
 ARG BASE_IMAGE=debian:bookworm-slim
 
@@ -17,12 +22,14 @@ RUN apt-get update \
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY kdforge ./kdforge
-# the `serve` extra's packages, read from pyproject.toml, then kdforge itself without its training dependencies
+ARG EXTRAS=serve
+# the packages of the EXTRAS groups, read from pyproject.toml (a layer of its own: a code change does not reinstall
+# them), then kdforge itself without its training dependencies
 RUN python3 -m venv /opt/venv \
-    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > /tmp/serve.txt \
-    && /opt/venv/bin/pip install -r /tmp/serve.txt \
-    && /opt/venv/bin/pip install --no-deps . \
+    && python3 -c "import os, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in os.environ['EXTRAS'].split(',') for r in extras[e.strip()]))" > /tmp/serve.txt \
+    && /opt/venv/bin/pip install -r /tmp/serve.txt
+COPY kdforge ./kdforge
+RUN /opt/venv/bin/pip install --no-deps . \
     && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3*/site-packages/pip /opt/venv/lib/python3*/site-packages/pip-*
 

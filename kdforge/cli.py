@@ -45,21 +45,33 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this sta
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
-FORMAT_HELP = "auto (the fastest verified format in bench.json, else a verified INT8, else ONNX), int8, fp16 or onnx."
+FORMAT_HELP = ("auto (the fastest verified format in bench.json, else a verified INT8, else ONNX), int8, fp16, onnx, "
+               "openvino or openvino_int8 (OpenVINO IR: needs the serve-openvino extra).")
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, help="Train with N processes (DistributedDataParallel via torchrun; one GPU each, or gloo "
     "on CPU). train.batch_size stays the global batch.")]
 
 
-def _launch_torchrun(nproc: int, args: list[str]) -> None:
-    """Run `kdforge ARGS` again as N processes under torchrun, and exit with its exit code."""
-    import subprocess
-    import sys
+NnodesOpt = Annotated[int, typer.Option(
+    "--nnodes", min=1, help="Train on N machines: run the same command on each, with the same --rdzv-endpoint; "
+    "--nproc processes on each. The runs folder must be on a filesystem all of them see.")]
+RdzvOpt = Annotated[str | None, typer.Option(
+    "--rdzv-endpoint", metavar="HOST:PORT", help="With --nnodes: where the machines meet (torchrun's c10d "
+    "rendezvous), an address of one of them, e.g. node0:29400.")]
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "kdforge", *args]
-    err.print(f"launching {nproc} processes: {' '.join(command[2:])}", highlight=False, soft_wrap=True)
+
+def _launch_torchrun(nproc: int, args: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str = "kdforge") -> None:
+    """Run `kdforge ARGS` again as N processes (per node) under torchrun, and exit with its exit code."""
+    import subprocess
+
+    from kdforge.runtime import torchrun_command
+
+    with user_errors():
+        command = torchrun_command(args, nproc, nnodes, rdzv_endpoint, rdzv_id)
+    where = f" on this node, one of {nnodes} meeting at {rdzv_endpoint}" if nnodes > 1 else ""
+    err.print(f"launching {nproc} processes{where}: {' '.join(command[2:])}", highlight=False, soft_wrap=True)
     raise typer.Exit(subprocess.call(command))
 
 
@@ -106,14 +118,15 @@ def main(
     """
 
 
-def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir, nproc=1) -> None:
+def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, runs_dir, nproc=1, nnodes=1,
+           rdzv_endpoint=None) -> None:
     from kdforge.recipe import load_recipe
     from kdforge.runtime import distributed_session
     from kdforge.train.stages import train_stage
 
-    if nproc > 1:
+    if nproc > 1 or nnodes > 1:
         _launch_torchrun(nproc, [stage, *_common_args(recipe_path, overrides, resume, device, runs_dir),
-                                 *(["--overwrite"] if overwrite else [])])
+                                 *(["--overwrite"] if overwrite else [])], nnodes, rdzv_endpoint, recipe_path.stem)
     with user_errors(), distributed_session():
         recipe = load_recipe(recipe_path, overrides or [])
         result = train_stage(recipe, stage, runs_dir=runs_dir, resume=resume, overwrite=overwrite, device=device)
@@ -132,37 +145,42 @@ def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, 
 
 @app.command()
 def teacher(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-            device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
+            device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1,
+            nnodes: NnodesOpt = 1, rdzv_endpoint: RdzvOpt = None) -> None:
     """Train the teacher model of a recipe (its \\[teacher] section).
 
     Example:  kdforge teacher recipes/quickstart.toml --set train.epochs=2
     """
-    _train("teacher", recipe, set_, resume, overwrite, device, runs_dir, nproc)
+    _train("teacher", recipe, set_, resume, overwrite, device, runs_dir, nproc, nnodes, rdzv_endpoint)
 
 
 @app.command()
 def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-             device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
+             device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1,
+             nnodes: NnodesOpt = 1, rdzv_endpoint: RdzvOpt = None) -> None:
     """Train the student model of a recipe (its \\[student] section) on labels alone, without a teacher.
 
     This is the baseline that distillation must beat.
 
     Example:  kdforge baseline recipes/quickstart.toml
     """
-    _train("baseline", recipe, set_, resume, overwrite, device, runs_dir, nproc)
+    _train("baseline", recipe, set_, resume, overwrite, device, runs_dir, nproc, nnodes, rdzv_endpoint)
 
 
 @app.command()
 def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, device: DeviceOpt = None,
-            runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1) -> None:
+            runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1, nnodes: NnodesOpt = 1,
+            rdzv_endpoint: RdzvOpt = None) -> None:
     """Run the recipe's chain: teacher, baseline student, distilled student, and the stages it enables.
 
     Finished stages whose settings match the recipe are reused; changed ones are redone. Ends with a summary
     table, also written to runs/NAME/summary.json, and a report in runs/NAME/report/. With --nproc N every
-    training stage runs on N processes (the same as `torchrun --nproc-per-node N -m kdforge distill ...`).
+    training stage runs on N processes (the same as `torchrun --nproc-per-node N -m kdforge distill ...`); add
+    --nnodes M --rdzv-endpoint HOST:PORT and run the same command on each of M machines to train on all of them.
 
     Example:  kdforge distill recipes/quickstart.toml
               kdforge distill recipes/vit_to_vit.toml --nproc 8
+              kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
     from kdforge.export.artifacts import recipe_formats, unbuildable_here
     from kdforge.export.formats import with_sources
@@ -170,8 +188,9 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     from kdforge.recipe import load_recipe
     from kdforge.runtime import distributed_session
 
-    if nproc > 1:
-        _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)])
+    if nproc > 1 or nnodes > 1:
+        _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)], nnodes,
+                         rdzv_endpoint, recipe.stem)
     with user_errors(), distributed_session():
         loaded = load_recipe(recipe, set_ or [])
         main = _is_main()

@@ -12,8 +12,9 @@ count) are set inside the scope and restored when it ends. On CPU, mixed precisi
 compilation are off unless the recipe asks for them.
 
 Multi-process training: `torchrun --nproc-per-node N -m kdforge ...` (or `kdforge distill --nproc N`, which
-launches it) starts N processes; `distributed_session` joins them in one process group (NCCL on GPUs, gloo on
-CPU) and every runtime then knows its rank and the world size.
+launches it; `torchrun_command`) starts N processes; `distributed_session` joins them in one process group (NCCL on
+GPUs, gloo on CPU) and every runtime then knows its rank and the world size. Several nodes: the same command on
+each with `--nnodes M --rdzv-endpoint HOST:PORT` (a c10d rendezvous), the runs folder on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -205,6 +207,26 @@ def runtime_scope(cfg: RuntimeConfig, device: str | None = None) -> Iterator[Run
         yield runtime
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def torchrun_command(args: list[str], nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str = "kdforge") -> list[str]:
+    """The torchrun command that runs `kdforge ARGS` as `nproc` processes on this node: alone (`--standalone`), or
+    as one of `nnodes` nodes that meet at the c10d rendezvous `rdzv_endpoint` (HOST:PORT of one of them, the same
+    on every node, like `rdzv_id`). The rendezvous assigns the ranks; global rank 0 alone writes files."""
+    if nnodes < 1 or nproc < 1:
+        raise KdforgeError(f"--nnodes and --nproc count nodes and processes: got {nnodes} and {nproc}")
+    if nnodes == 1:
+        where = ["--standalone"]
+    else:
+        host, _, port = (rdzv_endpoint or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise KdforgeError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the address of one of the nodes "
+                               f"(the same on every node), got {rdzv_endpoint!r}")
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}", "-m", "kdforge",
+            *args]
 
 
 def current_rank() -> int:

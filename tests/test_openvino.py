@@ -103,3 +103,40 @@ def test_without_openvino_the_other_formats_are_made_and_it_exits_3(trained_stud
     assert 'openvino not built: openvino not installed: pip install "kdforge[openvino]"' in " ".join(
         result.stderr.split())
     assert (tmp_path / "cnn" / "student.onnx").is_file()  # its source was still made and verified
+
+
+@needs_openvino
+def test_the_server_serves_the_openvino_ir_as_verified(trained_students, served_export, tmp_path, monkeypatch):
+    """`kdforge serve --format openvino` answers like the verified FP32 ONNX it was converted from; `auto` picks
+    it only when bench.json measured it fastest; without the OpenVINO runtime the error names the extra."""
+    import importlib.util
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from kdforge.export.artifacts import export_run
+    from kdforge.serve.app import create_app
+    from kdforge.serve.model import ServedModel, ServingError, choose_format
+
+    _, pngs = served_export  # test-split images as PNG files
+    export_dir = export_run(trained_students["cnn"], ["openvino"], exports_dir=tmp_path).export_dir
+    client = TestClient(create_app(export_dir, fmt="openvino"))
+    meta = client.get("/metadata").json()
+    assert meta["format"] == "openvino" and meta["verified"] is True and meta["provider"].startswith("openvino")
+    served = [client.post("/predict", content=p.read_bytes(), headers={"Content-Type": "image/png"}).json()[
+        "predictions"] for p in pngs]
+    expected = ServedModel.load(export_dir, "onnx").predict([p.read_bytes() for p in pngs])
+    for got, want in zip(served, expected, strict=True):  # FP16-stored weights, FP32 arithmetic
+        assert [p["index"] for p in got[:3]] == [p["index"] for p in want[:3]]
+        assert max(abs(g["probability"] - w["probability"]) for g, w in zip(got, want, strict=True)) < 1e-3
+
+    verified = json.loads((export_dir / "verify.json").read_text())
+    rows = [{"format": "onnx", "latency_p50_ms": 2.0}, {"format": "openvino", "latency_p50_ms": 1.0}]
+    assert choose_format(export_dir, verified, {"rows": rows})[0] == "openvino"
+    assert choose_format(export_dir, verified, {})[0] == "onnx"  # without timings: ONNX formats first
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr("kdforge.serve.model.find_spec", lambda name, *a: None if name == "openvino" else real(name))
+    assert choose_format(export_dir, verified, {"rows": rows})[0] == "onnx"  # what this server can run
+    with pytest.raises(ServingError, match=r'pip install "kdforge\[serve-openvino\]"'):
+        ServedModel.load(export_dir, "openvino")

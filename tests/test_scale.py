@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -129,7 +130,10 @@ def test_runtime_decides_channels_last_and_compile_off_on_cpu_unless_asked():
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_and_write_checkpoints_once(tmp_path, synth_root):
+def test_two_gloo_processes_match_one_process_and_two_nodes_match_one_node(tmp_path, synth_root):
+    """--nproc 2 on one node trains what one process trains (same data order, averaged gradients) and writes each
+    file once; two torchrun agents meeting at a c10d rendezvous (2 "nodes" on localhost, 1 process each, one
+    shared runs folder) train exactly what the 2-process single-node run trains."""
     recipe = tmp_path / "ddp.toml"
     recipe.write_text(
         f'name = "ddp"\n[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
@@ -165,3 +169,38 @@ def test_two_gloo_processes_match_one_process_and_write_checkpoints_once(tmp_pat
     torch.testing.assert_close(load_file(str(runs[2] / "ddp" / "teacher_cache.safetensors"))["logits"],
                                load_file(str(runs[1] / "ddp" / "teacher_cache.safetensors"))["logits"],
                                rtol=0, atol=1e-2)
+
+    # two nodes: the same command on each, meeting at one endpoint
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{free.getsockname()[1]}"
+    nodes_dir = tmp_path / "runs-nodes"
+    command = [sys.executable, "-m", "kdforge", "distill", str(recipe), "--runs-dir", str(nodes_dir), "--nnodes", "2",
+               "--rdzv-endpoint", endpoint]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (_, stderr) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, stderr[-3000:]
+        assert f"one of 2 meeting at {endpoint}" in stderr
+    assert sum(stdout.count("distillation:") for stdout, _ in outputs) == 1  # one summary, from global rank 0
+    for stage in ("teacher", "student"):
+        one_node, two_nodes = (d / "ddp" / stage / "last" / "model.safetensors" for d in (runs[2], nodes_dir))
+        a, b = load_file(str(one_node)), load_file(str(two_nodes))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: 2 nodes x 1 process differ from 1 node x 2"
+        assert json.loads((nodes_dir / "ddp" / stage / "result.json").read_text())["top1"] == json.loads(
+            (runs[2] / "ddp" / stage / "result.json").read_text())["top1"]
+
+
+def test_multi_node_launch_command_and_its_errors():
+    from kdforge.errors import KdforgeError
+    from kdforge.runtime import torchrun_command
+
+    assert torchrun_command(["distill", "r.toml"], nproc=4)[2:] == [
+        "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "kdforge", "distill", "r.toml"]
+    command = torchrun_command(["distill", "r.toml"], nproc=8, nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="r")
+    assert command[3:8] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=r",
+                            "--nproc-per-node=8"]
+    for endpoint in (None, "node0", "node0:port"):
+        with pytest.raises(KdforgeError, match="needs --rdzv-endpoint HOST:PORT"):
+            torchrun_command(["distill", "r.toml"], nnodes=2, rdzv_endpoint=endpoint)

@@ -130,3 +130,33 @@ def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path
         session_providers(("tensorrtt",), everything)
     with pytest.raises(ServingError, match="none of the execution providers"):
         session_providers(("cuda",), ["CPUExecutionProvider"])
+
+
+# Debian 12 (the serving image's base) has glibc 2.36: wheels tagged manylinux_2_17 .. manylinux_2_36 install there
+AARCH64_PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(36, 16, -1)] + ["manylinux2014_aarch64"]
+
+
+@pytest.mark.parametrize("extras", [["serve"], ["serve", "serve-openvino"]])
+def test_every_serving_dependency_has_an_aarch64_wheel(tmp_path, extras):
+    """What the serving image installs resolves, with every dependency, to wheels an arm64 Debian 12 can install
+    (pip's resolver with --platform; PyPI's metadata files, no wheel is downloaded)."""
+    from pathlib import Path
+
+    from kdforge.recipe import tomllib  # tomllib, or tomli on Python 3.10
+
+    groups = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    requirements = [r for extra in extras for r in groups[extra]]
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+               "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+               *(f"--platform={p}" for p in AARCH64_PLATFORMS), "--target", str(tmp_path / "target"),
+               "--report", str(report), *requirements]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and any(s in result.stderr for s in ("NewConnectionError", "Max retries exceeded")):
+        pytest.skip(f"the package index cannot be reached from here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, f"no aarch64 wheel for some serving dependency:\n{result.stderr[-2000:]}"
+    wheels = [item["download_info"]["url"].rsplit("/", 1)[1] for item in json.loads(report.read_text())["install"]]
+    print(f"\n{'+'.join(extras)}: {len(wheels)} wheels for linux/aarch64: {', '.join(sorted(wheels))}")
+    assert {w.split("-")[0].lower() for w in wheels} >= {"onnxruntime", "numpy", "pillow", "fastapi", "uvicorn"}
+    assert all(w.endswith("-none-any.whl") or "aarch64" in w for w in wheels), wheels

@@ -1,4 +1,5 @@
-"""The served model: an exported student (ONNX or INT8 ONNX) with its preprocessing, without torch.
+"""The served model: an exported student (ONNX, INT8 ONNX, FP16 ONNX or OpenVINO IR) with its preprocessing, without
+torch.
 
     model = ServedModel.load(Path("exports/quickstart"))
     model.predict([png_bytes], top_k=5)   # [[{"label": "red_disk", "index": 0, "probability": 0.93}, ...]]
@@ -9,7 +10,9 @@ same function ImageFolder datasets use, and normalized with the mean/std recorde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,14 @@ from kdforge.images import MAX_PIXELS, ImageError, decode_rgb
 
 # export formats a server can load. "auto" serves the fastest verified one that `kdforge bench` measured
 # (`choose_format`); without a bench.json, in this order of preference: INT8 (smaller, usually faster on CPU),
-# FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32 behind casts); only an artifact that
-# passed verification is chosen automatically
-SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "student.fp16.onnx"}
+# FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32 behind casts), then the OpenVINO IR
+# (where the OpenVINO runtime is installed: the `serve-openvino` extra); only an artifact that passed
+# verification is chosen automatically
+SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "student.fp16.onnx",
+            "openvino_int8": "student.openvino.int8.xml", "openvino": "student.openvino.xml"}
+OPENVINO_FORMATS = ("openvino", "openvino_int8")
+OPENVINO_MISSING = ('the OpenVINO runtime is not installed: pip install "kdforge[serve-openvino]" (the serving '
+                    'image: docker build --build-arg EXTRAS=serve,serve-openvino ...)')
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")
@@ -54,7 +62,8 @@ def session_providers(names: list[str] | tuple[str, ...], available: list[str],
 def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
     """The format `--format auto` serves, and why: the fastest format that passed verification as `kdforge bench`
     measured it on this export (batch-1 p50 latency), else a verified INT8, else the verified FP32 ONNX."""
-    candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()]
+    candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()
+                  and (f not in OPENVINO_FORMATS or find_spec("openvino") is not None)]
     if not candidates:
         raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
     passed = [f for f in candidates if verified.get(f, {}).get("passed")]
@@ -75,10 +84,47 @@ class ServingError(Exception):
     """The export cannot be served (missing, unverified when required, unreadable)."""
 
 
+def open_session(path: Path, fmt: str, providers: tuple[str, ...],
+                 engine_cache: Path | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """A function from a float32 batch to logits, and the runtime that computes them: ONNX Runtime on the first
+    installed of `providers`, or OpenVINO's CPU plugin in FP32 arithmetic (as verification ran it)."""
+    if fmt in OPENVINO_FORMATS:
+        if find_spec("openvino") is None:
+            raise ServingError(f"{path.name} needs {OPENVINO_MISSING}")
+        import openvino as ov
+
+        try:
+            compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        except RuntimeError as exc:  # OpenVINO reports parse errors as RuntimeError
+            raise ServingError(f"{path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
+                               f"again") from None
+        output = compiled.output(0)
+
+        def run_openvino(batch: np.ndarray) -> np.ndarray:
+            # one infer request per call: requests run concurrently, and a request is not thread-safe
+            return compiled.create_infer_request().infer({0: batch})[output]
+
+        return run_openvino, f"openvino {ov.__version__.split('-')[0]} (CPU)"
+
+    import onnxruntime as ort
+
+    chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
+    try:
+        session = ort.InferenceSession(str(path), providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise ServingError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}); export it "
+                           f"again") from None
+    input_name = session.get_inputs()[0].name
+
+    def run_onnx(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: batch})[0]
+
+    return run_onnx, session.get_providers()[0]
+
+
 @dataclass
 class ServedModel:
-    session: Any  # onnxruntime.InferenceSession
-    input_name: str
+    run: Callable[[np.ndarray], np.ndarray]  # float32 (N, 3, size, size) -> logits (N, classes)
     size: int
     mean: np.ndarray
     std: np.ndarray
@@ -89,8 +135,6 @@ class ServedModel:
     @classmethod
     def load(cls, export_dir: Path, fmt: str = "auto", providers: tuple[str, ...] = DEFAULT_PROVIDERS,
              engine_cache: Path | None = None, max_pixels: int = MAX_PIXELS) -> ServedModel:
-        import onnxruntime as ort
-
         try:
             meta = read_metadata(export_dir)
             verified = read_json(export_dir / "verify.json")
@@ -114,29 +158,24 @@ class ServedModel:
         except KdforgeError as exc:
             raise ServingError(str(exc)) from None
         digest = meta["formats"][fmt]["sha256"]
-        chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
-        try:
-            session = ort.InferenceSession(str(export_dir / SERVABLE[fmt]), providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise ServingError(f"{export_dir / SERVABLE[fmt]}: ONNX Runtime cannot load it "
-                               f"({str(exc).splitlines()[0][:200]}); export it again") from None
+        run, runtime = open_session(export_dir / SERVABLE[fmt], fmt, providers, engine_cache)
         size = int(meta["input_size"])
         # one inference before the server says it is healthy: the TensorRT provider builds its engine here
-        session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)})
+        run(np.zeros((1, 3, size, size), np.float32))
         report = verified.get(fmt, {})
         if report.get("artifact_sha256") != digest:  # a verification of another file does not count
             report = {}
         info = {
             "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
             "input_size": meta["input_size"], "num_classes": meta["num_classes"],
-            "provider": session.get_providers()[0], "chosen_because": why,
+            "provider": runtime, "chosen_because": why,
             "verified": bool(report.get("passed")),
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
         }
         if not info["verified"]:
             info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "
                                f"answers may differ; run `kdforge verify {export_dir}`")
-        return cls(session, session.get_inputs()[0].name, int(meta["input_size"]),
+        return cls(run, size,
                    np.asarray(meta["mean"], np.float32).reshape(3, 1, 1),
                    np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info,
                    max_pixels)
@@ -156,7 +195,7 @@ class ServedModel:
                     raise
                 raise type(exc)(f"image {number} of {len(images)}: {exc}") from None
         batch = np.stack(prepared).astype(np.float32)
-        logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
+        logits = self.run(batch).astype(np.float64)
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         k = min(top_k, probabilities.shape[1])
