@@ -204,3 +204,21 @@ def test_multi_node_launch_command_and_its_errors():
     for endpoint in (None, "node0", "node0:port"):
         with pytest.raises(KdforgeError, match="needs --rdzv-endpoint HOST:PORT"):
             torchrun_command(["distill", "r.toml"], nnodes=2, rdzv_endpoint=endpoint)
+
+
+def test_loop_parity_benchmark_runs_the_real_loop_and_prints_ratios(capsys):
+    """benchmarks/loop_parity.py in smoke form: kdforge's `fit` and the cache build against their hand-written
+    counterparts, four rows with positive speeds (the ratios themselves are the benchmark's, not a test's)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "loop_parity.py"
+    spec = importlib.util.spec_from_file_location("loop_parity", script)
+    loop_parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop_parity)
+    rows = loop_parity.main(["--teacher", "test_resnet", "--student", "test_convnext", "--batch", "16", "--steps",
+                             "3", "--warmup", "1", "--threads", "1"])
+    assert [r["what"] for r in rows] == ["plain training", "online KD", "teacher cache build (2 views)", "cached KD"]
+    assert all(r["kdforge_images_per_s"] > 0 and r["hand_written_images_per_s"] > 0 and r["ratio"] > 0
+               for r in rows)
+    assert "ratio" in capsys.readouterr().out

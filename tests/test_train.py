@@ -177,3 +177,28 @@ def test_progress_lines_off_a_terminal_are_one_event_per_line(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and len(lines[1]) > 80
     assert lines[1].startswith(f"{title} step 100/7820") and lines[1].endswith("lr 2.10e-03")
+
+
+def test_a_loss_that_becomes_nan_stops_training_before_a_checkpoint_is_written(make_recipe, tmp_path, monkeypatch):
+    """The NaN guard reads the loss when a line is logged or a checkpoint is due (not in every step): a loss that
+    turns NaN mid-epoch is one error naming the steps, and no checkpoint holds the weights it reached."""
+    from kdforge.errors import KdforgeError
+    from kdforge.train import loop
+
+    real = loop.cross_entropy_objective
+
+    def poisoned(*args, **kwargs):
+        objective, calls = real(*args, **kwargs), [0]
+
+        def nan_from_step_3(logits, labels, images, teacher_logits=None, **extra):
+            loss, parts = objective(logits, labels, images, teacher_logits, **extra)
+            calls[0] += 1
+            return (loss * float("nan") if calls[0] >= 3 else loss), parts
+
+        return nan_from_step_3
+
+    monkeypatch.setattr("kdforge.train.stages.cross_entropy_objective", poisoned)
+    recipe = load_recipe(make_recipe(TINY_MODELS), ["train.log_every=50", "train.checkpoint_every=4"])
+    with pytest.raises(KdforgeError, match=r"loss became nan between steps 1 and 4; lower train.lr"):
+        train_stage(recipe, "baseline", runs_dir=tmp_path / "runs", consumers=[])
+    assert not list((tmp_path / "runs" / recipe.name / "baseline").glob("checkpoints/step-*"))

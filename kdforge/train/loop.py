@@ -239,8 +239,24 @@ def fit(
     emit({"event": "start", "title": title, "step": step, "total_steps": plan.total_steps,
           "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
 
+    def new_window() -> dict[str, Any]:
+        """Loss and accuracy since the last log line, summed on the device: a step never waits for the device to
+        report a number (on a GPU, `.item()` in every step stalls the queue of kernels); they are read, and the
+        loss checked for NaN/inf, when a line is logged or a checkpoint written."""
+        return {"loss": torch.zeros((), dtype=torch.float64, device=runtime.device),
+                "correct": torch.zeros((), dtype=torch.int64, device=runtime.device), "seen": 0,
+                "first": step + 1, "time": time.perf_counter()}
+
+    def check_finite(window: dict[str, Any]) -> float:
+        """The window's summed loss; an error when it is not finite (before anything is logged or saved)."""
+        loss_sum = window["loss"].item()
+        if not math.isfinite(loss_sum):
+            raise KdforgeError(f"{title}: loss became {loss_sum} between steps {window['first']} and {step}; "
+                               f"lower train.lr or set train.grad_clip")
+        return loss_sum
+
     final: dict[str, float] = {}
-    window = {"loss": 0.0, "correct": 0, "seen": 0, "time": time.perf_counter()}
+    window = new_window()
     images_seen, train_time = 0, 0.0
     order_epoch, order = -1, []
     try:
@@ -267,10 +283,6 @@ def fit(
                 with runtime.autocast():
                     logits = forward(runtime.format_input(model, spec.prepare(images)))
                     loss, parts = objective(logits, labels, images, teacher_logits, epoch=epoch + 1)
-                if not torch.isfinite(loss):
-                    raise KdforgeError(
-                        f"{title}: loss became {loss.item()} at step {step}; lower train.lr or set train.grad_clip"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -281,25 +293,29 @@ def fit(
                 scheduler.step()
             step += 1
 
-            window["loss"] += loss.item() * len(labels)
-            window["correct"] += (logits.argmax(1) == labels).sum().item()
+            window["loss"] += loss.detach().double() * len(labels)  # as float64 as a Python float would be
+            window["correct"] += (logits.argmax(1) == labels).sum()
             window["seen"] += len(labels)
             images_seen += len(labels)
             train_time += time.perf_counter() - started
             emit({"event": "step", "step": step})
 
+            end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+            saving = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 elapsed = time.perf_counter() - window["time"]
-                loss_sum, correct, seen = runtime.all_reduce_sum([window["loss"], window["correct"], window["seen"]])
+                loss_sum, correct, seen = runtime.all_reduce_sum(
+                    [check_finite(window), window["correct"].item(), window["seen"]])
                 emit({
                     "event": "log", "step": step, "total_steps": plan.total_steps, "epoch": epoch,
                     "loss": loss_sum / seen, "train_top1": correct / seen,
                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
                     **{f"loss_{name}": value.item() for name, value in parts.items()},
                 })
-                window = {"loss": 0.0, "correct": 0, "seen": 0, "time": time.perf_counter()}
+                window = new_window()
+            elif saving:
+                check_finite(window)  # never save weights a NaN loss has reached
 
-            end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if end_of_epoch:
                 with out_of_memory("evaluating", EVAL_ADVICE):
                     final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
