@@ -138,7 +138,7 @@ def test_two_gloo_processes_match_one_process_and_two_nodes_match_one_node(tmp_p
     recipe.write_text(
         f'name = "ddp"\n[data]\ndataset = "synthetic"\nroot = "{synth_root}"\n'
         f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = 0 }}\n"
-        '[runtime]\ndevice = "cpu"\nthreads = 1\n[train]\nepochs = 2\nbatch_size = 50\nlr = 3e-3\nlog_every = 5\n'
+        '[runtime]\ndevice = "cpu"\nthreads = 1\n[train]\nepochs = 1\nbatch_size = 50\nlr = 3e-3\nlog_every = 5\n'
         '[teacher]\nmodel = "test_convnext"\ninput_size = 32\n'  # LayerNorm models: no per-process batch stats
         '[student]\nmodel = "test_vit"\ninput_size = 32\nmodel_kwargs = { img_size = 32, patch_size = 4 }\n'
         "[distill]\nbaseline = false\nteacher_cache = { views = 2 }\n"
