@@ -21,13 +21,14 @@ RUN apt-get update \
 # trust the system CA store (which includes any CA certificates added to the base image)
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 ARG EXTRAS=serve
-# the packages of the EXTRAS groups, read from pyproject.toml (a layer of its own: a code change does not reinstall
-# them), then kdforge itself without its training dependencies
+# the packages of the EXTRAS groups, read from pyproject.toml (a layer of its own: a change to the code or the README
+# does not reinstall them), then kdforge itself without its training dependencies
 RUN python3 -m venv /opt/venv \
     && python3 -c "import os, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in os.environ['EXTRAS'].split(',') for r in extras[e.strip()]))" > /tmp/serve.txt \
     && /opt/venv/bin/pip install -r /tmp/serve.txt
+COPY README.md ./
 COPY kdforge ./kdforge
 RUN /opt/venv/bin/pip install --no-deps . \
     && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
