@@ -182,6 +182,7 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
               kdforge distill recipes/vit_to_vit.toml --nproc 8
               kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
+    from kdforge.estimate import describe_machine, minutes
     from kdforge.export.artifacts import recipe_formats, unbuildable_here
     from kdforge.export.formats import with_sources
     from kdforge.pipeline import run_distill
@@ -206,6 +207,7 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
               f"-> {runs_dir / summary.recipe / 'summary.json'}, report: {summary.report}", highlight=False)
+    out.print(f"took {minutes(summary.wall_s)} on {describe_machine(summary.machine)}", highlight=False)
     _exit_if_failed(summary.failures)
     _exit_if_unavailable(summary.unavailable)
 

@@ -10,19 +10,23 @@ Export (with verification) joins when the recipe's [export] names formats; later
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdforge.errors import RecipeError
+from kdforge.estimate import estimate_training, machine
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import check_can_create, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, resolve_device, sync
 from kdforge.train.events import Consumer, ProgressDisplay
-from kdforge.train.stages import StageResult, evaluate_teacher_checkpoint, train_stage
+from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
 
 
 def plan_stages(recipe: Recipe) -> list[str]:
@@ -88,6 +92,8 @@ class DistillSummary:
     unavailable: dict[str, str] = field(default_factory=dict)  # formats this machine could not make -> why
     failures: dict[str, str] = field(default_factory=dict)  # formats that failed verification -> why
     report: str | None = None  # runs/<name>/report/report.md
+    wall_s: float | None = None  # this command's wall time (reused stages cost nothing)
+    machine: dict[str, Any] = field(default_factory=dict)  # CPU model, its vector extension, threads, GPU
 
 
 def _row(result: StageResult) -> dict[str, Any]:
@@ -131,6 +137,38 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
     )
 
 
+def describe_plan(recipe: Recipe) -> str:
+    """One line saying what the chain will do, before it starts."""
+    parts = []
+    for stage in plan_stages(recipe):
+        if stage in STAGES:
+            cfg = recipe.model_for(stage)
+            what = {"teacher": "teacher", "baseline": "baseline (labels only)",
+                    "student": f"distilled student ({recipe.distill.method} from the teacher)"}[stage]
+            parts.append(f"{what} {cfg.model} {cfg.train.epochs} epochs")
+        elif stage == "teacher_eval":
+            parts.append(f"evaluate the teacher {recipe.teacher.checkpoint}")
+        elif stage == "export":
+            parts.append("export " + ", ".join(recipe_formats(recipe))
+                         + (" + verification on the test split" if recipe.export.verify else ""))
+    return f"{recipe.name}: " + " -> ".join(parts)
+
+
+def announce(recipe: Recipe, ctx: ChainContext) -> None:
+    """Say what the chain will do and, when it trains for long enough to be worth measuring, how long its
+    training should take here (not under torchrun: an estimate needs the machine to itself)."""
+    notes = [describe_plan(recipe)]
+    pending = [stage for stage in plan_stages(recipe)
+               if stage in STAGES and not stage_is_finished(recipe, stage, ctx.runs_dir)]
+    if pending and not torch.distributed.is_initialized():
+        estimate = estimate_training(recipe, pending, ctx.device)
+        if estimate is not None:
+            notes.append(estimate.line())
+    for message in notes:
+        for consume in ctx.consumers:
+            consume({"event": "note", "message": message})
+
+
 def run_distill(
     recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
     consumers: list[Consumer] | None = None,
@@ -147,15 +185,22 @@ def run_distill(
     if consumers is not None:
         ctx.consumers = consumers
     main = current_rank() == 0
+    started = time.perf_counter()
+
+    def note(message: str) -> None:
+        for consume in ctx.consumers:
+            consume({"event": "note", "message": message})
+
+    if main:
+        announce(recipe, ctx)
     results = {}
     for stage in plan_stages(recipe):
         if stage == "export" and not main:
             continue
         results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
         if getattr(results[stage], "skipped", False) and main:
-            for consume in ctx.consumers:
-                consume({"event": "note", "message": f"{stage}: finished earlier with these settings, reused"})
-    summary = summarize(recipe, results)
+            note(f"{stage}: finished earlier with these settings, reused")
+    summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1), machine=machine())
     if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
         write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))

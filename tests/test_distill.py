@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -224,7 +225,8 @@ def test_distill_command_prints_the_summary_table(make_recipe, tmp_path):
     result = CliRunner().invoke(app, ["distill", str(path), "--set", "train.max_steps=2",
                                       "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
-    for word in ("teacher", "baseline", "distilled", "test_resnet", "test_convnext", "fewer parameters"):
+    for word in ("teacher", "baseline", "distilled", "test_resnet", "test_convnext", "fewer parameters", "took ",
+                 "threads"):
         assert word in result.stdout
     assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
 
@@ -266,3 +268,68 @@ def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, 
     other_teacher = load_recipe(first, [*steps, "teacher.train.lr=1e-3", "name=third"])
     run_distill(other_teacher, runs_dir=runs, consumers=[])
     assert trained[-2:] == ["teacher test_resnet", "student test_convnext"]  # other settings: its own teacher
+
+
+def test_the_chain_says_what_it_will_do_and_how_long_training_should_take_here(make_recipe, tmp_path, monkeypatch):
+    """Before its first stage the chain names its stages and, measured from a few real steps of each, how long
+    its training should take on this machine; the summary says how long it took and on which CPU."""
+    monkeypatch.setattr("kdforge.estimate.MIN_STEPS", 0)  # tiny trainings are normally not worth measuring
+    path = make_recipe(TINY_MODELS)
+    notes = []
+    summary = run_distill(load_recipe(path, ["train.max_steps=6"]), runs_dir=tmp_path / "runs",
+                          consumers=[lambda e: notes.append(e["message"]) if e["event"] == "note" else None])
+    assert notes[0] == ("tiny: teacher test_resnet 1 epochs -> baseline (labels only) test_convnext 1 epochs -> "
+                        "distilled student (kd from the teacher) test_convnext 1 epochs")
+    assert re.fullmatch(r"training: about (\d+ min )?\d+ s on this machine \(teacher (\d+ min )?\d+ s, baseline "
+                        r"(\d+ min )?\d+ s, student (\d+ min )?\d+ s; measured from the first steps\)", notes[1])
+    saved = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert saved["machine"]["cpu"] and saved["machine"]["cpu_capability"] and saved["machine"]["threads"] == 2
+    assert 0 < saved["wall_s"] == summary.wall_s
+
+    notes.clear()  # nothing left to train: nothing to estimate
+    run_distill(load_recipe(path, ["train.max_steps=6"]), runs_dir=tmp_path / "runs",
+                consumers=[lambda e: notes.append(e["message"]) if e["event"] == "note" else None])
+    assert not any(n.startswith("training: about") for n in notes)
+
+
+def test_measuring_the_estimate_changes_no_result(make_recipe, tmp_path, monkeypatch):
+    """The estimate trains throwaway copies of the models before the chain starts; the chain's weights are the
+    same bit for bit as without it (each stage reseeds before it builds its model)."""
+    from safetensors.torch import load_file
+
+    from kdforge.estimate import estimate_training
+
+    path = make_recipe(TINY_MODELS)
+    weights = {}
+    for name, min_steps in (("measured", 0), ("not_measured", 10**9)):
+        monkeypatch.setattr("kdforge.estimate.MIN_STEPS", min_steps)
+        recipe = load_recipe(path, ["train.max_steps=6"])
+        assert (estimate_training(recipe, ["teacher"]) is None) == (name == "not_measured")
+        run_distill(recipe, runs_dir=tmp_path / name, consumers=[])
+        weights[name] = load_file(tmp_path / name / "tiny" / "student" / "last" / "model.safetensors")
+    assert weights["measured"].keys() == weights["not_measured"].keys()
+    assert all(torch.equal(weights["measured"][k], weights["not_measured"][k]) for k in weights["measured"])
+
+
+def test_the_estimate_is_near_the_stages_real_time(make_recipe, tmp_path, monkeypatch):
+    from kdforge.estimate import estimate_training
+    from kdforge.train.stages import train_stage
+
+    monkeypatch.setattr("kdforge.estimate.MIN_STEPS", 0)
+    recipe = load_recipe(make_recipe(TINY_MODELS), ["train.epochs=3"])  # 60 steps, 3 evaluations
+    estimate = estimate_training(recipe, ["baseline"]).seconds["baseline"]
+    real = train_stage(recipe, "baseline", runs_dir=tmp_path, consumers=[]).wall_s
+    assert real / 2.5 < estimate < real * 2.5, (estimate, real)
+
+
+def test_a_stage_counts_as_finished_exactly_when_the_chain_would_reuse_it(make_recipe, tmp_path):
+    from kdforge.train.stages import stage_is_finished, train_stage
+
+    path = make_recipe(TINY_MODELS)
+    recipe = load_recipe(path, ["train.max_steps=2"])
+    assert not any(stage_is_finished(recipe, stage, tmp_path) for stage in ("teacher", "baseline", "student"))
+    train_stage(recipe, "teacher", runs_dir=tmp_path, consumers=[])
+    assert stage_is_finished(recipe, "teacher", tmp_path) and not stage_is_finished(recipe, "student", tmp_path)
+    assert not stage_is_finished(load_recipe(path, ["train.max_steps=3"]), "teacher", tmp_path)  # other settings
+    # the teacher store: another recipe with the same teacher section finds it finished
+    assert stage_is_finished(load_recipe(path, ["train.max_steps=2", "name=other"]), "teacher", tmp_path)

@@ -101,3 +101,12 @@ def test_the_five_reference_distillations_share_two_teachers():
     assert len(set(teachers.values())) == 2
     assert teachers["vit_to_vit"] == teachers["vit_to_resnet"] == teachers["vit_to_mobilevit"]
     assert teachers["resnet_to_vit"] == teachers["resnet_to_resnet"]
+
+
+def test_the_vit_quickstart_reuses_the_quickstarts_teacher():
+    """Same [teacher] section, same fingerprint: after `make demo`, quickstart_vit finds the finished teacher in
+    the store instead of training it again."""
+    from kdforge.train.stages import stage_fingerprint
+
+    fingerprints = {stage_fingerprint(load_recipe(RECIPES / f"{name}.toml"), "teacher") for name in QUICKSTART}
+    assert len(fingerprints) == 1

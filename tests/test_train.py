@@ -164,11 +164,13 @@ def test_kill_9_then_resume_ends_with_the_same_weights(make_recipe, tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
-def test_progress_lines_off_a_terminal_are_one_event_per_line(capsys):
-    """In CI logs and `make demo > log`, a training log line is never wrapped at 80 columns: the lr stays on it."""
+def test_progress_lines_off_a_terminal_are_one_event_per_line_with_the_time_left(capsys):
+    """In CI logs and `make demo > log`, a training log line is never wrapped at 80 columns (the lr stays on it),
+    and it says how long the stage has left, as the progress bar does on a terminal."""
     from kdforge.train.events import ProgressDisplay
 
-    display = ProgressDisplay()  # stderr is captured here: not a terminal
+    clock = iter([1000.0, 1010.0])  # the stage starts at 1000 s; step 100 of 7820 is logged 10 s later
+    display = ProgressDisplay(clock=lambda: next(clock))  # stderr is captured here: not a terminal
     title = "student vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     display({"event": "start", "title": title, "total_steps": 7820, "steps_per_epoch": 782, "step": 0,
              "device": "cuda, bf16 autocast, channels_last"})
@@ -176,7 +178,8 @@ def test_progress_lines_off_a_terminal_are_one_event_per_line(capsys):
              "images_per_s": 2871.0, "lr": 2.1e-3})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and len(lines[1]) > 80
-    assert lines[1].startswith(f"{title} step 100/7820") and lines[1].endswith("lr 2.10e-03")
+    # the time left is the stage's pace so far: 7720 steps at 0.1 s a step
+    assert lines[1].startswith(f"{title} step 100/7820") and lines[1].endswith("lr 2.10e-03  12:52 left")
 
 
 def test_a_loss_that_becomes_nan_stops_training_before_a_checkpoint_is_written(make_recipe, tmp_path, monkeypatch):

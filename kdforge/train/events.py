@@ -7,6 +7,7 @@ callable taking one event; the loop knows nothing about terminals or files.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,21 @@ class MetricsLog:
 class ProgressDisplay:
     """A rich progress bar on a terminal; plain log lines otherwise (CI logs, pipes)."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         # soft_wrap: off a terminal (CI logs, `make demo > log`) rich would wrap at 80 columns mid-line; one event
         # is one line, however long
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.progress: Progress | None = None
         self.task = None
         self.title = ""
+        self.clock = clock
+        self.started: tuple[float, int] = (0.0, 0)  # (time, step) at the stage's start, for the time left
 
     def __call__(self, event: Event) -> None:
         kind = event["event"]
         if kind == "start":
             self.title = event["title"]
+            self.started = (self.clock(), event["step"])
             self.console.print(
                 f"[bold]{self.title}[/]: {event['total_steps']} steps "
                 f"({event['steps_per_epoch']} per epoch), {event['device']}"
@@ -82,13 +86,23 @@ class ProgressDisplay:
             if self.progress is not None:
                 self.progress.update(self.task, completed=event["step"], status=format_metrics(event))
             else:
-                self.console.print(f"{self.title} step {event['step']}/{event['total_steps']}  {format_metrics(event)}")
+                self.console.print(f"{self.title} step {event['step']}/{event['total_steps']}  {format_metrics(event)}"
+                                   f"{self.time_left(event)}")
         elif kind == "eval":
             self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}): {format_metrics(event)}")
         elif kind == "note":
             self.console.print(event["message"])
         elif kind == "end":
             self.close()
+
+    def time_left(self, event: Event) -> str:
+        """"  2:05 left": the stage's remaining steps at its pace so far (evaluations included)."""
+        since, first = self.started
+        done = event["step"] - first
+        if done <= 0 or event["step"] >= event["total_steps"]:
+            return ""
+        left = round((self.clock() - since) / done * (event["total_steps"] - event["step"]))
+        return f"  {left // 60}:{left % 60:02d} left"
 
     def close(self) -> None:
         if self.progress is not None:

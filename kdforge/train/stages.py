@@ -119,6 +119,21 @@ def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
     return resolve_weights(stage_dir, "teacher")
 
 
+def stage_is_finished(recipe: Recipe, stage: str, runs_dir: str | Path = "runs") -> bool:
+    """Whether `train_stage` would reuse a finished run of `stage` instead of training (the same decision, made
+    from the same files, without loading anything)."""
+    runs_dir = Path(runs_dir)
+    try:
+        teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
+        fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
+        result = runs_dir / recipe.name / stage / "result.json"
+        if result.is_file() and read_json(result).get("fingerprint") == fingerprint:
+            return True
+    except KdforgeError:  # no teacher yet, or a damaged file: the stage will train (and say what is wrong)
+        return False
+    return stage in SHARED and find_finished_stage(runs_dir, stage, fingerprint) is not None
+
+
 def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None:
     """Fail before training when the model cannot take inputs of the resolved size."""
     was_training = model.training

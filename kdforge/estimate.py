@@ -1,0 +1,143 @@
+"""How long a chain's training will take on this machine, measured before it starts, and what machine it is.
+
+    estimate = estimate_training(recipe, ["teacher", "baseline", "student"])   # a few real steps of each stage
+    estimate.line()      # "training: about 4 min 40 s on this machine (teacher 2 min 5 s, baseline 1 min 5 s, ...)"
+    machine()            # {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 2, "gpu": None, ...}
+
+Each stage is measured by running the real training loop (`fit`) for a few steps on the real data in a
+temporary folder: steps 3-4 give the time of a step (the first two pay for kernel selection and allocation),
+and one evaluation batch the time of an evaluation. The stage then costs its steps plus its evaluations (one per
+epoch). Nothing of the run is touched, and the stages reseed before they build their models, so measuring does
+not change any result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdforge.data import load_dataset
+from kdforge.models import create_model, resolve_input_spec
+from kdforge.recipe import Recipe
+
+PROBE_STEPS = 4  # steps 1-2 warm up, steps 3-4 are timed
+MIN_STEPS = 200  # shorter trainings are not estimated: measuring would cost a noticeable part of them
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, the platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict[str, object]:
+    """What a timing or a published number was measured on (results differ across CPU kinds, e.g. AVX2 vs
+    AVX-512, and timings far more)."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def describe_machine(info: dict[str, object]) -> str:
+    """"AMD EPYC (AVX2), 2 threads" or "NVIDIA H100 80GB HBM3"."""
+    if info.get("gpu"):
+        return str(info["gpu"])
+    return f"{info['cpu']} ({info['cpu_capability']}), {info['threads']} threads"
+
+
+def minutes(seconds: float) -> str:
+    """"4 min 40 s", "35 s"."""
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+@dataclass
+class TrainingEstimate:
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> estimated wall time
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{stage} {minutes(s)}" for stage, s in self.seconds.items())
+        return f"training: about {minutes(self.total)} on this machine ({parts}; measured from the first steps)"
+
+
+class _Timer:
+    """An event consumer that remembers when the loop reported each "log" and "eval" event."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[float, float]] = []  # (images/s of the window, time reported)
+        self.eval_s = 0.0
+
+    def __call__(self, event: dict) -> None:
+        now = time.perf_counter()
+        if event["event"] == "log":
+            self.logs.append((event["images_per_s"], now))
+        elif event["event"] == "eval" and self.logs:
+            self.eval_s = now - self.logs[-1][1]  # the last step's log line comes just before its evaluation
+
+
+def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
+    """Estimated seconds of `stage`, from a few real steps of it."""
+    from kdforge.distill import create_distill_objective
+    from kdforge.distill.teacher import FrozenTeacher
+    from kdforge.train.loop import Plan, cross_entropy_objective, fit
+
+    cfg = recipe.model_for(stage)
+    model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
+    spec = resolve_input_spec(cfg)
+    objective = cross_entropy_objective(cfg.train.label_smoothing)
+    if stage == "student" and not recipe.distill.teacher_cache.views:  # the teacher answers on every step
+        teacher_cfg = recipe.model_for("teacher")
+        teacher = FrozenTeacher(create_model(teacher_cfg.model_copy(update={"pretrained": False, "weights": None}),
+                                             data.num_classes), resolve_input_spec(teacher_cfg))
+        teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
+        objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
+    probe = cfg.train.model_copy(update={"max_steps": PROBE_STEPS, "log_every": PROBE_STEPS // 2,
+                                         "limit_eval_batches": 1, "checkpoint_every": 0})
+    timer = _Timer()
+    with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
+        fit(model, spec, objective, data, probe, recipe.data.augment, runtime, recipe.seed, Path(folder),
+            title=f"estimate {stage}", consumers=[timer])
+    plan = Plan.create(len(data.train), cfg.train)
+    step_s = cfg.train.batch_size / timer.logs[-1][0]
+    eval_batches = -(-len(data.test) // cfg.train.batch_size)
+    if cfg.train.limit_eval_batches:
+        eval_batches = min(eval_batches, cfg.train.limit_eval_batches)
+    return plan.total_steps * step_s + plan.epochs * eval_batches * timer.eval_s
+
+
+def estimate_training(recipe: Recipe, stages: list[str], device: str | None = None) -> TrainingEstimate | None:
+    """Estimated wall time of each training stage in `stages` (teacher, baseline, student), on this machine;
+    None when they are shorter than MIN_STEPS steps in all. A teacher cache's build is not included."""
+    from kdforge.runtime import runtime_scope
+    from kdforge.train.loop import Plan
+
+    estimate = TrainingEstimate()
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data)
+        if sum(Plan.create(len(data.train), recipe.model_for(stage).train).total_steps for stage in stages) < MIN_STEPS:
+            return None
+        for stage in stages:
+            estimate.seconds[stage] = _probe_stage(recipe, stage, data, runtime)
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return estimate
