@@ -53,6 +53,9 @@ NprocOpt = Annotated[int, typer.Option(
     "on CPU). train.batch_size stays the global batch.")]
 
 
+SeedsOpt = Annotated[str | None, typer.Option(
+    "--seeds", metavar="S,S,...", help="Run the chain once per seed (e.g. 0,1,2) and report mean +- sd and the "
+    "95% confidence interval of the gain (the same as --set experiment.seeds=[0,1,2]).")]
 NnodesOpt = Annotated[int, typer.Option(
     "--nnodes", min=1, help="Train on N machines: run the same command on each, with the same --rdzv-endpoint; "
     "--nproc processes on each. The runs folder must be on a filesystem all of them see.")]
@@ -169,7 +172,7 @@ def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, 
 
 @app.command()
 def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, device: DeviceOpt = None,
-            runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1, nnodes: NnodesOpt = 1,
+            runs_dir: RunsDirOpt = Path("runs"), seeds: SeedsOpt = None, nproc: NprocOpt = 1, nnodes: NnodesOpt = 1,
             rdzv_endpoint: RdzvOpt = None) -> None:
     """Run the recipe's chain: teacher, baseline student, distilled student, and the stages it enables.
 
@@ -178,7 +181,12 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     training stage runs on N processes (the same as `torchrun --nproc-per-node N -m kdforge distill ...`); add
     --nnodes M --rdzv-endpoint HOST:PORT and run the same command on each of M machines to train on all of them.
 
+    With --seeds 0,1,2 the chain runs once per seed (runs/NAME-seedS/; one teacher for all seeds unless
+    experiment.share_teacher = false) and ends with mean +- sd per model and whether the gain is significant
+    (runs/NAME/seeds.json, runs/NAME/report/seeds.md).
+
     Example:  kdforge distill recipes/quickstart.toml
+              kdforge distill recipes/quickstart.toml --seeds 0,1,2
               kdforge distill recipes/vit_to_vit.toml --nproc 8
               kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
@@ -188,7 +196,10 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     from kdforge.pipeline import run_distill
     from kdforge.recipe import load_recipe
     from kdforge.runtime import distributed_session
+    from kdforge.seeds import run_seeds
 
+    if seeds is not None:
+        set_ = [*(set_ or []), f"experiment.seeds=[{_parse_seeds(seeds)}]"]
     if nproc > 1 or nnodes > 1:
         _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)], nnodes,
                          rdzv_endpoint, recipe.stem)
@@ -197,8 +208,17 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
         main = _is_main()
         for name, reason in unbuildable_here(with_sources(recipe_formats(loaded))).items() if main else []:
             err.print(f"note: {name} will not be built here ({reason}); the other stages run", highlight=False)
-        summary = run_distill(loaded, runs_dir=runs_dir, resume=resume, device=device)
+        if loaded.experiment.seeds:
+            over_seeds = run_seeds(loaded, runs_dir=runs_dir, resume=resume, device=device)
+        else:
+            summary = run_distill(loaded, runs_dir=runs_dir, resume=resume, device=device)
     if not main:
+        return
+    if loaded.experiment.seeds:
+        out.print(seeds_table(over_seeds))
+        out.print(f"{over_seeds.verdict} -> {runs_dir / loaded.name / 'seeds.json'}, report: {over_seeds.report}",
+                  highlight=False)
+        _exit_if_failed(over_seeds.failures)
         return
     out.print(summary_table(summary))
     if summary.exports:
@@ -210,6 +230,29 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     out.print(f"took {minutes(summary.wall_s)} on {describe_machine(summary.machine)}", highlight=False)
     _exit_if_failed(summary.failures)
     _exit_if_unavailable(summary.unavailable)
+
+
+def _parse_seeds(text: str) -> str:
+    try:
+        return ", ".join(str(int(part)) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+
+
+def seeds_table(summary):
+    from rich.table import Table
+
+    table = Table(title=f"{summary.recipe}: test top-1 over {len(summary.seeds)} seeds")
+    for column in ("seed", "teacher", "baseline", "distilled", "gain (points)"):
+        table.add_column(column, justify="right")
+    for row in summary.per_seed:
+        table.add_row(str(row["seed"]), *(f"{row[role]:.2f}%" for role in ("teacher", "baseline", "student")),
+                      f"{row['gain']:+.2f}")
+    stats, gain = summary.stats, summary.gain
+    table.add_row("mean +- sd", *(f"{stats[r]['mean']:.2f} +- {stats[r]['sd']:.2f}" for r in ("teacher", "baseline",
+                                                                                                "student")),
+                  f"{gain['mean']:+.2f} +- {gain['sd']:.2f}")
+    return table
 
 
 def _exit_if_failed(failures: dict[str, str]) -> None:

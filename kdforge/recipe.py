@@ -309,9 +309,27 @@ def check_device_name(device: str) -> str:
     return device
 
 
+class ExperimentConfig(Strict):
+    """Several seeds: the chain once per seed (runs/<name>-seed<s>/), then mean +- sd of every accuracy and the
+    95% confidence interval of the distillation gain over the baseline of the same seed."""
+
+    seeds: list[int] = []  # empty: one chain with the recipe's `seed`
+    # one teacher, trained with the first seed, for every seed: the gain's spread is then the students' (and the
+    # teacher is trained once); false trains a teacher per seed, so the spread includes the teacher's
+    share_teacher: bool = True
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     seed: int = 0
+    experiment: ExperimentConfig = ExperimentConfig()
     data: DataConfig = DataConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     train: TrainConfig = TrainConfig()
@@ -334,6 +352,13 @@ class Recipe(Strict):
             if isinstance(section, dict) and isinstance(section.get("train", {}), dict):
                 raw[stage] = {**section, "train": {**raw.get("train", {}), **section.get("train", {})}}
         return raw
+
+    @model_validator(mode="after")
+    def _seeds_need_a_baseline(self) -> Recipe:
+        if self.experiment.seeds and not self.distill.baseline:
+            raise ValueError("experiment.seeds needs distill.baseline = true: each seed's gain is measured against "
+                             "the baseline of the same seed")
+        return self
 
     def model_for(self, stage: str) -> ModelConfig:
         """The model section a stage trains: the teacher for "teacher", the student for "baseline"/"student"."""

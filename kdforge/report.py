@@ -226,3 +226,46 @@ def write_report(run_dir: Path) -> ReportPaths:
     atomic_write_text(markdown, "\n".join(doc.md))
     atomic_write_text(page, doc.render_html())
     return ReportPaths(markdown, page, plots)
+
+
+def plot_seeds(per_seed: list[dict[str, Any]], path: Path) -> Path:
+    """Top-1 of teacher, baseline and distilled student per seed, each seed's baseline and student joined."""
+    fig = _figure()
+    ax = fig.subplots()
+    seeds = [row["seed"] for row in per_seed]
+    colors = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:orange"}
+    for role in STAGES:
+        ax.plot(seeds, [row[role] for row in per_seed], "o", color=colors[role], label=LABELS[role])
+    for row in per_seed:
+        ax.plot([row["seed"]] * 2, [row["baseline"], row["student"]], "-", color="tab:orange", alpha=0.4)
+    ax.set(xlabel="seed", ylabel="test top-1 (%)", title="test top-1 per seed")
+    ax.set_xticks(seeds)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
+def write_seeds_report(group_dir: Path, summary: dict[str, Any]) -> Path:
+    """runs/<name>/report/seeds.md (+ .html, seeds.png): a recipe run over several seeds (kdforge/seeds.py)."""
+    out = group_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    doc = Document(f"kdforge report: {summary['recipe']} over {len(summary['seeds'])} seeds")
+    doc.paragraph(summary["verdict"] + ".")
+    rows = [[str(row["seed"]), *(f"{row[role]:.2f}" for role in STAGES), f"{row['gain']:+.2f}"]
+            for row in summary["per_seed"]]
+    stats, gain = summary["stats"], summary["gain"]
+    rows.append(["mean +- sd", *(f"{stats[role]['mean']:.2f} +- {stats[role]['sd']:.2f}" for role in STAGES),
+                 f"{gain['mean']:+.2f} +- {gain['sd']:.2f}"])
+    doc.table(["seed", "teacher", "baseline", "distilled", "gain (points)"], rows)
+    teacher = ("one teacher, trained with the first seed, for every seed (the spread is the students')"
+               if summary["shared_teacher"] else "a teacher per seed (the spread includes the teacher's)")
+    doc.paragraph(f"Test-split top-1 in percent. The gain is each seed's distilled student minus its baseline "
+                  f"(both start from the same weights); its interval uses the t distribution over the per-seed "
+                  f"gains. Teacher: {teacher}. Each seed's own report: "
+                  f"runs/{summary['recipe']}-seed<s>/report/report.md.")
+    doc.image(plot_seeds(summary["per_seed"], out / "seeds.png"), "test top-1 per seed")
+    markdown = out / "seeds.md"
+    atomic_write_text(markdown, "\n".join(doc.md))
+    atomic_write_text(out / "seeds.html", doc.render_html())
+    return markdown
