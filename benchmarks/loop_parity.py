@@ -3,7 +3,7 @@ minimal hand-written PyTorch loop on the same model, batch, optimizer, precision
 training, online distillation and distillation from the teacher output cache; and the teacher cache build
 (`kdforge.distill.cache.load_or_build_cache`) against pure teacher inference over the same images.
 
-    .venv/bin/python benchmarks/loop_parity.py                                    # CPU, resnet18 -> mobilenetv3_small_050 at 32x32
+    .venv/bin/python benchmarks/loop_parity.py                  # CPU: resnet18 -> mobilenetv3_small_050 at 32x32
     .venv/bin/python benchmarks/loop_parity.py --device cuda --size 224 --batch 128 \
         --teacher resnet152 --student resnet18 --precision bf16                   # a GPU
 

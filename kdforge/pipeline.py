@@ -25,6 +25,7 @@ from kdforge.fileio import check_can_create, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, resolve_device, sync
+from kdforge.tracking import check_tracking, track_summary
 from kdforge.train.events import Consumer, ProgressDisplay
 from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
 
@@ -137,6 +138,14 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
     )
 
 
+def tracked_files(recipe: Recipe, runs_dir: Path) -> list[Path]:
+    """What a tracking backend attaches to the chain's summary: summary.json, the report, the export's records."""
+    run_dir = runs_dir / recipe.name
+    export_dir = Path(recipe.export.dir) / recipe.name
+    return [run_dir / "summary.json", run_dir / "report",
+            *(export_dir / name for name in ("metadata.json", "verify.json", "bench.json"))]
+
+
 def describe_plan(recipe: Recipe) -> str:
     """One line saying what the chain will do, before it starts."""
     parts = []
@@ -181,6 +190,7 @@ def run_distill(
     if "export" in plan_stages(recipe):
         check_can_create(Path(recipe.export.dir) / recipe.name, "export folder")
     resolve_device(device or recipe.runtime.device)
+    check_tracking(recipe.tracking)
     ctx = ChainContext(Path(runs_dir), resume, device)
     if consumers is not None:
         ctx.consumers = consumers
@@ -204,6 +214,8 @@ def run_distill(
     if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
         write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
+        if recipe.tracking.backends:
+            track_summary(recipe, ctx.runs_dir, asdict(summary), tracked_files(recipe, ctx.runs_dir))
     sync()
     return summary
 

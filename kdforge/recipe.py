@@ -326,6 +326,32 @@ class ExperimentConfig(Strict):
         return seeds
 
 
+TRACKING_BACKENDS = ("tensorboard", "mlflow")
+
+
+class TrackingConfig(Strict):
+    """Where training metrics go besides metrics.jsonl (kdforge/tracking.py)."""
+
+    backend: str | list[str] = "none"  # "none", "tensorboard", "mlflow", or a list of them
+    tracking_uri: str | None = None  # MLflow; default: sqlite:///<runs dir>/../mlflow.db, artifacts in ../mlruns
+    experiment: str | None = None  # MLflow experiment name; default: the recipe's name
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backends(cls, backend: str | list[str]) -> str | list[str]:
+        names = [backend] if isinstance(backend, str) else backend
+        unknown = [name for name in names if name not in (*TRACKING_BACKENDS, "none")]
+        if unknown:
+            raise ValueError(f"unknown tracking backend {unknown[0]!r}; choose from none, "
+                             f"{', '.join(TRACKING_BACKENDS)}")
+        return backend
+
+    @property
+    def backends(self) -> list[str]:
+        names = [self.backend] if isinstance(self.backend, str) else self.backend
+        return [name for name in names if name != "none"]
+
+
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     seed: int = 0
@@ -339,6 +365,7 @@ class Recipe(Strict):
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     verify: VerifyConfig = VerifyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -102,7 +102,9 @@ def seed_recipe(recipe: Recipe, seed: int, teacher_dir: Path | None) -> Recipe:
     """The recipe of one seed: its own run name (so its own run and export folders); the shared teacher when one
     is given."""
     update: dict[str, Any] = {"name": seed_run_name(recipe.name, seed), "seed": seed,
-                              "experiment": recipe.experiment.model_copy(update={"seeds": []})}
+                              "experiment": recipe.experiment.model_copy(update={"seeds": []}),
+                              "tracking": recipe.tracking.model_copy(  # every seed in the recipe's experiment
+                                  update={"experiment": recipe.tracking.experiment or recipe.name})}
     if teacher_dir is not None:
         update["teacher"] = recipe.model_for("teacher").model_copy(update={"checkpoint": str(teacher_dir)})
     return recipe.model_copy(update=update)

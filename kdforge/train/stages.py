@@ -38,6 +38,7 @@ from kdforge.fileio import (
 from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
+from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.checkpoint import WEIGHTS, checkpoint_metadata
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
 from kdforge.train.loop import cross_entropy_objective, evaluate, fit
@@ -165,6 +166,7 @@ def train_stage(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     cfg = recipe.model_for(stage)
+    check_tracking(recipe.tracking)
     main = current_rank() == 0  # with torchrun: only rank 0 writes files, logs and shows progress
     consumers = (consumers if consumers is not None else [ProgressDisplay()]) if main else []
     runs_dir = Path(runs_dir)
@@ -251,11 +253,12 @@ def train_stage(
             objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
         else:
             objective = cross_entropy_objective(cfg.train.label_smoothing)
+        trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
         result = fit(
             model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
             title=f"{stage} {cfg.model}",
             resume_from=resume_from,
-            consumers=[metrics, *consumers] if main else [],
+            consumers=[metrics, *trackers, *consumers] if main else [],
             checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
             teacher_cache=cache,
         )
