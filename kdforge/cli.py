@@ -221,6 +221,9 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
         _exit_if_failed(over_seeds.failures)
         return
     out.print(summary_table(summary))
+    if summary.val_images:
+        out.print(f"(test split; {summary.val_images} training images held out as the validation split chose each "
+                  f"stage's best checkpoint and judged INT8's held-out checks)", highlight=False)
     if summary.exports:
         out.print(exports_table(summary.exports))
         _print_int8_steps(summary.exports)

@@ -119,10 +119,13 @@ def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
             title=f"estimate {stage}", consumers=[timer])
     plan = Plan.create(len(data.train), cfg.train)
     step_s = cfg.train.batch_size / timer.logs[-1][0]
-    eval_batches = -(-len(data.test) // cfg.train.batch_size)
+    eval_batches = -(-len(data.selection) // cfg.train.batch_size)
     if cfg.train.limit_eval_batches:
         eval_batches = min(eval_batches, cfg.train.limit_eval_batches)
-    return plan.total_steps * step_s + plan.epochs * eval_batches * timer.eval_s
+    seconds = plan.total_steps * step_s + plan.epochs * eval_batches * timer.eval_s
+    if data.val is not None:  # and the test split once, at the end
+        seconds += -(-len(data.test) // cfg.train.batch_size) * timer.eval_s
+    return seconds
 
 
 def estimate_training(recipe: Recipe, stages: list[str], device: str | None = None) -> TrainingEstimate | None:
@@ -133,7 +136,7 @@ def estimate_training(recipe: Recipe, stages: list[str], device: str | None = No
 
     estimate = TrainingEstimate()
     with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data)
+        data = load_dataset(recipe.data, recipe.seed)
         if sum(Plan.create(len(data.train), recipe.model_for(stage).train).total_steps for stage in stages) < MIN_STEPS:
             return None
         for stage in stages:

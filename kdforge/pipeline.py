@@ -93,6 +93,9 @@ class DistillSummary:
     unavailable: dict[str, str] = field(default_factory=dict)  # formats this machine could not make -> why
     failures: dict[str, str] = field(default_factory=dict)  # formats that failed verification -> why
     report: str | None = None  # runs/<name>/report/report.md
+    # the top-1 numbers above are on the test split; this many training images were held out as the validation
+    # split that chose each stage's `best` checkpoint and judged INT8's held-out checks (0: no validation split)
+    val_images: int = 0
     wall_s: float | None = None  # this command's wall time (reused stages cost nothing)
     machine: dict[str, Any] = field(default_factory=dict)  # CPU model, its vector extension, threads, GPU
 
@@ -132,6 +135,7 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
         gain_top1=student.top1 - baseline.top1 if baseline else None,
         compression=teacher.params / student.params,
         reused=[name for name, result in results.items() if getattr(result, "skipped", False)],
+        val_images=max((getattr(result, "val_images", 0) for result in results.values()), default=0),
         exports=export_rows(results.get("export")),
         unavailable=results["export"].unavailable if results.get("export") else {},
         failures=results["export"].failures if results.get("export") else {},

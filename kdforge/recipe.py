@@ -63,6 +63,10 @@ class DataConfig(Strict):
     image_size: Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)] = 32
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
+    # held out of the training split, per class, with the recipe's seed: chooses the best checkpoint and judges
+    # INT8's accuracy-aware search and escalation, so the test split only reports; 0: none (a paper's protocol:
+    # train on all training images, choose nothing)
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
     @field_validator("dataset")
     @classmethod

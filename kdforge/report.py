@@ -35,22 +35,26 @@ class ReportPaths:
     plots: list[Path]
 
 
-def epoch_curves(metrics: Path) -> dict[str, list[float]]:
-    """Per epoch from a stage's metrics.jsonl: mean training loss, test loss and test top-1 (lists by epoch)."""
+def epoch_curves(metrics: Path) -> dict[str, Any]:
+    """Per epoch from a stage's metrics.jsonl: mean training loss, and the loss and top-1 of the split evaluated
+    at each epoch end ("split": val when the run held out a validation split, else test)."""
     train: dict[int, list[float]] = defaultdict(list)
-    evals: dict[int, dict[str, float]] = {}
+    evals: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         event = json.loads(line)
         if event.get("event") == "log" and "loss" in event:
             train[event["epoch"] + 1].append(event["loss"])  # logged during epoch N (0-based) -> epoch N+1
         elif event.get("event") == "eval":
-            evals[event["epoch"]] = event
-    epochs = sorted(evals)
+            evals[event.get("split", "test")][event["epoch"]] = event
+    split = "val" if evals.get("val") else "test"
+    per_epoch = evals.get(split, {})
+    epochs = sorted(per_epoch)
     return {
+        "split": split,
         "epoch": epochs,
         "train_loss": [sum(train[e]) / len(train[e]) if train[e] else float("nan") for e in epochs],
-        "test_loss": [evals[e].get("loss", float("nan")) for e in epochs],
-        "test_top1": [evals[e]["top1"] * 100 for e in epochs],
+        "eval_loss": [per_epoch[e].get("loss", float("nan")) for e in epochs],
+        "eval_top1": [per_epoch[e]["top1"] * 100 for e in epochs],
     }
 
 
@@ -75,10 +79,11 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
     for stage, curve in curves.items():
         color = colors[stage]
         loss_ax.plot(curve["epoch"], curve["train_loss"], "-o", color=color, label=f"{LABELS[stage]} train")
-        loss_ax.plot(curve["epoch"], curve["test_loss"], "--", color=color, label=f"{LABELS[stage]} test")
-        top1_ax.plot(curve["epoch"], curve["test_top1"], "-o", color=color, label=LABELS[stage])
+        loss_ax.plot(curve["epoch"], curve["eval_loss"], "--", color=color, label=f"{LABELS[stage]} {curve['split']}")
+        top1_ax.plot(curve["epoch"], curve["eval_top1"], "-o", color=color, label=LABELS[stage])
+    split = "validation" if any(curve["split"] == "val" for curve in curves.values()) else "test"
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
-    top1_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1 per epoch")
+    top1_ax.set(xlabel="epoch", ylabel=f"{split} top-1 (%)", title=f"{split} top-1 per epoch")
     loss_ax.legend(fontsize="small")
     top1_ax.legend(fontsize="small")
     fig.savefig(path)
@@ -172,13 +177,20 @@ def write_report(run_dir: Path) -> ReportPaths:
     doc.table(["experiment", "teacher", "student", "baseline -> distilled top-1"],
               [[run_dir.name, _model_cell(teacher), _model_cell(student or baseline), transfer]])
     doc.paragraph("Test-split top-1 in percent; each stage's final weights (never selected on the test split).")
+    held = max((result.get("val_images", 0) for result in results.values()), default=0)
+    doc.paragraph(f"The validation split ({held} images held out of the training split, `[data] val_fraction`) "
+                  f"chose each stage's `best` checkpoint and judged INT8's accuracy-aware search; the test split "
+                  f"only reports." if held else "No validation split (`[data] val_fraction = 0`): the per-epoch "
+                  "curves and `best` are on the test split (reported only, never used to choose weights), and "
+                  "INT8's accuracy-aware search is judged on held-out training images.")
 
     curves = {stage: epoch_curves(run_dir / stage / "metrics.jsonl") for stage in STAGES if stage in results}
     curves = {stage: curve for stage, curve in curves.items() if curve["epoch"]}
     if curves:
         doc.heading("Training")
         plots.append(plot_curves(curves, out / "curves.png"))
-        doc.image(plots[-1], "loss and test top-1 per epoch")
+        split = "validation" if any(curve["split"] == "val" for curve in curves.values()) else "test"
+        doc.image(plots[-1], f"loss and {split} top-1 per epoch")
 
     export_dir = export_dir_of_run(run_dir)
     doc.heading("Export")

@@ -5,9 +5,9 @@
     tracking_uri = "http://mlflow:5000"     # MLflow only; default: sqlite:///<runs dir>/../mlflow.db
 
 A training stage gets one consumer per backend next to its MetricsLog (`stage_trackers`): every "log" event
-becomes train/* scalars (loss and its parts, top-1, lr, images/s) and every "eval" event test/* scalars, at the
-step they happened. The end of a chain (`track_summary`) records the summary's numbers and attaches summary.json,
-the report and the export's metadata/verify/bench files. TensorBoard writes event files under
+becomes train/* scalars (loss and its parts, top-1, lr, images/s) and every "eval" event val/* or test/*
+scalars, at the step they happened. The end of a chain (`track_summary`) records the summary's numbers and
+attaches summary.json, the report and the export's metadata/verify/bench files. TensorBoard writes event files under
 runs/<name>/tensorboard/<stage or summary>/ (`tensorboard --logdir runs/<name>/tensorboard`); MLflow gets one run
 per stage and one for the summary, named <name>/<stage>, in the experiment named after
 the recipe (all seeds of a --seeds run in one), with the resolved recipe as parameters. MLflow >= 3.7 refuses
@@ -68,8 +68,8 @@ def _scalars(event: Event) -> dict[str, float]:
         out = {names[k]: v for k, v in event.items() if k in names}
         out.update({f"train/{k}": v for k, v in event.items() if k.startswith("loss_")})
         return out
-    if event["event"] == "eval":
-        return {f"test/{k}": event[k] for k in ("top1", "top5", "loss") if k in event}
+    if event["event"] == "eval":  # val/* each epoch when the run holds out a validation split, test/* at the end
+        return {f"{event.get('split', 'test')}/{k}": event[k] for k in ("top1", "top5", "loss") if k in event}
     return {}
 
 

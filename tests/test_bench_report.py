@@ -49,12 +49,13 @@ def test_distill_writes_a_report_with_the_summary_and_training_curves(distilled_
     assert "| experiment | teacher | student | baseline -> distilled top-1 |" in markdown
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"{summary['baseline']['top1'] * 100:.2f} -> {summary['student']['top1'] * 100:.2f}" in markdown
-    assert "![loss and test top-1 per epoch](curves.png)" in markdown
+    assert "![loss and validation top-1 per epoch](curves.png)" in markdown  # 10% of the training split held out
+    assert "The validation split (" in markdown and "chose each stage's `best` checkpoint" in markdown
     assert "run `kdforge bench`" in markdown  # no latency yet
     assert_real_plot(run_dir / "report" / "curves.png")
     assert_real_plot(run_dir / "report" / "size.png")
     curves = epoch_curves(run_dir / "student" / "metrics.jsonl")
-    assert curves["epoch"] == [1, 2] and len(curves["test_top1"]) == 2
+    assert curves["split"] == "val" and curves["epoch"] == [1, 2] and len(curves["eval_top1"]) == 2
 
 
 def test_bench_then_report_show_accuracy_latency_and_size_per_format(distilled_run):

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdforge.cli import app
-from kdforge.data import cifar, load_dataset
+from kdforge.data import cifar, load_dataset, split_validation
 from kdforge.data.dataset import epoch_order
 from kdforge.data.synthetic import CLASSES, MANIFEST, generate_split, load_synthetic
 from kdforge.data.transforms import InputSpec, augment_batch
@@ -135,10 +135,33 @@ def test_imagefolder_reads_users_images(tmp_path):
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
     recipe_path = tmp_path / "r.toml"
     recipe_path.write_text(f'[data]\ndataset = "imagefolder"\nroot = "{tmp_path}"\nimage_size = 16\n')
-    data = load_dataset(load_recipe(recipe_path).data)
-    assert data.train.classes == ("cat", "dog")
+    data = load_dataset(load_recipe(recipe_path, ["data.val_fraction=0"]).data)
+    assert data.train.classes == ("cat", "dog") and data.val is None
     assert data.train.images.shape == (6, 3, 16, 16) and data.train.images.dtype == torch.uint8
     assert data.test.labels.tolist() == [0, 0, 1, 1]
+    held = load_dataset(load_recipe(recipe_path).data)  # the default holds one image of each class out
+    assert held.train.labels.tolist() == [0, 0, 1, 1] and held.val.labels.tolist() == [0, 1]
+
+
+def test_the_validation_split_is_stratified_seeded_disjoint_and_complete(synth_root):
+    from kdforge.data.synthetic import load_synthetic
+
+    from .conftest import SYNTH
+
+    full = load_synthetic(synth_root, SYNTH["train"], SYNTH["test"], SYNTH["seed"]).train
+    train, val = split_validation(full, 0.1, seed=0)
+    assert len(train) + len(val) == len(full) == 1000
+    for label in range(100):  # 10% of every class
+        assert (val.labels == label).sum() == round((full.labels == label).sum().item() * 0.1)
+
+    def rows(dataset):
+        return {bytes(image.numpy().tobytes()) + bytes([int(label)]) for image, label in zip(dataset.images,
+                                                                                             dataset.labels,
+                                                                                             strict=True)}
+
+    assert rows(train) | rows(val) == rows(full) and not rows(train) & rows(val)  # every image once
+    again, other = split_validation(full, 0.1, seed=0)[1], split_validation(full, 0.1, seed=1)[1]
+    assert torch.equal(again.images, val.images) and not torch.equal(other.images, val.images)
 
 
 def test_augmentation_crops_and_flips_whole_batches():

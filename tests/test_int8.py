@@ -137,6 +137,17 @@ def test_calibration_adjustments_are_reported_never_silent():
     assert normal.notes == [] and normal.count == 64 and len(normal.heldout_labels) == 100
 
 
+def test_int8_held_out_checks_use_the_validation_split_when_there_is_one():
+    train = ImageDataset(torch.zeros(200, 3, 32, 32, dtype=torch.uint8), torch.zeros(200, dtype=torch.int64), ("a",))
+    val = ImageDataset(torch.full((30, 3, 32, 32), 7, dtype=torch.uint8), torch.ones(30, dtype=torch.int64), ("a",))
+    cfg = QuantizeConfig(calibration=64, sensitivity_images=100)
+    with_val = select_calibration(train, SPEC, cfg, seed=0, val=val)
+    assert with_val.heldout_source == "validation images" and len(with_val.heldout_labels) == 30
+    assert bool((with_val.heldout_images == 7).all())  # images the student never trained on
+    without = select_calibration(train, SPEC, cfg, seed=0)
+    assert without.heldout_source == "held-out training images" and len(without.heldout_labels) == 100
+
+
 def test_empty_calibration_split_and_test_split_requests_are_refused(tmp_path):
     with pytest.raises(ExportError, match="training split is empty"):
         select_calibration(images(0), SPEC, QuantizeConfig(), seed=0)

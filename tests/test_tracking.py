@@ -11,13 +11,13 @@ from kdforge.recipe import load_recipe
 
 from .conftest import TINY_MODELS
 
-STEPS = ["train.max_steps=6", "train.log_every=2", "train.limit_eval_batches=2"]
+STEPS = ["train.max_steps=6", "train.limit_batches=3", "train.log_every=2", "train.limit_eval_batches=2"]  # 2 epochs
 
 
-def logged(stage_dir):
+def logged(stage_dir, split="test"):
     events = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return ({e["step"]: e["loss"] for e in events if e["event"] == "log"},
-            {e["step"]: e["top1"] for e in events if e["event"] == "eval"})
+            {e["step"]: e["top1"] for e in events if e["event"] == "eval" and e["split"] == split})
 
 
 def test_tensorboard_reads_every_stage_and_the_summary(make_recipe, tmp_path):
@@ -33,6 +33,8 @@ def test_tensorboard_reads_every_stage_and_the_summary(make_recipe, tmp_path):
         losses, top1 = logged(tmp_path / "runs" / "tiny" / stage)
         assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(losses)
         assert {e.step: e.value for e in events.Scalars("test/top1")} == pytest.approx(top1)
+        _, val_top1 = logged(tmp_path / "runs" / "tiny" / stage, "val")
+        assert {e.step: e.value for e in events.Scalars("val/top1")} == pytest.approx(val_top1)
         assert ("train/loss_kd" in events.Tags()["scalars"]) == (stage == "student")  # the loss parts too
         recipe_text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
         assert 'model = "test_convnext"' in recipe_text and "[distill]" in recipe_text  # the resolved recipe

@@ -66,8 +66,11 @@ def test_a_run_leaves_resolved_recipe_metrics_checkpoints_and_result(make_recipe
     assert result.steps == 8 and result.model == "test_convnext"
     assert load_recipe(stage_dir / "recipe.toml") == recipe  # the run can be reproduced from its own copy
     events = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in events if e["event"] == "eval"] == [1, 2]
+    # each epoch on the validation split (it chooses `best`), then the final weights once on the test split
+    assert [(e["split"], e["epoch"]) for e in events if e["event"] == "eval"] == [("val", 1), ("val", 2), ("test", 2)]
     assert all(0 <= e["top1"] <= 1 for e in events if e["event"] == "eval")
+    assert [e["count"] for e in events if e["event"] == "eval"] == [100, 100, 300]  # 10% of 1000; the test split
+    assert result.val_images == 100 and result.top1 == events[-1]["top1"]  # the reported number is the test one
     for link in ("last", "best"):
         assert (stage_dir / link / "model.safetensors").is_file()
     state = torch.load(stage_dir / "last" / "state.pt", weights_only=True)

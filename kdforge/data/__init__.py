@@ -6,13 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdforge.data.dataset import DataSplits, ImageDataset, epoch_order, eval_batches
+from kdforge.data.dataset import DataSplits, ImageDataset, epoch_order, eval_batches, split_validation
 from kdforge.registry import Registry
 
 if TYPE_CHECKING:
     from kdforge.recipe import DataConfig
 
-__all__ = ["DATASETS", "DataSplits", "ImageDataset", "epoch_order", "eval_batches", "load_dataset"]
+__all__ = ["DATASETS", "DataSplits", "ImageDataset", "epoch_order", "eval_batches", "load_dataset", "split_validation"]
 
 DATASETS: Registry[Callable[[DataConfig], DataSplits]] = Registry("dataset")
 
@@ -40,5 +40,11 @@ def _load_imagefolder(cfg: DataConfig) -> DataSplits:
     return imagefolder.read_imagefolder(cfg.root, cfg.image_size)
 
 
-def load_dataset(cfg: DataConfig) -> DataSplits:
-    return DATASETS.get(cfg.dataset)(cfg)
+def load_dataset(cfg: DataConfig, seed: int = 0) -> DataSplits:
+    """The dataset's train and test splits, and the validation split `cfg.val_fraction` holds out of the
+    training split (stratified, drawn with `seed`, the recipe's)."""
+    splits = DATASETS.get(cfg.dataset)(cfg)
+    if not cfg.val_fraction:
+        return splits
+    train, val = split_validation(splits.train, cfg.val_fraction, seed)
+    return DataSplits(train=train, test=splits.test, val=val)

@@ -25,10 +25,35 @@ class ImageDataset:
 class DataSplits:
     train: ImageDataset
     test: ImageDataset
+    val: ImageDataset | None = None  # held out of the training split (`[data] val_fraction`); None: none
 
     @property
     def num_classes(self) -> int:
         return len(self.train.classes)
+
+    @property
+    def selection(self) -> ImageDataset:
+        """The split that chooses (the best checkpoint, INT8's held-out checks): validation when there is one."""
+        return self.val if self.val is not None else self.test
+
+
+def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(train, val): `fraction` of every class's training images (at least one of a class with two or more),
+    drawn with `seed`; both keep the original order. A pure function of the data, fraction and seed, so the
+    export and every later run see the same split."""
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for label in range(len(train.classes)):
+        members = (train.labels == label).nonzero().flatten()
+        count = max(1, round(len(members) * fraction)) if len(members) >= 2 else 0
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    is_val = torch.zeros(len(train), dtype=torch.bool)
+    is_val[torch.cat(held)] = True
+
+    def subset(mask: torch.Tensor) -> ImageDataset:
+        return ImageDataset(train.images[mask], train.labels[mask], train.classes)
+
+    return subset(~is_val), subset(is_val)
 
 
 def epoch_order(num_items: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -287,7 +287,7 @@ def export_run(
     check_can_create(export_dir, "export folder")
     if verify:
         resolve_device(device or recipe.runtime.device)
-    data = load_dataset(recipe.data)
+    data = load_dataset(recipe.data, recipe.seed)
     spec = resolve_input_spec(cfg)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
                          exportable=True)
@@ -326,7 +326,7 @@ def export_run(
 
     def make_int8(step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         nonlocal quantization, calibration
-        calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed)
+        calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed, data.val)
         quantization = quantize_student(artifacts["onnx"], path, calibration, spec, step_cfg, meta, phases)
         notes.extend(n for n in quantization.notes if n not in notes)
         return {"target": step_cfg.target, "calibration_method": step_cfg.method,
@@ -341,8 +341,8 @@ def export_run(
                 continue  # that is what just failed
             step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
             phases.report(f"int8: {steps[-1]['step']} failed verification ({'; '.join(reports['int8'].failures)})"
-                          f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out "
-                          f"training images)")
+                          f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on "
+                          f"{'validation images' if data.val is not None else 'held-out training images'})")
             _drop_verification(export_dir, "int8")
             with phases(f"int8: escalation to {remedy}"):
                 extra = make_int8(step_cfg, path, meta)
@@ -363,13 +363,13 @@ def export_run(
 
     def make_openvino(path: Path, meta: dict[str, Any], step_cfg: QuantizeConfig | None = None) -> dict[str, Any]:
         """The OpenVINO IR; with `step_cfg`, INT8 by NNCF on the same calibration images as the ONNX INT8 export
-        (accuracy-controlled on the held-out training images when it sets max_top1_drop)."""
+        (accuracy-controlled on the held-out images when it sets max_top1_drop)."""
         nonlocal calibration
         extra: dict[str, Any] = {}
         if step_cfg is None:
             onnx_to_openvino(artifacts["onnx"], path, meta)
         else:
-            calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed)
+            calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed, data.val)
             validation = [(spec.prepare(image[None]).numpy(), int(label))
                           for image, label in zip(calibration.heldout_images, calibration.heldout_labels, strict=True)]
             extra = {"calibration_images": calibration.count,
@@ -390,7 +390,8 @@ def export_run(
         first = _int8_step("ptq", reports["openvino_int8"])
         phases.report(f"openvino_int8: nncf.quantize failed verification "
                       f"({'; '.join(reports['openvino_int8'].failures)}): trying NNCF's accuracy control "
-                      f"(max_top1_drop {step_cfg.max_top1_drop:.2f} on held-out training images)")
+                      f"(max_top1_drop {step_cfg.max_top1_drop:.2f} on "
+                      f"{'validation images' if data.val is not None else 'held-out training images'})")
         _drop_verification(export_dir, "openvino_int8")
         with phases("openvino_int8: escalation to accuracy_aware"):
             extra = make_openvino(path, meta, step_cfg)
@@ -502,7 +503,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
     started = time.perf_counter()
     batch_size, limit = checks.batch_size, checks.limit_batches
     with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data)
+        data = load_dataset(recipe.data, recipe.seed)
         candidate = open_runner(artifact, str(runtime.device) if runtime.device.type == "cuda" else None)
         key = (meta["checkpoint_sha256"], str(runtime.device), candidate.spec, batch_size, limit)
         with out_of_memory_as_error(

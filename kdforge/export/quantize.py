@@ -1,8 +1,9 @@
 """INT8 post-training quantization of an exported student: calibration data and the accuracy-aware search.
 
 Calibration images come from the TRAINING split (never the test split), prepared exactly as at inference.
-In accuracy-aware mode (`[quantize] max_top1_drop`), a held-out slice of the training split, disjoint from the
-calibration images, measures each quantized layer's sensitivity; the most sensitive layers are kept in float,
+In accuracy-aware mode (`[quantize] max_top1_drop`), held-out images measure each quantized layer's sensitivity:
+the validation split (`[data] val_fraction`, images the student never trained on), or without one a slice of the
+training split disjoint from the calibration images; the most sensitive layers are kept in float,
 one at a time, until the top-1 drop is within the tolerance or nothing is left to try. The drop is judged by its
 upper one-standard-error bound (`heldout_drop`): a few hundred held-out images measure a top-1 change to about
 +-2 points when INT8 changes a third of the answers, and the plain estimate let layers that changed many answers
@@ -36,10 +37,14 @@ class CalibrationData:
     heldout_images: torch.Tensor  # uint8, for the accuracy-aware search (disjoint from calibration)
     heldout_labels: torch.Tensor
     notes: list[str]  # adjustments made to the request, reported to the user
+    heldout_source: str = "held-out training images"  # or "validation images"
 
 
-def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig, seed: int) -> CalibrationData:
-    """Calibration batches from the training split, and a held-out slice of it; adjustments are reported."""
+def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig, seed: int,
+                       val: ImageDataset | None = None) -> CalibrationData:
+    """Calibration batches from the training split, and held-out images for the accuracy-aware checks: from the
+    validation split when there is one (images the model never trained on), else a slice of the training split
+    disjoint from the calibration images; adjustments are reported."""
     available = len(train)
     if available == 0:
         raise ExportError("the training split is empty: INT8 calibration needs training images")
@@ -60,6 +65,9 @@ def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     calibration, heldout = order[:count], order[count : count + cfg.sensitivity_images]
     batches = [spec.prepare(train.images[idx]).numpy() for idx in calibration.split(batch_size)]
+    if val is not None:
+        heldout = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:cfg.sensitivity_images]
+        return CalibrationData(batches, count, val.images[heldout], val.labels[heldout], notes, "validation images")
     return CalibrationData(batches, count, train.images[heldout], train.labels[heldout], notes)
 
 
@@ -182,7 +190,7 @@ def quantize_student(
                      for n in search.kept]
         notes = list(calib.notes)
         if search.final_drop > cfg.max_top1_drop:
-            notes.append(f"top-1 drop {search.final_drop:.2f} points (upper bound) on held-out training images is "
+            notes.append(f"top-1 drop {search.final_drop:.2f} points (upper bound) on {calib.heldout_source} is "
                          f"still above max_top1_drop {cfg.max_top1_drop} with every quantized layer tried in float")
         int8_top1 = float((predicted_classes(quantize(search.kept, trial), heldout) == labels).mean())
         result = QuantizeResult(path, kept_info, fp32_top1, int8_top1, round(search.final_drop, 3), search.tried,

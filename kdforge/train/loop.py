@@ -155,8 +155,8 @@ KEPT = "; checkpoints written before this are kept (run the same command with --
 @dataclass
 class FitResult:
     steps: int
-    final: dict[str, float]  # evaluation after the last step
-    best: dict[str, float]  # the best evaluation (by top-1)
+    final: dict[str, float]  # test-split evaluation after the last step
+    best: dict[str, float]  # the best epoch-end evaluation (by top-1; on the validation split when there is one)
     train_images_per_s: float = 0.0  # training throughput (forward, backward, update), evaluation excluded
 
 
@@ -236,6 +236,9 @@ def fit(
 
     train_set = data.train.to(runtime.device)
     test_set = data.test.to(runtime.device)
+    # each epoch is evaluated on the split that chooses the best checkpoint: validation when the data has one
+    # (the test split is then evaluated once, at the end, for the reported numbers), else the test split
+    watch_set, watch_split = (data.val.to(runtime.device), "val") if data.val is not None else (test_set, "test")
     emit({"event": "start", "title": title, "step": step, "total_steps": plan.total_steps,
           "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
 
@@ -318,20 +321,23 @@ def fit(
 
             if end_of_epoch:
                 with out_of_memory("evaluating", EVAL_ADVICE):
-                    final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+                    final = evaluate(model, spec, watch_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
                 is_best = final["top1"] > best["top1"]
                 if is_best:
                     best = {**final, "step": step, "epoch": epoch + 1}
-                emit({"event": "eval", "step": step, "epoch": epoch + 1, **final})
+                emit({"event": "eval", "split": watch_split, "step": step, "epoch": epoch + 1, **final})
                 checkpoint(is_best)
             elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(False)
+
+        if not final or watch_split != "test":  # the reported numbers: the final weights on the test split
+            with out_of_memory("evaluating", EVAL_ADVICE):
+                final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+            if watch_split != "test":
+                emit({"event": "eval", "split": "test", "step": step, "epoch": plan.epochs, **final})
     finally:
         emit({"event": "end", "step": step})
 
-    if not final:  # resumed a run whose last checkpoint was already its end
-        with out_of_memory("evaluating", EVAL_ADVICE):
-            final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
     return FitResult(
         steps=step, final=final, best=best,
         train_images_per_s=images_seen * runtime.world_size / train_time if train_time else 0.0,

@@ -56,14 +56,15 @@ class StageResult:
     params: int
     top1: float  # test top-1 of the final weights (the ones later stages use)
     top5: float
-    best_top1: float  # best test top-1 seen at an epoch end (reported, never used for selection)
-    best_epoch: int
+    best_top1: float  # best top-1 at an epoch end: on the validation split when val_images > 0 (it chose `best`),
+    best_epoch: int   # else on the test split (then reported only, never used to choose)
     steps: int
     input_size: int
     wall_s: float
     train_images_per_s: float
     fingerprint: str
     stage_dir: str
+    val_images: int = 0  # the validation split held out of the training split (0: none)
     skipped: bool = False  # True when an earlier finished run was reused
 
     def record(self) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def train_stage(
         # every input is checked (device, data, model, teacher) before any file of the stage changes: a command
         # that fails here leaves an earlier finished run exactly as it was
         check_can_create(stage_dir, "stage folder")
-        data = load_dataset(recipe.data)
+        data = load_dataset(recipe.data, recipe.seed)
         seed_everything(recipe.seed)  # the baseline and the distilled student start from the same weights
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
@@ -269,6 +270,7 @@ def train_stage(
         best_top1=result.best.get("top1", result.final["top1"]), best_epoch=int(result.best.get("epoch", 0)),
         steps=result.steps, input_size=spec.size, wall_s=round(time.perf_counter() - started, 2),
         train_images_per_s=round(result.train_images_per_s, 1), fingerprint=fingerprint, stage_dir=str(stage_dir),
+        val_images=len(data.val) if data.val is not None else 0,
     )
     return _finished(outcome, runs_dir / recipe.name, main)
 
@@ -345,7 +347,7 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
     weights = resolve_weights(Path(cfg.checkpoint), "teacher.checkpoint")
     started = time.perf_counter()
     with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data)
+        data = load_dataset(recipe.data, recipe.seed)
         teacher = load_frozen_teacher(cfg, weights, data.num_classes).to(runtime.device)
         metrics = evaluate(teacher.model, teacher.spec, data.test.to(runtime.device), cfg.train.batch_size,
                            runtime, cfg.train.limit_eval_batches)
