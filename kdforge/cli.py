@@ -222,8 +222,8 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
         return
     out.print(summary_table(summary))
     if summary.val_images:
-        out.print(f"(test split; {summary.val_images} training images held out as the validation split chose each "
-                  f"stage's best checkpoint and judged INT8's held-out checks)", highlight=False)
+        out.print(f"(test split; the validation split, {summary.val_images} images held out of the training split, "
+                  f"chose each stage's best checkpoint and judged INT8's held-out checks)", highlight=False)
     if summary.exports:
         out.print(exports_table(summary.exports))
         _print_int8_steps(summary.exports)

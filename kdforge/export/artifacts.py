@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -288,6 +288,10 @@ def export_run(
     if verify:
         resolve_device(device or recipe.runtime.device)
     data = load_dataset(recipe.data, recipe.seed)
+    if data.val is not None and not read_json(source / "result.json").get("val_images"):
+        # trained before the validation split existed (on all training images): its "validation" images were
+        # training images for it, so the held-out checks fall back to a slice disjoint from calibration
+        data = replace(data, val=None)
     spec = resolve_input_spec(cfg)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
                          exportable=True)

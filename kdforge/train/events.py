@@ -89,7 +89,9 @@ class ProgressDisplay:
                 self.console.print(f"{self.title} step {event['step']}/{event['total_steps']}  {format_metrics(event)}"
                                    f"{self.time_left(event)}")
         elif kind == "eval":
-            self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}): {format_metrics(event)}")
+            split = {"val": ", validation", "test": ", test"}.get(event.get("split", ""), "")
+            self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}{split}): "
+                               f"{format_metrics(event)}")
         elif kind == "note":
             self.console.print(event["message"])
         elif kind == "end":
