@@ -81,18 +81,20 @@ class TrainingEstimate:
 
 
 class _Timer:
-    """An event consumer that remembers when the loop reported each "log" and "eval" event."""
+    """An event consumer that remembers the loop's images/s and how long each evaluation took."""
 
     def __init__(self) -> None:
-        self.logs: list[tuple[float, float]] = []  # (images/s of the window, time reported)
-        self.eval_s = 0.0
+        self.images_per_s = 0.0  # of the last logged window
+        self.evals: list[float] = []  # seconds of each evaluation (one batch each here)
+        self.last = 0.0
 
     def __call__(self, event: dict) -> None:
         now = time.perf_counter()
         if event["event"] == "log":
-            self.logs.append((event["images_per_s"], now))
-        elif event["event"] == "eval" and self.logs:
-            self.eval_s = now - self.logs[-1][1]  # the last step's log line comes just before its evaluation
+            self.images_per_s = event["images_per_s"]
+        elif event["event"] == "eval":  # the last step's log line (or the evaluation before) comes just before
+            self.evals.append(now - self.last)
+        self.last = now
 
 
 def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
@@ -118,13 +120,14 @@ def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
         fit(model, spec, objective, data, probe, recipe.data.augment, runtime, recipe.seed, Path(folder),
             title=f"estimate {stage}", consumers=[timer])
     plan = Plan.create(len(data.train), cfg.train)
-    step_s = cfg.train.batch_size / timer.logs[-1][0]
+    step_s = cfg.train.batch_size / timer.images_per_s
+    eval_s = timer.evals[0]
     eval_batches = -(-len(data.selection) // cfg.train.batch_size)
     if cfg.train.limit_eval_batches:
         eval_batches = min(eval_batches, cfg.train.limit_eval_batches)
-    seconds = plan.total_steps * step_s + plan.epochs * eval_batches * timer.eval_s
+    seconds = plan.total_steps * step_s + plan.epochs * eval_batches * eval_s
     if data.val is not None:  # and the test split once, at the end
-        seconds += -(-len(data.test) // cfg.train.batch_size) * timer.eval_s
+        seconds += -(-len(data.test) // cfg.train.batch_size) * eval_s
     return seconds
 
 

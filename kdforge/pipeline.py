@@ -158,7 +158,7 @@ def describe_plan(recipe: Recipe) -> str:
             cfg = recipe.model_for(stage)
             what = {"teacher": "teacher", "baseline": "baseline (labels only)",
                     "student": f"distilled student ({recipe.distill.method} from the teacher)"}[stage]
-            parts.append(f"{what} {cfg.model} {cfg.train.epochs} epochs")
+            parts.append(f"{what} {cfg.model} {cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}")
         elif stage == "teacher_eval":
             parts.append(f"evaluate the teacher {recipe.teacher.checkpoint}")
         elif stage == "export":

@@ -1,7 +1,7 @@
 """Seeds as a dimension of an experiment: the chain once per seed, then whether the distillation gain is real.
 
     summary = run_seeds(recipe)    # recipe.experiment.seeds = [0, 1, 2]
-    summary.verdict                # "gain +9.1 +- 0.8 points over 3 seeds, 95% CI [7.2, 11.0]: significant"
+    summary.verdict    # "gain +7.70 +- 0.52 points over 3 seeds, 95% CI [+6.40, +9.00]: significant"
 
 Seed s runs as the recipe named `<name>-seed<s>` (runs/<name>-seed<s>/, exports in <export dir>/<name>-seed<s>/):
 each seed is a run like any other, resumed, reused, exported and found by the teacher store as such; the

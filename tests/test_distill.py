@@ -278,8 +278,8 @@ def test_the_chain_says_what_it_will_do_and_how_long_training_should_take_here(m
     notes = []
     summary = run_distill(load_recipe(path, ["train.max_steps=6"]), runs_dir=tmp_path / "runs",
                           consumers=[lambda e: notes.append(e["message"]) if e["event"] == "note" else None])
-    assert notes[0] == ("tiny: teacher test_resnet 1 epochs -> baseline (labels only) test_convnext 1 epochs -> "
-                        "distilled student (kd from the teacher) test_convnext 1 epochs")
+    assert notes[0] == ("tiny: teacher test_resnet 1 epoch -> baseline (labels only) test_convnext 1 epoch -> "
+                        "distilled student (kd from the teacher) test_convnext 1 epoch")
     assert re.fullmatch(r"training: about (\d+ min )?\d+ s on this machine \(teacher (\d+ min )?\d+ s, baseline "
                         r"(\d+ min )?\d+ s, student (\d+ min )?\d+ s; measured from the first steps\)", notes[1])
     saved = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
