@@ -212,8 +212,8 @@ def run_distill(
         if stage == "export" and not main:
             continue
         results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
-        if getattr(results[stage], "skipped", False) and main:
-            note(f"{stage}: finished earlier with these settings, reused")
+        if getattr(results[stage], "skipped", False) and not getattr(results[stage], "adopted_from", None) and main:
+            note(f"{stage}: finished earlier with these settings, reused")  # (train_stage says where it adopted from)
     summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1), machine=machine())
     if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))

@@ -19,7 +19,6 @@ imported only when a recipe asks for them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,7 @@ class TensorBoardTracker:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.writer.add_text("recipe", "```toml\n" + recipe_to_toml(recipe) + "\n```")
+        self.closed = False
 
     def __call__(self, event: Event) -> None:
         for name, value in _scalars(event).items():
@@ -86,8 +86,11 @@ class TensorBoardTracker:
         if event["event"] == "end":
             self.close()
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and close the event file (once; TensorBoard has no run status)."""
+        if not self.closed:
+            self.writer.close()
+            self.closed = True
 
 
 class MlflowTracker:
@@ -108,6 +111,7 @@ class MlflowTracker:
         params = _flat("", recipe.model_dump(mode="json"))
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         self.total_steps: int | None = None
+        self.closed = False
 
     def __call__(self, event: Event) -> None:
         if event["event"] == "start":
@@ -119,12 +123,15 @@ class MlflowTracker:
             self.close("FINISHED" if finished else "KILLED")
 
     def close(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        """End the MLflow run with `status` (once: a later close is a no-op)."""
+        if not self.closed:
+            self.client.set_terminated(self.run_id, status)
+            self.closed = True
 
 
-def stage_trackers(recipe: Recipe, runs_dir: Path, stage: str) -> list[Callable[[Event], None]]:
+def stage_trackers(recipe: Recipe, runs_dir: Path, stage: str) -> list[TensorBoardTracker | MlflowTracker]:
     """The tracking consumers of one training stage (none unless the recipe asks)."""
-    trackers: list[Callable[[Event], None]] = []
+    trackers: list[TensorBoardTracker | MlflowTracker] = []
     cfg = recipe.tracking
     if "tensorboard" in cfg.backends:
         trackers.append(TensorBoardTracker(runs_dir / recipe.name / "tensorboard" / stage, recipe))

@@ -256,7 +256,9 @@ def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, 
     again = run_distill(load_recipe(second, steps), runs_dir=runs, consumers=[notes.append])
     assert trained == ["student test_convnext"]  # the teacher was not trained again...
     assert again.teacher["top1"] == done.teacher["top1"] and "teacher" in again.reused
-    assert any(f"trained with these settings in {runs / 'first' / 'teacher'}" in n.get("message", "") for n in notes)
+    messages = [n["message"] for n in notes if n["event"] == "note"]
+    assert any(f"trained with these settings in {runs / 'first' / 'teacher'}" in m for m in messages)
+    assert [m for m in messages if m.startswith("teacher:")] == [m for m in messages if "trained with these" in m]
     mine, theirs = (runs / name / "teacher" / "last" / "model.safetensors" for name in ("second", "first"))
     assert mine.stat().st_ino == theirs.stat().st_ino  # ...its files are linked, not copied
     assert json.loads((runs / "second" / "teacher" / "result.json").read_text())["stage_dir"] == str(

@@ -69,6 +69,19 @@ def test_mlflow_reads_every_stage_the_recipe_and_the_summarys_files(make_recipe,
     assert (tmp_path / "mlruns").is_dir()  # artifacts next to runs/, like the database
 
 
+def test_a_stage_that_fails_is_a_failed_mlflow_run(make_recipe, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdforge.train.stages import train_stage
+
+    recipe = load_recipe(make_recipe(TINY_MODELS), [*STEPS, 'tracking.backend="mlflow"', "train.batch_size=5000"])
+    with pytest.raises(KdforgeError, match="fewer than one batch"):
+        train_stage(recipe, "teacher", runs_dir=tmp_path / "runs", consumers=[])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.run_name == "tiny/teacher" and run.info.status == "FAILED"
+
+
 def test_a_missing_tracking_package_is_one_error_naming_the_extra(make_recipe, tmp_path, monkeypatch):
     import importlib.util
 

@@ -66,10 +66,11 @@ class StageResult:
     stage_dir: str
     val_images: int = 0  # the validation split held out of the training split (0: none)
     skipped: bool = False  # True when an earlier finished run was reused
+    adopted_from: str | None = None  # the other run whose finished stage was reused (the teacher store)
 
     def record(self) -> dict[str, Any]:
-        """What result.json holds (`skipped` describes this call, not the stage)."""
-        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+        """What result.json holds (`skipped` and `adopted_from` describe this call, not the stage)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("skipped", "adopted_from")}
 
 
 LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0}  # [distill] keys newer than finished runs, with their defaults
@@ -242,7 +243,8 @@ def train_stage(
                 metrics.path.unlink(missing_ok=True)
         sync()
         if donor is not None:  # nothing to train
-            reused = StageResult(**{**read_json(donor / "result.json"), "stage_dir": str(stage_dir), "skipped": True})
+            reused = StageResult(**{**read_json(donor / "result.json"), "stage_dir": str(stage_dir), "skipped": True,
+                                    "adopted_from": str(donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
         cache = None
@@ -255,14 +257,18 @@ def train_stage(
         else:
             objective = cross_entropy_objective(cfg.train.label_smoothing)
         trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
-        result = fit(
-            model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
-            title=f"{stage} {cfg.model}",
-            resume_from=resume_from,
-            consumers=[metrics, *trackers, *consumers] if main else [],
-            checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
-            teacher_cache=cache,
-        )
+        try:
+            result = fit(
+                model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
+                title=f"{stage} {cfg.model}",
+                resume_from=resume_from,
+                consumers=[metrics, *trackers, *consumers] if main else [],
+                checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
+                teacher_cache=cache,
+            )
+        finally:  # a run that failed before the loop's own end event is marked so (no-op after a normal end)
+            for tracker in trackers:
+                tracker.close("FAILED")
 
     outcome = StageResult(
         stage=stage, model=cfg.model, params=count_parameters(model),
