@@ -223,3 +223,19 @@ def test_loop_parity_benchmark_runs_the_real_loop_and_prints_ratios(capsys):
     assert all(r["kdforge_images_per_s"] > 0 and r["hand_written_images_per_s"] > 0 and r["ratio"] > 0
                for r in rows)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_cpu_training_speed_benchmark_measures_both_layouts(capsys):
+    """benchmarks/cpu_training_speed.py in smoke form: a row per model and memory layout, positive speeds."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "cpu_training_speed.py"
+    spec = importlib.util.spec_from_file_location("cpu_training_speed", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.main(["--models", "test_resnet", "--batch", "8", "--steps", "2", "--warmup", "1",
+                           "--threads", "1"])
+    assert [(r["model"], r["layout"]) for r in rows] == [("test_resnet", "nchw"), ("test_resnet", "channels_last")]
+    assert all(r["train"] > 0 and r["inference"] > 0 for r in rows)
+    assert "threads" in capsys.readouterr().out  # the machine is named with the numbers
