@@ -245,15 +245,15 @@ def _parse_seeds(text: str) -> str:
 def seeds_table(summary):
     from rich.table import Table
 
+    from kdforge.seeds import ROLES
+
     table = Table(title=f"{summary.recipe}: test top-1 over {len(summary.seeds)} seeds")
     for column in ("seed", "teacher", "baseline", "distilled", "gain (points)"):
         table.add_column(column, justify="right")
     for row in summary.per_seed:
-        table.add_row(str(row["seed"]), *(f"{row[role]:.2f}%" for role in ("teacher", "baseline", "student")),
-                      f"{row['gain']:+.2f}")
+        table.add_row(str(row["seed"]), *(f"{row[role]:.2f}%" for role in ROLES), f"{row['gain']:+.2f}")
     stats, gain = summary.stats, summary.gain
-    table.add_row("mean +- sd", *(f"{stats[r]['mean']:.2f} +- {stats[r]['sd']:.2f}" for r in ("teacher", "baseline",
-                                                                                                "student")),
+    table.add_row("mean +- sd", *(f"{stats[role]['mean']:.2f} +- {stats[role]['sd']:.2f}" for role in ROLES),
                   f"{gain['mean']:+.2f} +- {gain['sd']:.2f}")
     return table
 

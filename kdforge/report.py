@@ -72,7 +72,12 @@ def _figure(width: float = 6.4, height: float = 4.0):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
+def evaluated_split(curves: dict[str, dict[str, Any]]) -> str:
+    """"validation" when the stages were evaluated on a validation split at each epoch end, else "test"."""
+    return "validation" if any(curve["split"] == "val" for curve in curves.values()) else "test"
+
+
+def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> Path:
     fig = _figure(10, 4)
     loss_ax, top1_ax = fig.subplots(1, 2)
     colors = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:orange"}
@@ -81,7 +86,7 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
         loss_ax.plot(curve["epoch"], curve["train_loss"], "-o", color=color, label=f"{LABELS[stage]} train")
         loss_ax.plot(curve["epoch"], curve["eval_loss"], "--", color=color, label=f"{LABELS[stage]} {curve['split']}")
         top1_ax.plot(curve["epoch"], curve["eval_top1"], "-o", color=color, label=LABELS[stage])
-    split = "validation" if any(curve["split"] == "val" for curve in curves.values()) else "test"
+    split = evaluated_split(curves)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
     top1_ax.set(xlabel="epoch", ylabel=f"{split} top-1 (%)", title=f"{split} top-1 per epoch")
     loss_ax.legend(fontsize="small")
@@ -189,8 +194,7 @@ def write_report(run_dir: Path) -> ReportPaths:
     if curves:
         doc.heading("Training")
         plots.append(plot_curves(curves, out / "curves.png"))
-        split = "validation" if any(curve["split"] == "val" for curve in curves.values()) else "test"
-        doc.image(plots[-1], f"loss and {split} top-1 per epoch")
+        doc.image(plots[-1], f"loss and {evaluated_split(curves)} top-1 per epoch")
 
     export_dir = export_dir_of_run(run_dir)
     doc.heading("Export")
