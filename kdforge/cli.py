@@ -366,12 +366,14 @@ def export(
     FP32 and FP16 ONNX first. A failed verification exits 1 and says by how much; an engine this machine cannot
     build (no TensorRT or no GPU) exits 3 after everything else is done.
 
-    When the INT8 file fails verification, the remedies of quantize.escalate are tried (accuracy-aware INT8
-    by default) and the first that passes is shipped; every step is printed and recorded in metadata.json.
+    When the INT8 file fails verification, the remedies of quantize.escalate are tried (accuracy-aware INT8,
+    then quantization-aware distillation, by default) and the first that passes is shipped; every step is printed
+    and recorded in metadata.json. --set quantize.mode=qad makes the INT8 file by QAD from the start.
 
     Examples:  kdforge export runs/quickstart --format onnx
                kdforge export runs/quickstart --int8 --target cpu --calibration 512 --method entropy
                kdforge export runs/quickstart --int8 --set quantize.max_top1_drop=0.5
+               kdforge export runs/quickstart --int8 --set quantize.mode=qad --set quantize.qad_epochs=2
                kdforge export --trt --int8
     """
     from kdforge.export.artifacts import export_recipe, export_run, requested_formats, resolve_export_source

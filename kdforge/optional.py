@@ -7,7 +7,7 @@ from types import ModuleType
 
 from kdforge.errors import KdforgeError
 
-EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino"}
+EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad"}
 
 
 def require(module: str) -> ModuleType:

@@ -249,9 +249,21 @@ class QuantizeConfig(Strict):
     # in op_types
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None
     sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
+    # ptq: post-training quantization of the FP32 ONNX with ONNX Runtime (seconds). qad: quantization-aware
+    # distillation: the student fine-tuned as a fake-quantized INT8 model against its teacher with NVIDIA Model
+    # Optimizer for qad_epochs, then exported with its Q/DQ pairs (a minute on the quickstart; the `qad` extra)
+    mode: Literal["ptq", "qad"] = "ptq"
+    qad_epochs: PositiveInt = 1
+    qad_lr: Annotated[float, Field(gt=0)] | None = None  # default: the student's train.lr / 100
+    # whom the fake-quantized student learns from. student: its own FP32 weights (KL at T=1 on the logits, no
+    # labels: it learns to give the FP32 student's answers, what verification measures; as Model Optimizer's QAD).
+    # teacher: the recipe's teacher with the [distill] objective (it keeps learning from the teacher and drifts
+    # from the FP32 student it is verified against)
+    qad_teacher: Literal["student", "teacher"] = "student"
     # when the INT8 file fails its [verify] tolerance: the remedies to try, in order, before giving up.
-    # accuracy_aware: the mode above with max_top1_drop = half the INT8 tolerance. [] forbids escalation.
-    escalate: list[Literal["accuracy_aware"]] = ["accuracy_aware"]
+    # accuracy_aware: the mode above with max_top1_drop = half the INT8 tolerance; qad: quantization-aware
+    # distillation. [] forbids escalation.
+    escalate: list[Literal["accuracy_aware", "qad"]] = ["accuracy_aware", "qad"]
 
     @field_validator("split")
     @classmethod

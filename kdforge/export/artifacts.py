@@ -251,7 +251,8 @@ def export_run(
     the remedies `quantize.escalate` allows are tried in order and the first that passes is shipped; the
     metadata records every step. Each phase is announced through `progress` with its time."""
     from kdforge.data import load_dataset
-    from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, torch_to_onnx
+    from kdforge.export.converters import copy_onnx, onnx_to_fp16, onnx_to_openvino, onnx_to_triton, torch_to_onnx
+    from kdforge.export.qad import qad_student
     from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.export.tensorrt import onnx_to_trt
     from kdforge.models import create_model, resolve_input_spec
@@ -330,23 +331,54 @@ def export_run(
 
     def make_int8(step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         nonlocal quantization, calibration
+        if step_cfg.mode == "qad":
+            return make_qad(step_cfg, path, meta)
         calibration = calibration or select_calibration(data.train, spec, step_cfg, recipe.seed, data.val)
         quantization = quantize_student(artifacts["onnx"], path, calibration, spec, step_cfg, meta, phases)
         notes.extend(n for n in quantization.notes if n not in notes)
         return {"target": step_cfg.target, "calibration_method": step_cfg.method,
                 "calibration_images": calibration.count, **quantization.to_metadata()}
 
+    def make_qad(step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The INT8 file of quantization-aware distillation (the `qad` stage, reused when it is finished), with
+        this export's metadata."""
+        nonlocal quantization
+        quantization = None  # no ONNX Runtime quantization (and no layers kept in float by its search) ships
+        if step_cfg.target == "cpu":
+            note = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
+                    "quantize.target says; ONNX Runtime runs it on CPU")
+            notes.append(note) if note not in notes else None
+        with phases("int8: quantization-aware distillation"):
+            qad = qad_student(recipe, source, step_cfg, opset, device)
+        if qad.skipped:
+            phases.report(f"int8: QAD finished earlier with these settings in {qad.path.parent}: reused")
+        note = (f"int8 by QAD: {qad.epochs} epoch(s) ({qad.steps} steps, lr {qad.lr:g}) learning from the "
+                f"{'teacher' if qad.teacher else 'FP32 student'} in {qad.wall_s:.0f} s; the fake-quantized student "
+                f"scores {qad.top1:.2%} on the test split ({qad.calibrated_top1:.2%} calibrated, before fine-tuning)")
+        notes.append(note) if note not in notes else None
+        extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata()}
+        copy_onnx(qad.path, path, {**meta, **extra, "method": "qad"}, spec.size, fp16=step_cfg.target == "tensorrt")
+        return extra
+
     def finish_int8(path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
         """After the INT8 file was verified: the escalation steps the recipe allows while it fails, a latency
         check against the FP32 ONNX, and the metadata that records them. Returns every step's measurements."""
-        steps = [_int8_step("accuracy_aware" if qcfg.max_top1_drop is not None else "ptq", reports["int8"])]
+        first = "qad" if qcfg.mode == "qad" else "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
+        steps = [_int8_step(first, reports["int8"])]
         for remedy in (r for r in qcfg.escalate if "int8" in failures):
-            if remedy == "accuracy_aware" and qcfg.max_top1_drop is not None:
+            if remedy == first:
                 continue  # that is what just failed
-            step_cfg = qcfg.model_copy(update={"max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
+            if remedy == "qad":
+                step_cfg = qcfg.model_copy(update={"mode": "qad"})
+                how = (f"{step_cfg.qad_epochs} epoch(s) of quantization-aware distillation from the "
+                       f"{step_cfg.qad_teacher}")
+            else:
+                step_cfg = qcfg.model_copy(update={"mode": "ptq",
+                                                   "max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
+                how = (f"max_top1_drop {step_cfg.max_top1_drop:.2f} on "
+                       f"{'validation images' if data.val is not None else 'held-out training images'}")
             phases.report(f"int8: {steps[-1]['step']} failed verification ({'; '.join(reports['int8'].failures)})"
-                          f": trying {remedy} (max_top1_drop {step_cfg.max_top1_drop:.2f} on "
-                          f"{'validation images' if data.val is not None else 'held-out training images'})")
+                          f": trying {remedy} ({how})")
             _drop_verification(export_dir, "int8")
             with phases(f"int8: escalation to {remedy}"):
                 extra = make_int8(step_cfg, path, meta)

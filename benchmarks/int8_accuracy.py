@@ -1,0 +1,80 @@
+"""INT8 accuracy: post-training quantization (PTQ) against quantization-aware distillation (QAD), per seed.
+
+For each recipe and seed, the distilled student is trained (or reused: runs/<recipe>-seed<s>/, the teacher of the
+first seed shared, as `kdforge distill --seeds` does), then exported to INT8 twice through `export_run` with
+escalation off: once by ONNX Runtime PTQ, once by QAD (`[quantize] mode = "qad"`). Each INT8 file is verified on the
+test split against the FP32 PyTorch student; the table prints the FP32 top-1, each method's top-1 change and
+agreement (share of test images with the same answer), and the QAD stage's wall time.
+
+    .venv/bin/python benchmarks/int8_accuracy.py                                  # quickstart + quickstart_vit, 3 seeds
+    .venv/bin/python benchmarks/int8_accuracy.py --recipes quickstart --seeds 0 --set quantize.qad_epochs=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from kdforge.estimate import describe_machine, machine
+from kdforge.export.artifacts import export_run
+from kdforge.fileio import read_json
+from kdforge.recipe import load_recipe
+from kdforge.seeds import mean_sd, seed_recipe
+from kdforge.train.stages import train_stage
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["quickstart", "quickstart_vit"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--runs", default="runs", help="runs folder (finished students are reused)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="[quantize] overrides for both methods, e.g. quantize.qad_epochs=2")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kdforge-int8-accuracy-") as tmp:
+        for name in args.recipes:
+            recipe = load_recipe(RECIPES / f"{name}.toml", overrides=args.overrides)
+            first = args.seeds[0]
+            for seed in args.seeds:
+                shared = Path(args.runs) / f"{recipe.name}-seed{first}" / "teacher" if seed != first else None
+                run = seed_recipe(recipe, seed, shared)
+                if shared is None:
+                    train_stage(run, "teacher", args.runs, retrain_stale=True)
+                student = train_stage(run, "student", args.runs, retrain_stale=True)
+                row = {"recipe": name, "seed": seed, "fp32": student.top1 * 100}
+                for method in ("ptq", "qad"):
+                    result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run,
+                                        exports_dir=Path(tmp) / method, quantize={"mode": method, "escalate": []})
+                    report = result.reports["int8"]
+                    row[method] = (report.top1_delta_points, report.agreement * 100)
+                    if method == "qad":
+                        meta = read_json(result.export_dir / "metadata.json")["formats"]["int8"]["qad"]
+                        row["qad_s"] = meta["wall_s"]
+                rows.append(row)
+                print(f"{name} seed {seed}: FP32 {row['fp32']:.2f}%  PTQ {row['ptq'][0]:+.2f} pts "
+                      f"({row['ptq'][1]:.1f}% agree)  QAD {row['qad'][0]:+.2f} pts ({row['qad'][1]:.1f}% agree, "
+                      f"{row['qad_s']:.0f} s)", flush=True)
+
+    print(f"\n{describe_machine(machine())}\n")
+    print("| recipe | seed | FP32 top-1 | PTQ top-1 change | PTQ agreement | QAD top-1 change | QAD agreement "
+          "| QAD time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['recipe']} | {row['seed']} | {row['fp32']:.2f}% | {row['ptq'][0]:+.2f} | {row['ptq'][1]:.1f}% "
+              f"| {row['qad'][0]:+.2f} | {row['qad'][1]:.1f}% | {row['qad_s']:.0f} s |")
+    for name in args.recipes:
+        mine = [row for row in rows if row["recipe"] == name]
+        stats = {key: mean_sd([row[m][i] for row in mine]) for key, m, i in
+                 (("ptq_delta", "ptq", 0), ("ptq_agree", "ptq", 1), ("qad_delta", "qad", 0), ("qad_agree", "qad", 1))}
+        print(f"| {name} mean +- sd | {len(mine)} seeds | "
+              f"| {stats['ptq_delta'][0]:+.2f} +- {stats['ptq_delta'][1]:.2f} | {stats['ptq_agree'][0]:.1f}% "
+              f"| {stats['qad_delta'][0]:+.2f} +- {stats['qad_delta'][1]:.2f} | {stats['qad_agree'][0]:.1f}% | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Quantization-aware distillation (QAD) with NVIDIA Model Optimizer, escalation to it, and the TensorRT INT8 graph
+(symmetric Q/DQ, FP16 everywhere else)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from kdforge.errors import RecipeError
+from kdforge.export.artifacts import export_run
+from kdforge.export.converters import FP32_OP_TYPES, QDQ_FP16_OPSET
+from kdforge.export.qad import modules_of_nodes, qad_student
+from kdforge.pipeline import run_distill
+from kdforge.recipe import load_recipe
+
+from .test_int8_ships import chain_recipe
+
+pytest.importorskip("modelopt.torch.quantization", reason="the qad extra (nvidia-modelopt) is part of the dev install")
+
+
+@pytest.mark.slow
+def test_qad_gives_the_fp32_answers_more_often_than_ptq_and_its_stage_is_reused(trained_students, tmp_path):
+    """The same student, the same test split: INT8 by ONNX Runtime PTQ and INT8 by QAD, both verified against
+    the FP32 PyTorch student."""
+    stage = trained_students["cnn"]
+    ptq = export_run(stage, ["int8"], exports_dir=tmp_path / "ptq", quantize={"escalate": []})
+    qad = export_run(stage, ["int8"], exports_dir=tmp_path / "qad", quantize={"mode": "qad", "escalate": []})
+    ptq_report, qad_report = ptq.reports["int8"], qad.reports["int8"]
+    assert qad_report.count == ptq_report.count == 300
+    assert qad_report.agreement > ptq_report.agreement
+    assert qad_report.passed, qad_report.failures
+
+    meta = json.loads((qad.export_dir / "metadata.json").read_text())["formats"]["int8"]
+    assert meta["method"] == "qad" and meta["quantizer"] == "modelopt"
+    assert meta["qad"]["epochs"] == 1 and meta["qad"]["steps"] > 0 and meta["qad"]["quantizers"] > 0
+    proto = onnx.load(str(qad.artifacts["int8"]))
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") >= meta["qad"]["quantizers"]
+
+    # the finished stage is reused while its settings hold, and trained again when they change
+    recipe = load_recipe(stage / "recipe.toml")
+    again = qad_student(recipe, stage, recipe.quantize.model_copy(update={"mode": "qad"}), 17, consumers=[])
+    assert again.skipped and again.fingerprint == meta["qad"]["fingerprint"]
+    longer = qad_student(recipe, stage, recipe.quantize.model_copy(update={"mode": "qad", "qad_epochs": 2}), 17,
+                         consumers=[])
+    assert not longer.skipped and longer.steps == 2 * again.steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("escalate,failing,steps", [
+    (["qad"], 1, [("ptq", False), ("qad", True)]),
+    (["accuracy_aware", "qad"], 2, [("ptq", False), ("accuracy_aware", False), ("qad", True)]),
+])
+def test_a_failing_ptq_in_the_chain_ends_with_a_shipped_qad_file(make_recipe, tmp_path, monkeypatch, escalate,
+                                                                   failing, steps):
+    import kdforge.export.artifacts as artifacts
+
+    real, calls = artifacts.verify_export, []
+
+    def verify(export_dir, fmt_name, **kwargs):  # the first `failing` INT8 verifications fail
+        report = real(export_dir, fmt_name, **kwargs)
+        if fmt_name == "int8":
+            calls.append(report)
+            if len(calls) <= failing:
+                from dataclasses import replace
+
+                failed = replace(report, passed=False, failures=["top-1 changed by -1.15 points (injected)"])
+                raise artifacts.VerificationError("student.int8.onnx FAILED verification (injected)", failed)
+        return report
+
+    monkeypatch.setattr(artifacts, "verify_export", verify)
+    recipe = chain_recipe(make_recipe, tmp_path, [f"quantize.escalate={json.dumps(escalate)}"])
+    summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
+
+    assert summary.failures == {}
+    assert [(s["step"], s["passed"]) for s in summary.exports["int8"]["int8_steps"]] == steps
+    meta = json.loads((tmp_path / "exports" / "tiny" / "metadata.json").read_text())["formats"]["int8"]
+    assert meta["method"] == "qad" and meta["qad"]["teacher"] is None  # learned from the FP32 student itself
+    assert (tmp_path / "runs" / "tiny" / "qad" / "student.qad.onnx").is_file()
+    assert json.loads((tmp_path / "exports" / "tiny" / "verify.json").read_text())["int8"]["passed"]
+    report = (tmp_path / "runs" / "tiny" / "report" / "report.md").read_text()
+    assert "INT8 quantization steps" in report and "qad" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+@pytest.mark.parametrize("mode", ["ptq", "qad"])
+def test_tensorrt_int8_graph_is_symmetric_qdq_and_fp16_everywhere_else(trained_students, tmp_path, kind, mode):
+    result = export_run(trained_students[kind], ["int8"], exports_dir=tmp_path,
+                        quantize={"target": "tensorrt", "mode": mode, "escalate": []})
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(result.artifacts["int8"])))
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == QDQ_FP16_OPSET
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:  # symmetric INT8: zero points 0 of type int8; FP16 scales
+        assert constants[node.input[1]].dtype.name == "float16", node.name
+        zero_point = constants[node.input[2]]
+        assert zero_point.dtype.name == "int8" and not zero_point.any(), node.name
+
+    types = {v.name: v.type.tensor_type.elem_type for v in (*proto.graph.value_info, *proto.graph.input,
+                                                            *proto.graph.output)}
+    fp32_compute = [n.name for n in proto.graph.node
+                    if n.op_type not in ("Cast", "QuantizeLinear", "DequantizeLinear", "Constant", *FP32_OP_TYPES)
+                    and any(types.get(t) == TensorProto.FLOAT for t in (*n.input, *n.output))]
+    assert fp32_compute == []  # every float op outside the kept-FP32 list computes in FP16
+    assert [types[i.name] for i in proto.graph.input] == [TensorProto.FLOAT]  # callers and TensorRT I/O stay FP32
+    assert [types[o.name] for o in proto.graph.output] == [TensorProto.FLOAT]
+    report = result.reports["int8"]  # verified on ONNX Runtime CPU like every format
+    assert report.count == 300 and (report.passed or kind == "vit"), report.failures
+
+
+def test_qad_settings_are_validated_and_exclude_names_reach_the_pytorch_modules(make_recipe):
+    with pytest.raises(RecipeError, match="mode"):
+        load_recipe(make_recipe(), ["quantize.mode=qat"])
+    with pytest.raises(RecipeError, match="escalate"):
+        load_recipe(make_recipe(), ['quantize.escalate=["retrain"]'])
+    names = ["/layer1/layer1.0/conv1/Conv", "/stages/stages.0/blocks/blocks.1/conv_dw/Conv",
+             "/blocks/blocks.0/blocks.0.0/se/conv_reduce/Conv", "/head/fc/Gemm", "odd"]
+    assert modules_of_nodes(names) == ["layer1.0.conv1", "stages.0.blocks.1.conv_dw", "blocks.0.0.se.conv_reduce",
+                                       "head.fc"]
