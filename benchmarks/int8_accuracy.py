@@ -28,7 +28,8 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["quickstart", "quickstart_vit"])
+    parser.add_argument("--recipes", nargs="+", default=["quickstart", "quickstart_vit"],
+                        help="names in recipes/ or paths to recipe files")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs", default="runs", help="runs folder (finished students are reused)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -38,7 +39,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="kdforge-int8-accuracy-") as tmp:
         for name in args.recipes:
-            recipe = load_recipe(RECIPES / f"{name}.toml", overrides=args.overrides)
+            recipe = load_recipe(name if name.endswith(".toml") else RECIPES / f"{name}.toml", args.overrides)
             first = args.seeds[0]
             for seed in args.seeds:
                 shared = Path(args.runs) / f"{recipe.name}-seed{first}" / "teacher" if seed != first else None
@@ -48,7 +49,7 @@ def main() -> None:
                 student = train_stage(run, "student", args.runs, retrain_stale=True)
                 row = {"recipe": name, "seed": seed, "fp32": student.top1 * 100}
                 for method in ("ptq", "qad"):
-                    result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run,
+                    result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run, progress=print,
                                         exports_dir=Path(tmp) / method, quantize={"mode": method, "escalate": []})
                     report = result.reports["int8"]
                     row[method] = (report.top1_delta_points, report.agreement * 100)

@@ -16,6 +16,7 @@ from kdforge.export.qad import modules_of_nodes, qad_student
 from kdforge.pipeline import run_distill
 from kdforge.recipe import load_recipe
 
+from .conftest import TINY_MODELS
 from .test_int8_ships import chain_recipe
 
 pytest.importorskip("modelopt.torch.quantization", reason="the qad extra (nvidia-modelopt) is part of the dev install")
@@ -124,3 +125,21 @@ def test_qad_settings_are_validated_and_exclude_names_reach_the_pytorch_modules(
              "/blocks/blocks.0/blocks.0.0/se/conv_reduce/Conv", "/head/fc/Gemm", "odd"]
     assert modules_of_nodes(names) == ["layer1.0.conv1", "stages.0.blocks.1.conv_dw", "blocks.0.0.se.conv_reduce",
                                        "head.fc"]
+
+
+@pytest.mark.slow
+def test_int8_accuracy_benchmark_smoke(make_recipe, tmp_path):
+    """benchmarks/int8_accuracy.py in smoke form: one seed of a tiny recipe, a table row with both methods."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = make_recipe(TINY_MODELS)
+    script = Path(__file__).parents[1] / "benchmarks" / "int8_accuracy.py"
+    done = subprocess.run([sys.executable, str(script), "--recipes", str(recipe), "--seeds", "0", "--runs",
+                           str(tmp_path / "runs"), "--set", "train.max_steps=6", "--set", "quantize.calibration=64"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {recipe} | 0 |")]
+    assert len(rows) == 1 and rows[0].count("%") == 3  # FP32 top-1, PTQ and QAD agreement
+    assert (tmp_path / "runs" / "tiny-seed0" / "qad" / "student.qad.onnx").is_file()

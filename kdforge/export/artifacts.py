@@ -39,6 +39,8 @@ from kdforge.train.checkpoint import WEIGHTS
 METADATA = "metadata.json"
 VERIFY = "verify.json"
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student, else the baseline student
+QAD_CPU_NOTE = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
+                "quantize.target says; ONNX Runtime runs it on CPU")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,17 +339,15 @@ def export_run(
         quantization = quantize_student(artifacts["onnx"], path, calibration, spec, step_cfg, meta, phases)
         notes.extend(n for n in quantization.notes if n not in notes)
         return {"target": step_cfg.target, "calibration_method": step_cfg.method,
-                "calibration_images": calibration.count, **quantization.to_metadata()}
+                "calibration_images": calibration.count, **quantization.to_metadata(), **int8_opset(step_cfg, opset)}
 
     def make_qad(step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         """The INT8 file of quantization-aware distillation (the `qad` stage, reused when it is finished), with
         this export's metadata."""
         nonlocal quantization
         quantization = None  # no ONNX Runtime quantization (and no layers kept in float by its search) ships
-        if step_cfg.target == "cpu":
-            note = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
-                    "quantize.target says; ONNX Runtime runs it on CPU")
-            notes.append(note) if note not in notes else None
+        if step_cfg.target == "cpu" and QAD_CPU_NOTE not in notes:
+            notes.append(QAD_CPU_NOTE)
         with phases("int8: quantization-aware distillation"):
             qad = qad_student(recipe, source, step_cfg, opset, device)
         if qad.skipped:
@@ -355,8 +355,10 @@ def export_run(
         note = (f"int8 by QAD: {qad.epochs} epoch(s) ({qad.steps} steps, lr {qad.lr:g}) learning from the "
                 f"{'teacher' if qad.teacher else 'FP32 student'} in {qad.wall_s:.0f} s; the fake-quantized student "
                 f"scores {qad.top1:.2%} on the test split ({qad.calibrated_top1:.2%} calibrated, before fine-tuning)")
-        notes.append(note) if note not in notes else None
-        extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata()}
+        if note not in notes:
+            notes.append(note)
+        extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata(),
+                 **int8_opset(step_cfg, opset)}
         copy_onnx(qad.path, path, {**meta, **extra, "method": "qad"}, spec.size, fp16=step_cfg.target == "tensorrt")
         return extra
 
@@ -488,6 +490,13 @@ def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8)
         measure(OnnxRunner(path), size, settings) for path in (fp32_path, int8_path))
     return {"batch1": round(int8_p50 / fp32_p50, 3), "batchN": round(fp32_rate / int8_rate, 3),
             "batch_size": batch_size}
+
+
+def int8_opset(cfg: QuantizeConfig, opset: int) -> dict[str, int]:
+    """The tensorrt-target INT8 file is written at opset 19 at least (FP16 Q/DQ scales)."""
+    from kdforge.export.converters import QDQ_FP16_OPSET
+
+    return {"opset": max(opset, QDQ_FP16_OPSET)} if cfg.target == "tensorrt" else {}
 
 
 def _steps_note(name: str, steps: list[dict[str, Any]]) -> str:

@@ -11,9 +11,10 @@ through the rounding instead:
    normalization stay float; `[quantize] exclude` nodes stay float), with BatchNorm frozen first (its running
    statistics and affine terms become constants, as QAT does: fine-tuning batches are too few to re-estimate them).
 2. Activation ranges are calibrated (max) on `[quantize] calibration` training images, prepared as at inference.
-3. The student trains `qad_epochs` more on the training split with the recipe's distillation objective against
-   the same frozen teacher (online, or the teacher cache), at `qad_lr` (default: 1/100 of the student's lr),
-   through the one training loop (validation each epoch, test at the end: the fake-quantized model's top-1).
+3. The student trains `qad_epochs` more on the training split, at `qad_lr` (default: 1/100 of the student's lr),
+   through the one training loop (validation each epoch, test at the end: the fake-quantized model's top-1),
+   learning from `qad_teacher`: its own FP32 weights (KL divergence at T = 1, no labels: it learns to give the
+   answers it is verified against), or the recipe's teacher with the [distill] objective (online, or the cache).
 4. The fake-quantized model is exported with the TorchScript ONNX exporter: QuantizeLinear/DequantizeLinear pairs
    (zero points 0) in front of each quantized layer, the placement TensorRT's explicit quantization fuses and
    ONNX Runtime runs on CPU.
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import ExportError
+from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import file_hash, read_json, write_json
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe
 
@@ -60,7 +61,7 @@ class QadResult:
     steps: int
     quantizers: int  # fake quantizers enabled (weights and inputs)
     float_modules: list[str]  # modules kept in float by [quantize] exclude
-    teacher: str | None  # the teacher's weights the student learned from (None: a baseline, trained on labels)
+    teacher: str | None  # qad_teacher = "teacher": the teacher's weights it learned from; None: the FP32 student
     wall_s: float
     onnx_sha256: str
     skipped: bool = False  # reused from an earlier run
@@ -70,8 +71,9 @@ class QadResult:
 
 
 def quant_config(float_modules: list[str] = ()) -> dict[str, Any]:
-    """Model Optimizer's INT8 placement (its INT8_DEFAULT_CFG: weights per output channel, inputs per tensor,
-    max calibration), restricted to Conv and Linear, with `float_modules` (module names) left unquantized."""
+    """Model Optimizer's INT8 placement (its INT8_DEFAULT_CFG: weights per output channel, inputs per tensor),
+    restricted to Conv and Linear, with `float_modules` (module names) left unquantized; input ranges from
+    histograms (see `calibrate`)."""
     entries: list[dict[str, Any]] = [
         {"quantizer_name": "*", "enable": False},
         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
@@ -150,13 +152,16 @@ def qad_student(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, 
 
     require("modelopt.torch.quantization")
     runs_dir = source.parent.parent
-    stage_dir = runs_dir / recipe.name / QAD_STAGE
+    stage_dir = source.parent / QAD_STAGE
     teacher_weights = teacher_weights_for(recipe, runs_dir) \
         if source.name == "student" and qcfg.qad_teacher == "teacher" else None
     fingerprint = qad_fingerprint(recipe, source, qcfg, teacher_weights, opset)
     result_path, onnx_path = stage_dir / "result.json", stage_dir / QAD_ONNX
     if result_path.is_file() and onnx_path.is_file():
-        previous = read_json(result_path)
+        try:
+            previous = read_json(result_path)
+        except KdforgeError:  # damaged: trained again
+            previous = {}
         if previous.get("fingerprint") == fingerprint and previous.get("onnx_sha256") == file_hash(onnx_path):
             return QadResult(**{**previous, "path": onnx_path, "skipped": True})
     return _train_qad(recipe, source, qcfg, opset, device, consumers, stage_dir, teacher_weights, fingerprint)
