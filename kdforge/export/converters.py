@@ -190,15 +190,16 @@ def check_onnx_runs(path: Path, input_size: int) -> None:
 # ONNX Runtime's quantization settings per target. cpu: uint8 activations / int8 weights, the fast path of
 # ONNX Runtime's x86 kernels (int8/int8 ran 4-5x slower than FP32 on a 2-core x86 CPU). tensorrt: symmetric
 # int8 activations and weights (zero points 0), Q/DQ pairs on weights and one pair per consumer, which is
-# what TensorRT's explicit-quantization (strongly typed) builds fuse, with every other op in FP16 (`int8_with_fp16`,
-# opset 19). For both, only MatMuls with a constant
+# what TensorRT's explicit-quantization (strongly typed) builds fuse, biases left float (TensorRT adds them in high
+# precision; an int32 bias would carry a scale of input scale x weight scale, ~1e-6, which FP16 cannot hold), every
+# other op in FP16 (`int8_with_fp16`, opset 19). For both, only MatMuls with a constant
 # weight are quantized (see `quantizable_nodes`): activation-by-activation MatMuls (attention scores) stay float,
 # so Softmax never sees int8 inputs.
 INT8_TARGETS: dict[str, dict[str, Any]] = {
     "cpu": {"activation": "QUInt8", "extra": {"WeightSymmetric": True}},
     "tensorrt": {"activation": "QInt8", "extra": {
         "ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
-        "DedicatedQDQPair": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        "DedicatedQDQPair": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}, "QuantizeBias": False,
     }},
 }
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
