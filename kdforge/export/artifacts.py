@@ -373,7 +373,7 @@ def export_run(
             if remedy == "qad":
                 step_cfg = qcfg.model_copy(update={"mode": "qad"})
                 how = (f"{step_cfg.qad_epochs} epoch(s) of quantization-aware distillation from the "
-                       f"{step_cfg.qad_teacher}")
+                       f"{'FP32 student' if step_cfg.qad_teacher == 'student' else 'teacher'}")
             else:
                 step_cfg = qcfg.model_copy(update={"mode": "ptq",
                                                    "max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
