@@ -234,7 +234,8 @@ class ExportConfig(Strict):
 
 
 class QuantizeConfig(Strict):
-    """INT8 post-training quantization (the `int8` export format), with ONNX Runtime's static QDQ tooling."""
+    """INT8 (the `int8` export format): post-training quantization with ONNX Runtime's static QDQ tooling, or
+    quantization-aware distillation with NVIDIA Model Optimizer (`mode`)."""
 
     enabled: bool = False  # kdforge distill also exports the int8 format
     target: Literal["cpu", "tensorrt"] = "cpu"  # cpu: uint8 activations / int8 weights; tensorrt: symmetric int8
@@ -250,8 +251,8 @@ class QuantizeConfig(Strict):
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None
     sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
     # ptq: post-training quantization of the FP32 ONNX with ONNX Runtime (seconds). qad: quantization-aware
-    # distillation: the student fine-tuned as a fake-quantized INT8 model against its teacher with NVIDIA Model
-    # Optimizer for qad_epochs, then exported with its Q/DQ pairs (a minute on the quickstart; the `qad` extra)
+    # distillation: the student fine-tuned as a fake-quantized INT8 model (NVIDIA Model Optimizer) for qad_epochs,
+    # learning from qad_teacher, then exported with its Q/DQ pairs (30 s for the quickstart CNN; the `qad` extra)
     mode: Literal["ptq", "qad"] = "ptq"
     qad_epochs: PositiveInt = 1
     qad_lr: Annotated[float, Field(gt=0)] | None = None  # default: the student's train.lr / 100
