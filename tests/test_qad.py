@@ -143,3 +143,17 @@ def test_int8_accuracy_benchmark_smoke(make_recipe, tmp_path):
     rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {recipe} | 0 |")]
     assert len(rows) == 1 and rows[0].count("%") == 3  # FP32 top-1, PTQ and QAD agreement
     assert (tmp_path / "runs" / "tiny-seed0" / "qad" / "student.qad.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_qad_can_learn_from_the_recipes_teacher_and_its_cache(make_recipe, tmp_path):
+    recipe = chain_recipe(make_recipe, tmp_path, ["distill.teacher_cache.views=2", "quantize.enabled=false"])
+    run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
+    student = tmp_path / "runs" / "tiny" / "student"
+    qcfg = recipe.quantize.model_copy(update={"mode": "qad", "qad_teacher": "teacher"})
+    result = qad_student(recipe, student, qcfg, 17, consumers=[])
+    assert result.teacher == str(tmp_path / "runs" / "tiny" / "teacher" / "last" / "model.safetensors")
+    assert result.steps > 0 and result.path.is_file()
+    # the FP32 student as its own teacher is another stage: trained again, not reused
+    itself = qad_student(recipe, student, qcfg.model_copy(update={"qad_teacher": "student"}), 17, consumers=[])
+    assert not itself.skipped and itself.teacher is None and itself.fingerprint != result.fingerprint

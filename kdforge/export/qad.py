@@ -182,8 +182,8 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
     from kdforge.runtime import runtime_scope
     from kdforge.train.checkpoint import load_weights
     from kdforge.train.events import ProgressDisplay
-    from kdforge.train.loop import cross_entropy_objective, evaluate, fit
-    from kdforge.train.stages import teacher_cache_for
+    from kdforge.train.loop import evaluate, fit
+    from kdforge.train.stages import training_objective
 
     cfg = recipe.model_for(source.name)
     epochs, lr = qad_settings(qcfg, cfg.train.lr)
@@ -213,22 +213,16 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
             raise ExportError(f"{cfg.model}: no Conv or Linear layer to quantize (or every one is in quantize.exclude)")
         calibrated = evaluate(model, spec, data.test.to(runtime.device), cfg.train.batch_size, runtime,
                               cfg.train.limit_eval_batches)["top1"]
-        teacher, cache = None, None
         if qcfg.qad_teacher == "student":
             reference = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
             load_weights(reference, source / "last")
             teacher = FrozenTeacher(reference, spec).to(runtime.device, runtime.uses_channels_last(reference))
-            objective = create_distill_objective(SELF_DISTILL, teacher)
-        elif teacher_weights is not None:
-            teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
-            teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
-            if recipe.distill.teacher_cache.views:
-                cache = teacher_cache_for(recipe, source.parent.parent, teacher, teacher_weights, data, runtime,
-                                          consumers)
-                teacher = None
-            objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
-        else:
-            objective = cross_entropy_objective(cfg.train.label_smoothing)
+            objective, cache = create_distill_objective(SELF_DISTILL, teacher), None
+        else:  # the recipe's teacher (none for a baseline: labels alone)
+            teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
+                if teacher_weights is not None else None
+            objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime,
+                                                  source.parent.parent, consumers)
         train = cfg.train.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": 0.0, "warmup_epochs": 0.0,
                                              "max_steps": None, "checkpoint_every": 0})
         if stage_dir.exists():

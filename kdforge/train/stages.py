@@ -247,15 +247,8 @@ def train_stage(
                                     "adopted_from": str(donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
-        cache = None
-        if teacher is not None:
-            teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
-            if recipe.distill.teacher_cache.views:
-                cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
-                teacher = None  # the cache answers for it from here on
-            objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
-        else:
-            objective = cross_entropy_objective(cfg.train.label_smoothing)
+        objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
+                                              consumers)
         trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
         try:
             result = fit(
@@ -279,6 +272,20 @@ def train_stage(
         val_images=len(data.val) if data.val is not None else 0,
     )
     return _finished(outcome, runs_dir / recipe.name, main)
+
+
+def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | None, data, runtime, runs_dir: Path,
+                       consumers) -> tuple[Any, TeacherCache | None]:
+    """What a student learns from: the [distill] objective against `teacher` (moved to the runtime's device; its
+    answers read from the teacher cache when the recipe has one), or labels alone when there is no teacher."""
+    if teacher is None:
+        return cross_entropy_objective(cfg.train.label_smoothing), None
+    teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
+    cache = None
+    if recipe.distill.teacher_cache.views:
+        cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
+        teacher = None  # the cache answers for it from here on
+    return create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing), cache
 
 
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
