@@ -253,7 +253,7 @@ def export_run(
     the remedies `quantize.escalate` allows are tried in order and the first that passes is shipped; the
     metadata records every step. Each phase is announced through `progress` with its time."""
     from kdforge.data import load_dataset
-    from kdforge.export.converters import copy_onnx, onnx_to_fp16, onnx_to_openvino, onnx_to_triton, torch_to_onnx
+    from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, qad_to_int8, torch_to_onnx
     from kdforge.export.qad import qad_student
     from kdforge.export.quantize import quantize_student, select_calibration
     from kdforge.export.tensorrt import onnx_to_trt
@@ -359,7 +359,7 @@ def export_run(
             notes.append(note)
         extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata(),
                  **int8_opset(step_cfg, opset)}
-        copy_onnx(qad.path, path, {**meta, **extra, "method": "qad"}, spec.size, fp16=step_cfg.target == "tensorrt")
+        qad_to_int8(qad.path, path, {**meta, **extra, "method": "qad"}, spec.size, fp16=step_cfg.target == "tensorrt")
         return extra
 
     def finish_int8(path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
