@@ -10,7 +10,8 @@ through the rounding instead:
    per-channel symmetric INT8 weights and per-tensor symmetric INT8 inputs of every Conv and Linear (pooling and
    normalization stay float; `[quantize] exclude` nodes stay float), with BatchNorm frozen first (its running
    statistics and affine terms become constants, as QAT does: fine-tuning batches are too few to re-estimate them).
-2. Activation ranges are calibrated (max) on `[quantize] calibration` training images, prepared as at inference.
+2. Ranges are calibrated on `[quantize] calibration` training images, prepared as at inference: weights by their
+   max per output channel, inputs at the 99.9th percentile of their histogram (see `calibrate`).
 3. The student trains `qad_epochs` more on the training split, at `qad_lr` (default: 1/100 of the student's lr),
    through the one training loop (validation each epoch, test at the end: the fake-quantized model's top-1),
    learning from `qad_teacher`: its own FP32 weights (KL divergence at T = 1, no labels: it learns to give the
@@ -21,7 +22,8 @@ through the rounding instead:
 
 The stage lives in runs/<name>/qad/ like a training stage: it is reused while its fingerprint (the student's and
 teacher's weights, data, seed, [distill] and the QAD settings) is unchanged, and redone otherwise. The export
-copies its ONNX file into the export folder as the `int8` format and verifies it like every format.
+writes its ONNX file into the export folder as the `int8` format, weights stored as INT8
+(`converters.qad_to_int8`), and verifies it like every format.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ QAD_ONNX = "student.qad.onnx"
 # (seed 2), max ranges left 67% of test answers unchanged before fine-tuning, the 99.9th percentile 79%, the 99.99th
 # 78%; entropy 81% but took 6 minutes on 2 CPU cores (percentile: 2 s)
 ACTIVATION_PERCENTILE = 99.9
-# pooling modules Model Optimizer would also quantize: kept float, as in the ONNX Runtime INT8 export
+# pooling and normalization modules Model Optimizer would also quantize: kept float, as in the ONNX Runtime INT8
+# export
 FLOAT_MODULES = ("nn.AvgPool1d", "nn.AvgPool2d", "nn.AdaptiveAvgPool1d", "nn.AdaptiveAvgPool2d", "nn.MaxPool1d",
                  "nn.MaxPool2d", "nn.BatchNorm1d", "nn.BatchNorm2d", "nn.LayerNorm")
 
@@ -61,7 +64,7 @@ class QadResult:
     steps: int
     quantizers: int  # fake quantizers enabled (weights and inputs)
     float_modules: list[str]  # modules kept in float by [quantize] exclude
-    teacher: str | None  # qad_teacher = "teacher": the teacher's weights it learned from; None: the FP32 student
+    teacher: str | None  # the teacher's weights it learned from; None: its FP32 self (or labels, for a baseline)
     wall_s: float
     onnx_sha256: str
     skipped: bool = False  # reused from an earlier run
@@ -176,7 +179,7 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
     from timm.layers import freeze_batch_norm_2d
 
     from kdforge.data import load_dataset
-    from kdforge.distill import FrozenTeacher, create_distill_objective, load_frozen_teacher
+    from kdforge.distill import create_distill_objective, load_frozen_teacher
     from kdforge.export.converters import torch_to_onnx
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.runtime import runtime_scope
@@ -213,10 +216,9 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
             raise ExportError(f"{cfg.model}: no Conv or Linear layer to quantize (or every one is in quantize.exclude)")
         calibrated = evaluate(model, spec, data.test.to(runtime.device), cfg.train.batch_size, runtime,
                               cfg.train.limit_eval_batches)["top1"]
-        if qcfg.qad_teacher == "student":
-            reference = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
-            load_weights(reference, source / "last")
-            teacher = FrozenTeacher(reference, spec).to(runtime.device, runtime.uses_channels_last(reference))
+        if qcfg.qad_teacher == "student":  # the finished FP32 student, frozen, answers for itself
+            teacher = load_frozen_teacher(cfg, source / "last", data.num_classes)
+            teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
             objective, cache = create_distill_objective(SELF_DISTILL, teacher), None
         else:  # the recipe's teacher (none for a baseline: labels alone)
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
