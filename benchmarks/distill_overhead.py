@@ -23,12 +23,12 @@ import torch
 
 from kdforge.data.dataset import ImageDataset
 from kdforge.data.transforms import augment_batch
-from kdforge.distill import FrozenTeacher, create_distill_objective
 from kdforge.distill.cache import load_or_build_cache
+from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
+from kdforge.distill.teacher import FrozenTeacher
 from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import AugmentConfig, DistillConfig, ModelConfig, TeacherCacheConfig
 from kdforge.runtime import Runtime
-from kdforge.train.loop import cross_entropy_objective
 
 
 def step_seconds(model, spec, objective, next_batch, labels, steps: int, warmup: int) -> float:

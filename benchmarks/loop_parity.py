@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.data.dataset import DataSplits, ImageDataset
-from kdforge.distill import FrozenTeacher, create_distill_objective
 from kdforge.distill.cache import load_or_build_cache
+from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
+from kdforge.distill.teacher import FrozenTeacher
 from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import AugmentConfig, DistillConfig, ModelConfig, RuntimeConfig, TeacherCacheConfig, TrainConfig
 from kdforge.runtime import runtime_scope
-from kdforge.train.loop import cross_entropy_objective, fit
+from kdforge.train.loop import BatchSource, fit
 
 NO_AUGMENT = AugmentConfig(crop_padding=0, hflip=False)
 
@@ -58,8 +59,8 @@ def kdforge_images_per_s(student_cfg, objective, data, args, runtime, cache=None
                           warmup_epochs=0, max_steps=steps, limit_eval_batches=1, log_every=args.log_every)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            fit(model, resolve_input_spec(student_cfg), objective, data, cfg, NO_AUGMENT, runtime, 0, Path(tmp),
-                "parity", teacher_cache=cache)
+            fit(model, resolve_input_spec(student_cfg), objective, data, cfg, runtime,
+                BatchSource(NO_AUGMENT, 0, cache), Path(tmp), "parity")
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             times[steps] = time.perf_counter() - started

@@ -5,14 +5,17 @@ its mean/std), so a comparison between runners compares the models, not two prep
 
     runner = OnnxRunner(Path("exports/quickstart/student.onnx"))
     logits = runner.predict(images)           # runner.provider says where it ran
-    runner = open_runner(Path("exports/quickstart/student.fp16.engine"))   # by file: ONNX or TensorRT
+    runner = open_runner(Path("exports/quickstart/student.fp16.engine"), FORMATS.get("trt_fp16").runner)
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -185,13 +188,48 @@ class OpenVinoRunner:
         return torch.from_numpy(self.compiled(x)[self.output].copy()).float()
 
 
-def open_runner(path: Path, device: str | None = None,
+def open_runner(path: Path, kind: str, device: str | None = None,
                 threads: int | None = None) -> OnnxRunner | TrtRunner | OpenVinoRunner:
-    """The runner for an exported artifact, by suffix: TensorRT for `.engine`, OpenVINO for `.xml`, ONNX Runtime
-    for `.onnx` (`threads`: CPU threads for the CPU runtimes; default: theirs)."""
-    suffix = Path(path).suffix
-    if suffix == ".engine":
+    """The runner for an exported artifact of runner `kind` (a format's `runner` in kdforge.formats): ONNX
+    Runtime, OpenVINO or TensorRT (`device`: its CUDA device; `threads`: CPU threads for the CPU runtimes;
+    default: theirs)."""
+    if kind == "tensorrt":
         return TrtRunner(path, device)
-    if suffix == ".xml":
+    if kind == "openvino":
         return OpenVinoRunner(path, threads)
     return OnnxRunner(path, threads=threads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing a runner (`kdforge bench` and the INT8 latency check)
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation, like numpy's default."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
+    """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
+    generator = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
+    many = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+    single = time_calls(lambda: runner.predict(one), warmup, repeats)
+    batched = time_calls(lambda: runner.predict(many), min(warmup, 3), max(5, repeats // 5))
+    return percentile(single, 50) * 1e3, percentile(single, 95) * 1e3, batch_size / statistics.median(batched)

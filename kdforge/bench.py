@@ -12,22 +12,22 @@ TensorRT and a GPU are present and listed as skipped elsewhere.
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdforge.backends import measure, percentile, time_calls
+from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
-from kdforge.export.artifacts import METADATA, VERIFY
-from kdforge.export.formats import FORMATS
+from kdforge.export.artifacts import export_dir_of_run, resolve_export_dir
 from kdforge.fileio import check_artifact, read_json, read_metadata, write_json
+from kdforge.formats import FORMATS
+from kdforge.layout import BENCH, METADATA, RECIPE, VERIFY
 
-BENCH = "bench.json"
 PYTORCH = "pytorch"
-SKIPPED_FORMATS = {"triton": "the same model file as onnx, for Triton's server"}
+__all__ = ["BenchSettings", "bench_export", "percentile", "resolve_bench_dir", "time_calls"]
 
 
 @dataclass(frozen=True)
@@ -76,44 +76,8 @@ class BenchResult:
                 "skipped": self.skipped}
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation, like numpy's default."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def measure(runner, size: int, settings: BenchSettings) -> tuple[float, float, float]:
-    """(p50 ms, p95 ms) at batch 1 and images/s at settings.batch_size for one runner."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
-    many = torch.randint(0, 256, (settings.batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
-    single = time_calls(lambda: runner.predict(one), settings.warmup, settings.repeats)
-    batched = time_calls(lambda: runner.predict(many), min(settings.warmup, 3), max(5, settings.repeats // 5))
-    return (percentile(single, 50) * 1e3, percentile(single, 95) * 1e3,
-            settings.batch_size / statistics.median(batched))
-
-
 def resolve_bench_dir(target: Path | None, exports_dir: Path) -> Path:
     """The export folder to measure: an export folder, a run folder's export, or the most recent export."""
-    from kdforge.export.artifacts import export_dir_of_run, resolve_export_dir
-
     if target is not None and target.is_dir() and not (target / METADATA).is_file():
         export_dir = export_dir_of_run(target)
         if export_dir is None:
@@ -130,10 +94,9 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     from kdforge.backends import TorchRunner, open_runner
     from kdforge.data.transforms import InputSpec
     from kdforge.export.tensorrt import tensorrt_missing
-    from kdforge.models import create_model
+    from kdforge.models import load_stage_model
     from kdforge.recipe import load_recipe
     from kdforge.runtime import runtime_scope
-    from kdforge.train.checkpoint import WEIGHTS, load_weights
 
     meta = read_metadata(export_dir)
     verified = read_json(export_dir / VERIFY)
@@ -146,11 +109,11 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
 
     rows, skipped = [], {}
     stage_dir = Path(meta["run"])
-    recipe = load_recipe(stage_dir / "recipe.toml")
+    recipe = load_recipe(stage_dir / RECIPE)
     with runtime_scope(recipe.runtime.model_copy(update={"threads": settings.threads}), settings.device) as rt:
         for name in wanted:
-            if name in SKIPPED_FORMATS:
-                skipped[name] = SKIPPED_FORMATS[name]
+            if name != PYTORCH and FORMATS.get(name).bench_skip:
+                skipped[name] = FORMATS.get(name).bench_skip
                 continue
             if name != PYTORCH and FORMATS.get(name).needs_gpu and tensorrt_missing():
                 skipped[name] = tensorrt_missing()
@@ -158,25 +121,22 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
             if progress:
                 progress(name)
             if name == PYTORCH:
-                weights = stage_dir / "last" / WEIGHTS
+                weights = final_weights(stage_dir)
                 if not weights.is_file():
                     raise ExportError(f"the PyTorch student {weights} is missing; the export's run was moved")
-                cfg = recipe.model_for(stage_dir.name)
-                model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}),
-                                     int(meta["num_classes"]))
-                load_weights(model, stage_dir / "last")
+                model = load_stage_model(stage_dir, int(meta["num_classes"]), recipe=recipe)
                 runner, precision, size = TorchRunner(model, spec, rt), "fp32", weights.stat().st_size
                 report = next(iter(verified.values()), {})
                 top1, agreement, passed = report.get("reference_top1"), 1.0, None
             else:
                 entry = meta["formats"][name]
                 artifact = check_artifact(export_dir, entry)
-                runner = open_runner(artifact, str(rt.device) if rt.device.type == "cuda" else None,
-                                     threads=settings.threads)
+                runner = open_runner(artifact, FORMATS.get(name).runner,
+                                     str(rt.device) if rt.device.type == "cuda" else None, threads=settings.threads)
                 precision, size = entry["precision"], entry["bytes"]
                 report = verified.get(name, {})
                 top1, agreement, passed = report.get("candidate_top1"), report.get("agreement"), report.get("passed")
-            p50, p95, throughput = measure(runner, spec.size, settings)
+            p50, p95, throughput = measure(runner, spec.size, settings.batch_size, settings.repeats, settings.warmup)
             rows.append(BenchRow(name, runner.name, precision, size, round(p50, 3), round(p95, 3),
                                  round(throughput, 1), top1, agreement, passed))
         machine = {

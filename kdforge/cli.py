@@ -17,6 +17,8 @@ from rich.markup import escape
 
 from kdforge import __version__
 from kdforge.errors import KdforgeError
+from kdforge.formats import FORMATS, servable
+from kdforge.layout import BENCH, SEEDS, SUMMARY
 
 app = typer.Typer(
     name="kdforge",
@@ -45,8 +47,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this sta
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
-FORMAT_HELP = ("auto (the fastest verified format in bench.json, else a verified INT8, else ONNX), int8, fp16, onnx, "
-               "openvino or openvino_int8 (OpenVINO IR: needs the serve-openvino extra).")
+FORMAT_HELP = (f"auto (the fastest verified format in bench.json, else a verified INT8, else ONNX) or one of "
+               f"{', '.join(servable())} (the OpenVINO IRs need the serve-openvino extra).")
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, help="Train with N processes (DistributedDataParallel via torchrun; one GPU each, or gloo "
@@ -191,12 +193,9 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
               kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
     from kdforge.estimate import describe_machine, minutes
-    from kdforge.export.artifacts import recipe_formats, unbuildable_here
-    from kdforge.export.formats import with_sources
-    from kdforge.pipeline import run_distill
     from kdforge.recipe import load_recipe
     from kdforge.runtime import distributed_session
-    from kdforge.seeds import run_seeds
+    from kdforge.seeds import run_recipe
 
     if seeds is not None:
         set_ = [*(set_ or []), f"experiment.seeds=[{_parse_seeds(seeds)}]"]
@@ -206,17 +205,14 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
     with user_errors(), distributed_session():
         loaded = load_recipe(recipe, set_ or [])
         main = _is_main()
-        for name, reason in unbuildable_here(with_sources(recipe_formats(loaded))).items() if main else []:
-            err.print(f"note: {name} will not be built here ({reason}); the other stages run", highlight=False)
-        if loaded.experiment.seeds:
-            over_seeds = run_seeds(loaded, runs_dir=runs_dir, resume=resume, device=device)
-        else:
-            summary = run_distill(loaded, runs_dir=runs_dir, resume=resume, device=device)
+        summary = run_recipe(loaded, runs_dir=runs_dir, resume=resume, device=device,
+                             warn=lambda line: err.print(f"note: {line}", highlight=False))
     if not main:
         return
     if loaded.experiment.seeds:
+        over_seeds = summary
         out.print(seeds_table(over_seeds))
-        out.print(f"{over_seeds.verdict} -> {runs_dir / loaded.name / 'seeds.json'}, report: {over_seeds.report}",
+        out.print(f"{over_seeds.verdict} -> {runs_dir / loaded.name / SEEDS}, report: {over_seeds.report}",
                   highlight=False)
         _exit_if_failed(over_seeds.failures)
         return
@@ -229,7 +225,7 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
         _print_int8_steps(summary.exports)
     gain = f"{summary.gain_top1 * 100:+.2f} points top-1 over the baseline, " if summary.gain_top1 is not None else ""
     out.print(f"distillation: {gain}{summary.compression:.1f}x fewer parameters than the teacher "
-              f"-> {runs_dir / summary.recipe / 'summary.json'}, report: {summary.report}", highlight=False)
+              f"-> {runs_dir / summary.recipe / SUMMARY}, report: {summary.report}", highlight=False)
     out.print(f"took {minutes(summary.wall_s)} on {describe_machine(summary.machine)}", highlight=False)
     _exit_if_failed(summary.failures)
     _exit_if_unavailable(summary.unavailable)
@@ -323,8 +319,8 @@ def export(
         help="A run (runs/NAME), a stage folder or a recipe file; default: the most recent run.",
         show_default=False)] = None,
     formats: Annotated[list[str] | None, typer.Option(
-        "--format", "-f", help="Format to write (repeatable): onnx, fp16, int8, openvino, openvino_int8, triton, "
-        "trt_fp16, trt_int8; default: the recipe's export.formats, else onnx.", show_default=False)] = None,
+        "--format", "-f", help=f"Format to write (repeatable): {', '.join(FORMATS)}; default: the recipe's "
+        "export.formats, else onnx.", show_default=False)] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (>= 17); default: the recipe's export.opset.",
                                                  show_default=False, min=17)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="The FP16 ONNX (with --trt: an FP16 TensorRT engine).")]
@@ -376,20 +372,16 @@ def export(
                kdforge export runs/quickstart --int8 --set quantize.mode=qad --set quantize.qad_epochs=2
                kdforge export --trt --int8
     """
-    from kdforge.export.artifacts import export_recipe, export_run, requested_formats, resolve_export_source
+    from kdforge.export.artifacts import export_target, requested_formats
     from kdforge.pipeline import export_rows
 
     with user_errors():
-        source = resolve_export_source(target, runs_dir)
-        settings = export_recipe(source, overrides=set_ or [])
-        if target is None:
-            err.print(f"exporting the most recent run: {source}", highlight=False)
-        result = export_run(source, requested_formats(formats, fp16, int8, trt), opset, out_dir, recipe=settings,
-                            verify=verify, device=device,
-                            quantize={"target": int8_target, "calibration": calibration, "method": method},
-                            tensorrt={"max_batch": max_batch, "workspace_mb": workspace_mb,
-                                      "timing_cache": timing_cache},
-                            progress=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+        result = export_target(target, runs_dir, requested_formats(formats, fp16, int8, trt), overrides=set_ or [],
+                               opset=opset, exports_dir=out_dir, verify=verify, device=device,
+                               quantize={"target": int8_target, "calibration": calibration, "method": method},
+                               tensorrt={"max_batch": max_batch, "workspace_mb": workspace_mb,
+                                         "timing_cache": timing_cache},
+                               progress=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
     for note in result.notes:
         err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     rows = export_rows(result)
@@ -434,19 +426,15 @@ def verify(
 
     Example:  kdforge verify exports/quickstart/student.onnx
     """
-    from kdforge.export.artifacts import resolve_export_dir, verify_export
-    from kdforge.fileio import read_metadata
+    from kdforge.export.artifacts import resolve_export_dir
+    from kdforge.verify import verify_formats
 
     with user_errors():
         export_dir, fmt = resolve_export_dir(target, exports_dir)
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
-        names = [fmt] if fmt else list(read_metadata(export_dir)["formats"])
-        rows, references = {}, {}
-        for name in names:
-            report = verify_export(export_dir, name, device=device, references=references)
-            rows[name] = _report_row(str(export_dir / name), report)
-    out.print(exports_table(rows))
+        reports = verify_formats(export_dir, [fmt] if fmt else None, device=device)
+    out.print(exports_table({name: _report_row(str(export_dir / name), report) for name, report in reports.items()}))
 
 
 @app.command()
@@ -480,7 +468,7 @@ def bench(
     out.print(bench_table(result))
     for name, why in result.skipped.items():
         err.print(f"note: {name} not measured: {escape(why)}", highlight=False, soft_wrap=True)
-    out.print(f"-> {export_dir / 'bench.json'}", highlight=False)
+    out.print(f"-> {export_dir / BENCH}", highlight=False)
 
 
 def bench_table(result):
@@ -539,13 +527,9 @@ def serve(
               curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
     """
     from kdforge.serve.__main__ import run
-    from kdforge.serve.model import ServingError
 
-    try:
+    with user_errors():
         run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels)
-    except (ServingError, KdforgeError) as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -563,22 +547,13 @@ def predict(
     """
     import json
 
-    from kdforge.serve.model import ImageError, ServedModel, ServingError
+    from kdforge.serve.model import ServedModel, predict_files
 
-    try:
+    with user_errors():
         served = ServedModel.load(model, fmt)
-        for path in images:
-            if not path.is_file():
-                raise ImageError(f"{path}: no such file")
-            try:
-                predictions = served.predict([path.read_bytes()], top_k)[0]
-            except ImageError as exc:
-                raise ImageError(f"{path}: {exc}") from None
+        for path, predictions in predict_files(served, images, top_k):
             out.print(json.dumps({"file": str(path), "predictions": predictions}), markup=False, highlight=False,
                       soft_wrap=True)
-    except (ServingError, ImageError, KdforgeError) as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 @recipe_app.command("check")

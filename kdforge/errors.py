@@ -44,6 +44,10 @@ class UnavailableError(KdforgeError):
     exit_code = 3
 
 
+class ServingError(KdforgeError):
+    """An export cannot be served (missing, unverified when required, unreadable) or the server cannot start."""
+
+
 class OutOfMemoryError(KdforgeError):
     """The device (GPU, MPS or CPU memory) could not hold what a stage asked for; the message says which stage,
     model and batch size, and what to change. Checkpoints written before it are kept."""

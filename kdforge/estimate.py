@@ -99,9 +99,9 @@ class _Timer:
 
 def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
     """Estimated seconds of `stage`, from a few real steps of it."""
-    from kdforge.distill import create_distill_objective
+    from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
     from kdforge.distill.teacher import FrozenTeacher
-    from kdforge.train.loop import Plan, cross_entropy_objective, fit
+    from kdforge.train.loop import BatchSource, Plan, fit
 
     cfg = recipe.model_for(stage)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
@@ -117,7 +117,7 @@ def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
                                          "limit_eval_batches": 1, "checkpoint_every": 0})
     timer = _Timer()
     with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
-        fit(model, spec, objective, data, probe, recipe.data.augment, runtime, recipe.seed, Path(folder),
+        fit(model, spec, objective, data, probe, runtime, BatchSource(recipe.data.augment, recipe.seed), Path(folder),
             title=f"estimate {stage}", consumers=[timer])
     plan = Plan.create(len(data.train), cfg.train)
     step_s = cfg.train.batch_size / timer.images_per_s

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kdforge.layout import METADATA
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old or the new file, never half."""
@@ -59,7 +61,7 @@ def read_metadata(export_dir: Path) -> dict[str, Any]:
     or lacks what serving, verification and benchmarks read."""
     from kdforge.errors import KdforgeError
 
-    path = export_dir / "metadata.json"
+    path = export_dir / METADATA
     if not path.is_file():
         raise KdforgeError(f"{export_dir} is not a kdforge export (no metadata.json); pass an export folder "
                            f"(exports/NAME) or run `kdforge export`")

@@ -3,6 +3,7 @@
 image needs nothing else.
 
     pixels = decode_rgb(png_bytes, size=224)   # uint8 (224, 224, 3)
+    x = normalize(pixels, mean, std)           # float32 (3, 224, 224), what the model reads
 
 What it accepts and how (the README's "Serving" section says the same):
 - raster formats only: PNG, JPEG, WebP, BMP, GIF (first frame), TIFF. Pillow hands EPS/PS to Ghostscript where it
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kdforge.errors import KdforgeError
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 4096 * 4096
 BACKGROUND = (255, 255, 255)  # under transparent pixels
 
 
-class ImageError(ValueError):
+class ImageError(KdforgeError, ValueError):
     """The bytes are not an image kdforge reads."""
 
 
@@ -58,6 +61,15 @@ def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) ->
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a readable image: {exc}") from None
     return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
+
+
+def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W): scaled to [0, 1], minus `mean`, over `std` (per channel), the same
+    arithmetic as `InputSpec.prepare` (data/transforms.py), which verification and training use."""
+    x = pixels.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(3, 1, 1)
+    return (x - mean) / std
 
 
 def _to_rgb(image):

@@ -11,12 +11,15 @@ for another number of classes.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
+from kdforge.checkpoint import load_weights
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ModelError
-from kdforge.recipe import ModelConfig
+from kdforge.layout import LAST, RECIPE
+from kdforge.recipe import ModelConfig, Recipe, load_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,3 +68,15 @@ def create_model(cfg: ModelConfig, num_classes: int, exportable: bool = False) -
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_stage_model(stage_dir: Path, num_classes: int, exportable: bool = False,
+                     recipe: Recipe | None = None) -> torch.nn.Module:
+    """The PyTorch model of a finished (or checkpointed) stage: rebuilt from the stage's recipe without
+    pretrained weights, then its final (`last`) weights loaded strictly. `recipe`: the stage's recipe when the
+    caller already read it."""
+    recipe = recipe or load_recipe(stage_dir / RECIPE)
+    cfg = recipe.model_for(stage_dir.name)
+    model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), num_classes,
+                         exportable=exportable)
+    return load_weights(model, stage_dir / LAST)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kdforge import layout
 from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training, machine
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
@@ -145,9 +146,8 @@ def summarize(recipe: Recipe, results: dict[str, Any]) -> DistillSummary:
 def tracked_files(recipe: Recipe, runs_dir: Path) -> list[Path]:
     """What a tracking backend attaches to the chain's summary: summary.json, the report, the export's records."""
     run_dir = runs_dir / recipe.name
-    export_dir = Path(recipe.export.dir) / recipe.name
-    return [run_dir / "summary.json", run_dir / "report",
-            *(export_dir / name for name in ("metadata.json", "verify.json", "bench.json"))]
+    return [run_dir / layout.SUMMARY, run_dir / layout.REPORT,
+            *layout.export_files(layout.export_dir(recipe.export.dir, recipe.name))]
 
 
 def describe_plan(recipe: Recipe) -> str:
@@ -217,7 +217,7 @@ def run_distill(
     summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1), machine=machine())
     if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
-        write_json(ctx.runs_dir / recipe.name / "summary.json", asdict(summary))
+        write_json(ctx.runs_dir / recipe.name / layout.SUMMARY, asdict(summary))
         if recipe.tracking.backends:
             track_summary(recipe, ctx.runs_dir, asdict(summary), tracked_files(recipe, ctx.runs_dir))
     sync()

@@ -187,7 +187,7 @@ class DistillConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from kdforge.distill import METHODS
+        from kdforge.distill.losses import METHODS
 
         if name not in METHODS:
             known = ", ".join(METHODS)
@@ -225,7 +225,7 @@ class ExportConfig(Strict):
     @field_validator("formats")
     @classmethod
     def _known_formats(cls, names: list[str]) -> list[str]:
-        from kdforge.export import FORMATS
+        from kdforge.formats import FORMATS
 
         for name in names:
             if name not in FORMATS:

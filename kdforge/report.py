@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdforge import layout
 from kdforge.errors import CheckpointError
 from kdforge.export.artifacts import export_dir_of_run
 from kdforge.fileio import atomic_write_text, read_json
+from kdforge.formats import FORMATS
+from kdforge.layout import TRAINING_STAGES
 
-STAGES = ("teacher", "baseline", "student")
 LABELS = {"teacher": "teacher", "baseline": "baseline", "student": "distilled"}
-REPORT_DIR = "report"
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def epoch_curves(metrics: Path) -> dict[str, Any]:
 
 
 def _stage_results(run_dir: Path) -> dict[str, dict[str, Any]]:
-    results = {stage: read_json(run_dir / stage / "result.json") for stage in STAGES}
-    teacher_eval = read_json(run_dir / "teacher_eval" / "result.json")  # a teacher given by checkpoint
+    results = {stage: read_json(run_dir / stage / layout.RESULT) for stage in TRAINING_STAGES}
+    teacher_eval = read_json(run_dir / layout.TEACHER_EVAL / layout.RESULT)  # a teacher given by checkpoint
     if not results["teacher"] and teacher_eval:
         results["teacher"] = teacher_eval
     return {stage: result for stage, result in results.items() if result}
@@ -171,12 +172,12 @@ def write_report(run_dir: Path) -> ReportPaths:
     results = _stage_results(run_dir)
     if not results:
         raise CheckpointError(f"{run_dir}: no finished stage to report on (no result.json); run `kdforge distill`")
-    out = run_dir / REPORT_DIR
+    out = run_dir / layout.REPORT
     out.mkdir(parents=True, exist_ok=True)
     doc = Document(f"kdforge report: {run_dir.name}")
     plots: list[Path] = []
 
-    teacher, baseline, student = (results.get(s) for s in STAGES)
+    teacher, baseline, student = (results.get(s) for s in TRAINING_STAGES)
     doc.heading("Summary")
     transfer = f"{_pct(baseline and baseline['top1'])} -> {_pct(student and student['top1'])}"
     doc.table(["experiment", "teacher", "student", "baseline -> distilled top-1"],
@@ -189,7 +190,7 @@ def write_report(run_dir: Path) -> ReportPaths:
                   "curves and `best` are on the test split (reported only, never used to choose weights), and "
                   "INT8's accuracy-aware search is judged on held-out training images.")
 
-    curves = {stage: epoch_curves(run_dir / stage / "metrics.jsonl") for stage in STAGES if stage in results}
+    curves = {stage: epoch_curves(run_dir / stage / layout.METRICS) for stage in TRAINING_STAGES if stage in results}
     curves = {stage: curve for stage, curve in curves.items() if curve["epoch"]}
     if curves:
         doc.heading("Training")
@@ -201,11 +202,12 @@ def write_report(run_dir: Path) -> ReportPaths:
     if export_dir is None:
         doc.paragraph("No export yet: run `kdforge export` (and `kdforge bench`) for sizes, accuracy and latency.")
     else:
-        meta, verified = read_json(export_dir / "metadata.json"), read_json(export_dir / "verify.json")
-        bench = read_json(export_dir / "bench.json")
+        meta, verified = read_json(export_dir / layout.METADATA), read_json(export_dir / layout.VERIFY)
+        bench = read_json(export_dir / layout.BENCH)
         measured = {row["format"]: row for row in bench.get("rows", [])}
         sizes = {"pytorch": measured["pytorch"]["bytes"]} if "pytorch" in measured else {}
-        sizes.update({name: entry["bytes"] for name, entry in meta.get("formats", {}).items() if name != "triton"})
+        sizes.update({name: entry["bytes"] for name, entry in meta.get("formats", {}).items()
+                      if not FORMATS.get(name).bench_skip})  # not a model file of its own (triton: the onnx)
         rows = []
         for name in sizes:
             timing, check = measured.get(name, {}), verified.get(name, {})
@@ -250,7 +252,7 @@ def plot_seeds(per_seed: list[dict[str, Any]], path: Path) -> Path:
     ax = fig.subplots()
     seeds = [row["seed"] for row in per_seed]
     colors = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:orange"}
-    for role in STAGES:
+    for role in TRAINING_STAGES:
         ax.plot(seeds, [row[role] for row in per_seed], "o", color=colors[role], label=LABELS[role])
     for row in per_seed:
         ax.plot([row["seed"]] * 2, [row["baseline"], row["student"]], "-", color="tab:orange", alpha=0.4)
@@ -264,14 +266,14 @@ def plot_seeds(per_seed: list[dict[str, Any]], path: Path) -> Path:
 
 def write_seeds_report(group_dir: Path, summary: dict[str, Any]) -> Path:
     """runs/<name>/report/seeds.md (+ .html, seeds.png): a recipe run over several seeds (kdforge/seeds.py)."""
-    out = group_dir / REPORT_DIR
+    out = group_dir / layout.REPORT
     out.mkdir(parents=True, exist_ok=True)
     doc = Document(f"kdforge report: {summary['recipe']} over {len(summary['seeds'])} seeds")
     doc.paragraph(summary["verdict"] + ".")
-    rows = [[str(row["seed"]), *(f"{row[role]:.2f}" for role in STAGES), f"{row['gain']:+.2f}"]
+    rows = [[str(row["seed"]), *(f"{row[role]:.2f}" for role in TRAINING_STAGES), f"{row['gain']:+.2f}"]
             for row in summary["per_seed"]]
     stats, gain = summary["stats"], summary["gain"]
-    rows.append(["mean +- sd", *(f"{stats[role]['mean']:.2f} +- {stats[role]['sd']:.2f}" for role in STAGES),
+    rows.append(["mean +- sd", *(f"{stats[role]['mean']:.2f} +- {stats[role]['sd']:.2f}" for role in TRAINING_STAGES),
                  f"{gain['mean']:+.2f} +- {gain['sd']:.2f}"])
     doc.table(["seed", "teacher", "baseline", "distilled", "gain (points)"], rows)
     teacher = ("one teacher, trained with the first seed, for every seed (the spread is the students')"

@@ -15,11 +15,13 @@ the t distribution over the per-seed differences.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdforge.fileio import write_json
+from kdforge.layout import SEEDS
 from kdforge.pipeline import DistillSummary, run_distill
 from kdforge.recipe import Recipe
 from kdforge.report import write_seeds_report
@@ -146,5 +148,20 @@ def run_seeds(recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = Fals
     if current_rank() == 0:
         group = runs_dir / recipe.name
         summary.report = str(write_seeds_report(group, asdict(summary)))
-        write_json(group / "seeds.json", asdict(summary))
+        write_json(group / SEEDS, asdict(summary))
     return summary
+
+
+def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
+               warn: Callable[[str], None] | None = None) -> DistillSummary | SeedsSummary:
+    """`kdforge distill`: the chain once (`run_distill`), or once per seed when the recipe lists seeds
+    (`run_seeds`). `warn` hears first about formats this machine cannot build (the other stages still run)."""
+    from kdforge.export.artifacts import recipe_formats, unbuildable_here
+    from kdforge.formats import with_sources
+
+    for name, reason in unbuildable_here(with_sources(recipe_formats(recipe))).items() if current_rank() == 0 else []:
+        if warn:
+            warn(f"{name} will not be built here ({reason}); the other stages run")
+    if recipe.experiment.seeds:
+        return run_seeds(recipe, runs_dir=runs_dir, resume=resume, device=device)
+    return run_distill(recipe, runs_dir=runs_dir, resume=resume, device=device)

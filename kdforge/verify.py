@@ -1,5 +1,7 @@
 """Parity: the same test images through two runners, logits compared first, metrics derived from them.
 
+    report = verify_export(Path("exports/quickstart"), "onnx")   # writes verify.json, raises if it fails
+
     ref, labels = predict_all(TorchRunner(...), data.test, batch_size=256)    # the reference, once per export
     cand, _ = predict_all(OnnxRunner(...), data.test, batch_size=256)
     report = judge("pytorch", "onnxruntime", ref, cand, labels, tolerance=recipe.verify.fp32)
@@ -11,14 +13,23 @@ and passes or fails against the recipe's [verify] tolerance for the artifact's p
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from kdforge.backends import Runner
-from kdforge.data import ImageDataset, eval_batches
-from kdforge.recipe import Tolerance
-from kdforge.train.loop import topk_accuracy
+from kdforge.backends import Runner, TorchRunner, open_runner
+from kdforge.checkpoint import final_weights
+from kdforge.data import ImageDataset, eval_batches, load_dataset
+from kdforge.errors import CheckpointError, ExportError, VerificationError
+from kdforge.fileio import check_artifact, file_hash, read_json, read_metadata, write_json
+from kdforge.formats import FORMATS
+from kdforge.layout import METADATA, RECIPE, VERIFY
+from kdforge.metrics import topk_accuracy
+from kdforge.models import load_stage_model
+from kdforge.recipe import Tolerance, VerifyConfig, load_recipe
+from kdforge.runtime import out_of_memory_as_error, runtime_scope
 
 
 @dataclass(frozen=True)
@@ -94,3 +105,62 @@ def mcnemar_exact_p(lost: int, gained: int) -> float:
     tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1))
     return min(1.0, 2 * tail / 2**n)
 
+
+
+def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
+                  references: dict | None = None) -> VerifyReport:
+    """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
+    and raises VerificationError (saying by how much) when it fails.
+
+    `references` (a dict the caller keeps between calls) holds the PyTorch student's logits once computed, so
+    verifying several formats of one export runs the reference once, not once per format."""
+    meta = read_metadata(export_dir)
+    if fmt_name not in meta["formats"]:
+        raise ExportError(f"{export_dir}: no {fmt_name} export recorded in {METADATA}; run `kdforge export` first")
+    entry = meta["formats"][fmt_name]
+    artifact = check_artifact(export_dir, entry)
+    stage_dir = Path(meta["run"])
+    weights = final_weights(stage_dir)
+    if not weights.is_file() or file_hash(weights) != meta["checkpoint_sha256"]:
+        raise CheckpointError(f"the PyTorch student {weights} is missing or changed since export; export again")
+
+    recipe = load_recipe(stage_dir / RECIPE)
+    cfg = recipe.model_for(stage_dir.name)
+    checks = VerifyConfig.model_validate(meta["settings"]["verify"]) if "settings" in meta else recipe.verify
+    references = {} if references is None else references
+    started = time.perf_counter()
+    batch_size, limit = checks.batch_size, checks.limit_batches
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data, recipe.seed)
+        candidate = open_runner(artifact, FORMATS.get(fmt_name).runner,
+                                str(runtime.device) if runtime.device.type == "cuda" else None)
+        key = (meta["checkpoint_sha256"], str(runtime.device), candidate.spec, batch_size, limit)
+        with out_of_memory_as_error(
+            f"verifying {fmt_name} of {cfg.model} on {runtime.device} at batch size {batch_size}",
+            "lower verify.batch_size (or compare fewer batches with verify.limit_batches)",
+        ):
+            if key not in references:
+                model = load_stage_model(stage_dir, data.num_classes, recipe=recipe)
+                reference = TorchRunner(model, candidate.spec, runtime)
+                references[key] = (reference.name, *predict_all(reference, data.test, batch_size, limit))
+            reference_name, ref, labels = references[key]
+            cand, _ = predict_all(candidate, data.test, batch_size, limit)
+        tolerance = getattr(checks, entry["precision"])  # the export's own [verify] settings
+        report = judge(reference_name, candidate.name, ref, cand, labels, tolerance)
+    record = {**report.to_dict(), "format": fmt_name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
+              "seconds": round(time.perf_counter() - started, 3)}
+    reports = read_json(export_dir / VERIFY)
+    write_json(export_dir / VERIFY, {**reports, fmt_name: record})
+    if not report.passed:
+        raise VerificationError(f"{artifact} FAILED verification against the PyTorch student: "
+                                + "; ".join(report.failures), report)
+    return report
+
+
+def verify_formats(export_dir: Path, names: list[str] | None = None,
+                   device: str | None = None) -> dict[str, VerifyReport]:
+    """Verify `names` (default: every format the export recorded), the PyTorch reference computed once; raises
+    at the first failure, after writing its report."""
+    names = names or list(read_metadata(export_dir)["formats"])
+    references: dict = {}
+    return {name: verify_export(export_dir, name, device=device, references=references) for name in names}

@@ -9,9 +9,12 @@ from typer.testing import CliRunner
 
 from kdforge.cli import app
 from kdforge.data.transforms import InputSpec
-from kdforge.distill import FrozenTeacher, create_distill_objective, dkd_parts, hard_distillation_loss, kd_loss
+from kdforge.distill.losses import dkd_parts, hard_distillation_loss, kd_loss
+from kdforge.distill.objective import create_distill_objective
+from kdforge.distill.teacher import FrozenTeacher
 from kdforge.pipeline import run_distill
 from kdforge.recipe import DistillConfig, load_recipe
+from kdforge.rng import rng_stream
 
 from .conftest import TINY_MODELS
 
@@ -145,7 +148,7 @@ def test_teacher_sees_the_same_augmented_batch_with_its_own_size_and_normalizati
     from kdforge.data.transforms import augment_batch
     from kdforge.models import create_model, resolve_input_spec
     from kdforge.runtime import Runtime
-    from kdforge.train.loop import fit, predict_logits
+    from kdforge.train.loop import BatchSource, fit, predict_logits
 
     recipe = load_recipe(make_recipe(TINY_MODELS), [
         "teacher.input_size=48", "teacher.mean=[0.5, 0.4, 0.3]", "teacher.std=[0.2, 0.3, 0.4]",
@@ -158,14 +161,14 @@ def test_teacher_sees_the_same_augmented_batch_with_its_own_size_and_normalizati
     teacher = FrozenTeacher(teacher_model, teacher_spec)
     runtime = Runtime(device=torch.device("cpu"), amp_dtype=None)
     fit(student_model, student_spec, create_distill_objective(recipe.distill, teacher), data,
-        recipe.student.train.model_copy(update={"max_steps": 1}), recipe.data.augment, runtime, recipe.seed,
-        tmp_path / "stage", title="t")
+        recipe.student.train.model_copy(update={"max_steps": 1}), runtime,
+        BatchSource(recipe.data.augment, recipe.seed), tmp_path / "stage", title="t")
 
     # rebuild the step's augmented batch from the seed, as the loop does
     from kdforge.data.dataset import epoch_order
 
     idx = epoch_order(len(data.train), recipe.student.train.batch_size, recipe.seed, 0)[0]
-    images = augment_batch(data.train.images[idx], 4, True, torch.Generator().manual_seed(recipe.seed * 1_000_003))
+    images = augment_batch(data.train.images[idx], 4, True, rng_stream(recipe.seed, "augment", 0))
     teacher_input, student_input = teacher_model.inputs[0], student_model.inputs[0]
     assert teacher_input.shape[-1] == 48 and student_input.shape[-1] == 32
     assert torch.equal(teacher_input, teacher_spec.prepare(images))

@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 from kdforge.backends import OnnxRunner
 from kdforge.cli import app
 from kdforge.errors import CheckpointError, ExportError, VerificationError
-from kdforge.export.artifacts import export_run, resolve_export_source, sha256, verify_export
+from kdforge.export.artifacts import export_run, resolve_export_source, sha256
 from kdforge.recipe import load_recipe
 from kdforge.train.stages import train_stage
+from kdforge.verify import verify_export
 
 from .conftest import TINY_MODELS
 

@@ -9,11 +9,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import kdforge.export.artifacts as artifacts
 from kdforge.cli import app
+from kdforge.errors import VerificationError
 from kdforge.pipeline import run_distill
 from kdforge.recipe import load_recipe
-from kdforge.verify import mcnemar_exact_p
+from kdforge.verify import mcnemar_exact_p, verify_export
 
 from .conftest import TINY_MODELS
 
@@ -39,7 +39,7 @@ def chain_recipe(make_recipe, tmp_path, extra=()):
 
 def fail_first_int8_verification(monkeypatch):
     """The first verification of the INT8 file fails (as plain PTQ did on the demo); the others are real."""
-    real = artifacts.verify_export
+    real = verify_export
     calls = []
 
     def verify(export_dir, fmt_name, **kwargs):
@@ -50,10 +50,10 @@ def fail_first_int8_verification(monkeypatch):
                 from dataclasses import replace
 
                 failed = replace(report, passed=False, failures=["top-1 changed by -1.15 points (injected)"])
-                raise artifacts.VerificationError("student.int8.onnx FAILED verification (injected)", failed)
+                raise VerificationError("student.int8.onnx FAILED verification (injected)", failed)
         return report
 
-    monkeypatch.setattr(artifacts, "verify_export", verify)
+    monkeypatch.setattr("kdforge.export.job.verify_export", verify)
     return calls
 
 

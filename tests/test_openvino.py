@@ -27,7 +27,7 @@ def test_openvino_export_verifies_against_pytorch(trained_students, tmp_path, ki
           f"max |dlogit| {report.max_abs_diff:.1e}, {report.count} images")
     xml = result.artifacts["openvino"]
     assert xml.name == "student.openvino.xml" and xml.with_suffix(".bin").is_file()
-    runner_ = open_runner(xml, threads=1)
+    runner_ = open_runner(xml, "openvino", threads=1)
     assert isinstance(runner_, OpenVinoRunner) and runner_.spec.size == 32 and "openvino" in runner_.name
     assert not [p for p in result.export_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
 

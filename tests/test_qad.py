@@ -70,9 +70,10 @@ def test_qad_gives_the_fp32_answers_more_often_than_ptq_and_its_stage_is_reused(
 ])
 def test_a_failing_ptq_in_the_chain_ends_with_a_shipped_qad_file(make_recipe, tmp_path, monkeypatch, escalate,
                                                                    failing, steps):
-    import kdforge.export.artifacts as artifacts
+    from kdforge.errors import VerificationError
+    from kdforge.verify import verify_export
 
-    real, calls = artifacts.verify_export, []
+    real, calls = verify_export, []
 
     def verify(export_dir, fmt_name, **kwargs):  # the first `failing` INT8 verifications fail
         report = real(export_dir, fmt_name, **kwargs)
@@ -82,10 +83,10 @@ def test_a_failing_ptq_in_the_chain_ends_with_a_shipped_qad_file(make_recipe, tm
                 from dataclasses import replace
 
                 failed = replace(report, passed=False, failures=["top-1 changed by -1.15 points (injected)"])
-                raise artifacts.VerificationError("student.int8.onnx FAILED verification (injected)", failed)
+                raise VerificationError("student.int8.onnx FAILED verification (injected)", failed)
         return report
 
-    monkeypatch.setattr(artifacts, "verify_export", verify)
+    monkeypatch.setattr("kdforge.export.job.verify_export", verify)
     recipe = chain_recipe(make_recipe, tmp_path, [f"quantize.escalate={json.dumps(escalate)}"])
     summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
 

@@ -84,7 +84,8 @@ def test_every_inference_path_runs_without_autograd(tiny):
 def test_verification_and_bench_run_the_student_without_autograd(trained_students, tmp_path, monkeypatch):
     import kdforge.models
     from kdforge.bench import BenchSettings, bench_export
-    from kdforge.export.artifacts import export_run, verify_export
+    from kdforge.export.artifacts import export_run
+    from kdforge.verify import verify_export
 
     result = export_run(trained_students["cnn"], ["onnx"], exports_dir=tmp_path, verify=False)
     log = ForwardLog()

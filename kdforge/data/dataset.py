@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdforge.rng import rng_stream
+
 
 @dataclass(frozen=True)
 class ImageDataset:
@@ -41,7 +43,7 @@ def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[I
     """(train, val): `fraction` of every class's training images (at least one of a class with two or more),
     drawn with `seed`; both keep the original order. A pure function of the data, fraction and seed, so the
     export and every later run see the same split."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = rng_stream(seed, "validation_split")
     held = []
     for label in range(len(train.classes)):
         members = (train.labels == label).nonzero().flatten()
@@ -62,7 +64,7 @@ def epoch_order(num_items: int, batch_size: int, seed: int, epoch: int) -> list[
     Being a pure function is what makes `--resume` exact: a resumed run recomputes the same order and
     skips the batches it already trained on.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = rng_stream(seed, "epoch_order", epoch)
     order = torch.randperm(num_items, generator=generator)
     return list(order[: num_items - num_items % batch_size].split(batch_size))
 

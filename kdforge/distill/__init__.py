@@ -1,10 +1,5 @@
-"""Knowledge distillation: pure losses, the weighted objective, the frozen teacher."""
+"""Knowledge distillation: pure losses and the methods by name (`losses.py`), the objective a training stage
+optimizes (`objective.py`), the frozen teacher (`teacher.py`) and its cache of answers (`cache.py`).
 
-from kdforge.distill.losses import dkd_parts, hard_distillation_loss, kd_loss
-from kdforge.distill.objective import METHODS, create_distill_objective
-from kdforge.distill.teacher import FrozenTeacher, load_frozen_teacher
-
-__all__ = [
-    "METHODS", "FrozenTeacher", "create_distill_objective", "dkd_parts", "hard_distillation_loss", "kd_loss",
-    "load_frozen_teacher",
-]
+The package imports nothing itself: the recipe validates method names against `losses.METHODS` without
+loading the teacher's model code."""

@@ -29,6 +29,7 @@ import torch
 
 from kdforge.data.dataset import ImageDataset, eval_batches
 from kdforge.data.transforms import apply_augment, draw_augment
+from kdforge.rng import rng_stream
 from kdforge.runtime import sync
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def view_augment(n: int, view: int, seed: int,
                  augment: AugmentConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Crop offsets (2, n) and flips (n,) of view `view` for all n training images: a function of (seed, view)
     indexed by image, drawn from a generator separate from the online one (seed, step)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + view) * 7_919 + 104_729)
+    generator = rng_stream(seed, "cache_view", view)
     return draw_augment(n, augment.crop_padding, augment.hflip, generator)
 
 
@@ -51,7 +52,7 @@ def view_choice(n: int, views: int, seed: int, epoch: int) -> torch.Tensor:
     """Which stored view each of the n images uses in `epoch`: every image starts at a random view and moves
     to the next one each epoch, so K epochs show it K different views (as many as online augmentation would;
     drawing a view at random each epoch repeats some and showed fewer)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 15_485_863)
+    generator = rng_stream(seed, "cache_start_view")
     return (torch.randint(0, views, (n,), generator=generator) + epoch) % views
 
 

@@ -1,12 +1,24 @@
-"""Distillation losses: pure functions of logits (and labels), no state, no modules.
+"""Distillation losses: pure functions of logits (and labels), no state, no modules; and the methods by name.
 
-Each has a golden-value test. The objective (`objective.py`) weights them and adds cross-entropy.
+Each loss has a golden-value test. A method (METHODS, what `[distill] method` names) weights them; the objective
+(`objective.py`) adds cross-entropy. This module sits below the recipe, which validates method names here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+from kdforge.registry import Registry
+
+if TYPE_CHECKING:
+    from kdforge.recipe import DistillConfig
+
+Terms = dict[str, tuple[float, torch.Tensor]]
+METHODS: Registry[Callable[..., Terms]] = Registry("distillation method")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -50,3 +62,32 @@ def dkd_parts(
     log_t_nt = F.log_softmax(te.masked_fill(target, float("-inf")), dim=1).masked_fill(target, 0.0)
     nckd = (log_t_nt.exp() * (log_t_nt - log_s_nt)).sum(dim=1).mean() * (t * t)
     return tckd, nckd
+
+
+# ----------------------------------------------------------------------------------------------------------
+# methods by name
+
+
+@METHODS.register("kd")
+def _kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+        epoch: int = 1) -> Terms:
+    return {"kd": (cfg.alpha, kd_loss(student, teacher, cfg.temperature))}
+
+
+@METHODS.register("hard")
+def _hard(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+          epoch: int = 1) -> Terms:
+    return {"hard": (cfg.alpha, hard_distillation_loss(student, teacher))}
+
+
+@METHODS.register("dkd")
+def _dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+         epoch: int = 1) -> Terms:
+    tckd, nckd = dkd_parts(student, teacher, labels, cfg.temperature)
+    warmup = min(epoch / cfg.dkd_warmup_epochs, 1.0) if cfg.dkd_warmup_epochs else 1.0
+    return {"tckd": (warmup * cfg.dkd_alpha, tckd), "nckd": (warmup * cfg.dkd_beta, nckd)}
+
+
+def ce_weight(cfg: DistillConfig) -> float:
+    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd (as in the paper)."""
+    return 1.0 if cfg.method == "dkd" else 1.0 - cfg.alpha

@@ -1,55 +1,42 @@
-"""The distillation objective: named loss terms, each with a weight, summed; every part is returned for logging.
+"""What a model learns from: an objective maps (logits, labels, augmented uint8 images) to a loss and its named
+parts. The training loop (train/loop.py) calls one and knows nothing else about it.
 
+    objective = cross_entropy_objective(label_smoothing=0.1)                       # labels alone
     objective = create_distill_objective(recipe.distill, teacher, label_smoothing=0.1)
     loss, parts = objective(student_logits, labels, augmented_uint8_images, epoch=1)   # {"ce": ..., "kd": ...}
 
-Methods are chosen by name from METHODS; each maps (student logits, teacher logits, labels, config, epoch counted
-from 1) to {term name: (weight, value)}.
+Distillation methods are chosen by name from `losses.METHODS`; each maps (student logits, teacher logits,
+labels, config, epoch counted from 1) to {term name: (weight, value)}; cross-entropy on labels is added here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from kdforge.distill.losses import dkd_parts, hard_distillation_loss, kd_loss
+from kdforge.distill.losses import METHODS, Terms, ce_weight
 from kdforge.distill.teacher import FrozenTeacher
-from kdforge.registry import Registry
 
 if TYPE_CHECKING:
     from kdforge.recipe import DistillConfig
-    from kdforge.train.loop import Objective
-
-Terms = dict[str, tuple[float, torch.Tensor]]
-METHODS: Registry[Callable[..., Terms]] = Registry("distillation method")
 
 
-@METHODS.register("kd")
-def _kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
-        epoch: int = 1) -> Terms:
-    return {"kd": (cfg.alpha, kd_loss(student, teacher, cfg.temperature))}
+class Objective(Protocol):
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None, epoch: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # epoch counts from 1 (DKD's warm-up reads it)
 
 
-@METHODS.register("hard")
-def _hard(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
-          epoch: int = 1) -> Terms:
-    return {"hard": (cfg.alpha, hard_distillation_loss(student, teacher))}
+def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
+    """Training on labels alone (a teacher, a baseline student)."""
+    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None, epoch=1):
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return loss, {"ce": loss}
 
-
-@METHODS.register("dkd")
-def _dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
-         epoch: int = 1) -> Terms:
-    tckd, nckd = dkd_parts(student, teacher, labels, cfg.temperature)
-    warmup = min(epoch / cfg.dkd_warmup_epochs, 1.0) if cfg.dkd_warmup_epochs else 1.0
-    return {"tckd": (warmup * cfg.dkd_alpha, tckd), "nckd": (warmup * cfg.dkd_beta, nckd)}
-
-
-def ce_weight(cfg: DistillConfig) -> float:
-    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd (as in the paper)."""
-    return 1.0 if cfg.method == "dkd" else 1.0 - cfg.alpha
+    return objective
 
 
 def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,

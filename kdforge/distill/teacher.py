@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from kdforge.checkpoint import load_weights
 from kdforge.data.transforms import InputSpec
 from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import ModelConfig
-from kdforge.train.checkpoint import load_weights
 
 
 class FrozenTeacher:

@@ -1,6 +1,2 @@
-"""Export: a table of formats (`formats.py`), pure converters (`converters.py`) and the export/verify flow
-over a finished run (`artifacts.py`)."""
-
-from kdforge.export.formats import FORMATS, ExportFormat
-
-__all__ = ["FORMATS", "ExportFormat"]
+"""Export: the builders of each format (`builders.py`, `int8.py`), pure converters (`converters.py`) and the
+export/verify flow over a finished run (`artifacts.py`). The table of formats is `kdforge.formats`."""

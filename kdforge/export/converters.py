@@ -353,6 +353,14 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
             and not (node.op_type == "MatMul" and node.input[1] not in constants)]
 
 
+def openvino_weights(xml_path: Path) -> dict[str, Any]:
+    """The .bin beside an IR is hashed too: verification and benchmarks check both files."""
+    from kdforge.fileio import file_hash
+
+    weights = xml_path.with_suffix(".bin")
+    return {"weights_file": weights.name, "weights_sha256": file_hash(weights), "weights_bytes": weights.stat().st_size}
+
+
 def onnx_to_openvino(onnx_path: Path, xml_path: Path, metadata: dict[str, Any],
                      calibration: list[Any] | None = None, validation: list[tuple[Any, int]] | None = None,
                      max_drop: float | None = None) -> dict[str, Any]:

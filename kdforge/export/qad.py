@@ -35,11 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdforge import layout
+from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import file_hash, read_json, write_json
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe
+from kdforge.rng import rng_stream
 
-QAD_STAGE = "qad"
+QAD_STAGE = layout.QAD
 # qad_teacher = "student": the fake-quantized student matches its own FP32 logits (KL at T = 1, no label term)
 SELF_DISTILL = DistillConfig(method="kd", temperature=1.0, alpha=1.0, baseline=False)
 QAD_ONNX = "student.qad.onnx"
@@ -131,11 +134,9 @@ def qad_fingerprint(recipe: Recipe, source: Path, qcfg: QuantizeConfig, teacher_
                     opset: int) -> str:
     """What the QAD stage's file depends on: the student's weights, the teacher's, data, seed, the distillation
     settings and the quantization settings QAD reads."""
-    from kdforge.train.checkpoint import WEIGHTS
-
     epochs, lr = qad_settings(qcfg, recipe.model_for(source.name).train.lr)
     parts = {
-        "student": file_hash(source / "last" / WEIGHTS)[:16],
+        "student": file_hash(final_weights(source))[:16],
         "teacher": file_hash(teacher_weights)[:16] if teacher_weights else None,
         "seed": recipe.seed, "data": recipe.data.model_dump(mode="json"),
         "distill": recipe.distill.model_dump(mode="json", exclude={"baseline"}),
@@ -159,7 +160,7 @@ def qad_student(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, 
     teacher_weights = teacher_weights_for(recipe, runs_dir) \
         if source.name == "student" and qcfg.qad_teacher == "teacher" else None
     fingerprint = qad_fingerprint(recipe, source, qcfg, teacher_weights, opset)
-    result_path, onnx_path = stage_dir / "result.json", stage_dir / QAD_ONNX
+    result_path, onnx_path = stage_dir / layout.RESULT, stage_dir / QAD_ONNX
     if result_path.is_file() and onnx_path.is_file():
         try:
             previous = read_json(result_path)
@@ -179,13 +180,13 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
     from timm.layers import freeze_batch_norm_2d
 
     from kdforge.data import load_dataset
-    from kdforge.distill import create_distill_objective, load_frozen_teacher
+    from kdforge.distill.objective import create_distill_objective
+    from kdforge.distill.teacher import load_frozen_teacher
     from kdforge.export.converters import torch_to_onnx
-    from kdforge.models import create_model, resolve_input_spec
+    from kdforge.models import load_stage_model, resolve_input_spec
     from kdforge.runtime import runtime_scope
-    from kdforge.train.checkpoint import load_weights
     from kdforge.train.events import ProgressDisplay
-    from kdforge.train.loop import evaluate, fit
+    from kdforge.train.loop import BatchSource, evaluate, fit
     from kdforge.train.stages import training_objective
 
     cfg = recipe.model_for(source.name)
@@ -196,11 +197,9 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
     with runtime_scope(recipe.runtime, device) as runtime:
         data = load_dataset(recipe.data, recipe.seed)
         spec = resolve_input_spec(cfg)
-        model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes,
-                             exportable=True)
-        load_weights(model, source / "last")
+        model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
         model = runtime.place(freeze_batch_norm_2d(model))
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(recipe.seed))
+        order = torch.randperm(len(data.train), generator=rng_stream(recipe.seed, "calibration"))
         calibration = order[:qcfg.calibration].split(qcfg.batch_size)
 
         def forward_loop(quantized: torch.nn.Module) -> None:
@@ -217,7 +216,7 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
         calibrated = evaluate(model, spec, data.test.to(runtime.device), cfg.train.batch_size, runtime,
                               cfg.train.limit_eval_batches)["top1"]
         if qcfg.qad_teacher == "student":  # the finished FP32 student, frozen, answers for itself
-            teacher = load_frozen_teacher(cfg, source / "last", data.num_classes)
+            teacher = load_frozen_teacher(cfg, final_weights(source), data.num_classes)
             teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
             objective, cache = create_distill_objective(SELF_DISTILL, teacher), None
         else:  # the recipe's teacher (none for a baseline: labels alone)
@@ -230,12 +229,12 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
         if stage_dir.exists():
             shutil.rmtree(stage_dir)  # an earlier QAD with other settings, or one killed half-way: minutes to redo
         stage_dir.mkdir(parents=True)
-        result = fit(model, spec, objective, data, train, recipe.data.augment, runtime, recipe.seed, stage_dir,
-                     title=f"qad {cfg.model}", consumers=consumers, teacher_cache=cache,
+        result = fit(model, spec, objective, data, train, runtime, BatchSource(recipe.data.augment, recipe.seed, cache),
+                     stage_dir, title=f"qad {cfg.model}", consumers=consumers,
                      checkpoint_metadata={"fingerprint": fingerprint, "stage": QAD_STAGE})
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the ONNX file is this stage's output
-        for link in ("last", "best"):
+        shutil.rmtree(stage_dir / layout.CHECKPOINTS, ignore_errors=True)  # the ONNX file is this stage's output
+        for link in (layout.LAST, layout.BEST):
             (stage_dir / link).unlink(missing_ok=True)
         torch_to_onnx(model, spec.size, stage_dir / QAD_ONNX, opset, {"stage": QAD_STAGE, "fingerprint": fingerprint})
     outcome = QadResult(
@@ -244,5 +243,5 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
         teacher=str(teacher_weights) if teacher_weights else None, wall_s=round(time.perf_counter() - started, 1),
         onnx_sha256=file_hash(stage_dir / QAD_ONNX),
     )
-    write_json(stage_dir / "result.json", outcome.to_metadata())
+    write_json(stage_dir / layout.RESULT, outcome.to_metadata())
     return outcome

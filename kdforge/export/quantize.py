@@ -28,6 +28,7 @@ from kdforge.export.converters import INPUT_NAME, onnx_to_int8, prepare_for_int8
 from kdforge.optional import require
 from kdforge.phases import Phases
 from kdforge.recipe import QuantizeConfig
+from kdforge.rng import rng_stream
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,11 @@ def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig
         notes.append(f"using {count - count % batch_size} of {count} calibration images: a whole number of "
                      f"batches of {batch_size}")
         count -= count % batch_size
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(available, generator=rng_stream(seed, "calibration"))
     calibration, heldout = order[:count], order[count : count + cfg.sensitivity_images]
     batches = [spec.prepare(train.images[idx]).numpy() for idx in calibration.split(batch_size)]
     if val is not None:
-        heldout = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:cfg.sensitivity_images]
+        heldout = torch.randperm(len(val), generator=rng_stream(seed, "calibration"))[:cfg.sensitivity_images]
         return CalibrationData(batches, count, val.images[heldout], val.labels[heldout], notes, "validation images")
     return CalibrationData(batches, count, train.images[heldout], train.labels[heldout], notes)
 

@@ -18,18 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, ServingError
 from kdforge.fileio import check_artifact, read_json, read_metadata
-from kdforge.images import MAX_PIXELS, ImageError, decode_rgb
+from kdforge.formats import FORMATS, servable
+from kdforge.images import MAX_PIXELS, ImageError, decode_rgb, normalize
+from kdforge.layout import BENCH, VERIFY
 
-# export formats a server can load. "auto" serves the fastest verified one that `kdforge bench` measured
-# (`choose_format`); without a bench.json, in this order of preference: INT8 (smaller, usually faster on CPU),
-# FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32 behind casts), then the OpenVINO IR
-# (where the OpenVINO runtime is installed: the `serve-openvino` extra); only an artifact that passed
-# verification is chosen automatically
-SERVABLE = {"int8": "student.int8.onnx", "onnx": "student.onnx", "fp16": "student.fp16.onnx",
-            "openvino_int8": "student.openvino.int8.xml", "openvino": "student.openvino.xml"}
-OPENVINO_FORMATS = ("openvino", "openvino_int8")
+# export formats a server can load (the formats table's `serve_rank`). "auto" serves the fastest verified one
+# that `kdforge bench` measured (`choose_format`); without a bench.json, in this order of preference: INT8
+# (smaller, usually faster on CPU), FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32
+# behind casts), then the OpenVINO IRs (where the OpenVINO runtime is installed: the `serve-openvino` extra);
+# only an artifact that passed verification is chosen automatically
+SERVABLE = {name: FORMATS.get(name).filename for name in servable()}
+OPENVINO_FORMATS = tuple(name for name in SERVABLE if FORMATS.get(name).runner == "openvino")
 OPENVINO_MISSING = ('the OpenVINO runtime is not installed: pip install "kdforge[serve-openvino]" (the serving '
                     'image: docker build --build-arg EXTRAS=serve,serve-openvino ...)')
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
@@ -78,10 +79,6 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
                            f"is the order of preference")
     fallback = "onnx" if "onnx" in candidates else candidates[0]  # FP32 is exact by construction
     return fallback, f"no format passed verification: serving {fallback} unverified"
-
-
-class ServingError(Exception):
-    """The export cannot be served (missing, unverified when required, unreadable)."""
 
 
 def open_session(path: Path, fmt: str, providers: tuple[str, ...],
@@ -137,13 +134,13 @@ class ServedModel:
              engine_cache: Path | None = None, max_pixels: int = MAX_PIXELS) -> ServedModel:
         try:
             meta = read_metadata(export_dir)
-            verified = read_json(export_dir / "verify.json")
+            verified = read_json(export_dir / VERIFY)
         except KdforgeError as exc:  # missing, damaged or incomplete
             raise ServingError(str(exc)) from None
         why = "asked for with --format"
         if fmt == "auto":
             try:
-                bench, damaged = read_json(export_dir / "bench.json"), ""
+                bench, damaged = read_json(export_dir / BENCH), ""
             except KdforgeError:  # speeds are a preference, not a requirement: choose without them
                 bench, damaged = {}, " (bench.json is damaged: ignored; `kdforge bench` writes it again)"
             fmt, why = choose_format(export_dir, verified, bench)
@@ -181,9 +178,9 @@ class ServedModel:
                    max_pixels)
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """Image bytes -> normalized float32 (3, size, size), decoded as `kdforge.images.decode_rgb` says."""
-        pixels = decode_rgb(data, self.size, self.max_pixels).astype(np.float32).transpose(2, 0, 1) / 255.0
-        return (pixels - self.mean) / self.std
+        """Image bytes -> normalized float32 (3, size, size): decoded and resized as `kdforge.images.decode_rgb`
+        says, normalized by `kdforge.images.normalize` (the contract test_serve_parity.py holds verification to)."""
+        return normalize(decode_rgb(data, self.size, self.max_pixels), self.mean, self.std)
 
     def predict(self, images: list[bytes], top_k: int = 5) -> list[list[dict[str, Any]]]:
         prepared = []
@@ -205,3 +202,15 @@ class ServedModel:
             results.append([{"label": self.labels[i], "index": int(i), "probability": round(float(row[i]), 6)}
                             for i in top])
         return results
+
+
+def predict_files(served: ServedModel, paths: list[Path], top_k: int = 5):
+    """(path, top-k predictions) for each image file, in order (`kdforge predict`); an unreadable file is an
+    ImageError naming it."""
+    for path in paths:
+        if not path.is_file():
+            raise ImageError(f"{path}: no such file")
+        try:
+            yield path, served.predict([path.read_bytes()], top_k)[0]
+        except ImageError as exc:
+            raise ImageError(f"{path}: {exc}") from None

@@ -1,12 +1,16 @@
 """ONE training loop for teachers, baselines and distilled students; the objective is what differs.
 
-An objective maps (logits, labels, augmented uint8 images) to a loss and its named parts. Plain training
-uses `cross_entropy_objective`; distillation passes an objective that also asks a frozen teacher (which
-prepares the same images its own way).
+    result = fit(model, spec, objective, data, recipe.student.train, runtime,
+                 BatchSource(recipe.data.augment, recipe.seed), stage_dir, title="student resnet18")
+
+An objective (distill/objective.py) maps (logits, labels, augmented uint8 images) to a loss and its named
+parts. A batch source says which images a step trains on and how they are augmented: online augmentation, or
+the teacher cache's stored views with the teacher's answers. The train state (optimizer, scheduler, gradient
+scaler, RNG, step, best) is what a checkpoint saves and a resume restores.
 
 The loop is deterministic given the recipe's seed: the batch order of an epoch and the augmentation of a
-step are pure functions of (seed, epoch) and (seed, step), and the torch RNG state travels in the
-checkpoint, so a run resumed from any checkpoint ends with the same weights as one that never stopped.
+step are pure functions of (seed, epoch) and (seed, step) (kdforge/rng.py), and the torch RNG state travels in
+the checkpoint, so a run resumed from any checkpoint ends with the same weights as one that never stopped.
 """
 
 from __future__ import annotations
@@ -14,38 +18,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from kdforge.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
 from kdforge.data.transforms import InputSpec, apply_augment, draw_augment
+from kdforge.distill.objective import Objective
 from kdforge.errors import DataError, KdforgeError
+from kdforge.metrics import topk_hits
 from kdforge.recipe import AugmentConfig, TrainConfig
+from kdforge.rng import rng_stream
 from kdforge.runtime import Runtime, out_of_memory_as_error
-from kdforge.train.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.train.events import Consumer
 
 if TYPE_CHECKING:
     from kdforge.distill.cache import TeacherCache
-
-
-class Objective(Protocol):
-    def __call__(
-        self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None, epoch: int = 1,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # epoch counts from 1 (DKD's warm-up reads it)
-
-
-def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
-    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None, epoch=1):
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        return loss, {"ce": loss}
-
-    return objective
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,20 +76,14 @@ def _predict(model, spec: InputSpec, dataset: ImageDataset, batches: list[torch.
     return torch.cat(logits), torch.cat(labels)
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
 def evaluate(model, spec, dataset, batch_size, runtime, limit_batches=None) -> dict[str, float]:
     """Test top-1/top-5/loss. Across processes each evaluates its share of the batches and the sums are
     reduced, so every process gets the metrics of the whole split."""
     batches = eval_batches(len(dataset), batch_size)[:limit_batches]
     logits, labels = _predict(model, spec, dataset, batches[runtime.rank::runtime.world_size], runtime)
     if len(labels):
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        sums = [top[:, :1].any(1).sum().item(), top.any(1).sum().item(),
+        hits = topk_hits(logits, labels, (1, 5))
+        sums = [hits[1].sum().item(), hits[5].sum().item(),
                 F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)]
     else:
         sums = [0.0, 0.0, 0.0, 0]
@@ -143,13 +129,146 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the loop
+# batches, state, the running window of a log line
 
 TRAIN_ADVICE = ("lower the batch size ([train] or [teacher.train] / [student.train] batch_size), train in mixed "
                 "precision on a GPU (runtime.precision = \"bf16\" or \"fp16\") or use a smaller input_size")
 EVAL_ADVICE = ("evaluation runs at the training batch size: lower it, or evaluate fewer batches "
                "(train.limit_eval_batches)")
 KEPT = "; checkpoints written before this are kept (run the same command with --resume to continue from them)"
+
+
+class BatchSource:
+    """Which training images each step sees, and how: the batches of an epoch are a shuffled order drawn from
+    (seed, epoch); a batch is augmented online from (seed, step), or, with a `teacher_cache`, read as its stored
+    views together with the teacher's logits for them."""
+
+    def __init__(self, augment: AugmentConfig, seed: int, teacher_cache: TeacherCache | None = None) -> None:
+        self.augment, self.seed, self.teacher_cache = augment, seed, teacher_cache
+        self._epoch, self._order = -1, []
+
+    def batch_indices(self, num_images: int, batch_size: int, epoch: int, index: int) -> torch.Tensor:
+        """The global batch number `index` of `epoch` (indices into the training split)."""
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(num_images, batch_size, self.seed, epoch)
+        return self._order[index]
+
+    def images(self, train: ImageDataset, batch_idx: torch.Tensor, mine: slice, idx: torch.Tensor, step: int,
+               epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(augmented uint8 images, the teacher's logits or None) of this process's share `mine` (indices `idx`
+        on the device) of the global batch `batch_idx`."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.batch(train.images, idx, epoch)
+        # drawn for the global batch, so every process count sees the same augmentation
+        offsets, flips = draw_augment(len(batch_idx), self.augment.crop_padding, self.augment.hflip,
+                                      rng_stream(self.seed, "augment", step))
+        images = apply_augment(train.images[idx], self.augment.crop_padding,
+                               offsets[:, mine] if offsets is not None else None,
+                               flips[mine] if flips is not None else None)
+        return images, None
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves besides the weights, and what one optimizer step changes."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Any  # torch.amp.GradScaler (disabled outside fp16)
+    step: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"top1": -1.0})
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, cfg: TrainConfig, plan: Plan, runtime: Runtime) -> TrainState:
+        import timm.optim
+
+        optimizer = timm.optim.create_optimizer_v2(
+            model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        )
+        warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, plan.total_steps, warmup, cfg.scheduler, cfg.min_lr / cfg.lr),
+        )
+        return cls(optimizer, scheduler, runtime.grad_scaler())
+
+    def restore(self, model: torch.nn.Module, checkpoint: Path, runtime: Runtime) -> None:
+        load_weights(model, checkpoint)
+        state = load_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if runtime.device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.best = state["step"], state["best"]
+
+    def save(self, stage_dir: Path, model: torch.nn.Module, runtime: Runtime, metadata: dict[str, str],
+             is_best: bool) -> None:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else [],
+            "step": self.step,
+            "best": self.best,
+        }
+        meta = {**metadata, "step": str(self.step), "top1": str(self.best.get("top1"))}
+        if runtime.is_main:
+            save_checkpoint(stage_dir, self.step, model, state, meta, best=is_best)
+
+    def update(self, loss: torch.Tensor, model: torch.nn.Module, grad_clip: float | None) -> None:
+        """One optimizer step on `loss` (scaled for fp16, gradients clipped when asked), then the lr schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+
+
+class Window:
+    """Loss and accuracy since the last log line, summed on the device: a step never waits for the device to
+    report a number (on a GPU, `.item()` in every step stalls the queue of kernels); they are read, and the
+    loss checked for NaN/inf, when a line is logged or a checkpoint written."""
+
+    def __init__(self, device: torch.device, first_step: int) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen, self.first, self.started = 0, first_step, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * len(labels)  # as float64 as a Python float would be
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def finite_loss(self, title: str, step: int) -> float:
+        """The summed loss; an error when it is not finite (before anything is logged or saved)."""
+        loss_sum = self.loss.item()
+        if not math.isfinite(loss_sum):
+            raise KdforgeError(f"{title}: loss became {loss_sum} between steps {self.first} and {step}; "
+                               f"lower train.lr or set train.grad_clip")
+        return loss_sum
+
+    def log_event(self, title: str, state: TrainState, plan: Plan, epoch: int, parts: dict[str, torch.Tensor],
+                  runtime: Runtime) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        loss_sum, correct, seen = runtime.all_reduce_sum(
+            [self.finite_loss(title, state.step), self.correct.item(), self.seen])
+        return {
+            "event": "log", "step": state.step, "total_steps": plan.total_steps, "epoch": epoch,
+            "loss": loss_sum / seen, "train_top1": correct / seen,
+            "lr": state.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
+            **{f"loss_{name}": value.item() for name, value in parts.items()},
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
 
 
 @dataclass
@@ -160,186 +279,123 @@ class FitResult:
     train_images_per_s: float = 0.0  # training throughput (forward, backward, update), evaluation excluded
 
 
+@dataclass
+class _Run:
+    """What one `fit` call holds while it trains (so the steps below stay small functions)."""
+
+    model: torch.nn.Module
+    spec: InputSpec
+    objective: Objective
+    cfg: TrainConfig
+    runtime: Runtime
+    batches: BatchSource
+    plan: Plan
+    state: TrainState
+    title: str
+    emit: Any
+    train_time: float = 0.0
+    images_seen: int = 0
+
+    def out_of_memory(self, phase: str, advice: str):
+        return out_of_memory_as_error(
+            f"in {self.title} on {self.runtime.device} while {phase} at batch size {self.cfg.batch_size} "
+            f"({self.spec.size}x{self.spec.size}, {self.runtime.precision})", advice + KEPT)
+
+    def train_step(self, forward, train: ImageDataset) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """One optimizer step on the next global batch: (epoch, loss, logits, labels, loss parts)."""
+        runtime, step = self.runtime, self.state.step
+        epoch, index = divmod(step, self.plan.steps_per_epoch)
+        batch_idx = self.batches.batch_indices(len(train), self.cfg.batch_size, epoch, index)
+        started = time.perf_counter()
+        mine = slice(runtime.rank, None, runtime.world_size)  # this process's share of the global batch
+        idx = batch_idx[mine].to(runtime.device)
+        images, teacher_logits = self.batches.images(train, batch_idx, mine, idx, step, epoch)
+        with self.out_of_memory("training", TRAIN_ADVICE):
+            labels = train.labels[idx]
+            with runtime.autocast():
+                logits = forward(runtime.format_input(self.model, self.spec.prepare(images)))
+                loss, parts = self.objective(logits, labels, images, teacher_logits, epoch=epoch + 1)
+            self.state.update(loss, self.model, self.cfg.grad_clip)
+        self.images_seen += len(labels)
+        self.train_time += time.perf_counter() - started
+        return epoch, loss, logits, labels, parts
+
+    def evaluate(self, split: ImageDataset) -> dict[str, float]:
+        with self.out_of_memory("evaluating", EVAL_ADVICE):
+            return evaluate(self.model, self.spec, split, self.cfg.batch_size, self.runtime,
+                            self.cfg.limit_eval_batches)
+
+
 def fit(
     model: torch.nn.Module,
     spec: InputSpec,
     objective: Objective,
     data: DataSplits,
     cfg: TrainConfig,
-    augment: AugmentConfig,
     runtime: Runtime,
-    seed: int,
+    batches: BatchSource,
     stage_dir: Path,
     title: str,
     resume_from: Path | None = None,
     consumers: Sequence[Consumer] = (),
     checkpoint_metadata: dict[str, str] | None = None,
-    teacher_cache: TeacherCache | None = None,
 ) -> FitResult:
     """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`.
 
-    With a `teacher_cache`, augmented views and the teacher's logits come from it (the objective receives them
-    as `teacher_logits`). Across several processes (torchrun), each takes its share of every global batch of
-    `cfg.batch_size` (the same images and augmentation a single process would use), gradients are averaged by
-    DistributedDataParallel, metrics are reduced, and only the main process checkpoints."""
-    import timm.optim
-
+    Each epoch ends with an evaluation on the split that chooses the best checkpoint (validation when the data
+    has one; the test split is then evaluated once, at the end, for the reported numbers). Across several
+    processes (torchrun), each takes its share of every global batch of `cfg.batch_size` (the same images and
+    augmentation a single process would use), gradients are averaged by DistributedDataParallel, metrics are
+    reduced, and only the main process checkpoints."""
     plan = Plan.create(len(data.train), cfg)
     if cfg.batch_size % runtime.world_size:
         raise DataError(f"train.batch_size {cfg.batch_size} (the global batch) is not divisible by the "
                         f"{runtime.world_size} processes")
     runtime.place(model).train()
     forward = runtime.for_training(model)
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
-    )
-    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, plan.total_steps, warmup, cfg.scheduler, cfg.min_lr / cfg.lr),
-    )
-    scaler = runtime.grad_scaler()
-    step, best = 0, {"top1": -1.0}
+    state = TrainState.create(model, cfg, plan, runtime)
     if resume_from is not None:
-        load_weights(model, resume_from)
-        state = load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if runtime.device.type == "cuda" and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        step, best = state["step"], state["best"]
+        state.restore(model, resume_from, runtime)
+    meta = checkpoint_metadata or {}
 
     def emit(event: dict[str, Any]) -> None:
         for consume in consumers:
             consume(event)
 
-    def checkpoint(is_best: bool) -> None:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else [],
-            "step": step,
-            "best": best,
-        }
-        meta = {**(checkpoint_metadata or {}), "step": str(step), "top1": str(best.get("top1"))}
-        if runtime.is_main:
-            save_checkpoint(stage_dir, step, model, state, meta, best=is_best)
-
-    def out_of_memory(phase: str, advice: str):
-        return out_of_memory_as_error(
-            f"in {title} on {runtime.device} while {phase} at batch size {cfg.batch_size} "
-            f"({spec.size}x{spec.size}, {runtime.precision})", advice + KEPT)
-
-    train_set = data.train.to(runtime.device)
-    test_set = data.test.to(runtime.device)
-    # each epoch is evaluated on the split that chooses the best checkpoint: validation when the data has one
-    # (the test split is then evaluated once, at the end, for the reported numbers), else the test split
+    run = _Run(model, spec, objective, cfg, runtime, batches, plan, state, title, emit)
+    train_set, test_set = data.train.to(runtime.device), data.test.to(runtime.device)
     watch_set, watch_split = (data.val.to(runtime.device), "val") if data.val is not None else (test_set, "test")
-    emit({"event": "start", "title": title, "step": step, "total_steps": plan.total_steps,
+    emit({"event": "start", "title": title, "step": state.step, "total_steps": plan.total_steps,
           "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
-
-    def new_window() -> dict[str, Any]:
-        """Loss and accuracy since the last log line, summed on the device: a step never waits for the device to
-        report a number (on a GPU, `.item()` in every step stalls the queue of kernels); they are read, and the
-        loss checked for NaN/inf, when a line is logged or a checkpoint written."""
-        return {"loss": torch.zeros((), dtype=torch.float64, device=runtime.device),
-                "correct": torch.zeros((), dtype=torch.int64, device=runtime.device), "seen": 0,
-                "first": step + 1, "time": time.perf_counter()}
-
-    def check_finite(window: dict[str, Any]) -> float:
-        """The window's summed loss; an error when it is not finite (before anything is logged or saved)."""
-        loss_sum = window["loss"].item()
-        if not math.isfinite(loss_sum):
-            raise KdforgeError(f"{title}: loss became {loss_sum} between steps {window['first']} and {step}; "
-                               f"lower train.lr or set train.grad_clip")
-        return loss_sum
-
     final: dict[str, float] = {}
-    window = new_window()
-    images_seen, train_time = 0, 0.0
-    order_epoch, order = -1, []
+    window = Window(runtime.device, state.step + 1)
     try:
-        while step < plan.total_steps:
-            epoch, index = divmod(step, plan.steps_per_epoch)
-            if epoch != order_epoch:
-                order_epoch, order = epoch, epoch_order(len(train_set), cfg.batch_size, seed, epoch)
-            batch_idx = order[index]
-            started = time.perf_counter()
-
-            mine = slice(runtime.rank, None, runtime.world_size)  # this process's share of the global batch
-            idx = batch_idx[mine].to(runtime.device)
-            if teacher_cache is not None:
-                images, teacher_logits = teacher_cache.batch(train_set.images, idx, epoch)
-            else:  # drawn for the global batch, so every process count sees the same augmentation
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                offsets, flips = draw_augment(len(batch_idx), augment.crop_padding, augment.hflip, generator)
-                images = apply_augment(train_set.images[idx], augment.crop_padding,
-                                       offsets[:, mine] if offsets is not None else None,
-                                       flips[mine] if flips is not None else None)
-                teacher_logits = None
-            with out_of_memory("training", TRAIN_ADVICE):
-                labels = train_set.labels[idx]
-                with runtime.autocast():
-                    logits = forward(runtime.format_input(model, spec.prepare(images)))
-                    loss, parts = objective(logits, labels, images, teacher_logits, epoch=epoch + 1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-            step += 1
-
-            window["loss"] += loss.detach().double() * len(labels)  # as float64 as a Python float would be
-            window["correct"] += (logits.argmax(1) == labels).sum()
-            window["seen"] += len(labels)
-            images_seen += len(labels)
-            train_time += time.perf_counter() - started
+        while state.step < plan.total_steps:
+            epoch, loss, logits, labels, parts = run.train_step(forward, train_set)
+            window.add(loss, logits, labels)
+            step = state.step
             emit({"event": "step", "step": step})
-
             end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
-            saving = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
             if step % cfg.log_every == 0 or step == plan.total_steps:
-                elapsed = time.perf_counter() - window["time"]
-                loss_sum, correct, seen = runtime.all_reduce_sum(
-                    [check_finite(window), window["correct"].item(), window["seen"]])
-                emit({
-                    "event": "log", "step": step, "total_steps": plan.total_steps, "epoch": epoch,
-                    "loss": loss_sum / seen, "train_top1": correct / seen,
-                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
-                    **{f"loss_{name}": value.item() for name, value in parts.items()},
-                })
-                window = new_window()
-            elif saving:
-                check_finite(window)  # never save weights a NaN loss has reached
-
+                emit(window.log_event(title, state, plan, epoch, parts, runtime))
+                window = Window(runtime.device, step + 1)
+            elif end_of_epoch or every:
+                window.finite_loss(title, step)  # never save weights a NaN loss has reached
             if end_of_epoch:
-                with out_of_memory("evaluating", EVAL_ADVICE):
-                    final = evaluate(model, spec, watch_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
-                is_best = final["top1"] > best["top1"]
+                final = run.evaluate(watch_set)
+                is_best = final["top1"] > state.best["top1"]
                 if is_best:
-                    best = {**final, "step": step, "epoch": epoch + 1}
+                    state.best = {**final, "step": step, "epoch": epoch + 1}
                 emit({"event": "eval", "split": watch_split, "step": step, "epoch": epoch + 1, **final})
-                checkpoint(is_best)
-            elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(False)
-
+                state.save(stage_dir, model, runtime, meta, is_best)
+            elif every:
+                state.save(stage_dir, model, runtime, meta, False)
         if not final or watch_split != "test":  # the reported numbers: the final weights on the test split
-            with out_of_memory("evaluating", EVAL_ADVICE):
-                final = evaluate(model, spec, test_set, cfg.batch_size, runtime, cfg.limit_eval_batches)
+            final = run.evaluate(test_set)
             if watch_split != "test":
-                emit({"event": "eval", "split": "test", "step": step, "epoch": plan.epochs, **final})
+                emit({"event": "eval", "split": "test", "step": state.step, "epoch": plan.epochs, **final})
     finally:
-        emit({"event": "end", "step": step})
-
-    return FitResult(
-        steps=step, final=final, best=best,
-        train_images_per_s=images_seen * runtime.world_size / train_time if train_time else 0.0,
-    )
-
+        emit({"event": "end", "step": state.step})
+    throughput = run.images_seen * runtime.world_size / run.train_time if run.train_time else 0.0
+    return FitResult(steps=state.step, final=final, best=state.best, train_images_per_s=throughput)

@@ -22,10 +22,13 @@ from typing import Any
 
 import torch
 
+from kdforge import layout
+from kdforge.checkpoint import checkpoint_metadata, final_weights, resolve_weights
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
-from kdforge.distill import create_distill_objective, load_frozen_teacher
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
+from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
+from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import CheckpointError, KdforgeError, ModelError
 from kdforge.fileio import (
     atomic_write_text,
@@ -39,14 +42,11 @@ from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
-from kdforge.train.checkpoint import WEIGHTS, checkpoint_metadata
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
-from kdforge.train.loop import cross_entropy_objective, evaluate, fit
+from kdforge.train.loop import BatchSource, evaluate, fit
 
-STAGES = ("teacher", "baseline", "student")
+STAGES = layout.TRAINING_STAGES
 SHARED = ("teacher",)  # stages reused across recipes when their fingerprint matches (a teacher is trained once)
-TEACHER_EVAL = "teacher_eval"  # runs/<name>/teacher_eval/: the evaluation of a teacher given by teacher.checkpoint
-STALE = ".stale"  # runs/<name>/.stale/<stage>-<time>-<pid>: a replaced stage, kept until its successor finishes
 
 
 @dataclass(frozen=True)
@@ -93,48 +93,78 @@ def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None =
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_weights(path: Path, what: str) -> Path:
-    """A finished stage folder, a checkpoint folder or a .safetensors file -> the weights file."""
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    if (path / "result.json").is_file() and (path / "last" / WEIGHTS).is_file():
-        return path / "last" / WEIGHTS
-    if (path / "last").exists():
-        raise CheckpointError(f"{what}: the run in {path} has not finished; finish it with --resume first")
-    if (path / WEIGHTS).is_file():
-        return path / WEIGHTS
-    raise CheckpointError(f"{what}: no weights at {path} (expected a finished run folder or a .safetensors file)")
-
-
 def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
     """The weights the distilled student learns from: teacher.checkpoint, else this recipe's teacher run."""
     teacher = recipe.model_for("teacher")
     if teacher.checkpoint:
         return resolve_weights(Path(teacher.checkpoint), "teacher.checkpoint")
-    stage_dir = runs_dir / recipe.name / "teacher"
-    if not (stage_dir / "result.json").is_file():
+    stage_dir = layout.stage_dir(runs_dir, recipe.name, "teacher")
+    if not layout.is_finished(stage_dir):
         raise CheckpointError(
             f"no trained teacher in {stage_dir}; run `kdforge distill` (which trains it first), "
             f"`kdforge teacher` or set teacher.checkpoint"
         )
-    if read_json(stage_dir / "result.json").get("fingerprint") != stage_fingerprint(recipe, "teacher"):
+    if read_json(stage_dir / layout.RESULT).get("fingerprint") != stage_fingerprint(recipe, "teacher"):
         raise CheckpointError(f"the teacher in {stage_dir} was trained with other [teacher] settings; retrain it")
     return resolve_weights(stage_dir, "teacher")
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """What `train_stage` will do with a stage folder, decided from its files alone (nothing is loaded or changed):
+    "reuse" its finished run, "adopt" a finished twin from another run (the teacher store), "resume" its
+    unfinished run, or "train" (from scratch). `discard` says why an earlier run in the folder is replaced."""
+
+    action: str
+    discard: str | None = None
+    resume_from: Path | None = None
+    donor: Path | None = None
+    previous: dict[str, Any] | None = None  # the reused stage's result.json
+
+
+def plan_stage(stage_dir: Path, stage: str, fingerprint: str, runs_dir: Path, resume: bool = False,
+               overwrite: bool = False, retrain_stale: bool = False) -> StagePlan:
+    """Skip, resume or redo: the decision for `stage_dir` given the stage's `fingerprint` and the flags. Raises
+    CheckpointError when the folder holds work the flags do not allow replacing (an unfinished run without
+    --resume, a run with other settings without --overwrite or `retrain_stale`)."""
+    discard: str | None = "--overwrite" if overwrite else None
+    resume_from = None
+    if not overwrite and layout.is_finished(stage_dir):
+        previous = read_json(stage_dir / layout.RESULT)
+        if previous.get("fingerprint") == fingerprint:
+            return StagePlan("reuse", previous=previous)
+        discard = "finished with other settings (or another teacher) than the recipe now asks for"
+    elif not overwrite and layout.has_started(stage_dir):
+        last = (stage_dir / layout.LAST).resolve()
+        if checkpoint_metadata(last).get("fingerprint") != fingerprint:
+            discard = "the recipe changed since this unfinished run started"
+        elif not resume:
+            raise CheckpointError(
+                f"{stage_dir} holds an unfinished run (checkpoint {last.name}); pass --resume to continue it "
+                f"or --overwrite to start over"
+            )
+        else:
+            resume_from = last
+    if discard and discard != "--overwrite" and not retrain_stale:
+        raise CheckpointError(f"{stage_dir}: {discard}; pass --overwrite to start over")
+    # a teacher is trained once: a finished one with the same fingerprint in another run is reused, not retrained
+    donor = find_finished_stage(runs_dir, stage, fingerprint) if stage in SHARED and not (overwrite or resume_from) \
+        else None
+    action = "adopt" if donor is not None else "resume" if resume_from is not None else "train"
+    return StagePlan(action, discard, resume_from, donor)
+
+
 def stage_is_finished(recipe: Recipe, stage: str, runs_dir: str | Path = "runs") -> bool:
-    """Whether `train_stage` would reuse a finished run of `stage` instead of training (the same decision, made
-    from the same files, without loading anything)."""
+    """Whether `kdforge distill` would reuse a finished run of `stage` instead of training (`plan_stage`'s
+    decision, from the same files, without loading anything)."""
     runs_dir = Path(runs_dir)
     try:
         teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
-        fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
-        result = runs_dir / recipe.name / stage / "result.json"
-        if result.is_file() and read_json(result).get("fingerprint") == fingerprint:
-            return True
+        plan = plan_stage(layout.stage_dir(runs_dir, recipe.name, stage), stage,
+                          stage_fingerprint(recipe, stage, teacher_weights), runs_dir, resume=True, retrain_stale=True)
     except KdforgeError:  # no teacher yet, or a damaged file: the stage will train (and say what is wrong)
         return False
-    return stage in SHARED and find_finished_stage(runs_dir, stage, fingerprint) is not None
+    return plan.action in ("reuse", "adopt")
 
 
 def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None:
@@ -172,40 +202,17 @@ def train_stage(
     main = current_rank() == 0  # with torchrun: only rank 0 writes files, logs and shows progress
     consumers = (consumers if consumers is not None else [ProgressDisplay()]) if main else []
     runs_dir = Path(runs_dir)
-    stage_dir = runs_dir / recipe.name / stage
+    stage_dir = layout.stage_dir(runs_dir, recipe.name, stage)
     teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
     fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
-    result_path = stage_dir / "result.json"
-
     # every process decides from the same files, then rank 0 alone changes them
-    discard: str | None = "--overwrite" if overwrite else None
-    resume_from = None
-    if not overwrite and result_path.is_file():
-        previous = read_json(result_path)
-        if previous.get("fingerprint") == fingerprint:
-            sync()
-            return StageResult(**{**previous, "skipped": True})
-        discard = "finished with other settings (or another teacher) than the recipe now asks for"
-    elif not overwrite and (stage_dir / "last").exists():
-        last = (stage_dir / "last").resolve()
-        if checkpoint_metadata(last).get("fingerprint") != fingerprint:
-            discard = "the recipe changed since this unfinished run started"
-        elif not resume:
-            raise CheckpointError(
-                f"{stage_dir} holds an unfinished run (checkpoint {last.name}); pass --resume to continue it "
-                f"or --overwrite to start over"
-            )
-        else:
-            resume_from = last
-    if discard and discard != "--overwrite" and not retrain_stale:
-        raise CheckpointError(f"{stage_dir}: {discard}; pass --overwrite to start over")
+    plan = plan_stage(stage_dir, stage, fingerprint, runs_dir, resume, overwrite, retrain_stale)
     sync()
-    # a teacher is trained once: a finished one with the same fingerprint in another run is reused, not retrained
-    donor = find_finished_stage(runs_dir, stage, fingerprint) if stage in SHARED and not (overwrite or resume_from) \
-        else None
+    if plan.action == "reuse":
+        return StageResult(**{**plan.previous, "skipped": True})
 
     started = time.perf_counter()
-    metrics = MetricsLog(stage_dir / "metrics.jsonl")
+    metrics = MetricsLog(stage_dir / layout.METRICS)
     with runtime_scope(recipe.runtime, device) as runtime:
         # every input is checked (device, data, model, teacher) before any file of the stage changes: a command
         # that fails here leaves an earlier finished run exactly as it was
@@ -218,47 +225,22 @@ def train_stage(
         teacher = None
         if teacher_weights is not None:
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
-        stale = None
         if main:
-            if (discard or donor) and stage_dir.exists():  # moved aside, deleted only once the new run finished
-                stale = runs_dir / recipe.name / STALE / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-                stale.parent.mkdir(parents=True, exist_ok=True)
-                stage_dir.rename(stale)
-            if discard and discard != "--overwrite":
-                for consume in consumers:
-                    consume({"event": "note", "message": f"{stage}: {discard}; training it again (the earlier run "
-                                                         f"is kept in {stale} until the new one finishes)"})
-            if donor is not None:
-                adopt_stage(donor, stage_dir)
-                for consume in consumers:
-                    consume({"event": "note", "message": f"{stage}: trained with these settings in {donor}: reused "
-                                                         f"(its files linked here; --overwrite trains it again)"})
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            for folder in (stage_dir, stage_dir / "checkpoints"):  # what a killed run left half-written
-                remove_leftovers(folder)
-            atomic_write_text(stage_dir / "recipe.toml", recipe_to_toml(recipe))
-            if resume_from is not None:
-                metrics.truncate_after(int(checkpoint_metadata(resume_from)["step"]))
-            elif donor is None:
-                metrics.path.unlink(missing_ok=True)
+            prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
         sync()
-        if donor is not None:  # nothing to train
-            reused = StageResult(**{**read_json(donor / "result.json"), "stage_dir": str(stage_dir), "skipped": True,
-                                    "adopted_from": str(donor)})
+        if plan.donor is not None:  # nothing to train
+            reused = StageResult(**{**read_json(plan.donor / layout.RESULT), "stage_dir": str(stage_dir),
+                                    "skipped": True, "adopted_from": str(plan.donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
         objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
                                               consumers)
         trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
         try:
-            result = fit(
-                model, spec, objective, data, cfg.train, recipe.data.augment, runtime, recipe.seed, stage_dir,
-                title=f"{stage} {cfg.model}",
-                resume_from=resume_from,
-                consumers=[metrics, *trackers, *consumers] if main else [],
-                checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
-                teacher_cache=cache,
-            )
+            result = fit(model, spec, objective, data, cfg.train, runtime,
+                         BatchSource(recipe.data.augment, recipe.seed, cache), stage_dir, title=f"{stage} {cfg.model}",
+                         resume_from=plan.resume_from, consumers=[metrics, *trackers, *consumers] if main else [],
+                         checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage})
         finally:  # a run that failed before the loop's own end event is marked so (no-op after a normal end)
             for tracker in trackers:
                 tracker.close("FAILED")
@@ -272,6 +254,37 @@ def train_stage(
         val_images=len(data.val) if data.val is not None else 0,
     )
     return _finished(outcome, runs_dir / recipe.name, main)
+
+
+def prepare_stage_dir(plan: StagePlan, stage_dir: Path, recipe: Recipe, metrics: MetricsLog,
+                      consumers: list[Consumer]) -> None:
+    """Rank 0, after every input was checked: set the stage folder up as `plan` says. A replaced run is moved
+    aside (deleted only once the new one finished); an adopted one is linked in; what a killed run left
+    half-written goes; the recipe is written; the metrics log is cut back to the resumed checkpoint."""
+    def note(message: str) -> None:
+        for consume in consumers:
+            consume({"event": "note", "message": message})
+
+    stage, stale = stage_dir.name, None
+    if (plan.discard or plan.donor) and stage_dir.exists():
+        stale = stage_dir.parent / layout.STALE / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stage_dir.rename(stale)
+    if plan.discard and plan.discard != "--overwrite":
+        note(f"{stage}: {plan.discard}; training it again (the earlier run is kept in {stale} until the new one "
+             f"finishes)")
+    if plan.donor is not None:
+        adopt_stage(plan.donor, stage_dir)
+        note(f"{stage}: trained with these settings in {plan.donor}: reused (its files linked here; --overwrite "
+             f"trains it again)")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (stage_dir, stage_dir / layout.CHECKPOINTS):  # what a killed run left half-written
+        remove_leftovers(folder)
+    atomic_write_text(stage_dir / layout.RECIPE, recipe_to_toml(recipe))
+    if plan.resume_from is not None:
+        metrics.truncate_after(int(checkpoint_metadata(plan.resume_from)["step"]))
+    elif plan.donor is None:
+        metrics.path.unlink(missing_ok=True)
 
 
 def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | None, data, runtime, runs_dir: Path,
@@ -291,8 +304,8 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
     """Record the finished stage (result.json) and drop the earlier runs it replaced."""
     if main:
-        write_json(Path(outcome.stage_dir) / "result.json", outcome.record())
-        for earlier in (run_dir / STALE).glob(f"{outcome.stage}-*"):  # this one and any a crash left
+        write_json(Path(outcome.stage_dir) / layout.RESULT, outcome.record())
+        for earlier in (run_dir / layout.STALE).glob(f"{outcome.stage}-*"):  # this one and any a crash left
             shutil.rmtree(earlier, ignore_errors=True)
     sync()
     return outcome
@@ -302,13 +315,13 @@ def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str) -> Path | 
     """A finished `stage` of any run in `runs_dir` with this fingerprint (same model, data, seed and training
     settings: the same weights up to the machine's arithmetic), or None. The runs folder is the store: nothing
     else to keep in sync."""
-    for result in sorted(runs_dir.glob(f"*/{stage}/result.json")):
+    for candidate in layout.finished_stages(runs_dir, stage):
         try:
-            finished = read_json(result).get("fingerprint") == fingerprint
+            finished = read_json(candidate / layout.RESULT).get("fingerprint") == fingerprint
         except KdforgeError:  # a damaged result elsewhere is that run's problem, not this one's
             continue
-        if finished and (result.parent / "last" / WEIGHTS).is_file():
-            return result.parent
+        if finished and final_weights(candidate).is_file():
+            return candidate
     return None
 
 
@@ -324,7 +337,7 @@ def adopt_stage(donor: Path, stage_dir: Path) -> None:
     remove_leftovers(stage_dir.parent)  # what an adoption killed half-way left
     tmp = stage_dir.with_name(f".{stage_dir.name}.tmp-{os.getpid()}")
     shutil.copytree(donor, tmp, symlinks=True, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(".*", "result.json", "recipe.toml"))
+                    ignore=shutil.ignore_patterns(".*", layout.RESULT, layout.RECIPE))
     tmp.rename(stage_dir)
 
 
@@ -348,7 +361,7 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
         f"building the teacher cache ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch size "
         f"{cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
     ):
-        return load_or_build_cache(runs_dir / recipe.name / "teacher_cache.safetensors", key, teacher, data.train,
+        return load_or_build_cache(runs_dir / recipe.name / layout.TEACHER_CACHE, key, teacher, data.train,
                                    cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
 
 
@@ -371,7 +384,7 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
         stage_dir=str(weights),
     )
     if runs_dir is not None and current_rank() == 0:
-        folder = Path(runs_dir) / recipe.name / TEACHER_EVAL
+        folder = Path(runs_dir) / recipe.name / layout.TEACHER_EVAL
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "result.json", result.record())
+        write_json(folder / layout.RESULT, result.record())
     return result

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from kdforge.errors import CheckpointError
+from kdforge.layout import BEST, CHECKPOINTS, LAST, RESULT
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -39,7 +40,7 @@ def save_checkpoint(
     best: bool,
 ) -> Path:
     """Save weights + training state for `step`, point `last` (and `best` if asked) at it, prune the rest."""
-    checkpoints = stage_dir / "checkpoints"
+    checkpoints = stage_dir / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:08d}"
     if not final.is_dir():  # a step is saved once; a second call may only move the `best` link
@@ -49,9 +50,9 @@ def save_checkpoint(
         save_model(model, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in metadata.items()})
         torch.save(state, tmp / STATE)
         tmp.rename(final)
-    _point(stage_dir / "last", final)
+    _point(stage_dir / LAST, final)
     if best:
-        _point(stage_dir / "best", final)
+        _point(stage_dir / BEST, final)
     _prune(stage_dir)
     return final
 
@@ -64,8 +65,8 @@ def _point(link: Path, target: Path) -> None:
 
 
 def _prune(stage_dir: Path) -> None:
-    keep = {(stage_dir / name).resolve() for name in ("last", "best") if (stage_dir / name).exists()}
-    for path in (stage_dir / "checkpoints").iterdir():
+    keep = {(stage_dir / name).resolve() for name in (LAST, BEST) if (stage_dir / name).exists()}
+    for path in (stage_dir / CHECKPOINTS).iterdir():
         if path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -113,3 +114,21 @@ def checkpoint_metadata(path: Path) -> dict[str, str]:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path / WEIGHTS}: damaged weights file ({exc}); start the stage over with "
                               f"--overwrite") from None
+
+
+def final_weights(stage_dir: Path) -> Path:
+    """The final weights of a stage folder (its `last` checkpoint)."""
+    return stage_dir / LAST / WEIGHTS
+
+
+def resolve_weights(path: Path, what: str) -> Path:
+    """A finished stage folder, a checkpoint folder or a .safetensors file -> the weights file."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if (path / RESULT).is_file() and final_weights(path).is_file():
+        return final_weights(path)
+    if (path / LAST).exists():
+        raise CheckpointError(f"{what}: the run in {path} has not finished; finish it with --resume first")
+    if (path / WEIGHTS).is_file():
+        return path / WEIGHTS
+    raise CheckpointError(f"{what}: no weights at {path} (expected a finished run folder or a .safetensors file)")

@@ -1,0 +1,107 @@
+"""The table of export formats: for each, its file, precision, what it is made from, what opens it, whether it
+is served and benchmarked, which options it takes and what it needs installed.
+
+    fmt = FORMATS.get("int8")   # ExportFormat(name="int8", filename="student.int8.onnx", runner="onnxruntime", ...)
+
+How a format is MADE is `kdforge.export.builders.BUILDERS[name]` (a converter with this format's metadata);
+how it is OPENED is its `runner`: `kdforge.backends.open_runner` for verification and benchmarks (torch),
+`kdforge.serve.model.open_session` for serving (numpy only). This module imports neither torch nor the recipe,
+so the recipe validates format names against it and the serving image reads it. Adding a format: one entry
+here, one converter (export/converters.py) and one builder (export/builders.py); a runner only for a new kind
+of file.
+
+Options are checked against this table before any work starts; a format never silently changes what the user
+asked for. A format made from another (`source`) brings that one along: asking for `trt_fp16` exports and
+verifies `onnx`, then `fp16`, then builds the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdforge.registry import Registry
+
+RUNNERS = ("onnxruntime", "openvino", "tensorrt")  # the kinds of file a runner opens
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    filename: str  # inside exports/<recipe>/
+    precision: str  # fp32 | fp16 | int8: which [verify] tolerance applies
+    runner: str  # one of RUNNERS: what opens the file for verification, benchmarks and serving
+    source: str | None = None  # the format this one is made from
+    needs_gpu: bool = False  # needs TensorRT and a CUDA GPU to be built and run
+    options: frozenset[str] = frozenset({"opset"})  # `kdforge export` options this format takes
+    option_sections: tuple[str, ...] = ()  # recipe sections whose every key it also takes ("quantize", "tensorrt")
+    requires: tuple[str, ...] = ()  # Python modules it needs to be made (beyond the `export` extra)
+    extra: str = ""  # the pip extra that installs them
+    serve_rank: int | None = None  # servable: its place in `serve --format auto`'s order without a bench.json
+    bench_skip: str | None = None  # why `kdforge bench` does not measure it (None: measured)
+    help: str = ""  # one line for `kdforge formats`-style listings and CLI help
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def _add(fmt: ExportFormat) -> None:
+    FORMATS.register(fmt.name)(fmt)
+
+
+_add(ExportFormat("onnx", "student.onnx", "fp32", "onnxruntime", serve_rank=1,
+                  help="FP32 ONNX (ONNX Runtime)"))
+# INT8 is quantized from the FP32 ONNX export; it takes the keys of [quantize] as options (target, calibration, ...)
+_add(ExportFormat("int8", "student.int8.onnx", "int8", "onnxruntime", source="onnx", option_sections=("quantize",),
+                  serve_rank=0, help="INT8 Q/DQ ONNX (post-training quantization or QAD)"))
+# FP16 weights and activations, FP32 inputs/outputs, LayerNorm/Softmax/reductions kept FP32; verified on ONNX
+# Runtime before TensorRT ever sees it
+_add(ExportFormat("fp16", "student.fp16.onnx", "fp16", "onnxruntime", source="onnx", serve_rank=2,
+                  help="FP16 ONNX (for GPUs)"))
+# A Triton Inference Server model repository around the FP32 ONNX export (config.pbtxt, labels, model.onnx)
+_add(ExportFormat("triton", "triton/student/1/model.onnx", "fp32", "onnxruntime", source="onnx",
+                  bench_skip="the same model file as onnx, for Triton's server",
+                  help="Triton Inference Server model repository (the FP32 ONNX)"))
+# OpenVINO IR (student.openvino.xml + .bin) converted from the FP32 ONNX, weights stored in FP16 (OpenVINO's
+# default; its CPU plugin computes in FP32, or bf16 on AMX CPUs), batch axis dynamic; runs on OpenVINO's CPU plugin
+_add(ExportFormat("openvino", "student.openvino.xml", "fp16", "openvino", source="onnx", requires=("openvino",),
+                  extra="openvino", serve_rank=4, help="OpenVINO IR (CPU)"))
+# OpenVINO INT8: NNCF post-training quantization of the FP32 ONNX's IR, calibrated on the same training-split images
+# as the ONNX INT8 export ([quantize] calibration); with [quantize] max_top1_drop, NNCF's accuracy-controlled
+# quantization on the same held-out images as the ONNX accuracy-aware search
+_add(ExportFormat("openvino_int8", "student.openvino.int8.xml", "int8", "openvino", source="onnx",
+                  options=frozenset({"opset", "calibration", "batch_size", "max_top1_drop", "sensitivity_images",
+                                     "escalate"}),
+                  requires=("openvino", "nncf"), extra="openvino", serve_rank=3, help="OpenVINO IR, INT8 by NNCF"))
+# TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
+_add(ExportFormat("trt_fp16", "student.fp16.engine", "fp16", "tensorrt", source="fp16", needs_gpu=True,
+                  option_sections=("tensorrt",), help="TensorRT engine from the FP16 ONNX (GPU)"))
+_add(ExportFormat("trt_int8", "student.int8.engine", "int8", "tensorrt", source="int8", needs_gpu=True,
+                  option_sections=("tensorrt", "quantize"), help="TensorRT engine from the INT8 ONNX (GPU)"))
+
+
+def servable() -> list[str]:
+    """The formats a server can load, in `--format auto`'s order of preference without a bench.json: INT8
+    (smaller, usually faster on CPU), FP32, FP16 (for GPUs), then the OpenVINO IRs."""
+    ranked = [fmt for fmt in map(FORMATS.get, FORMATS) if fmt.serve_rank is not None]
+    return [fmt.name for fmt in sorted(ranked, key=lambda fmt: fmt.serve_rank)]
+
+
+def format_of_file(relative: str) -> str | None:
+    """The format whose file is `relative` (a path inside an export folder), or None."""
+    return next((name for name in FORMATS if FORMATS.get(name).filename == relative), None)
+
+
+def with_sources(names: list[str]) -> list[str]:
+    """`names` plus every format they are made from, each after its source, in a stable order."""
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        source = FORMATS.get(name).source
+        if source:
+            add(source)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return ordered

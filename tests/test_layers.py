@@ -1,0 +1,147 @@
+"""The package's architecture, checked: every import (lazy ones included) goes down the layers of
+ARCHITECTURE.md or stays within one, the import graph has no circle, the serving code never loads torch, and the
+format table and its builders describe the same formats."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kdforge"
+
+# lowest first; a module may import from its own layer or any layer below (ARCHITECTURE.md explains each)
+LAYERS = [
+    ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
+                    "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
+                    "kdforge.metrics", "kdforge.checkpoint"]),
+    ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
+    ("recipe", ["kdforge.recipe"]),
+    ("models and runtime", ["kdforge.runtime", "kdforge.models", "kdforge.tracking"]),
+    ("distillation", ["kdforge.distill.*"]),
+    ("training", ["kdforge.train", "kdforge.train.*", "kdforge.estimate"]),
+    ("export", ["kdforge.backends", "kdforge.verify", "kdforge.export", "kdforge.export.*"]),
+    ("analysis", ["kdforge.bench", "kdforge.report"]),
+    ("chain", ["kdforge.pipeline", "kdforge.seeds"]),
+    ("interfaces", ["kdforge.cli", "kdforge.__main__", "kdforge.serve", "kdforge.serve.*"]),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def layer_of(module: str) -> int:
+    """The first layer with a pattern naming `module` (exact names before wildcards)."""
+    for exact in (True, False):
+        for index, (_, patterns) in enumerate(LAYERS):
+            if any(module == p if exact else fnmatch(module, p) for p in patterns):
+                return index
+    raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it (and to ARCHITECTURE.md)")
+
+
+def imports_of(module: str) -> set[str]:
+    """The kdforge modules `module` imports, anywhere in the file except under `if TYPE_CHECKING:`, with the
+    packages Python runs on the way (importing kdforge.a.b runs kdforge/a/__init__.py), except the module's own
+    packages (they are running already when it loads)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree)
+                   if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                   for stmt in block.body for node in ast.walk(stmt)}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    own_packages = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            submodules = [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
+            # `from package import submodule` loads the submodule; any other name is read from `target` itself
+            names = submodules + ([target] if len(submodules) < len(node.names) else [])
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            found.update(p for p in prefixes if p in MODULES and (p == name or p not in own_packages))
+    found.discard(module)
+    return found
+
+
+GRAPH = {module: imports_of(module) for module in MODULES}
+
+
+def test_every_import_goes_down_the_layers():
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in GRAPH.items() for target in targets
+              if layer_of(target) > layer_of(module) and not module.startswith(f"{target}.")]
+    assert upward == []
+
+
+def test_the_import_graph_has_no_circle():
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's strongly connected components
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in GRAPH[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(GRAPH):
+        if module not in index:
+            visit(module)
+    assert circles == []
+
+
+def test_the_layer_checker_sees_lazy_upward_imports():
+    """The checker itself: a function-level import counts, and a TYPE_CHECKING one does not."""
+    assert "kdforge.recipe" in GRAPH["kdforge.models"]
+    assert "kdforge.formats" in GRAPH["kdforge.recipe"]  # imported inside a validator
+    assert "kdforge.recipe" not in GRAPH["kdforge.data"]  # only under TYPE_CHECKING
+    assert layer_of("kdforge.distill.losses") < layer_of("kdforge.recipe") < layer_of("kdforge.distill.teacher")
+
+
+def test_serving_imports_no_torch():
+    """The serving image has no torch: the server, `kdforge predict`'s model and the format table load without it."""
+    code = ("import sys, kdforge.serve.app, kdforge.serve.model, kdforge.serve.__main__, kdforge.formats; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_every_format_has_a_builder_and_a_runner():
+    from kdforge.export.builders import BUILDERS
+    from kdforge.formats import FORMATS, RUNNERS, servable
+
+    assert sorted(BUILDERS) == list(FORMATS)
+    for name in FORMATS:
+        fmt = FORMATS.get(name)
+        assert fmt.runner in RUNNERS and (fmt.source is None or fmt.source in FORMATS)
+    assert servable()[:3] == ["int8", "onnx", "fp16"] and "triton" not in servable()
