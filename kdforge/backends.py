@@ -24,6 +24,7 @@ from kdforge.errors import ExportError
 from kdforge.export.converters import INPUT_NAME, OUTPUT_NAME
 from kdforge.fileio import read_json
 from kdforge.optional import require
+from kdforge.rng import rng_stream
 from kdforge.runtime import Runtime, exact_fp32
 
 # ONNX Runtime execution providers in order of preference; the first one installed wins
@@ -227,7 +228,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
     """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
-    generator = torch.Generator().manual_seed(0)
+    generator = rng_stream(0, "bench_images")
     one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
     many = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
     single = time_calls(lambda: runner.predict(one), warmup, repeats)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from kdforge.errors import CheckpointError
+from kdforge.fileio import atomic_path
 from kdforge.layout import BEST, CHECKPOINTS, LAST, RESULT
 
 WEIGHTS = "model.safetensors"
@@ -58,10 +59,9 @@ def save_checkpoint(
 
 
 def _point(link: Path, target: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.relative_to(link.parent))
-    tmp.replace(link)
+    with atomic_path(link) as tmp:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target.relative_to(link.parent))
 
 
 def _prune(stage_dir: Path) -> None:

@@ -3,7 +3,10 @@
 Each purpose is its own stream, a pure function of (recipe seed, purpose, index), so a batch order, an
 augmentation or a calibration sample never depends on what else was drawn before it, and a run resumed from a
 checkpoint draws exactly what an uninterrupted one would. The formulas are kept as they were when each stream
-was introduced: finished runs, their fingerprints and `make demo`'s numbers depend on them.
+was introduced: finished runs, their fingerprints and `make demo`'s numbers depend on them (so "epoch_order" and
+"augment" share a formula: one generator seed serves both, each drawing something different from it). The one
+draw outside these streams is a model's initial weights: torch's global RNG, seeded per stage by
+`runtime.seed_everything`, restored from the checkpoint on resume.
 
     generator = rng_stream(recipe.seed, "augment", step)
 """
@@ -22,6 +25,7 @@ STREAMS = {
     "cache_start_view": lambda seed, index: seed * _PRIME + 15_485_863,  # each image's first view (index unused)
     "validation_split": lambda seed, index: seed,  # the images held out for validation
     "calibration": lambda seed, index: seed,  # INT8 calibration and held-out images; QAD's calibration batches
+    "bench_images": lambda seed, index: seed,  # the random images latency is timed on (`kdforge bench`)
 }
 
 

@@ -54,7 +54,7 @@ def test_serving_and_verification_prepare_an_image_alike(test_split, size):
         served = normalize(decode_rgb(data, spec.size), spec.mean, spec.std)
         decoded = torch.from_numpy(decode_rgb(data, size)).permute(2, 0, 1)[None]  # as a dataset holds it
         verified = spec.prepare(decoded)[0].numpy()
-        worst = max(worst, float(np.abs(served - verified).max() * std.max()))  # in [0, 1] pixel units
+        worst = max(worst, float((np.abs(served - verified) * std).max()))  # in [0, 1] pixel units
     if size == spec.size:
         assert worst < 1e-6
     else:
@@ -78,5 +78,5 @@ def test_the_server_answers_what_verification_measured(served_export, test_split
     report = read_json(export_dir / "verify.json")[fmt]
     assert report["count"] == len(test_split) and report["passed"]
     served_top1 = float((served_logits.argmax(1) == test_split.labels.numpy()).mean())
-    assert served_top1 == pytest.approx(report["candidate_top1"], abs=1e-9)
+    assert served_top1 == pytest.approx(report["candidate_top1"], abs=1e-6)  # verification keeps float32
     assert served.info["verified"] is True and served.info["test_top1"] == report["candidate_top1"]

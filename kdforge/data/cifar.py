@@ -17,7 +17,7 @@ import torch
 
 from kdforge.data.dataset import DataSplits, ImageDataset
 from kdforge.errors import DataError
-from kdforge.fileio import file_hash
+from kdforge.fileio import atomic_path, file_hash
 
 FOLDER = "cifar-100-python"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -152,7 +152,5 @@ def write_cifar100(
 
 
 def _atomic_pickle(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         pickle.dump(obj, f, protocol=2)  # the protocol of the official files
-    tmp.replace(path)

@@ -10,7 +10,6 @@ a manifest (`kdforge-synthetic.json`) beside the files records the arguments and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from kdforge.data import cifar
 from kdforge.data.dataset import DataSplits
 from kdforge.errors import DataError, KdforgeError
-from kdforge.fileio import check_can_create, read_json
+from kdforge.fileio import check_can_create, read_json, write_json
 
 SHAPES = ("disk", "square", "triangle", "ring", "plus", "bar", "star", "crescent", "frame", "dots")
 HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "purple", "pink")
@@ -127,9 +126,7 @@ def write_synthetic(root: str | Path, train: int = 10_000, test: int = 2_000, se
         coarse_names=list(SHAPES),
     )
     manifest = {"generator": "kdforge-synthetic-v1", "train": train, "test": test, "seed": seed, "md5": md5}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)  # written last: its presence means the files are complete
+    write_json(folder / MANIFEST, manifest)  # written last: its presence means the files are complete
     return folder
 
 

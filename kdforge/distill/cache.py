@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import torch
 
 from kdforge.data.dataset import ImageDataset, eval_batches
 from kdforge.data.transforms import apply_augment, draw_augment
+from kdforge.fileio import atomic_path
 from kdforge.rng import rng_stream
 from kdforge.runtime import sync
 
@@ -161,12 +161,8 @@ def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: Ima
                     note(f"teacher cache: {done}/{total} batches")
 
             tensors = build_cache_tensors(teacher, train, cfg, augment, seed, runtime, progress)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
+            with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"key": key, "views": str(cfg.views), "topk": str(cfg.topk)})
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
         else:
             note(f"teacher cache: reusing {path} ({cfg.views} view(s))")
     sync()

@@ -231,39 +231,27 @@ def export_recipe(source: Path, settings: Recipe | None = None, overrides: list[
         raw = recipe_to_dict(recipe)
         for override in overrides:
             apply_override(raw, override)
-        recipe = validate_recipe(raw, source=f"{source / 'recipe.toml'} with --set")
+        recipe = validate_recipe(raw, source=f"{source / layout.RECIPE} with --set")
     return recipe
 
 
-def export_run(
-    source: Path,
-    formats: list[str] | None = None,
-    opset: int | None = None,
-    exports_dir: Path | None = None,
-    verify: bool = True,
-    device: str | None = None,
-    quantize: dict[str, Any] | None = None,
-    tensorrt: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-    recipe: Recipe | None = None,
-) -> ExportResult:
-    """Export the finished stage `source` (runs/<recipe>/student) to every format and verify each after it is made.
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export will make, decided before anything is written."""
 
-    `recipe` gives the export settings ([export], [quantize], [verify]; default: those the stage was trained
-    with, see `export_recipe`); formats default to ["onnx"] when it names none. `quantize` and `tensorrt`
-    override keys of those sections. Formats made from another bring it along (trt_fp16 -> fp16 -> onnx).
-    TensorRT formats this machine cannot build (no TensorRT or no GPU) are skipped after their ONNX sources are
-    made and verified, and listed in `unavailable`. A failed verification is recorded in `failures` (and
-    verify.json), never raised: every format is still made and the caller decides. When the INT8 file fails,
-    the remedies `quantize.escalate` allows are tried in order and the first that passes is shipped; the
-    metadata records every step. Each phase is announced through `progress` with its time."""
-    from kdforge.data import load_dataset
-    from kdforge.export.builders import BUILDERS
-    from kdforge.export.job import ExportJob
-    from kdforge.models import load_stage_model, resolve_input_spec
-    from kdforge.runtime import resolve_device
+    formats: list[str]  # the requested formats and their sources, each after its source
+    qcfg: QuantizeConfig  # [quantize] with the command's overrides
+    tcfg: TensorRTConfig
+    opset: int
+    notes: list[str]  # what was added or adjusted, told to the user
+    unavailable: dict[str, str]  # formats this machine cannot make -> why
 
-    recipe = export_recipe(source, recipe)
+
+def plan_export(recipe: Recipe, formats: list[str] | None = None, opset: int | None = None,
+                quantize: dict[str, Any] | None = None, tensorrt: dict[str, Any] | None = None) -> ExportPlan:
+    """The formats to make (the recipe's when `formats` is None, else onnx) with their sources, and the settings
+    with the command's overrides (`quantize`, `tensorrt`: keys of those sections), every option checked against
+    the formats that take it."""
     requested = list(dict.fromkeys(formats or recipe_formats(recipe) or ["onnx"]))
     quantize = {k: v for k, v in (quantize or {}).items() if v is not None}
     tensorrt = {k: v for k, v in (tensorrt or {}).items() if v is not None}
@@ -281,11 +269,32 @@ def export_run(
         if recipe.quantize.target != "tensorrt" and "target" not in quantize:
             notes.append("int8 uses the tensorrt target (symmetric int8 Q/DQ), which the TensorRT INT8 engine needs")
         quantize["target"] = "tensorrt"
-    qcfg = _validated(QuantizeConfig, recipe.quantize, quantize, "quantize options")
-    tcfg = _validated(TensorRTConfig, recipe.export.tensorrt, tensorrt, "tensorrt options")
-    opset = opset or recipe.export.opset
-    unavailable = unbuildable_here(formats)
+    return ExportPlan(formats, _validated(QuantizeConfig, recipe.quantize, quantize, "quantize options"),
+                      _validated(TensorRTConfig, recipe.export.tensorrt, tensorrt, "tensorrt options"),
+                      opset or recipe.export.opset, notes, unbuildable_here(formats))
 
+
+def export_run(source: Path, formats: list[str] | None = None, opset: int | None = None,
+               exports_dir: Path | None = None, verify: bool = True, device: str | None = None,
+               quantize: dict[str, Any] | None = None, tensorrt: dict[str, Any] | None = None,
+               progress: Callable[[str], None] | None = None, recipe: Recipe | None = None) -> ExportResult:
+    """Export the finished stage `source` (runs/<recipe>/student) to every format and verify each after it is made.
+
+    `recipe` gives the export settings ([export], [quantize], [verify]; default: those the stage was trained
+    with, see `export_recipe`); `plan_export` resolves the formats and options. TensorRT formats this machine
+    cannot build (no TensorRT or no GPU) are skipped after their ONNX sources are made and verified, and listed
+    in `unavailable`. A failed verification is recorded in `failures` (and verify.json), never raised: every
+    format is still made and the caller decides. A format's builder may follow its verification (INT8: the
+    remedies `quantize.escalate` allows, tried in order while it fails). Each phase is announced through
+    `progress` with its time."""
+    from kdforge.data import load_dataset
+    from kdforge.export.builders import BUILDERS
+    from kdforge.export.job import ExportJob
+    from kdforge.models import load_stage_model, resolve_input_spec
+    from kdforge.runtime import resolve_device
+
+    recipe = export_recipe(source, recipe)
+    plan = plan_export(recipe, formats, opset, quantize, tensorrt)
     export_dir = layout.export_dir(exports_dir or recipe.export.dir, recipe.name)
     # every input is checked before the export folder changes: a failure here leaves an earlier export as it was
     check_can_create(export_dir, "export folder")
@@ -301,15 +310,15 @@ def export_run(
     export_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(export_dir)  # half-written files of an export that was killed
     job = ExportJob(
-        recipe=recipe, source=source, export_dir=export_dir, model=model, spec=spec, data=data, opset=opset,
-        qcfg=qcfg, tcfg=tcfg, common=build_metadata(recipe, source, data.train.classes, spec, opset),
+        recipe=recipe, source=source, export_dir=export_dir, model=model, spec=spec, data=data, opset=plan.opset,
+        qcfg=plan.qcfg, tcfg=plan.tcfg, common=build_metadata(recipe, source, data.train.classes, spec, plan.opset),
         settings={"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
-                  "quantize": qcfg.model_dump(mode="json")},
-        phases=Phases(progress), verify=verify, device=device, notes=notes,
+                  "quantize": plan.qcfg.model_dump(mode="json")},
+        phases=Phases(progress), verify=verify, device=device, notes=list(plan.notes),
         previous=read_json(export_dir / METADATA).get("formats", {}),
     )
     seconds: dict[str, float] = {}
-    for name in (f for f in formats if f not in unavailable):
+    for name in (f for f in plan.formats if f not in plan.unavailable):
         builder = BUILDERS[name]
         job.drop_verification(name)  # an artifact about to change is no longer verified
         job.phases.report(f"export {name} ...")
@@ -323,7 +332,7 @@ def export_run(
         if builder.after is not None and verify:
             builder.after(job, name, path, meta, extra)
     return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
-                        unavailable, job.phases.seconds, job.failures, job.int8_steps)
+                        plan.unavailable, job.phases.seconds, job.failures, job.int8_steps)
 
 
 def export_target(target: Path | None, runs_dir: Path, formats: list[str] | None = None,

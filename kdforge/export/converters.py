@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kdforge.errors import ExportError
+from kdforge.fileio import atomic_path, file_hash
 from kdforge.optional import require
 
 INPUT_NAME = "input"
@@ -59,13 +60,9 @@ def save_checked(proto: Any, path: Path, metadata: dict[str, Any] | None, input_
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(proto, full_check=full_check)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    onnx.save(proto, str(tmp))
-    try:
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
         check_onnx_runs(tmp, input_size)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -132,9 +129,8 @@ def onnx_to_triton(onnx_path: Path, repository: Path, name: str, input_size: int
 
     model_dir = repository / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / "1" / f".model.onnx.tmp-{os.getpid()}"
-    shutil.copyfile(onnx_path, tmp)
-    tmp.replace(model_dir / "1" / "model.onnx")
+    with atomic_path(model_dir / "1" / "model.onnx") as tmp:
+        shutil.copyfile(onnx_path, tmp)
     (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
     config = f"""name: "{name}"
 platform: "onnxruntime_onnx"
@@ -355,8 +351,6 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
 
 def openvino_weights(xml_path: Path) -> dict[str, Any]:
     """The .bin beside an IR is hashed too: verification and benchmarks check both files."""
-    from kdforge.fileio import file_hash
-
     weights = xml_path.with_suffix(".bin")
     return {"weights_file": weights.name, "weights_sha256": file_hash(weights), "weights_bytes": weights.stat().st_size}
 

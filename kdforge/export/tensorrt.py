@@ -16,13 +16,13 @@ An engine is valid only for the TensorRT version and GPU architecture it was bui
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from kdforge.errors import ExportError, UnavailableError
+from kdforge.fileio import atomic_path
 
 INSTALL_HINT = ('install TensorRT on a machine with an NVIDIA GPU (pip install "kdforge[trt]"), or use the GPU '
                 "image (Dockerfile.gpu), which builds the engine on its GPU at start")
@@ -127,12 +127,8 @@ def onnx_to_trt(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(bytes(serialized))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))

@@ -36,6 +36,10 @@ OPENVINO_MISSING = ('the OpenVINO runtime is not installed: pip install "kdforge
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")
+# what /metadata says about how an image reaches the model, and how that relates to what verification measured
+PREPROCESSING = ("decoded, resized to {size}x{size} with Pillow (bilinear, antialiased when reducing), normalized "
+                 "with the export's mean/std: the arithmetic verification used on the test split, exactly for "
+                 "{size}x{size} images; a resized image is within one uint8 step of verification's (torch) resize")
 
 
 def session_providers(names: list[str] | tuple[str, ...], available: list[str],
@@ -168,6 +172,7 @@ class ServedModel:
             "provider": runtime, "chosen_because": why,
             "verified": bool(report.get("passed")),
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
+            "preprocessing": PREPROCESSING.format(size=size),
         }
         if not info["verified"]:
             info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "

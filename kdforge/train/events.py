@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdforge.fileio import atomic_write_text
+
 Event = dict[str, Any]
 Consumer = Callable[[Event], None]
 
@@ -43,9 +45,7 @@ class MetricsLog:
         """Drop lines logged after `step` (they belong to work a resumed run will redo)."""
         if self.path.is_file():
             lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in lines))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
 
 class ProgressDisplay:

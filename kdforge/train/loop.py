@@ -292,9 +292,15 @@ class _Run:
     plan: Plan
     state: TrainState
     title: str
-    emit: Any
+    consumers: Sequence[Consumer]
+    stage_dir: Path
+    checkpoint_metadata: dict[str, str]
     train_time: float = 0.0
     images_seen: int = 0
+
+    def emit(self, event: dict[str, Any]) -> None:
+        for consume in self.consumers:
+            consume(event)
 
     def out_of_memory(self, phase: str, advice: str):
         return out_of_memory_as_error(
@@ -325,21 +331,23 @@ class _Run:
             return evaluate(self.model, self.spec, split, self.cfg.batch_size, self.runtime,
                             self.cfg.limit_eval_batches)
 
+    def end_epoch(self, watch: ImageDataset, split: str, epoch: int) -> dict[str, float]:
+        """Evaluate on the split that chooses, keep the best, checkpoint."""
+        metrics = self.evaluate(watch)
+        is_best = metrics["top1"] > self.state.best["top1"]
+        if is_best:
+            self.state.best = {**metrics, "step": self.state.step, "epoch": epoch + 1}
+        self.emit({"event": "eval", "split": split, "step": self.state.step, "epoch": epoch + 1, **metrics})
+        self.checkpoint(is_best)
+        return metrics
 
-def fit(
-    model: torch.nn.Module,
-    spec: InputSpec,
-    objective: Objective,
-    data: DataSplits,
-    cfg: TrainConfig,
-    runtime: Runtime,
-    batches: BatchSource,
-    stage_dir: Path,
-    title: str,
-    resume_from: Path | None = None,
-    consumers: Sequence[Consumer] = (),
-    checkpoint_metadata: dict[str, str] | None = None,
-) -> FitResult:
+    def checkpoint(self, is_best: bool) -> None:
+        self.state.save(self.stage_dir, self.model, self.runtime, self.checkpoint_metadata, is_best)
+
+
+def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: DataSplits, cfg: TrainConfig,
+        runtime: Runtime, batches: BatchSource, stage_dir: Path, title: str, resume_from: Path | None = None,
+        consumers: Sequence[Consumer] = (), checkpoint_metadata: dict[str, str] | None = None) -> FitResult:
     """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`.
 
     Each epoch ends with an evaluation on the split that chooses the best checkpoint (validation when the data
@@ -356,17 +364,12 @@ def fit(
     state = TrainState.create(model, cfg, plan, runtime)
     if resume_from is not None:
         state.restore(model, resume_from, runtime)
-    meta = checkpoint_metadata or {}
-
-    def emit(event: dict[str, Any]) -> None:
-        for consume in consumers:
-            consume(event)
-
-    run = _Run(model, spec, objective, cfg, runtime, batches, plan, state, title, emit)
+    run = _Run(model, spec, objective, cfg, runtime, batches, plan, state, title, consumers, stage_dir,
+               checkpoint_metadata or {})
     train_set, test_set = data.train.to(runtime.device), data.test.to(runtime.device)
     watch_set, watch_split = (data.val.to(runtime.device), "val") if data.val is not None else (test_set, "test")
-    emit({"event": "start", "title": title, "step": state.step, "total_steps": plan.total_steps,
-          "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
+    run.emit({"event": "start", "title": title, "step": state.step, "total_steps": plan.total_steps,
+              "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
     final: dict[str, float] = {}
     window = Window(runtime.device, state.step + 1)
     try:
@@ -374,28 +377,23 @@ def fit(
             epoch, loss, logits, labels, parts = run.train_step(forward, train_set)
             window.add(loss, logits, labels)
             step = state.step
-            emit({"event": "step", "step": step})
+            run.emit({"event": "step", "step": step})
             end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
             if step % cfg.log_every == 0 or step == plan.total_steps:
-                emit(window.log_event(title, state, plan, epoch, parts, runtime))
+                run.emit(window.log_event(title, state, plan, epoch, parts, runtime))
                 window = Window(runtime.device, step + 1)
             elif end_of_epoch or every:
                 window.finite_loss(title, step)  # never save weights a NaN loss has reached
             if end_of_epoch:
-                final = run.evaluate(watch_set)
-                is_best = final["top1"] > state.best["top1"]
-                if is_best:
-                    state.best = {**final, "step": step, "epoch": epoch + 1}
-                emit({"event": "eval", "split": watch_split, "step": step, "epoch": epoch + 1, **final})
-                state.save(stage_dir, model, runtime, meta, is_best)
+                final = run.end_epoch(watch_set, watch_split, epoch)
             elif every:
-                state.save(stage_dir, model, runtime, meta, False)
+                run.checkpoint(False)
         if not final or watch_split != "test":  # the reported numbers: the final weights on the test split
             final = run.evaluate(test_set)
             if watch_split != "test":
-                emit({"event": "eval", "split": "test", "step": state.step, "epoch": plan.epochs, **final})
+                run.emit({"event": "eval", "split": "test", "step": state.step, "epoch": plan.epochs, **final})
     finally:
-        emit({"event": "end", "step": state.step})
+        run.emit({"event": "end", "step": state.step})
     throughput = run.images_seen * runtime.world_size / run.train_time if run.train_time else 0.0
     return FitResult(steps=state.step, final=final, best=state.best, train_images_per_s=throughput)

@@ -31,6 +31,7 @@ from kdforge.distill.objective import create_distill_objective, cross_entropy_ob
 from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import CheckpointError, KdforgeError, ModelError
 from kdforge.fileio import (
+    atomic_path,
     atomic_write_text,
     check_can_create,
     file_hash,
@@ -183,16 +184,9 @@ def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None
         model.train(was_training)
 
 
-def train_stage(
-    recipe: Recipe,
-    stage: str,
-    runs_dir: str | Path = "runs",
-    resume: bool = False,
-    overwrite: bool = False,
-    retrain_stale: bool = False,
-    device: str | None = None,
-    consumers: list[Consumer] | None = None,
-) -> StageResult:
+def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resume: bool = False,
+                overwrite: bool = False, retrain_stale: bool = False, device: str | None = None,
+                consumers: list[Consumer] | None = None) -> StageResult:
     """Train one stage. `retrain_stale`: when the stage's settings changed, discard the old run (and say so)
     instead of refusing; `kdforge distill` uses it so that a changed recipe invalidates what depends on it."""
     if stage not in STAGES:
@@ -222,9 +216,8 @@ def train_stage(
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
         check_input_size(model, spec, cfg.model)
-        teacher = None
-        if teacher_weights is not None:
-            teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes)
+        teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
+            if teacher_weights is not None else None
         if main:
             prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
         sync()
@@ -246,13 +239,11 @@ def train_stage(
                 tracker.close("FAILED")
 
     outcome = StageResult(
-        stage=stage, model=cfg.model, params=count_parameters(model),
-        top1=result.final["top1"], top5=result.final["top5"],
-        best_top1=result.best.get("top1", result.final["top1"]), best_epoch=int(result.best.get("epoch", 0)),
-        steps=result.steps, input_size=spec.size, wall_s=round(time.perf_counter() - started, 2),
-        train_images_per_s=round(result.train_images_per_s, 1), fingerprint=fingerprint, stage_dir=str(stage_dir),
-        val_images=len(data.val) if data.val is not None else 0,
-    )
+        stage=stage, model=cfg.model, params=count_parameters(model), top1=result.final["top1"],
+        top5=result.final["top5"], best_top1=result.best.get("top1", result.final["top1"]),
+        best_epoch=int(result.best.get("epoch", 0)), steps=result.steps, input_size=spec.size,
+        wall_s=round(time.perf_counter() - started, 2), train_images_per_s=round(result.train_images_per_s, 1),
+        fingerprint=fingerprint, stage_dir=str(stage_dir), val_images=len(data.val) if data.val is not None else 0)
     return _finished(outcome, runs_dir / recipe.name, main)
 
 
@@ -335,10 +326,9 @@ def adopt_stage(donor: Path, stage_dir: Path) -> None:
             shutil.copy2(source, target)
 
     remove_leftovers(stage_dir.parent)  # what an adoption killed half-way left
-    tmp = stage_dir.with_name(f".{stage_dir.name}.tmp-{os.getpid()}")
-    shutil.copytree(donor, tmp, symlinks=True, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(".*", layout.RESULT, layout.RECIPE))
-    tmp.rename(stage_dir)
+    with atomic_path(stage_dir) as tmp:
+        shutil.copytree(donor, tmp, symlinks=True, copy_function=link_or_copy,
+                        ignore=shutil.ignore_patterns(".*", layout.RESULT, layout.RECIPE))
 
 
 def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: Path, data, runtime,
