@@ -80,3 +80,19 @@ def test_the_server_answers_what_verification_measured(served_export, test_split
     served_top1 = float((served_logits.argmax(1) == test_split.labels.numpy()).mean())
     assert served_top1 == pytest.approx(report["candidate_top1"], abs=1e-6)  # verification keeps float32
     assert served.info["verified"] is True and served.info["test_top1"] == report["candidate_top1"]
+
+
+def test_ties_rank_the_same_in_verification_training_and_serving():
+    """Equal top logits (frequent in INT8 outputs) go to the lower class index everywhere: verification's and the
+    training loop's top-k, argmax (agreement, McNemar) and the server's ranking."""
+    from kdforge.metrics import topk_accuracy, topk_hits
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 1.0, 5.0, 5.0]])
+    labels = torch.tensor([2, 0, 2])
+    assert topk_hits(logits, labels, (1,))[1].tolist() == (logits.argmax(1) == labels).tolist() == [False, True, True]
+    assert topk_accuracy(logits, labels, (1, 2))["top2"] == 1.0
+    served = ServedModel(run=lambda batch: logits.numpy(), size=1, mean=np.zeros((3, 1, 1), np.float32),
+                         std=np.ones((3, 1, 1), np.float32), labels=["a", "b", "c", "d"], info={})
+    served.preprocess = lambda data: np.zeros((3, 1, 1), np.float32)
+    ranked = served.predict([b"x", b"y", b"z"], top_k=1)
+    assert [r[0]["index"] for r in ranked] == logits.argmax(1).tolist() == [1, 0, 2]
