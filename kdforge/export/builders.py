@@ -37,19 +37,19 @@ def make_onnx(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> di
 
 
 def make_fp16(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    onnx_to_fp16(job.artifacts["onnx"], path, meta)
+    onnx_to_fp16(job.source_of(name), path, meta)
     return {}
 
 
 def make_triton(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    onnx_to_triton(job.artifacts["onnx"], job.export_dir / "triton", "student", job.spec.size,
+    onnx_to_triton(job.source_of(name), job.export_dir / "triton", "student", job.spec.size,
                    list(job.data.train.classes))
     return {}
 
 
 def make_openvino(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The OpenVINO IR, weights stored in FP16 (OpenVINO's default)."""
-    onnx_to_openvino(job.artifacts["onnx"], path, meta)
+    onnx_to_openvino(job.source_of(name), path, meta)
     return openvino_weights(path)
 
 
@@ -58,12 +58,12 @@ def make_tensorrt(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -
     from kdforge.export.tensorrt import onnx_to_trt
 
     fmt, tcfg = FORMATS.get(name), job.tcfg
-    info = onnx_to_trt(job.artifacts[fmt.source], path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
+    info = onnx_to_trt(job.source_of(name), path, (tcfg.min_batch, tcfg.opt_batch, tcfg.max_batch),
                        tcfg.workspace_mb, Path(tcfg.timing_cache) if tcfg.timing_cache else None)
     if info["precision_built"] != fmt.precision:
         job.notes.append(f"{name}: TensorRT built {info['precision_built']} layers only "
                          f"({info['layer_precisions']}); the graph asked for {fmt.precision}")
-    extra = {"tensorrt": info, "source_sha256": file_hash(job.artifacts[fmt.source])}
+    extra = {"tensorrt": info, "source_sha256": file_hash(job.source_of(name))}
     write_json(path.with_name(path.name + ".json"), {**meta, **extra})  # an engine has no metadata_props
     return extra
 

@@ -31,7 +31,7 @@ def _make(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, 
     if step_cfg.mode == "qad":
         return _make_qad(job, step_cfg, path, meta)
     calibration = calibration_for(job, step_cfg)
-    job.quantization = quantize_student(job.artifacts["onnx"], path, calibration, job.spec, step_cfg, meta,
+    job.quantization = quantize_student(job.source_of("int8"), path, calibration, job.spec, step_cfg, meta,
                                         job.phases)
     job.notes.extend(n for n in job.quantization.notes if n not in job.notes)
     return {"target": step_cfg.target, "calibration_method": step_cfg.method,
@@ -120,7 +120,7 @@ def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, An
                   for image, label in zip(calibration.heldout_images, calibration.heldout_labels, strict=True)]
     extra = {"calibration_images": calibration.count,
              "method": "ptq" if step_cfg.max_top1_drop is None else "accuracy_aware",
-             **onnx_to_openvino(job.artifacts["onnx"], path, meta, calibration.batches, validation,
+             **onnx_to_openvino(job.source_of("openvino_int8"), path, meta, calibration.batches, validation,
                                 step_cfg.max_top1_drop)}
     return {**extra, **openvino_weights(path)}
 

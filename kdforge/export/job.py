@@ -53,6 +53,10 @@ class ExportJob:
     def path(self, name: str) -> Path:
         return self.export_dir / FORMATS.get(name).filename
 
+    def source_of(self, name: str) -> Path:
+        """The file format `name` is made from (its table entry's `source`, made earlier in this export)."""
+        return self.artifacts[FORMATS.get(name).source]
+
     def meta(self, name: str) -> dict[str, Any]:
         """The metadata written into format `name`'s file."""
         return {**self.common, "precision": FORMATS.get(name).precision, "format": name}
