@@ -91,9 +91,14 @@ def _is_main() -> bool:
     return current_rank() == 0
 
 
+RESUMABLE = "interrupted; checkpoints are intact: run the same command with --resume to continue"
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors into a message and an exit code; no traceback for user mistakes."""
+def user_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
+    """The CLI's one error boundary: library errors (every KdforgeError: recipes, data, checkpoints, exports,
+    serving, images) become `error:` lines and the error's exit code, never a traceback; Ctrl-C prints
+    `interrupted` and exits 130."""
     try:
         yield
     except KdforgeError as exc:
@@ -101,7 +106,7 @@ def user_errors() -> Iterator[None]:
             err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err.print("interrupted; checkpoints are intact: run the same command with --resume to continue")
+        err.print(interrupted)
         raise typer.Exit(130) from None
 
 
@@ -528,7 +533,7 @@ def serve(
     """
     from kdforge.serve.__main__ import run
 
-    with user_errors():
+    with user_errors(interrupted="stopped"):
         run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels)
 
 
@@ -549,7 +554,7 @@ def predict(
 
     from kdforge.serve.model import ServedModel, predict_files
 
-    with user_errors():
+    with user_errors(interrupted="interrupted"):
         served = ServedModel.load(model, fmt)
         for path, predictions in predict_files(served, images, top_k):
             out.print(json.dumps({"file": str(path), "predictions": predictions}), markup=False, highlight=False,

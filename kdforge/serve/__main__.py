@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels)
-    except (ServingError, KdforgeError) as exc:
+    except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 
 
