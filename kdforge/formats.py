@@ -38,7 +38,6 @@ class ExportFormat:
     extra: str = ""  # the pip extra that installs them
     serve_rank: int | None = None  # servable: its place in `serve --format auto`'s order without a bench.json
     bench_skip: str | None = None  # why `kdforge bench` does not measure it (None: measured)
-    help: str = ""  # one line for `kdforge formats`-style listings and CLI help
 
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -48,35 +47,32 @@ def _add(fmt: ExportFormat) -> None:
     FORMATS.register(fmt.name)(fmt)
 
 
-_add(ExportFormat("onnx", "student.onnx", "fp32", "onnxruntime", serve_rank=1,
-                  help="FP32 ONNX (ONNX Runtime)"))
+_add(ExportFormat("onnx", "student.onnx", "fp32", "onnxruntime", serve_rank=1))
 # INT8 is quantized from the FP32 ONNX export; it takes the keys of [quantize] as options (target, calibration, ...)
 _add(ExportFormat("int8", "student.int8.onnx", "int8", "onnxruntime", source="onnx", option_sections=("quantize",),
-                  serve_rank=0, help="INT8 Q/DQ ONNX (post-training quantization or QAD)"))
+                  serve_rank=0))
 # FP16 weights and activations, FP32 inputs/outputs, LayerNorm/Softmax/reductions kept FP32; verified on ONNX
 # Runtime before TensorRT ever sees it
-_add(ExportFormat("fp16", "student.fp16.onnx", "fp16", "onnxruntime", source="onnx", serve_rank=2,
-                  help="FP16 ONNX (for GPUs)"))
+_add(ExportFormat("fp16", "student.fp16.onnx", "fp16", "onnxruntime", source="onnx", serve_rank=2))
 # A Triton Inference Server model repository around the FP32 ONNX export (config.pbtxt, labels, model.onnx)
 _add(ExportFormat("triton", "triton/student/1/model.onnx", "fp32", "onnxruntime", source="onnx",
-                  bench_skip="the same model file as onnx, for Triton's server",
-                  help="Triton Inference Server model repository (the FP32 ONNX)"))
+                  bench_skip="the same model file as onnx, for Triton's server"))
 # OpenVINO IR (student.openvino.xml + .bin) converted from the FP32 ONNX, weights stored in FP16 (OpenVINO's
 # default; its CPU plugin computes in FP32, or bf16 on AMX CPUs), batch axis dynamic; runs on OpenVINO's CPU plugin
 _add(ExportFormat("openvino", "student.openvino.xml", "fp16", "openvino", source="onnx", requires=("openvino",),
-                  extra="openvino", serve_rank=4, help="OpenVINO IR (CPU)"))
+                  extra="openvino", serve_rank=4))
 # OpenVINO INT8: NNCF post-training quantization of the FP32 ONNX's IR, calibrated on the same training-split images
 # as the ONNX INT8 export ([quantize] calibration); with [quantize] max_top1_drop, NNCF's accuracy-controlled
 # quantization on the same held-out images as the ONNX accuracy-aware search
 _add(ExportFormat("openvino_int8", "student.openvino.int8.xml", "int8", "openvino", source="onnx",
                   options=frozenset({"opset", "calibration", "batch_size", "max_top1_drop", "sensitivity_images",
                                      "escalate"}),
-                  requires=("openvino", "nncf"), extra="openvino", serve_rank=3, help="OpenVINO IR, INT8 by NNCF"))
+                  requires=("openvino", "nncf"), extra="openvino", serve_rank=3))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
 _add(ExportFormat("trt_fp16", "student.fp16.engine", "fp16", "tensorrt", source="fp16", needs_gpu=True,
-                  option_sections=("tensorrt",), help="TensorRT engine from the FP16 ONNX (GPU)"))
+                  option_sections=("tensorrt",)))
 _add(ExportFormat("trt_int8", "student.int8.engine", "int8", "tensorrt", source="int8", needs_gpu=True,
-                  option_sections=("tensorrt", "quantize"), help="TensorRT engine from the INT8 ONNX (GPU)"))
+                  option_sections=("tensorrt", "quantize")))
 
 
 def servable() -> list[str]:

@@ -90,11 +90,7 @@ class ExportJob:
 
     def drop_verification(self, name: str) -> None:
         """An artifact about to change is no longer verified."""
-        drop_verification(self.export_dir, name)
-
-
-def drop_verification(export_dir: Path, fmt_name: str) -> None:
-    reports = read_json(export_dir / VERIFY)
-    if fmt_name in reports:
-        del reports[fmt_name]
-        write_json(export_dir / VERIFY, reports)
+        reports = read_json(self.export_dir / VERIFY)
+        if name in reports:
+            del reports[name]
+            write_json(self.export_dir / VERIFY, reports)
