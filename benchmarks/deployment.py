@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdforge.bench import time_calls
+from kdforge.backends import time_calls
 
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:

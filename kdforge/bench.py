@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kdforge.backends import measure, percentile, time_calls
+from kdforge.backends import measure
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.export.artifacts import export_dir_of_run, resolve_export_dir
@@ -27,7 +27,6 @@ from kdforge.formats import FORMATS
 from kdforge.layout import BENCH, METADATA, RECIPE, VERIFY
 
 PYTORCH = "pytorch"
-__all__ = ["BenchSettings", "bench_export", "percentile", "resolve_bench_dir", "time_calls"]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kdforge.bench import BenchSettings, bench_export, percentile
+from kdforge.backends import percentile
+from kdforge.bench import BenchSettings, bench_export
 from kdforge.cli import app
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.report import epoch_curves, write_report
