@@ -42,6 +42,16 @@ class ImageTooLarge(ImageError):
 
 def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes or file -> uint8 array (size, size, 3). Raises ImageError (ImageTooLarge over the budget)."""
+    from PIL import Image
+
+    rgb = open_rgb(source, size, max_pixels).resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
+
+
+def open_rgb(source: bytes | Path, draft_size: int, max_pixels: int = MAX_PIXELS):
+    """Image bytes or file -> a Pillow RGB image at (about) its source resolution: the checks and conversions of
+    `decode_rgb` without its final resize, for transforms that crop from the source (training augmentation). A
+    JPEG is decoded reduced while it stays at least `draft_size` pixels a side. Raises ImageError."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, bytes) and not source:
@@ -49,18 +59,17 @@ def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) ->
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
             if image.format == "JPEG":
-                image.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that is still >= size
+                image.draft("RGB", (draft_size, draft_size))  # decode at 1/2, 1/4 or 1/8 scale when still >= size
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is larger than the "
                                     f"{max_pixels:,} pixels decoded here; send it smaller")
-            rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+            return _to_rgb(image)  # a new image (convert copies), valid after the file closes
     except ImageError:  # ours, raised above (it is a ValueError: let it through unchanged)
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, met before ours by some headers
         raise ImageTooLarge(f"image larger than the {max_pixels:,} pixels decoded here ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a readable image: {exc}") from None
-    return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
 
 
 def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:

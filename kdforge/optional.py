@@ -7,7 +7,8 @@ from types import ModuleType
 
 from kdforge.errors import KdforgeError
 
-EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad"}
+EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad",
+          "webdataset": "data"}
 
 
 def require(module: str) -> ModuleType:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kdforge import layout
+from kdforge.data import describe_data
 from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training, machine
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
@@ -170,7 +171,7 @@ def describe_plan(recipe: Recipe) -> str:
 def announce(recipe: Recipe, ctx: ChainContext) -> None:
     """Say what the chain will do and, when it trains for long enough to be worth measuring, how long its
     training should take here (not under torchrun: an estimate needs the machine to itself)."""
-    notes = [describe_plan(recipe)]
+    notes = [describe_plan(recipe), *filter(None, [describe_data(recipe.data)])]
     pending = [stage for stage in plan_stages(recipe)
                if stage in STAGES and not stage_is_finished(recipe, stage, ctx.runs_dir)]
     if pending and not torch.distributed.is_initialized():

@@ -46,11 +46,70 @@ class SyntheticConfig(Strict):
     seed: int = 0
 
 
-class AugmentConfig(Strict):
-    """Train-time augmentation, applied to whole batches on the training device."""
+Pair = tuple[float, float]
 
-    crop_padding: Annotated[int, Field(ge=0)] = 4
+STREAMED_AUGMENT = {"scale": (0.08, 1.0), "ratio": (0.75, 4 / 3), "auto_augment": None, "color_jitter": 0.0,
+                    "re_prob": 0.0, "interpolation": "bilinear"}  # keys of streamed data, with their defaults
+MIXUP_DEFAULTS = {"mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5}
+
+
+class AugmentConfig(Strict):
+    """Train-time augmentation. Data held in memory: random crop with `crop_padding` and flip, on whole batches on
+    the training device. Streamed data (`[data] in_memory`): timm's transforms in the decoding workers, named as
+    timm names them: RandomResizedCrop (`scale`, `ratio`) from the source image, flip, `auto_augment` ("rand-m9-
+    mstd0.5" RandAugment, "augmix-m5", "original" AutoAugment), `color_jitter`, random erasing
+    (`re_prob`). Both: mixup / CutMix (timm's `Mixup`; `mixup`, `cutmix` are the Beta alphas, 0 = off) with the
+    teacher answering the mixed image."""
+
+    crop_padding: Annotated[int, Field(ge=0)] = 4  # in memory only
     hflip: bool = True
+    scale: Pair = STREAMED_AUGMENT["scale"]  # RandomResizedCrop: share of the image's area
+    ratio: Pair = STREAMED_AUGMENT["ratio"]  # RandomResizedCrop: aspect ratio range
+    auto_augment: str | None = None  # timm's policy string, e.g. "rand-m9-mstd0.5-inc1"
+    color_jitter: Annotated[float, Field(ge=0)] = 0.0  # ignored by timm when auto_augment is set
+    re_prob: Annotated[float, Field(ge=0, le=1)] = 0.0  # random erasing probability
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    mixup: Annotated[float, Field(ge=0)] = 0.0
+    cutmix: Annotated[float, Field(ge=0)] = 0.0
+    mixup_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # share of batches mixed
+    mixup_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # CutMix instead of mixup, when both are on
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, pair: Pair) -> Pair:
+        if not 0 < pair[0] <= pair[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high (got {list(pair)})")
+        return pair
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _known_policy(cls, policy: str | None) -> str | None:
+        if policy is None:
+            return None
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        make = rand_augment_transform if policy.startswith("rand") else augment_and_mix_transform \
+            if policy.startswith("augmix") else auto_augment_transform
+        try:
+            make(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+        except (AssertionError, ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"timm does not read the auto_augment policy {policy!r} ({exc or type(exc).__name__}); "
+                             f"e.g. \"rand-m9-mstd0.5-inc1\", \"augmix-m5-w4-d2\", \"original\"") from None
+        return policy
+
+    def source_image_keys(self) -> list[str]:
+        """The keys set away from their defaults that need streamed data (they crop from the source image)."""
+        return [key for key, default in STREAMED_AUGMENT.items() if getattr(self, key) != default]
+
+    def needs_source_images(self) -> bool:
+        return bool(self.source_image_keys())
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+IN_MEMORY_ONLY = ("cifar100", "synthetic")
 
 
 class DataConfig(Strict):
@@ -59,8 +118,14 @@ class DataConfig(Strict):
     # data/synthetic-<train>-<test>-seed<seed>); imagefolder: the folder holding train/<class>/ and test/<class>/.
     root: str = ""
     download: bool = False
-    # imagefolder only: every image is resized once, at load, to this square size.
+    # imagefolder/webdataset: the square size images are decoded to (in memory) or cropped to (streamed)
     image_size: Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)] = 32
+    # imagefolder/webdataset: true: decoded once into a decode cache mapped by every stage; false: streamed,
+    # decoded by `workers` processes in every pass (timm's augmentations at the source resolution); "auto": in
+    # memory when the decoded set fits a quarter of the available memory and no streamed augmentation is asked
+    # for. cifar100 and synthetic are always in memory.
+    in_memory: bool | Literal["auto"] = "auto"
+    workers: Annotated[int, Field(ge=0)] | None = None  # decoding processes; default: the cores, at most 8
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
     # held out of the training split, per class, with the recipe's seed: chooses the best checkpoint and judges
@@ -76,6 +141,20 @@ class DataConfig(Strict):
         if name not in DATASETS:
             raise ValueError(f"unknown dataset {name!r}{suggest(name, DATASETS)}; known: {', '.join(DATASETS)}")
         return name
+
+    @model_validator(mode="after")
+    def _streams_what_can(self) -> DataConfig:
+        if self.dataset in IN_MEMORY_ONLY:
+            if self.in_memory is False:
+                raise ValueError(f"in_memory = false: the {self.dataset} dataset is always held in memory (streaming "
+                                 f"is for imagefolder and webdataset)")
+            if self.augment.needs_source_images():
+                raise ValueError(f"augment.{', augment.'.join(self.augment.source_image_keys())}: these crop from "
+                                 f"the source image, which only streamed data (imagefolder, webdataset) has")
+        elif self.in_memory is True and self.augment.needs_source_images():
+            raise ValueError(f"in_memory = true with augment.{', augment.'.join(self.augment.source_image_keys())}: "
+                             f"these crop from the source image; set in_memory = false (or \"auto\")")
+        return self
 
     @model_validator(mode="after")
     def _default_root(self) -> DataConfig:
@@ -404,6 +483,16 @@ class Recipe(Strict):
                              "the baseline of the same seed")
         return self
 
+    @model_validator(mode="after")
+    def _mixup_pairs(self) -> Recipe:
+        if self.data.augment.mixes:
+            odd = sorted({section.train.batch_size for section in (self.teacher, self.student)
+                          if section is not None and section.train.batch_size % 2})
+            if odd:
+                raise ValueError(f"data.augment mixup/cutmix pairs each image with another of its batch: batch_size "
+                                 f"must be even (got {odd[0]})")
+        return self
+
     def model_for(self, stage: str) -> ModelConfig:
         """The model section a stage trains: the teacher for "teacher", the student for "baseline"/"student"."""
         section = self.teacher if stage == "teacher" else self.student
@@ -461,6 +550,21 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise RecipeError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a table")
         node = child
     node[parts[-1]] = value
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The [data] settings that decide what a model trains on, for stage fingerprints and cache keys: without
+    `workers` (how fast, not what), and without the keys added later while they keep their defaults (so runs
+    finished before they existed are still reused)."""
+    data = cfg.model_dump(mode="json", exclude={"workers"})
+    if data["in_memory"] == "auto":
+        del data["in_memory"]
+    later = {**STREAMED_AUGMENT, **MIXUP_DEFAULTS}
+    for key, default in later.items():
+        value = getattr(cfg.augment, key)
+        if value == default or (isinstance(default, tuple) and tuple(value) == default):
+            del data["augment"][key]
+    return data
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -26,6 +26,9 @@ STREAMS = {
     "validation_split": lambda seed, index: seed,  # the images held out for validation
     "calibration": lambda seed, index: seed,  # INT8 calibration and held-out images; QAD's calibration batches
     "bench_images": lambda seed, index: seed,  # the random images latency is timed on (`kdforge bench`)
+    # index: epoch * 2**32 + the image's index in its split (a streamed image's training view)
+    "image_view": lambda seed, index: (seed * _PRIME + index) * 6_700_417 + 2_147_483_647,
+    "mixup": lambda seed, index: seed * _PRIME + index + 982_451_653,  # index: the step (mixup / CutMix draw)
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from kdforge.backends import Runner, TorchRunner, open_runner
 from kdforge.checkpoint import final_weights
 from kdforge.data import ImageDataset, eval_batches, load_dataset
+from kdforge.data.loader import read_batches
 from kdforge.errors import CheckpointError, ExportError, VerificationError
 from kdforge.fileio import check_artifact, file_hash, read_json, read_metadata, write_json
 from kdforge.formats import FORMATS
@@ -63,8 +64,9 @@ def predict_all(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of one runner on the dataset's evaluation batches (the same batches for every runner), and labels."""
     logits, labels = [], []
-    for idx in eval_batches(len(dataset), batch_size)[:limit_batches]:
-        logits.append(runner.predict(dataset.images[idx]))
+    batches = eval_batches(len(dataset), batch_size)[:limit_batches]
+    for idx, images in zip(batches, read_batches(dataset.images, batches)):  # streamed data: decoded by workers
+        logits.append(runner.predict(images))
         labels.append(dataset.labels[idx])
     return torch.cat(logits), torch.cat(labels)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -14,6 +15,14 @@ def synth_data_section(root: Path) -> str:
     """The [data] section of a recipe on the small synthetic dataset at `root`."""
     return (f'[data]\ndataset = "synthetic"\nroot = "{root}"\n'
             f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decode_cache(tmp_path_factory) -> Path:
+    """The decode cache of ImageFolder/WebDataset data lives in the session's temporary folder, not ~/.cache."""
+    root = tmp_path_factory.mktemp("decode-cache")
+    os.environ["KDFORGE_CACHE_DIR"] = str(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -292,13 +292,13 @@ def test_damaged_imagefolder_data(case, tmp_path, monkeypatch):
 
 
 def test_an_imagefolder_ignores_files_that_are_not_images(tmp_path):
-    from kdforge.data.imagefolder import read_imagefolder
+    from kdforge.data.imagefolder import scan_imagefolder
 
     root = imagefolder(tmp_path)
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     (root / "train" / ".DS_Store").write_bytes(b"\0\0")
-    splits = read_imagefolder(root, 16)
-    assert len(splits.train) == 6 and splits.train.classes == ("cat", "dog")
+    index = scan_imagefolder(root)
+    assert len(index.splits["train"].refs) == 6 and index.classes == ("cat", "dog")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,25 +1,106 @@
-"""In-memory image datasets: uint8 tensors decoded once, batched by index."""
+"""Image datasets batched by index: `dataset.images[idx]` is a uint8 (n, 3, H, W) batch.
+
+The images are either a tensor held in memory (CIFAR-100, the synthetic set: decoded once, the fastest path at
+that size) or `LazyImages`, read on demand: a memory-mapped decode cache (`MappedImages`) or image files and
+shard members decoded when asked (`kdforge.data.stream.FileImages`). Every consumer indexes them the same way;
+the hot loops (training, evaluation, verification) read lazy images in DataLoader workers (`data.loader`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kdforge.rng import rng_stream
 
 
+class LazyImages:
+    """Images read on demand: `images[idx]` -> uint8 CPU tensor (n, 3, size, size). They stay on the CPU (`to`
+    returns them unchanged); the loops move each batch to the training device."""
+
+    device = torch.device("cpu")
+    dtype = torch.uint8
+    size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), 3, self.size, self.size)
+
+    def to(self, device: torch.device | str) -> LazyImages:
+        return self
+
+    def subset(self, index: torch.Tensor) -> LazyImages:
+        return SubsetImages(self, index)
+
+
+class SubsetImages(LazyImages):
+    """Some of another lazy set's images (a validation split), by position: nothing is read or copied."""
+
+    def __init__(self, base: LazyImages, index: torch.Tensor) -> None:
+        self.base, self.index, self.size = base, index, base.size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.base[self.index[idx]]
+
+    def subset(self, index: torch.Tensor) -> LazyImages:
+        return SubsetImages(self.base, self.index[index])
+
+    def __getattr__(self, name: str):
+        """What the base offers beyond indexing: its decoding `workers`, and its training `views` by position."""
+        if name in ("base", "index"):  # not set yet (while unpickling)
+            raise AttributeError(name)
+        attr = getattr(self.base, name)
+        if name == "views":
+            return lambda idx, seed, epoch: attr(self.index[torch.as_tensor(idx).cpu()], seed, epoch)
+        return attr
+
+
+class MappedImages(LazyImages):
+    """A decode cache on disk (uint8 (N, 3, size, size), `numpy.memmap`): a batch reads its rows from the page
+    cache, so several stages and processes share one copy and none holds the whole set."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.size = array, array.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[torch.as_tensor(idx).cpu().numpy()]))
+
+
+Images = torch.Tensor | LazyImages
+
+
 @dataclass(frozen=True)
 class ImageDataset:
-    images: torch.Tensor  # uint8, (N, 3, H, W)
+    images: Images  # uint8, (N, 3, H, W): in memory, or read on demand (LazyImages)
     labels: torch.Tensor  # int64, (N,)
     classes: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def streamed(self) -> bool:
+        """Training views are decoded from the source images in every pass (`FileImages`), not read from memory
+        or the decode cache."""
+        return hasattr(self.images, "views")
+
     def to(self, device: torch.device | str) -> ImageDataset:
-        """The same data on another device (the whole set lives there; batches are then just index ops)."""
+        """The same data on another device (in memory: the whole set lives there and batches are index ops; lazy
+        images stay where they are read and each batch moves)."""
         return ImageDataset(self.images.to(device), self.labels.to(device), self.classes)
 
 
@@ -28,6 +109,11 @@ class DataSplits:
     train: ImageDataset
     test: ImageDataset
     val: ImageDataset | None = None  # held out of the training split (`[data] val_fraction`); None: none
+    description: str = ""  # for users' own data: how it is read (in memory or streamed) and why
+
+    @property
+    def streamed(self) -> bool:
+        return self.train.streamed
 
     @property
     def num_classes(self) -> int:
@@ -53,7 +139,9 @@ def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[I
     is_val[torch.cat(held)] = True
 
     def subset(mask: torch.Tensor) -> ImageDataset:
-        return ImageDataset(train.images[mask], train.labels[mask], train.classes)
+        images = train.images[mask] if isinstance(train.images, torch.Tensor) \
+            else train.images.subset(mask.nonzero().flatten())
+        return ImageDataset(images, train.labels[mask], train.classes)
 
     return subset(~is_val), subset(is_val)
 

@@ -1,48 +1,67 @@
-"""ImageFolder datasets for users' own data: `root/train/<class>/*.png|jpg` and `root/test/<class>/*`.
+"""Users' own data: an ImageFolder (`root/train/<class>/*.jpg|png...`, `root/test/<class>/*`) or WebDataset
+shards made from one (`kdforge data shard`, kdforge/data/shards.py). Both are listed into `SampleRef`s and
+labels without decoding anything, then read one of two ways (`[data] in_memory`, decided by `resolve_in_memory`):
 
-Images are decoded once by `kdforge.images.decode_rgb` (the server's decoder: formats, pixel budget, 16-bit,
-transparency onto white), resized to a square `image_size`, then held in memory as uint8 like CIFAR. Files
-with other extensions (notes, .DS_Store) are ignored; a training class folder without images is an error.
+- in memory: every image decoded ONCE, resized to the square `image_size`, into a decode cache on disk (a
+  `.npy` file keyed by the file list, sizes, modification times and `image_size`) that every later stage, the
+  estimate, export, verification and QAD map instead of decoding again (`MappedImages`);
+- streamed: images decoded when a batch needs them, in DataLoader workers (`FileImages`); training views are
+  timm's augmentations of the image at its source resolution, evaluation the same square resize.
+
+Images are decoded by `kdforge.images` (the server's decoder: formats, pixel budget, 16-bit, transparency onto
+white). Files with other extensions (notes, .DS_Store) are ignored; a training class folder without images is
+an error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from kdforge.data.dataset import DataSplits, ImageDataset
+from kdforge.data.dataset import DataSplits, ImageDataset, MappedImages, eval_batches
+from kdforge.data.loader import prefetch
+from kdforge.data.stream import FileImages, SampleRef
 from kdforge.errors import DataError
-from kdforge.images import ImageError, decode_rgb
+from kdforge.fileio import atomic_path, remove_leftovers
+
+if TYPE_CHECKING:
+    from kdforge.recipe import DataConfig
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SPLITS = ("train", "test")
+DECODER_VERSION = 1  # part of the decode cache's key: change it when kdforge.images decodes differently
+MEMORY_SHARE = 0.25  # in_memory = "auto": in memory while the decoded set takes at most this share of free memory
 
 
-def _read_image(path: Path, size: int) -> torch.Tensor:
-    try:
-        pixels = decode_rgb(path, size)
-    except ImageError as exc:
-        raise DataError(f"{path}: {exc}; remove or replace this file") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+@dataclass(frozen=True)
+class SplitIndex:
+    refs: list[SampleRef]
+    labels: list[int]
 
 
-def _read_split(folder: Path, classes: tuple[str, ...], size: int) -> ImageDataset:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).glob("*") if p.suffix.lower() in EXTENSIONS)
-        if not files and folder.name == "train":
-            raise DataError(f"ImageFolder dataset: {folder / name} has no images ({', '.join(EXTENSIONS)}); a "
-                            f"class needs training images: add some or remove the folder")
-        images += [_read_image(p, size) for p in files]
-        labels += [label] * len(files)
-    if not images:
-        raise DataError(f"{folder}: no images ({', '.join(EXTENSIONS)}) in its class folders")
-    return ImageDataset(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes)
+@dataclass(frozen=True)
+class FolderIndex:
+    """What a dataset holds, listed without decoding: per split, where each image is and its label."""
+
+    classes: tuple[str, ...]
+    splits: dict[str, SplitIndex]
+    source: str  # "ImageFolder" or "WebDataset"
+
+    def count(self) -> int:
+        return sum(len(split.refs) for split in self.splits.values())
 
 
-def read_imagefolder(root: str | Path, image_size: int) -> DataSplits:
+def scan_imagefolder(root: str | Path) -> FolderIndex:
     root = Path(root)
-    for split in ("train", "test"):
+    for split in SPLITS:
         if not (root / split).is_dir():
             raise DataError(f"ImageFolder dataset: {root / split} is not a folder (expected {root}/{split}/<class>/*)")
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
@@ -51,4 +70,133 @@ def read_imagefolder(root: str | Path, image_size: int) -> DataSplits:
     extra = sorted({p.name for p in (root / "test").iterdir() if p.is_dir()} - set(classes))
     if extra:
         raise DataError(f"ImageFolder dataset: test classes not in train: {', '.join(extra)}")
-    return DataSplits(_read_split(root / "train", classes, image_size), _read_split(root / "test", classes, image_size))
+    splits = {}
+    for split in SPLITS:
+        refs, labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(p for p in (root / split / name).glob("*") if p.suffix.lower() in EXTENSIONS)
+            if not files and split == "train":
+                raise DataError(f"ImageFolder dataset: {root / split / name} has no images ({', '.join(EXTENSIONS)}); "
+                                f"a class needs training images: add some or remove the folder")
+            refs += [SampleRef(str(p)) for p in files]
+            labels += [label] * len(files)
+        if not refs:
+            raise DataError(f"{root / split}: no images ({', '.join(EXTENSIONS)}) in its class folders")
+        splits[split] = SplitIndex(refs, labels)
+    return FolderIndex(classes, splits, "ImageFolder")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# in memory or streamed: one decision, said out loud
+
+
+def decoded_bytes(index: FolderIndex, image_size: int) -> int:
+    return index.count() * 3 * image_size * image_size
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work (MemAvailable on Linux; elsewhere a quarter of physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def resolve_in_memory(cfg: DataConfig, index: FolderIndex, free: int | None = None) -> tuple[bool, str]:
+    """(in memory?, why) for `[data] in_memory` on this dataset: true/false as set; "auto" streams when the
+    recipe asks for augmentations that crop from the source image (they need it), or when the decoded set would
+    take more than MEMORY_SHARE of the available memory; otherwise the decode cache, mapped."""
+    size = decoded_bytes(index, cfg.image_size)
+    gb = f"{size / 1e9:.2f} GB decoded at {cfg.image_size}x{cfg.image_size}"
+    if cfg.in_memory is True:
+        return True, f"data.in_memory = true ({gb})"
+    if cfg.in_memory is False:
+        return False, "data.in_memory = false"
+    if cfg.augment.needs_source_images():
+        return False, f"data.augment: {', '.join(cfg.augment.source_image_keys())} crop from the source images"
+    free = available_memory() if free is None else free
+    if size > MEMORY_SHARE * free:
+        return False, f"{gb} is more than {MEMORY_SHARE:.0%} of the {free / 1e9:.1f} GB of memory available"
+    return True, f"{gb} fits in the {free / 1e9:.1f} GB of memory available"
+
+
+def describe(cfg: DataConfig, index: FolderIndex, workers: int) -> str:
+    """One line: how many images, read how, and why (`resolve_in_memory`)."""
+    in_memory, why = resolve_in_memory(cfg, index)
+    counts = " + ".join(f"{len(s.refs):,} {name}" for name, s in index.splits.items())
+    if not in_memory:
+        how = f"streamed: decoded by {workers} worker{'s' * (workers != 1)} in every pass"
+    elif all((cache_root() / f"{decode_key(s.refs, cfg.image_size)}.npy").is_file() for s in index.splits.values()):
+        how = "in memory: mapped from the decode cache (decoded by an earlier run)"
+    else:
+        how = (f"in memory: each image decoded once (by {workers} worker{'s' * (workers != 1)}) into the decode "
+               f"cache at {cfg.image_size}x{cfg.image_size}, which later stages map")
+    return f"{index.source} {cfg.root}: {counts} images, {how} ({why})"
+
+
+def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int,
+                        note: Callable[[str], None] | None = None) -> DataSplits:
+    """The dataset's splits, in memory (the decode cache) or streamed, as `resolve_in_memory` decides."""
+    in_memory, _ = resolve_in_memory(cfg, index)
+    description = describe(cfg, index, workers)
+    splits = {}
+    for name, split in index.splits.items():
+        images = decode_cached(split.refs, cfg.image_size, workers, note) if in_memory \
+            else FileImages(split.refs, cfg.image_size, cfg.augment, workers)
+        splits[name] = ImageDataset(images, torch.tensor(split.labels, dtype=torch.int64), index.classes)
+    return DataSplits(splits["train"], splits["test"], description=description)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the decode cache
+
+
+def cache_root() -> Path:
+    """Where decoded datasets are kept: $KDFORGE_CACHE_DIR, else ~/.cache/kdforge."""
+    return Path(os.environ.get("KDFORGE_CACHE_DIR") or Path.home() / ".cache" / "kdforge") / "decoded"
+
+
+def decode_key(refs: list[SampleRef], size: int) -> str:
+    """What a decoded set depends on: each image's place, size and modification time, the size, the decoder."""
+    digest = hashlib.sha256(json.dumps({"decoder": DECODER_VERSION, "size": size}).encode())
+    for ref in refs:
+        try:
+            stat = os.stat(ref.path)
+        except OSError as exc:
+            raise DataError(f"{ref.path}: {exc.strerror}") from None
+        digest.update(f"{ref.path}\0{ref.offset}\0{ref.length}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_cached(refs: list[SampleRef], size: int, workers: int,
+                  note: Callable[[str], None] | None = None, batch: int = 64) -> MappedImages:
+    """The images decoded at `size`, memory-mapped from the decode cache; decoded (by `workers`) and written
+    first when the cache does not hold them. The file appears whole or not at all (written, then renamed)."""
+    path = cache_root() / f"{decode_key(refs, size)}.npy"
+    shape = (len(refs), 3, size, size)
+    if path.is_file():
+        array = np.load(path, mmap_mode="r")
+        if array.shape == shape and array.dtype == np.uint8:
+            return MappedImages(array)
+    if note:
+        note(f"decoding {len(refs):,} images once at {size}x{size} into {path}")
+    files = FileImages(refs, size)
+    batches = eval_batches(len(refs), batch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent)
+        with atomic_path(path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            for idx, images in zip(batches, prefetch(files.__getitem__, batches, workers)):
+                array[int(idx[0]):int(idx[-1]) + 1] = images.numpy()
+            array.flush()
+            del array
+    except OSError as exc:
+        raise DataError(f"cannot write the decode cache {path} ({exc.strerror or exc}); set KDFORGE_CACHE_DIR to a "
+                        f"writable folder with {np.prod(shape) / 1e9:.2f} GB free, or stream the data "
+                        f"([data] in_memory = false)") from None
+    return MappedImages(np.load(path, mmap_mode="r"))

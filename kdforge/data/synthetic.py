@@ -150,3 +150,25 @@ def load_synthetic(root: str | Path, train: int, test: int, seed: int) -> DataSp
             f"point data.root elsewhere or delete {root}"
         )
     return cifar.read_cifar100(root, md5=manifest["md5"])
+
+
+def write_photo_folder(root: str | Path, train: int, test: int, classes: int = 10, size: tuple[int, int] = (500, 375),
+                       seed: int = 0, quality: int = 90) -> Path:
+    """The synthetic images as an ImageFolder of JPEG "photos" (`root/{train,test}/<class>/NNNNNN.jpg`), each
+    drawn at 32x32, enlarged to `size` (width, height) and given per-pixel grain so it weighs and decodes like a
+    photo (500x375 at quality 90: about 70 KB). The first `classes` classes; for the streaming data path's tests
+    and benchmarks (users bring their own photos)."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng([seed, 2])
+    for split, count in (("train", train), ("test", test)):
+        images, labels = generate_split(count * len(CLASSES) // classes + len(CLASSES), seed, split)
+        keep = np.flatnonzero(labels < classes)[:count]
+        for number, i in enumerate(keep):
+            folder = root / split / CLASSES[labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            photo = np.asarray(Image.fromarray(images[i]).resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
+            photo = np.clip(photo + rng.integers(-24, 25, photo.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(photo).save(folder / f"{number:06d}.jpg", quality=quality)
+    return root

@@ -1,7 +1,8 @@
 """Batched tensor transforms, run on whatever device the batch lives on (no per-image PIL).
 
 Training: `augment_batch` (random crop with padding, horizontal flip) on uint8 images at the dataset's
-resolution. Every model then gets its own view of that same augmented batch through `InputSpec.prepare`:
+resolution (streamed data gets timm's augmentations in the decoding workers instead, data/stream.py), then
+`mix_batch` (timm's mixup / CutMix) when the recipe asks for it. Every model then gets its own view of that same augmented batch through `InputSpec.prepare`:
 resized to its input size and normalized with its own mean/std. A teacher and a student with different
 input configurations thus see the same crop and flip, each the way it expects.
 """
@@ -9,9 +10,13 @@ input configurations thus see the same crop and flip, each the way it expects.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kdforge.recipe import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,20 @@ def augment_batch(
     """Random crop (zero padding of `crop_padding` pixels) and random horizontal flip of a uint8 batch."""
     offsets, flips = draw_augment(len(images), crop_padding, hflip, generator)
     return apply_augment(images, crop_padding, offsets, flips)
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, num_classes: int,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's `Mixup` (mixup and/or CutMix, one draw per batch) of a uint8 batch: (mixed uint8 images, targets
+    (N, num_classes)). Each image is mixed with the batch's mirror image (the last with the first); the result
+    is rounded back to uint8, so the teacher and the student both see exactly the mixed image. The draw is a pure
+    function of `seed` (timm draws from numpy's global generator, seeded and restored around the call)."""
+    from timm.data import Mixup
+
+    from kdforge.data.stream import seeded
+
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                  switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=0.0, num_classes=num_classes)
+    with seeded(seed):
+        mixed, targets = mixup(images.float(), labels)
+    return mixed.round_().clamp_(0, 255).to(torch.uint8), targets

@@ -89,7 +89,8 @@ class TeacherCache:
         view = self._choice[idx]
         offsets = self.offsets[view, :, idx].T if self.offsets is not None else None
         flips = self.flips[view, idx] if self.flips is not None else None
-        return apply_augment(images[idx], self.augment.crop_padding, offsets, flips), self.logits(view, idx)
+        return (apply_augment(images[idx].to(idx.device), self.augment.crop_padding, offsets, flips),
+                self.logits(view, idx))
 
 
 @torch.inference_mode()
@@ -105,7 +106,7 @@ def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: Teache
     for view in range(cfg.views):
         offsets, flips = view_augment(n, view, seed, augment)
         for i, idx in enumerate(batches):
-            x = apply_augment(images[idx.to(runtime.device)], augment.crop_padding,
+            x = apply_augment(images[idx.to(runtime.device)].to(runtime.device), augment.crop_padding,
                               offsets[:, idx] if offsets is not None else None,
                               flips[idx] if flips is not None else None)
             with runtime.autocast():

@@ -1,5 +1,7 @@
 """What a model learns from: an objective maps (logits, labels, augmented uint8 images) to a loss and its named
-parts. The training loop (train/loop.py) calls one and knows nothing else about it.
+parts. The training loop (train/loop.py) calls one and knows nothing else about it. Labels are class indices
+(N,), or mixed targets (N, C) under mixup / CutMix: cross-entropy reads them as they are, a method that needs a
+class (DKD's target class) gets the larger share of each mix.
 
     objective = cross_entropy_objective(label_smoothing=0.1)                       # labels alone
     objective = create_distill_objective(recipe.distill, teacher, label_smoothing=0.1)
@@ -30,6 +32,11 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # epoch counts from 1 (DKD's warm-up reads it)
 
 
+def hard_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices of labels that may be soft (mixup / CutMix targets, (N, C)): the larger share of each mix."""
+    return labels.argmax(1) if labels.ndim == 2 else labels
+
+
 def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
     """Training on labels alone (a teacher, a baseline student)."""
     def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor, teacher_logits=None, epoch=1):
@@ -53,7 +60,7 @@ def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,
             teacher_logits = teacher(images)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         terms: Terms = {"ce": (ce_weight(cfg), ce)}
-        terms.update(terms_of(logits, teacher_logits, labels, cfg, epoch=epoch))
+        terms.update(terms_of(logits, teacher_logits, hard_labels(labels), cfg, epoch=epoch))
         total = sum(weight * value for weight, value in terms.values() if weight)
         return total, {name: value.detach() for name, (_, value) in terms.items()}
 

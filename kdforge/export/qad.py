@@ -39,7 +39,7 @@ from kdforge import layout
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import file_hash, read_json, write_json
-from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe
+from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe, data_fingerprint
 from kdforge.rng import rng_stream
 
 QAD_STAGE = layout.QAD
@@ -138,7 +138,7 @@ def qad_fingerprint(recipe: Recipe, source: Path, qcfg: QuantizeConfig, teacher_
     parts = {
         "student": file_hash(final_weights(source))[:16],
         "teacher": file_hash(teacher_weights)[:16] if teacher_weights else None,
-        "seed": recipe.seed, "data": recipe.data.model_dump(mode="json"),
+        "seed": recipe.seed, "data": data_fingerprint(recipe.data),
         "distill": recipe.distill.model_dump(mode="json", exclude={"baseline"}),
         "quantize": {"calibration": qcfg.calibration, "batch_size": qcfg.batch_size, "exclude": qcfg.exclude,
                      "epochs": epochs, "lr": lr, "teacher": qcfg.qad_teacher},

@@ -24,7 +24,8 @@ Consumer = Callable[[Event], None]
 def format_metrics(event: Event) -> str:
     parts = []
     for key, fmt in (("loss", "loss {:.4f}"), ("train_top1", "acc {:.1%}"), ("top1", "top-1 {:.2%}"),
-                     ("top5", "top-5 {:.2%}"), ("images_per_s", "{:.0f} img/s"), ("lr", "lr {:.2e}")):
+                     ("top5", "top-5 {:.2%}"), ("images_per_s", "{:.0f} img/s"), ("data_wait", "data wait {:.0%}"),
+                     ("lr", "lr {:.2e}")):
         if event.get(key) is not None:
             parts.append(fmt.format(event[key]))
     return "  ".join(parts)

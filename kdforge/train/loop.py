@@ -27,12 +27,13 @@ import torch.nn.functional as F
 
 from kdforge.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
-from kdforge.data.transforms import InputSpec, apply_augment, draw_augment
-from kdforge.distill.objective import Objective
+from kdforge.data.loader import prefetch, read_batches
+from kdforge.data.transforms import InputSpec, apply_augment, draw_augment, mix_batch
+from kdforge.distill.objective import Objective, hard_labels
 from kdforge.errors import DataError, KdforgeError
 from kdforge.metrics import topk_hits
 from kdforge.recipe import AugmentConfig, TrainConfig
-from kdforge.rng import rng_stream
+from kdforge.rng import rng_stream, stream_seed
 from kdforge.runtime import Runtime, out_of_memory_as_error
 from kdforge.train.events import Consumer
 
@@ -64,12 +65,11 @@ def _predict(model, spec: InputSpec, dataset: ImageDataset, batches: list[torch.
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for idx in batches:
-        idx = idx.to(dataset.images.device)
+    for idx, images in zip(batches, read_batches(dataset.images, batches)):
         with runtime.autocast():
-            out = model(runtime.format_input(model, spec.prepare(dataset.images[idx])))
+            out = model(runtime.format_input(model, spec.prepare(images.to(runtime.device, non_blocking=True))))
         logits.append(out.float().cpu())
-        labels.append(dataset.labels[idx].cpu())
+        labels.append(dataset.labels[idx.to(dataset.labels.device)].cpu())
     model.train(was_training)
     if not logits:  # more processes than evaluation batches
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
@@ -140,12 +140,16 @@ KEPT = "; checkpoints written before this are kept (run the same command with --
 
 class BatchSource:
     """Which training images each step sees, and how: the batches of an epoch are a shuffled order drawn from
-    (seed, epoch); a batch is augmented online from (seed, step), or, with a `teacher_cache`, read as its stored
-    views together with the teacher's logits for them."""
+    (seed, epoch); a batch held in memory is augmented online from (seed, step), or, with a `teacher_cache`,
+    read as its stored views together with the teacher's logits for them. Streamed data is decoded ahead by
+    the data's workers, each image's view a pure function of (seed, epoch, image). `waited` counts the seconds
+    a step waited for its images (the data path's share of step time)."""
 
     def __init__(self, augment: AugmentConfig, seed: int, teacher_cache: TeacherCache | None = None) -> None:
         self.augment, self.seed, self.teacher_cache = augment, seed, teacher_cache
         self._epoch, self._order = -1, []
+        self._stream, self._next = None, (-1, -1)  # streamed views being decoded ahead, and which batch is next
+        self.waited = 0.0
 
     def batch_indices(self, num_images: int, batch_size: int, epoch: int, index: int) -> torch.Tensor:
         """The global batch number `index` of `epoch` (indices into the training split)."""
@@ -154,18 +158,38 @@ class BatchSource:
         return self._order[index]
 
     def images(self, train: ImageDataset, batch_idx: torch.Tensor, mine: slice, idx: torch.Tensor, step: int,
-               epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+               epoch: int, index: int = 0, batches_left: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(augmented uint8 images, the teacher's logits or None) of this process's share `mine` (indices `idx`
-        on the device) of the global batch `batch_idx`."""
+        on the device) of the global batch `batch_idx`, batch `index` of `epoch`; `batches_left` of the epoch's
+        batches (this one included) will be trained, which bounds what a stream decodes ahead."""
         if self.teacher_cache is not None:
             return self.teacher_cache.batch(train.images, idx, epoch)
+        if train.streamed:
+            return self.streamed(train, mine, epoch, index, batches_left).to(idx.device, non_blocking=True), None
         # drawn for the global batch, so every process count sees the same augmentation
         offsets, flips = draw_augment(len(batch_idx), self.augment.crop_padding, self.augment.hflip,
                                       rng_stream(self.seed, "augment", step))
-        images = apply_augment(train.images[idx], self.augment.crop_padding,
+        images = apply_augment(train.images[idx].to(idx.device), self.augment.crop_padding,
                                offsets[:, mine] if offsets is not None else None,
                                flips[mine] if flips is not None else None)
         return images, None
+
+    def streamed(self, train: ImageDataset, mine: slice, epoch: int, index: int, batches_left: int) -> torch.Tensor:
+        started = time.perf_counter()
+        if self._next != (epoch, index):  # a new epoch, or the first step after a resume
+            order = [batch[mine] for batch in self._order[index:index + batches_left]]
+            views = train.images.views
+            self._stream = prefetch(lambda idx: views(idx, self.seed, epoch), order, train.images.workers)
+        images = next(self._stream)
+        self._next = (epoch, index + 1)
+        self.waited += time.perf_counter() - started
+        return images
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, step: int):
+        """Mixup / CutMix of this step's batch (`[data.augment]`), as targets (N, C); unchanged when off."""
+        if not self.augment.mixes:
+            return images, labels
+        return mix_batch(images, labels, self.augment, num_classes, stream_seed(self.seed, "mixup", step))
 
 
 @dataclass
@@ -236,14 +260,15 @@ class Window:
     report a number (on a GPU, `.item()` in every step stalls the queue of kernels); they are read, and the
     loss checked for NaN/inf, when a line is logged or a checkpoint written."""
 
-    def __init__(self, device: torch.device, first_step: int) -> None:
+    def __init__(self, device: torch.device, first_step: int, waited: float = 0.0) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.seen, self.first, self.started = 0, first_step, time.perf_counter()
+        self.waited = waited  # the batch source's waiting time when the window opened
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss += loss.detach().double() * len(labels)  # as float64 as a Python float would be
-        self.correct += (logits.argmax(1) == labels).sum()
+        self.correct += (logits.argmax(1) == hard_labels(labels)).sum()
         self.seen += len(labels)
 
     def finite_loss(self, title: str, step: int) -> float:
@@ -255,11 +280,12 @@ class Window:
         return loss_sum
 
     def log_event(self, title: str, state: TrainState, plan: Plan, epoch: int, parts: dict[str, torch.Tensor],
-                  runtime: Runtime) -> dict[str, Any]:
+                  runtime: Runtime, waited: float = 0.0) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started
         loss_sum, correct, seen = runtime.all_reduce_sum(
             [self.finite_loss(title, state.step), self.correct.item(), self.seen])
-        return {
+        data_wait = {"data_wait": min(1.0, (waited - self.waited) / max(elapsed, 1e-9))} if waited else {}
+        return {**data_wait,
             "event": "log", "step": state.step, "total_steps": plan.total_steps, "epoch": epoch,
             "loss": loss_sum / seen, "train_top1": correct / seen,
             "lr": state.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
@@ -315,9 +341,10 @@ class _Run:
         started = time.perf_counter()
         mine = slice(runtime.rank, None, runtime.world_size)  # this process's share of the global batch
         idx = batch_idx[mine].to(runtime.device)
-        images, teacher_logits = self.batches.images(train, batch_idx, mine, idx, step, epoch)
+        left = min(self.plan.steps_per_epoch, self.plan.total_steps - epoch * self.plan.steps_per_epoch) - index
+        images, teacher_logits = self.batches.images(train, batch_idx, mine, idx, step, epoch, index, left)
         with self.out_of_memory("training", TRAIN_ADVICE):
-            labels = train.labels[idx]
+            images, labels = self.batches.mix(images, train.labels[idx], len(train.classes), step)
             with runtime.autocast():
                 logits = forward(runtime.format_input(self.model, self.spec.prepare(images)))
                 loss, parts = self.objective(logits, labels, images, teacher_logits, epoch=epoch + 1)
@@ -372,17 +399,22 @@ def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: Dat
               "steps_per_epoch": plan.steps_per_epoch, "device": runtime.describe()})
     final: dict[str, float] = {}
     window = Window(runtime.device, state.step + 1)
+    started, first = time.perf_counter(), train_set.streamed
     try:
         while state.step < plan.total_steps:
             epoch, loss, logits, labels, parts = run.train_step(forward, train_set)
             window.add(loss, logits, labels)
             step = state.step
+            if first:  # streamed data: how long the workers took to deliver
+                run.emit({"event": "note", "message": f"{title}: first step done {time.perf_counter() - started:.1f} s "
+                          f"after the start ({batches.waited:.1f} s of it waiting for the first batch)"})
+                first = False
             run.emit({"event": "step", "step": step})
             end_of_epoch = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
             if step % cfg.log_every == 0 or step == plan.total_steps:
-                run.emit(window.log_event(title, state, plan, epoch, parts, runtime))
-                window = Window(runtime.device, step + 1)
+                run.emit(window.log_event(title, state, plan, epoch, parts, runtime, batches.waited))
+                window = Window(runtime.device, step + 1, batches.waited)
             elif end_of_epoch or every:
                 window.finite_loss(title, step)  # never save weights a NaN loss has reached
             if end_of_epoch:

@@ -29,7 +29,7 @@ from kdforge.data.transforms import InputSpec
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
 from kdforge.distill.teacher import load_frozen_teacher
-from kdforge.errors import CheckpointError, KdforgeError, ModelError
+from kdforge.errors import CheckpointError, DataError, KdforgeError, ModelError
 from kdforge.fileio import (
     atomic_path,
     atomic_write_text,
@@ -40,7 +40,7 @@ from kdforge.fileio import (
     write_json,
 )
 from kdforge.models import count_parameters, create_model, resolve_input_spec
-from kdforge.recipe import Recipe, recipe_to_toml
+from kdforge.recipe import Recipe, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
@@ -83,7 +83,7 @@ def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None =
     parts = {
         "stage": stage,
         "seed": recipe.seed,
-        "data": recipe.data.model_dump(mode="json"),
+        "data": data_fingerprint(recipe.data),
         "model": recipe.model_for(stage).model_dump(mode="json"),
     }
     if stage == "student":
@@ -286,6 +286,10 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
         return cross_entropy_objective(cfg.train.label_smoothing), None
     teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
     cache = None
+    if recipe.distill.teacher_cache.views and data.streamed:
+        raise DataError("distill.teacher_cache stores the teacher's answers for views of images held in memory; "
+                        "this data is streamed (" + data.description.rpartition("(")[2].rstrip(")") + "): train with "
+                        "the teacher online (distill.teacher_cache.views = 0) or set [data] in_memory = true")
     if recipe.distill.teacher_cache.views:
         cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
         teacher = None  # the cache answers for it from here on
@@ -337,8 +341,8 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
     cache_cfg = recipe.distill.teacher_cache
     key = cache_key(
         teacher=file_hash(teacher_weights), teacher_model=recipe.model_for("teacher").model_dump(mode="json"),
-        data=recipe.data.model_dump(mode="json", exclude={"augment"}), images=len(data.train),
-        augment=recipe.data.augment.model_dump(mode="json"), seed=recipe.seed,
+        data={k: v for k, v in data_fingerprint(recipe.data).items() if k != "augment"}, images=len(data.train),
+        augment=data_fingerprint(recipe.data)["augment"], seed=recipe.seed,
         views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
     )
     (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)

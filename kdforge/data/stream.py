@@ -1,0 +1,144 @@
+"""Images read from files when they are needed: ImageFolder files and WebDataset shard members.
+
+    images = FileImages(refs, size=224, augment=recipe.data.augment)
+    images[idx]                        # evaluation: decoded and resized to 224x224 as the server does (uint8)
+    images.views(idx, seed, epoch)     # training: timm's augmentation of each image at its source resolution
+
+A `SampleRef` says where one image's bytes are: a file, or a member of a tar shard (its offset and size, found
+once by `tarfile` when the shards are listed), so any image is read on its own, in any order, by any worker.
+
+Training views come from timm's transforms (`timm.data.create_transform(is_training=True, use_prefetcher=True)`:
+RandomResizedCrop at the source resolution, flip, RandAugment / AutoAugment, colour jitter) ending in a uint8
+tensor, then timm's `RandomErasing` (on the image normalized with ImageNet's statistics, then back to uint8).
+The models normalize that uint8 crop each its own way (`InputSpec.prepare`), so the teacher sees exactly the
+student's crop. Each view is a pure function of (seed, epoch, image index): the random modules timm uses
+(`random`, numpy, torch) are seeded per image inside a scope that restores them, so a view never depends on
+the worker that made it, the batch it fell in, or a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kdforge.data.dataset import LazyImages
+from kdforge.errors import DataError
+from kdforge.images import ImageError, decode_rgb, open_rgb
+from kdforge.rng import stream_seed
+
+if TYPE_CHECKING:
+    from kdforge.recipe import AugmentConfig
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one image's bytes are: `path` itself (length < 0), or `length` bytes at `offset` in the tar `path`."""
+
+    path: str
+    offset: int = 0
+    length: int = -1
+
+    def read(self) -> bytes | Path:
+        if self.length < 0:
+            return Path(self.path)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.length)
+
+    def __str__(self) -> str:
+        return self.path if self.length < 0 else f"{self.path} (member at byte {self.offset})"
+
+
+def decode_ref(ref: SampleRef, size: int) -> torch.Tensor:
+    """Evaluation decode of one image: uint8 (3, size, size), as `kdforge.images.decode_rgb` (the server's)."""
+    try:
+        return torch.from_numpy(decode_rgb(ref.read(), size)).permute(2, 0, 1)
+    except (ImageError, OSError) as exc:
+        raise DataError(f"{ref}: {exc}; remove or replace this image") from None
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed `random`, numpy's and torch's global generators (what timm's transforms draw from) for one image;
+    restore them after, so nothing outside sees the change."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class FileImages(LazyImages):
+    """Images decoded from their files when indexed (see the module docstring)."""
+
+    def __init__(self, refs: list[SampleRef], size: int, augment: AugmentConfig | None = None,
+                 workers: int = 0) -> None:
+        self.refs, self.size, self.augment, self.workers = refs, size, augment, workers
+        self._transform = None  # timm's training transform, made on first use (in each worker process)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([decode_ref(self.refs[i], self.size) for i in _positions(idx)])
+
+    def views(self, idx: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """Training views (uint8 (n, 3, size, size)) of the images at `idx` in `epoch`."""
+        return torch.stack([self.view(i, seed, epoch) for i in _positions(idx)])
+
+    def view(self, index: int, seed: int, epoch: int) -> torch.Tensor:
+        if self._transform is None:
+            self._transform = create_train_transform(self.augment, self.size)
+        ref = self.refs[index]
+        try:
+            image = open_rgb(ref.read(), self.size)
+        except (ImageError, OSError) as exc:
+            raise DataError(f"{ref}: {exc}; remove or replace this image") from None
+        transform, erase = self._transform
+        with seeded(stream_seed(seed, "image_view", epoch * 2**32 + index)):
+            view = transform(image)
+            return erase(view) if erase is not None else view
+
+
+def _positions(idx: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.as_tensor(idx).flatten()]
+
+
+def create_train_transform(cfg: AugmentConfig, size: int):
+    """(timm's training transform to a uint8 (3, size, size) tensor, random erasing or None) from [data.augment]."""
+    from timm.data import create_transform
+
+    transform = create_transform(
+        size, is_training=True, use_prefetcher=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+        hflip=0.5 if cfg.hflip else 0.0, color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation,
+    )
+    return transform, (_uint8_erasing(cfg.re_prob) if cfg.re_prob > 0 else None)
+
+
+def _uint8_erasing(probability: float):
+    """timm's RandomErasing ('pixel' mode: normal noise in normalized space) on a uint8 image: normalized with
+    ImageNet's mean/std, erased, and mapped back (noise outside the uint8 range is clipped)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.data.random_erasing import RandomErasing
+
+    erasing = RandomErasing(probability, mode="pixel", device="cpu")
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+    def erase(image: torch.Tensor) -> torch.Tensor:
+        x = erasing((image.float() / 255 - mean) / std)
+        return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+    return erase
