@@ -28,6 +28,8 @@ STREAMS = {
     "bench_images": lambda seed, index: seed,  # the random images latency is timed on (`kdforge bench`)
     # index: epoch * 2**32 + the image's index in its split (a streamed image's training view)
     "image_view": lambda seed, index: (seed * _PRIME + index) * 6_700_417 + 2_147_483_647,
+    # index: the teacher cache's view * 2**32 + the image's index (a streamed image's cached view)
+    "cache_image_view": lambda seed, index: (seed * _PRIME + index) * 6_700_417 + 433_494_437,
     "mixup": lambda seed, index: seed * _PRIME + index + 982_451_653,  # index: the step (mixup / CutMix draw)
 }
 

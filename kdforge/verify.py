@@ -65,7 +65,8 @@ def predict_all(
     """Logits of one runner on the dataset's evaluation batches (the same batches for every runner), and labels."""
     logits, labels = [], []
     batches = eval_batches(len(dataset), batch_size)[:limit_batches]
-    for idx, images in zip(batches, read_batches(dataset.images, batches)):  # streamed data: decoded by workers
+    # streamed data is decoded by the data's workers, ahead of the runner
+    for idx, images in zip(batches, read_batches(dataset.images, batches), strict=True):
         logits.append(runner.predict(images))
         labels.append(dataset.labels[idx])
     return torch.cat(logits), torch.cat(labels)

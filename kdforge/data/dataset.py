@@ -62,7 +62,7 @@ class SubsetImages(LazyImages):
             raise AttributeError(name)
         attr = getattr(self.base, name)
         if name == "views":
-            return lambda idx, seed, epoch: attr(self.index[torch.as_tensor(idx).cpu()], seed, epoch)
+            return lambda idx, *args, **kwargs: attr(self.index[torch.as_tensor(idx).cpu()], *args, **kwargs)
         return attr
 
 

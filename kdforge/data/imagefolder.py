@@ -191,7 +191,7 @@ def decode_cached(refs: list[SampleRef], size: int, workers: int,
         remove_leftovers(path.parent)
         with atomic_path(path) as tmp:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            for idx, images in zip(batches, prefetch(files.__getitem__, batches, workers)):
+            for idx, images in zip(batches, prefetch(files.__getitem__, batches, workers), strict=True):
                 array[int(idx[0]):int(idx[-1]) + 1] = images.numpy()
             array.flush()
             del array

@@ -61,9 +61,13 @@ def prefetch(load: Callable[[Any], T], items: Sequence[Any], workers: int, ahead
         _Calls(load, items), batch_size=None, shuffle=False, num_workers=min(workers, len(items)),
         prefetch_factor=ahead, worker_init_fn=_one_thread, collate_fn=_as_is,
     )
-    for item in loader:
+    batches = iter(loader)
+    for number in range(len(items)):
+        item = next(batches)
         if isinstance(item, _Failed):
             raise item.exc
+        if number == len(items) - 1:
+            next(batches, None)  # the loader's own end: its workers exit now, not when this generator is collected
         yield item
 
 

@@ -93,11 +93,14 @@ class FileImages(LazyImages):
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([decode_ref(self.refs[i], self.size) for i in _positions(idx)])
 
-    def views(self, idx: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-        """Training views (uint8 (n, 3, size, size)) of the images at `idx` in `epoch`."""
-        return torch.stack([self.view(i, seed, epoch) for i in _positions(idx)])
+    def views(self, idx: torch.Tensor, seed: int, number: int | torch.Tensor,
+              purpose: str = "image_view") -> torch.Tensor:
+        """Training views (uint8 (n, 3, size, size)) of the images at `idx`: view `number` of each (the epoch; or
+        per image, the teacher cache's view with `purpose` "cache_image_view")."""
+        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(_positions(idx))
+        return torch.stack([self.view(i, seed, n, purpose) for i, n in zip(_positions(idx), numbers, strict=True)])
 
-    def view(self, index: int, seed: int, epoch: int) -> torch.Tensor:
+    def view(self, index: int, seed: int, number: int, purpose: str = "image_view") -> torch.Tensor:
         if self._transform is None:
             self._transform = create_train_transform(self.augment, self.size)
         ref = self.refs[index]
@@ -106,7 +109,7 @@ class FileImages(LazyImages):
         except (ImageError, OSError) as exc:
             raise DataError(f"{ref}: {exc}; remove or replace this image") from None
         transform, erase = self._transform
-        with seeded(stream_seed(seed, "image_view", epoch * 2**32 + index)):
+        with seeded(stream_seed(seed, purpose, number * 2**32 + index)):
             view = transform(image)
             return erase(view) if erase is not None else view
 

@@ -2,9 +2,10 @@
 
 Training: `augment_batch` (random crop with padding, horizontal flip) on uint8 images at the dataset's
 resolution (streamed data gets timm's augmentations in the decoding workers instead, data/stream.py), then
-`mix_batch` (timm's mixup / CutMix) when the recipe asks for it. Every model then gets its own view of that same augmented batch through `InputSpec.prepare`:
-resized to its input size and normalized with its own mean/std. A teacher and a student with different
-input configurations thus see the same crop and flip, each the way it expects.
+`mix_batch` (timm's mixup / CutMix) when the recipe asks for it. Every model then gets its own view of that
+same augmented batch through `InputSpec.prepare`: resized to its input size and normalized with its own
+mean/std. A teacher and a student with different input configurations thus see the same crop and flip, each
+the way it expects.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
     cache = load_or_build_cache(path, key, teacher, train_set, recipe.distill.teacher_cache, augment, seed, runtime)
     images, teacher_logits = cache.batch(train_set.images, idx, epoch)      # inside the training step
 
-Every training image gets K views. A view's augmentation (crop offsets, flip) is a pure function of
-(seed, view index, image index), so the cache stores logits only and the views are re-made exactly when
-training reads them. Each epoch, every image draws one of its K views (a function of seed, epoch and image
-index: a random start, then the next view each epoch). With K = 1 and augmentation off this is classic
-offline distillation.
+Every training image gets K views. A view's augmentation (crop offsets, flip; for streamed data timm's
+augmentation in the decoding workers) is a pure function of (seed, view index, image index), so the cache
+stores logits only and the views are re-made exactly when training reads them. Each epoch, every image draws
+one of its K views (a function of seed, epoch and image index: a random start, then the next view each epoch).
+With K = 1 and augmentation off this is classic offline distillation.
 
 Logits are stored as FP16 (K x N x classes), or with `topk` as the k largest values and their class indices
 plus, per image, the log-mean-exp of the remaining logits (the tail is rebuilt with that value, which keeps
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdforge.data.dataset import ImageDataset, eval_batches
+from kdforge.data.loader import prefetch
 from kdforge.data.transforms import apply_augment, draw_augment
 from kdforge.fileio import atomic_path
 from kdforge.rng import rng_stream
@@ -64,14 +65,21 @@ class TeacherCache:
     """Stored teacher logits for K views of every training image, and the views themselves on demand."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], num_images: int, seed: int, augment: AugmentConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, streamed: bool = False) -> None:
         self.tensors = {name: t.to(device) for name, t in tensors.items()}
         self.views = int(next(iter(self.tensors.values())).shape[0])
         self.num_images, self.seed, self.augment = num_images, seed, augment
-        params = [view_augment(num_images, v, seed, augment) for v in range(self.views)]
-        self.offsets = torch.stack([p[0] for p in params]).to(device) if augment.crop_padding > 0 else None
-        self.flips = torch.stack([p[1] for p in params]).to(device) if augment.hflip else None
+        params = [view_augment(num_images, v, seed, augment) for v in range(self.views)] if not streamed else []
+        self.offsets = torch.stack([p[0] for p in params]).to(device) if params and augment.crop_padding > 0 else None
+        self.flips = torch.stack([p[1] for p in params]).to(device) if params and augment.hflip else None
         self._epoch, self._choice = -1, torch.empty(0)
+
+    def choice(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The view each of the images `idx` shows in `epoch`."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._choice = view_choice(self.num_images, self.views, self.seed, epoch)
+        return self._choice.to(idx.device)[idx]
 
     def logits(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Float32 teacher logits (B, classes) of images `idx`, each in its view."""
@@ -82,11 +90,8 @@ class TeacherCache:
         return dense.scatter_(1, indices.long(), values.float())
 
     def batch(self, images: torch.Tensor, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(augmented uint8 images, teacher logits) of training images `idx` in `epoch`."""
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._choice = view_choice(self.num_images, self.views, self.seed, epoch).to(idx.device)
-        view = self._choice[idx]
+        """(augmented uint8 images, teacher logits) of training images `idx` in `epoch` (data in memory)."""
+        view = self.choice(idx, epoch)
         offsets = self.offsets[view, :, idx].T if self.offsets is not None else None
         flips = self.flips[view, idx] if self.flips is not None else None
         return (apply_augment(images[idx].to(idx.device), self.augment.crop_padding, offsets, flips),
@@ -104,11 +109,16 @@ def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: Teache
     out: dict[str, list[torch.Tensor]] = {}
     batches = eval_batches(n, cfg.batch_size)
     for view in range(cfg.views):
-        offsets, flips = view_augment(n, view, seed, augment)
-        for i, idx in enumerate(batches):
-            x = apply_augment(images[idx.to(runtime.device)].to(runtime.device), augment.crop_padding,
-                              offsets[:, idx] if offsets is not None else None,
-                              flips[idx] if flips is not None else None)
+        if train.streamed:  # the view made by the decoding workers, as training will make it again
+            views = prefetch(lambda idx, view=view: images.views(idx, seed, view, "cache_image_view"), batches,
+                             images.workers)
+        else:
+            offsets, flips = view_augment(n, view, seed, augment)
+            views = (apply_augment(images[idx.to(runtime.device)].to(runtime.device), augment.crop_padding,
+                                   offsets[:, idx] if offsets is not None else None,
+                                   flips[idx] if flips is not None else None) for idx in batches)
+        for i, x in enumerate(views):
+            x = x.to(runtime.device)
             with runtime.autocast():
                 logits = teacher(x).float()
             if topk is None or topk >= logits.shape[1]:
@@ -167,4 +177,4 @@ def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: Ima
         else:
             note(f"teacher cache: reusing {path} ({cfg.views} view(s))")
     sync()
-    return TeacherCache(load_file(str(path)), len(train), seed, augment, runtime.device)
+    return TeacherCache(load_file(str(path)), len(train), seed, augment, runtime.device, train.streamed)

@@ -29,6 +29,7 @@ from kdforge.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
 from kdforge.data.loader import prefetch, read_batches
 from kdforge.data.transforms import InputSpec, apply_augment, draw_augment, mix_batch
+from kdforge.distill.cache import view_choice
 from kdforge.distill.objective import Objective, hard_labels
 from kdforge.errors import DataError, KdforgeError
 from kdforge.metrics import topk_hits
@@ -65,7 +66,7 @@ def _predict(model, spec: InputSpec, dataset: ImageDataset, batches: list[torch.
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for idx, images in zip(batches, read_batches(dataset.images, batches)):
+    for idx, images in zip(batches, read_batches(dataset.images, batches), strict=True):
         with runtime.autocast():
             out = model(runtime.format_input(model, spec.prepare(images.to(runtime.device, non_blocking=True))))
         logits.append(out.float().cpu())
@@ -162,10 +163,12 @@ class BatchSource:
         """(augmented uint8 images, the teacher's logits or None) of this process's share `mine` (indices `idx`
         on the device) of the global batch `batch_idx`, batch `index` of `epoch`; `batches_left` of the epoch's
         batches (this one included) will be trained, which bounds what a stream decodes ahead."""
+        if train.streamed:
+            images = self.streamed(train, mine, epoch, index, batches_left).to(idx.device, non_blocking=True)
+            cache = self.teacher_cache
+            return images, cache.logits(cache.choice(idx, epoch), idx) if cache is not None else None
         if self.teacher_cache is not None:
             return self.teacher_cache.batch(train.images, idx, epoch)
-        if train.streamed:
-            return self.streamed(train, mine, epoch, index, batches_left).to(idx.device, non_blocking=True), None
         # drawn for the global batch, so every process count sees the same augmentation
         offsets, flips = draw_augment(len(batch_idx), self.augment.crop_padding, self.augment.hflip,
                                       rng_stream(self.seed, "augment", step))
@@ -178,8 +181,16 @@ class BatchSource:
         started = time.perf_counter()
         if self._next != (epoch, index):  # a new epoch, or the first step after a resume
             order = [batch[mine] for batch in self._order[index:index + batches_left]]
-            views = train.images.views
-            self._stream = prefetch(lambda idx: views(idx, self.seed, epoch), order, train.images.workers)
+            views, cache = train.images.views, self.teacher_cache
+            if cache is None:
+                def load(idx: torch.Tensor) -> torch.Tensor:
+                    return views(idx, self.seed, epoch)
+            else:  # the teacher cache's view of each image, the one its stored answer is for
+                choice = view_choice(cache.num_images, cache.views, self.seed, epoch)
+
+                def load(idx: torch.Tensor) -> torch.Tensor:
+                    return views(idx, self.seed, choice[idx], "cache_image_view")
+            self._stream = prefetch(load, order, train.images.workers)
         images = next(self._stream)
         self._next = (epoch, index + 1)
         self.waited += time.perf_counter() - started

@@ -29,7 +29,7 @@ from kdforge.data.transforms import InputSpec
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
 from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
 from kdforge.distill.teacher import load_frozen_teacher
-from kdforge.errors import CheckpointError, DataError, KdforgeError, ModelError
+from kdforge.errors import CheckpointError, KdforgeError, ModelError
 from kdforge.fileio import (
     atomic_path,
     atomic_write_text,
@@ -286,10 +286,6 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
         return cross_entropy_objective(cfg.train.label_smoothing), None
     teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
     cache = None
-    if recipe.distill.teacher_cache.views and data.streamed:
-        raise DataError("distill.teacher_cache stores the teacher's answers for views of images held in memory; "
-                        "this data is streamed (" + data.description.rpartition("(")[2].rstrip(")") + "): train with "
-                        "the teacher online (distill.teacher_cache.views = 0) or set [data] in_memory = true")
     if recipe.distill.teacher_cache.views:
         cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
         teacher = None  # the cache answers for it from here on
