@@ -62,13 +62,16 @@ def prefetch(load: Callable[[Any], T], items: Sequence[Any], workers: int, ahead
         prefetch_factor=ahead, worker_init_fn=_one_thread, collate_fn=_as_is,
     )
     batches = iter(loader)
-    for number in range(len(items)):
-        item = next(batches)
-        if isinstance(item, _Failed):
-            raise item.exc
-        if number == len(items) - 1:
-            next(batches, None)  # the loader's own end: its workers exit now, not when this generator is collected
-        yield item
+    try:
+        for number in range(len(items)):
+            item = next(batches)
+            if isinstance(item, _Failed):
+                raise item.exc
+            if number == len(items) - 1:
+                next(batches, None)  # the loader's own end: its workers exit now, not when this is collected
+            yield item
+    finally:  # also when the caller stops early (an error, Ctrl-C): the workers end here, in their parent
+        del batches
 
 
 def read_batches(images, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -196,6 +196,12 @@ class BatchSource:
         self.waited += time.perf_counter() - started
         return images
 
+    def close(self) -> None:
+        """End the decoding workers of a stream stopped before its last batch (a failed or interrupted run)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._next = None, (-1, -1)
+
     def mix(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, step: int):
         """Mixup / CutMix of this step's batch (`[data.augment]`), as targets (N, C); unchanged when off."""
         if not self.augment.mixes:
@@ -437,6 +443,7 @@ def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: Dat
             if watch_split != "test":
                 run.emit({"event": "eval", "split": "test", "step": state.step, "epoch": plan.epochs, **final})
     finally:
+        batches.close()
         run.emit({"event": "end", "step": state.step})
     throughput = run.images_seen * runtime.world_size / run.train_time if run.train_time else 0.0
     return FitResult(steps=state.step, final=final, best=state.best, train_images_per_s=throughput)
