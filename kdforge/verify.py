@@ -21,7 +21,7 @@ import torch
 
 from kdforge.backends import Runner, TorchRunner, open_runner
 from kdforge.checkpoint import final_weights
-from kdforge.data import ImageDataset, eval_batches, load_dataset
+from kdforge.data import DataSplits, ImageDataset, eval_batches, load_dataset
 from kdforge.data.loader import read_batches
 from kdforge.errors import CheckpointError, ExportError, VerificationError
 from kdforge.fileio import check_artifact, file_hash, read_json, read_metadata, write_json
@@ -111,12 +111,13 @@ def mcnemar_exact_p(lost: int, gained: int) -> float:
 
 
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
-                  references: dict | None = None) -> VerifyReport:
+                  references: dict | None = None, data: DataSplits | None = None) -> VerifyReport:
     """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
     and raises VerificationError (saying by how much) when it fails.
 
     `references` (a dict the caller keeps between calls) holds the PyTorch student's logits once computed, so
-    verifying several formats of one export runs the reference once, not once per format."""
+    verifying several formats of one export runs the reference once, not once per format; `data` is the dataset
+    the caller already holds (the export job's), read from the recipe when None."""
     meta = read_metadata(export_dir)
     if fmt_name not in meta["formats"]:
         raise ExportError(f"{export_dir}: no {fmt_name} export recorded in {METADATA}; run `kdforge export` first")
@@ -134,7 +135,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
     started = time.perf_counter()
     batch_size, limit = checks.batch_size, checks.limit_batches
     with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data, recipe.seed)
+        data = data if data is not None else load_dataset(recipe.data, recipe.seed)
         candidate = open_runner(artifact, FORMATS.get(fmt_name).runner,
                                 str(runtime.device) if runtime.device.type == "cuda" else None)
         key = (meta["checkpoint_sha256"], str(runtime.device), candidate.spec, batch_size, limit)

@@ -83,7 +83,7 @@ class ExportJob:
         with self.phases(f"verification {name}"):
             try:
                 self.reports[name] = verify_export(self.export_dir, name, device=self.device,
-                                                   references=self.references)
+                                                   references=self.references, data=self.data)
                 self.failures.pop(name, None)
             except VerificationError as exc:
                 self.reports[name], self.failures[name] = exc.report, str(exc)

@@ -1,0 +1,184 @@
+"""Users' own photos at real size: the streaming data path's speed, the training step's wait for data, and the
+whole chain's wall time and peak memory, on a generated folder of JPEG photos.
+
+    .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --workers 2
+    .venv/bin/python benchmarks/data_at_scale.py train-wait --steps 12 --workers 2
+    .venv/bin/python benchmarks/data_at_scale.py chain --images 5000 [--streamed] [--src OTHER_CHECKOUT]
+
+The photo folder (default data/photos-<N>: 10 classes, 80% train / 20% test, 500x375 JPEGs of about 75 KB made by
+`kdforge.data.synthetic.write_photo_folder`) is generated on first use. Above 5,000 images the extra ones are
+hard links to the first 5,000 under new names (same bytes, new files: what the data path's memory depends on).
+
+- throughput: training images/s at 224 (RandomResizedCrop + flip, uint8) of kdforge's streaming path
+  (`FileImages.views` in `prefetch` workers) vs torchvision's `ImageFolder` + `DataLoader`, same workers, same
+  timm transform, same batch size.
+- train-wait: a resnet18 trained at 224 on the streamed folder (the real loop, `train_stage`): images/s and the
+  share of step time spent waiting for batches (`data_wait` of the log lines), after the first logged window.
+- chain: `kdforge distill` of a resnet10t teacher and a mobilenetv3_small_050 student at 224, 3 steps per stage,
+  ONNX + INT8 exported and verified, as a subprocess: wall time and the peak RSS of its largest process
+  (`getrusage(RUSAGE_CHILDREN)`, workers included). `--src` runs another checkout's kdforge (PYTHONPATH) on the
+  same folder to compare versions; `--streamed` sets data.in_memory = false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE = 5000
+
+
+def photo_folder(images: int, root: Path | None = None) -> Path:
+    from kdforge.data.synthetic import write_photo_folder
+
+    root = root or Path("data") / f"photos-{images}"
+    if (root / "done").is_file():
+        return root
+    base = Path("data") / f"photos-{BASE}"
+    if images <= BASE:
+        write_photo_folder(root, train=images * 4 // 5, test=images // 5, classes=10)
+    else:
+        photo_folder(BASE, base)
+        for split in ("train", "test"):
+            files = sorted((base / split).rglob("*.jpg"))
+            for copy in range(images // BASE):
+                for path in files:
+                    target = root / split / path.parent.name / f"{copy}-{path.name}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if not target.exists():
+                        os.link(path, target)
+    (root / "done").write_text("")
+    return root
+
+
+def cpu() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}, " \
+           f"{os.cpu_count()} cores"
+
+
+def throughput(args) -> None:
+    import torch
+    import torchvision
+
+    from kdforge.data import load_dataset
+    from kdforge.data.loader import prefetch
+    from kdforge.data.stream import create_train_transform
+    from kdforge.recipe import validate_recipe
+
+    root = photo_folder(args.images)
+    recipe = validate_recipe({"name": "bench", "data": {"dataset": "imagefolder", "root": str(root), "image_size": 224,
+                                                        "in_memory": False, "workers": args.workers,
+                                                        "val_fraction": 0}})
+    data = load_dataset(recipe.data)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
+    count = sum(len(b) for b in batches)
+
+    started = time.perf_counter()
+    for _ in prefetch(lambda idx: data.train.images.views(idx, 0, 0), batches, args.workers):
+        pass
+    ours = count / (time.perf_counter() - started)
+
+    transform, _ = create_train_transform(recipe.data.augment, 224)
+    folder = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(folder, batch_size=args.batch, num_workers=args.workers,
+                                         sampler=[int(i) for b in batches for i in b])
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    peer = count / (time.perf_counter() - started)
+    print(f"{count} training views at 224 (RandomResizedCrop + flip, uint8), batch {args.batch}, "
+          f"{args.workers} workers; {cpu()}; torch {torch.__version__}")
+    print(f"| path | images/s |\n|---|---|\n| kdforge streaming (FileImages.views) | {ours:.0f} |\n"
+          f"| torchvision ImageFolder + DataLoader | {peer:.0f} |\n| ratio | {ours / peer:.2f}x |")
+
+
+def train_wait(args) -> None:
+    import torch
+
+    from kdforge.recipe import validate_recipe
+    from kdforge.train.stages import train_stage
+
+    root = photo_folder(args.images)
+    recipe = validate_recipe({
+        "name": "wait", "data": {"dataset": "imagefolder", "root": str(root), "image_size": 224, "in_memory": False,
+                                 "workers": args.workers},
+        "runtime": {"device": "cpu", "threads": args.threads},
+        "train": {"epochs": 1, "batch_size": args.batch, "max_steps": args.steps, "log_every": args.steps // 3,
+                  "limit_eval_batches": 1},
+        "teacher": {"model": "resnet18"}, "student": {"model": "resnet18"},
+    })
+    events = []
+    with tempfile.TemporaryDirectory() as runs:
+        train_stage(recipe, "teacher", runs_dir=runs, consumers=[events.append])
+    logs = [e for e in events if e["event"] == "log"][1:]  # after the first window (workers starting)
+    wait = sum(e["data_wait"] for e in logs) / len(logs)
+    rate = sum(e["images_per_s"] for e in logs) / len(logs)
+    print(f"resnet18 at 224, batch {args.batch}, {args.threads} torch threads, {args.workers} decoding workers; "
+          f"{cpu()}; torch {torch.__version__}")
+    print(f"| steps | images/s | data wait (share of step time) |\n|---|---|---|\n"
+          f"| {args.steps} | {rate:.1f} | {wait:.1%} |")
+
+
+def chain(args) -> None:
+    root = photo_folder(args.images)
+    with tempfile.TemporaryDirectory() as work:
+        recipe = Path(work) / "photos.toml"
+        recipe.write_text(
+            f'name = "photos"\n[data]\ndataset = "imagefolder"\nroot = "{root.resolve()}"\nimage_size = 224\n'
+            f'[runtime]\ndevice = "cpu"\nthreads = {args.threads}\n[train]\nepochs = 1\nbatch_size = 32\n'
+            f'max_steps = 3\nlog_every = 1\n'
+            + (f'limit_eval_batches = {args.eval_batches}\n' if args.eval_batches else '')
+            + f'[teacher]\nmodel = "resnet10t"\n[student]\nmodel = "mobilenetv3_small_050"\n'
+            f'[export]\nformats = ["onnx", "int8"]\ndir = "{work}/exports"\n[quantize]\nescalate = []\n'
+            + (f'[verify]\nlimit_batches = {args.verify_batches}\n' if args.verify_batches else ''))
+        command = [sys.executable, "-m", "kdforge", "distill", str(recipe), "--runs-dir", f"{work}/runs"]
+        if args.streamed:
+            command += ["--set", "data.in_memory=false"]
+        env = {**os.environ, "KDFORGE_CACHE_DIR": f"{work}/cache"}
+        if args.src:
+            env["PYTHONPATH"] = str(Path(args.src).resolve())
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if done.returncode:
+        sys.exit(f"kdforge distill failed:\n{done.stderr[-3000:]}")
+    how = next((line for line in done.stderr.splitlines() if line.startswith("ImageFolder")), "(not stated)")
+    print(f"{args.images:,} JPEGs (500x375), 3 steps per stage, ONNX + INT8, {args.threads} threads; {cpu()}; "
+          f"kdforge from {args.src or 'this checkout'}")
+    print(f"data: {how}")
+    print(f"| images | wall s | peak RSS MB |\n|---|---|---|\n| {args.images:,} | {wall:.0f} | {peak:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("throughput", "train-wait", "chain"):
+        p = sub.add_parser(name)
+        p.add_argument("--images", type=int, default=BASE)
+        p.add_argument("--workers", type=int, default=2)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--batch", type=int, default=32)
+    sub.choices["throughput"].add_argument("--batches", type=int, default=40)
+    sub.choices["train-wait"].add_argument("--steps", type=int, default=12)
+    sub.choices["chain"].add_argument("--streamed", action="store_true")
+    sub.choices["chain"].add_argument("--src", help="another checkout whose kdforge runs the chain")
+    sub.choices["chain"].add_argument("--eval-batches", type=int, default=None)
+    sub.choices["chain"].add_argument("--verify-batches", type=int, default=None)
+    args = parser.parse_args()
+    {"throughput": throughput, "train-wait": train_wait, "chain": chain}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
