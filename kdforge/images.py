@@ -63,7 +63,8 @@ def open_rgb(source: bytes | Path, draft_size: int, max_pixels: int = MAX_PIXELS
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is larger than the "
                                     f"{max_pixels:,} pixels decoded here; send it smaller")
-            return _to_rgb(image)  # a new image (convert copies), valid after the file closes
+            image.load()  # decoded now: the image stays valid after the file closes
+            return image if image.mode == "RGB" else _to_rgb(image)
     except ImageError:  # ours, raised above (it is a ValueError: let it through unchanged)
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, met before ours by some headers
