@@ -15,9 +15,11 @@ hard links to the first 5,000 under new names (same bytes, new files: what the d
 - train-wait: a resnet18 trained at 224 on the streamed folder (the real loop, `train_stage`): images/s and the
   share of step time spent waiting for batches (`data_wait` of the log lines), after the first logged window.
 - chain: `kdforge distill` of a resnet10t teacher and a mobilenetv3_small_050 student at 224, 3 steps per stage,
-  ONNX + INT8 exported and verified, as a subprocess: wall time and the peak RSS of its largest process
-  (`getrusage(RUSAGE_CHILDREN)`, workers included). `--src` runs another checkout's kdforge (PYTHONPATH) on the
-  same folder to compare versions; `--streamed` sets data.in_memory = false.
+  ONNX + INT8 exported and verified, as a subprocess: wall time, the peak RSS of its largest process
+  (`getrusage(RUSAGE_CHILDREN)`, workers included) and the main process's peak anonymous and file-mapped memory
+  (sampled from /proc: a mapped decode cache is page cache, shared and evictable, not memory the process owns).
+  `--src` runs another checkout's kdforge on the same folder to compare versions; `--streamed` sets
+  data.in_memory = false.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 BASE = 5000
+BOOTSTRAP = "import sys; sys.path.insert(0, {src!r}); sys.argv[0] = 'kdforge'; from kdforge.cli import app; app()"
 
 
 def photo_folder(images: int, root: Path | None = None) -> Path:
@@ -146,19 +149,33 @@ def chain(args) -> None:
         if args.streamed:
             command += ["--set", "data.in_memory=false"]
         env = {**os.environ, "KDFORGE_CACHE_DIR": f"{work}/cache"}
-        if args.src:
-            env["PYTHONPATH"] = str(Path(args.src).resolve())
+        if args.src:  # that checkout's kdforge first on the path, before this one and the installed one
+            command[1:3] = ["-c", BOOTSTRAP.format(src=str(Path(args.src).resolve()))]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        while process.poll() is None:  # the main process's own memory, sampled: anonymous vs mapped files
+            status = Path(f"/proc/{process.pid}/status")
+            try:
+                for line in status.read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(value.split()[0]) // 1024)
+            except OSError:
+                pass
+            time.sleep(0.2)
+        stdout, stderr = process.communicate()
         wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if done.returncode:
-        sys.exit(f"kdforge distill failed:\n{done.stderr[-3000:]}")
-    how = next((line for line in done.stderr.splitlines() if line.startswith("ImageFolder")), "(not stated)")
+    if process.returncode:
+        sys.exit(f"kdforge distill failed:\n{stderr[-3000:]}")
+    how = next((line for line in stderr.splitlines() if line.startswith("ImageFolder")), "(not stated)")
     print(f"{args.images:,} JPEGs (500x375), 3 steps per stage, ONNX + INT8, {args.threads} threads; {cpu()}; "
           f"kdforge from {args.src or 'this checkout'}")
     print(f"data: {how}")
-    print(f"| images | wall s | peak RSS MB |\n|---|---|---|\n| {args.images:,} | {wall:.0f} | {peak:.0f} |")
+    print("| images | wall s | peak RSS MB (largest process) | main process: peak anonymous MB | peak mapped MB |\n"
+          f"|---|---|---|---|---|\n| {args.images:,} | {wall:.0f} | {peak:.0f} | {peaks['RssAnon']} | "
+          f"{peaks['RssFile']} |")
 
 
 def main() -> None:

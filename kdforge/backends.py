@@ -70,7 +70,8 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 class OnnxRunner:
     """An ONNX file through ONNX Runtime. Input size and mean/std come from the file's own metadata."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 many_batches: bool = False) -> None:
         ort = require("onnxruntime")
 
         self.path = Path(path)
@@ -79,6 +80,8 @@ class OnnxRunner:
         options = ort.SessionOptions()
         if threads:  # default: ONNX Runtime's (one per physical core)
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if many_batches:  # verification: ORT's memory pattern grew a session by ~1.1 GB over 50 batches at 224
+            options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=choose_providers(providers))
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -189,16 +192,17 @@ class OpenVinoRunner:
         return torch.from_numpy(self.compiled(x)[self.output].copy()).float()
 
 
-def open_runner(path: Path, kind: str, device: str | None = None,
-                threads: int | None = None) -> OnnxRunner | TrtRunner | OpenVinoRunner:
+def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,
+                many_batches: bool = False) -> OnnxRunner | TrtRunner | OpenVinoRunner:
     """The runner for an exported artifact of runner `kind` (a format's `runner` in kdforge.formats): ONNX
     Runtime, OpenVINO or TensorRT (`device`: its CUDA device; `threads`: CPU threads for the CPU runtimes;
-    default: theirs)."""
+    default: theirs). `many_batches`: memory stays flat over a whole split (verification) rather than the last
+    bit of latency (`kdforge bench` times with the runtimes' defaults)."""
     if kind == "tensorrt":
         return TrtRunner(path, device)
     if kind == "openvino":
         return OpenVinoRunner(path, threads)
-    return OnnxRunner(path, threads=threads)
+    return OnnxRunner(path, threads=threads, many_batches=many_batches)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -360,7 +360,8 @@ class Tolerance(Strict):
 
 
 class VerifyConfig(Strict):
-    batch_size: PositiveInt = 256
+    # default: 256 images at inputs up to 64x64, fewer at larger inputs (about 64x64x256 pixels a batch: 20 at 224)
+    batch_size: PositiveInt | None = None
     limit_batches: PositiveInt | None = None  # test batches compared; default: the whole test split
     fp32: Tolerance = Tolerance(min_agreement=0.999, max_top1_delta=0.1)
     # FP16 rounding flips the top-1 of a few images whose two best classes are within ~1e-3

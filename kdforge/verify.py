@@ -28,7 +28,7 @@ from kdforge.fileio import check_artifact, file_hash, read_json, read_metadata, 
 from kdforge.formats import FORMATS
 from kdforge.layout import METADATA, RECIPE, VERIFY
 from kdforge.metrics import topk_accuracy
-from kdforge.models import load_stage_model
+from kdforge.models import load_stage_model, resolve_input_spec
 from kdforge.recipe import Tolerance, VerifyConfig, load_recipe
 from kdforge.runtime import out_of_memory_as_error, runtime_scope
 
@@ -110,6 +110,15 @@ def mcnemar_exact_p(lost: int, gained: int) -> float:
 
 
 
+def resolve_verify_batch(batch_size: int | None, cfg) -> int:
+    """`verify.batch_size`, or by default 256 images at inputs up to 64x64 and as many pixels a batch above (at 224:
+    20 images; a batch of 256 there held about 1 GB of runner activations for nothing)."""
+    if batch_size is not None:
+        return batch_size
+    size = resolve_input_spec(cfg).size
+    return max(1, min(256, 256 * 64 * 64 // (size * size)))
+
+
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
                   references: dict | None = None, data: DataSplits | None = None) -> VerifyReport:
     """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
@@ -133,11 +142,11 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
     checks = VerifyConfig.model_validate(meta["settings"]["verify"]) if "settings" in meta else recipe.verify
     references = {} if references is None else references
     started = time.perf_counter()
-    batch_size, limit = checks.batch_size, checks.limit_batches
+    batch_size, limit = resolve_verify_batch(checks.batch_size, cfg), checks.limit_batches
     with runtime_scope(recipe.runtime, device) as runtime:
         data = data if data is not None else load_dataset(recipe.data, recipe.seed)
         candidate = open_runner(artifact, FORMATS.get(fmt_name).runner,
-                                str(runtime.device) if runtime.device.type == "cuda" else None)
+                                str(runtime.device) if runtime.device.type == "cuda" else None, many_batches=True)
         key = (meta["checkpoint_sha256"], str(runtime.device), candidate.spec, batch_size, limit)
         with out_of_memory_as_error(
             f"verifying {fmt_name} of {cfg.model} on {runtime.device} at batch size {batch_size}",

@@ -15,6 +15,7 @@ an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -174,29 +175,41 @@ def decode_key(refs: list[SampleRef], size: int) -> str:
 
 def decode_cached(refs: list[SampleRef], size: int, workers: int,
                   note: Callable[[str], None] | None = None, batch: int = 64) -> MappedImages:
-    """The images decoded at `size`, memory-mapped from the decode cache; decoded (by `workers`) and written
-    first when the cache does not hold them. The file appears whole or not at all (written, then renamed)."""
+    """The images decoded at `size`, memory-mapped from the decode cache; decoded and written first when the cache
+    does not hold them, each batch by a worker straight into the file (the main process holds no decoded image).
+    The file appears whole or not at all (written, then renamed)."""
     path = cache_root() / f"{decode_key(refs, size)}.npy"
     shape = (len(refs), 3, size, size)
     if path.is_file():
-        array = np.load(path, mmap_mode="r")
+        array = mapped(str(path), path.stat().st_mtime_ns)
         if array.shape == shape and array.dtype == np.uint8:
             return MappedImages(array)
     if note:
         note(f"decoding {len(refs):,} images once at {size}x{size} into {path}")
     files = FileImages(refs, size)
-    batches = eval_batches(len(refs), batch)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(path.parent)
         with atomic_path(path) as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            for idx, images in zip(batches, prefetch(files.__getitem__, batches, workers), strict=True):
-                array[int(idx[0]):int(idx[-1]) + 1] = images.numpy()
-            array.flush()
-            del array
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # the file, full size
+
+            def write(idx: torch.Tensor) -> int:
+                rows = np.load(tmp, mmap_mode="r+")
+                rows[int(idx[0]):int(idx[-1]) + 1] = files[idx].numpy()
+                rows.flush()
+                return len(idx)
+
+            for _ in prefetch(write, eval_batches(len(refs), batch), workers):
+                pass
     except OSError as exc:
         raise DataError(f"cannot write the decode cache {path} ({exc.strerror or exc}); set KDFORGE_CACHE_DIR to a "
                         f"writable folder with {np.prod(shape) / 1e9:.2f} GB free, or stream the data "
                         f"([data] in_memory = false)") from None
-    return MappedImages(np.load(path, mmap_mode="r"))
+    return MappedImages(mapped(str(path), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def mapped(path: str, mtime_ns: int) -> np.ndarray:
+    """One read-only mapping of a decode cache file per process, however many stages load it (each mapping's
+    resident pages count in the process's RSS again)."""
+    return np.load(path, mmap_mode="r")

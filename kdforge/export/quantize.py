@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,25 @@ from kdforge.recipe import QuantizeConfig
 from kdforge.rng import rng_stream
 
 
+class PreparedBatches(Sequence):
+    """Calibration batches, float32 prepared for the model when each is read: 512 images at 224 are 300 MB as
+    float, held by nothing between reads (the uint8 images stay in memory, the decode cache or their files)."""
+
+    def __init__(self, images, index_batches: list[torch.Tensor], spec: InputSpec) -> None:
+        self.images, self.index_batches, self.spec = images, index_batches, spec
+
+    def __len__(self) -> int:
+        return len(self.index_batches)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.spec.prepare(self.images[self.index_batches[i]]).numpy()
+
+
 @dataclass(frozen=True)
 class CalibrationData:
-    batches: list[np.ndarray]  # float32, prepared for the model
+    batches: Sequence[np.ndarray]  # float32, prepared for the model (when read)
     count: int
     heldout_images: torch.Tensor  # uint8, for the accuracy-aware search (disjoint from calibration)
     heldout_labels: torch.Tensor
@@ -65,7 +82,7 @@ def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig
         count -= count % batch_size
     order = torch.randperm(available, generator=rng_stream(seed, "calibration"))
     calibration, heldout = order[:count], order[count : count + cfg.sensitivity_images]
-    batches = [spec.prepare(train.images[idx]).numpy() for idx in calibration.split(batch_size)]
+    batches = PreparedBatches(train.images, list(calibration.split(batch_size)), spec)
     if val is not None:
         heldout = torch.randperm(len(val), generator=rng_stream(seed, "calibration"))[:cfg.sensitivity_images]
         return CalibrationData(batches, count, val.images[heldout], val.labels[heldout], notes, "validation images")
