@@ -154,7 +154,7 @@ def test_the_decode_cache_decodes_each_image_once_for_every_later_load(photos, t
     first = load_dataset(recipe.data, recipe.seed)
     assert len(decoded) == PHOTOS["train"] + PHOTOS["test"] and not first.streamed
     assert "decoded once" in first.description and len(list((tmp_path / "cache" / "decoded").glob("*.npy"))) == 2
-    second = load_dataset(recipe.data, recipe.seed)  # the next stage, the export, verification: mapped, not decoded
+    second = load_dataset(recipe.data, recipe.seed)  # the next stage, the export, verification: read, not decoded
     assert len(decoded) == PHOTOS["train"] + PHOTOS["test"]
     everything = torch.arange(len(first.test))
     assert torch.equal(first.test.images[everything], second.test.images[everything])

@@ -68,7 +68,7 @@ def data_workers(cfg: DataConfig) -> int:
 def load_dataset(cfg: DataConfig, seed: int = 0) -> DataSplits:
     """The dataset's train and test splits, and the validation split `cfg.val_fraction` holds out of the
     training split (stratified, drawn with `seed`, the recipe's). Nothing is decoded twice: CIFAR-100 and the
-    synthetic set are read into memory, an ImageFolder or shards are mapped from the decode cache or streamed
+    synthetic set are read into memory, an ImageFolder or shards are read from the decode cache or streamed
     (`DataSplits.description` says which and why)."""
     splits = DATASETS.get(cfg.dataset)(cfg)
     if not cfg.val_fraction:

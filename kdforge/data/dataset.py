@@ -1,13 +1,14 @@
 """Image datasets batched by index: `dataset.images[idx]` is a uint8 (n, 3, H, W) batch.
 
 The images are either a tensor held in memory (CIFAR-100, the synthetic set: decoded once, the fastest path at
-that size) or `LazyImages`, read on demand: a memory-mapped decode cache (`MappedImages`) or image files and
+that size) or `LazyImages`, read on demand: a decode cache on disk (`CachedImages`) or image files and
 shard members decoded when asked (`kdforge.data.stream.FileImages`). Every consumer indexes them the same way;
 the hot loops (training, evaluation, verification) read lazy images in DataLoader workers (`data.loader`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,18 +67,37 @@ class SubsetImages(LazyImages):
         return attr
 
 
-class MappedImages(LazyImages):
-    """A decode cache on disk (uint8 (N, 3, size, size), `numpy.memmap`): a batch reads its rows from the page
-    cache, so several stages and processes share one copy and none holds the whole set."""
+class CachedImages(LazyImages):
+    """A decode cache on disk: a `.npy` file of uint8 (N, 3, size, size). A batch reads its rows (`os.preadv`)
+    from the page cache, so stages and processes share one copy, none holds the whole set, and nothing of the
+    file is mapped into a process (a memory map's touched pages would count in its RSS, once per mapping)."""
 
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.size = array, array.shape[-1]
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 4 or shape[1] != 3:
+            raise ValueError(f"{path}: not a decode cache (uint8 (N, 3, H, W)); got {dtype} {shape}")
+        self.path, self.count, self.size = path, shape[0], shape[-1]
+        self.row = 3 * self.size * self.size
 
     def __len__(self) -> int:
-        return len(self.array)
+        return self.count
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[torch.as_tensor(idx).cpu().numpy()]))
+        positions = torch.as_tensor(idx).cpu().flatten().tolist()
+        out = np.empty((len(positions), 3, self.size, self.size), dtype=np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for row, position in zip(out, positions, strict=True):
+                if os.preadv(fd, [row.reshape(-1)], self.offset + position * self.row) != self.row:
+                    raise OSError(f"{self.path} is shorter than its header says")
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
 
 
 Images = torch.Tensor | LazyImages

@@ -4,7 +4,7 @@ labels without decoding anything, then read one of two ways (`[data] in_memory`,
 
 - in memory: every image decoded ONCE, resized to the square `image_size`, into a decode cache on disk (a
   `.npy` file keyed by the file list, sizes, modification times and `image_size`) that every later stage, the
-  estimate, export, verification and QAD map instead of decoding again (`MappedImages`);
+  estimate, export, verification and QAD read instead of decoding again (`CachedImages`);
 - streamed: images decoded when a batch needs them, in DataLoader workers (`FileImages`); training views are
   timm's augmentations of the image at its source resolution, evaluation the same square resize.
 
@@ -15,7 +15,6 @@ an error.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kdforge.data.dataset import DataSplits, ImageDataset, MappedImages, eval_batches
+from kdforge.data.dataset import CachedImages, DataSplits, ImageDataset, eval_batches
 from kdforge.data.loader import prefetch
 from kdforge.data.stream import FileImages, SampleRef
 from kdforge.errors import DataError
@@ -110,7 +109,7 @@ def available_memory() -> int:
 def resolve_in_memory(cfg: DataConfig, index: FolderIndex, free: int | None = None) -> tuple[bool, str]:
     """(in memory?, why) for `[data] in_memory` on this dataset: true/false as set; "auto" streams when the
     recipe asks for augmentations that crop from the source image (they need it), or when the decoded set would
-    take more than MEMORY_SHARE of the available memory; otherwise the decode cache, mapped."""
+    take more than MEMORY_SHARE of the available memory; otherwise the decode cache."""
     size = decoded_bytes(index, cfg.image_size)
     gb = f"{size / 1e9:.2f} GB decoded at {cfg.image_size}x{cfg.image_size}"
     if cfg.in_memory is True:
@@ -132,10 +131,10 @@ def describe(cfg: DataConfig, index: FolderIndex, workers: int) -> str:
     if not in_memory:
         how = f"streamed: decoded by {workers} worker{'s' * (workers != 1)} in every pass"
     elif all((cache_root() / f"{decode_key(s.refs, cfg.image_size)}.npy").is_file() for s in index.splits.values()):
-        how = "in memory: mapped from the decode cache (decoded by an earlier run)"
+        how = "in memory: read from the decode cache (decoded by an earlier run)"
     else:
         how = (f"in memory: each image decoded once (by {workers} worker{'s' * (workers != 1)}) into the decode "
-               f"cache at {cfg.image_size}x{cfg.image_size}, which later stages map")
+               f"cache at {cfg.image_size}x{cfg.image_size}, which later stages read")
     return f"{index.source} {cfg.root}: {counts} images, {how} ({why})"
 
 
@@ -174,16 +173,20 @@ def decode_key(refs: list[SampleRef], size: int) -> str:
 
 
 def decode_cached(refs: list[SampleRef], size: int, workers: int,
-                  note: Callable[[str], None] | None = None, batch: int = 64) -> MappedImages:
-    """The images decoded at `size`, memory-mapped from the decode cache; decoded and written first when the cache
+                  note: Callable[[str], None] | None = None, batch: int = 64) -> CachedImages:
+    """The images decoded at `size`, read from the decode cache; decoded and written first when the cache
     does not hold them, each batch by a worker straight into the file (the main process holds no decoded image).
     The file appears whole or not at all (written, then renamed)."""
     path = cache_root() / f"{decode_key(refs, size)}.npy"
     shape = (len(refs), 3, size, size)
     if path.is_file():
-        array = mapped(str(path), path.stat().st_mtime_ns)
-        if array.shape == shape and array.dtype == np.uint8:
-            return MappedImages(array)
+        try:
+            cached = CachedImages(str(path))
+            if (len(cached), cached.size) == (len(refs), size) and path.stat().st_size == cached.offset + \
+                    np.prod(shape):
+                return cached
+        except (OSError, ValueError):  # damaged: derived data, decoded again
+            pass
     if note:
         note(f"decoding {len(refs):,} images once at {size}x{size} into {path}")
     files = FileImages(refs, size)
@@ -205,11 +208,4 @@ def decode_cached(refs: list[SampleRef], size: int, workers: int,
         raise DataError(f"cannot write the decode cache {path} ({exc.strerror or exc}); set KDFORGE_CACHE_DIR to a "
                         f"writable folder with {np.prod(shape) / 1e9:.2f} GB free, or stream the data "
                         f"([data] in_memory = false)") from None
-    return MappedImages(mapped(str(path), path.stat().st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=16)
-def mapped(path: str, mtime_ns: int) -> np.ndarray:
-    """One read-only mapping of a decode cache file per process, however many stages load it (each mapping's
-    resident pages count in the process's RSS again)."""
-    return np.load(path, mmap_mode="r")
+    return CachedImages(str(path))
