@@ -317,3 +317,27 @@ def test_the_teacher_cache_on_streamed_data_answers_for_the_view_the_student_see
                                       / "model.safetensors", 4)
         fresh = teacher(images)
     torch.testing.assert_close(logits, fresh, atol=2e-2, rtol=0)  # stored as FP16
+
+
+def test_data_shard_command_writes_shards_and_refuses_a_folder_that_is_not_an_imagefolder(photos, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdforge.cli import app
+
+    done = CliRunner().invoke(app, ["data", "shard", str(photos / "folder"), "--out", str(tmp_path / "s"),
+                                    "--shard-size", "20"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 4 shard(s) (0 kept from an earlier run) of 48 train + 16 test images" in done.output
+    assert len(scan_shards(tmp_path / "s").splits["train"].refs) == PHOTOS["train"]
+    bad = CliRunner().invoke(app, ["data", "shard", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "is not a folder" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "t").exists()  # nothing is created before the input is checked
+
+
+def test_the_verification_batch_follows_the_input_size():
+    from kdforge.recipe import ModelConfig
+    from kdforge.verify import resolve_verify_batch
+
+    assert resolve_verify_batch(None, ModelConfig(model="resnet18", input_size=32)) == 256
+    assert resolve_verify_batch(None, ModelConfig(model="resnet18", input_size=224)) == 20
+    assert resolve_verify_batch(64, ModelConfig(model="resnet18", input_size=224)) == 64  # as the recipe says
