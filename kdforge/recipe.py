@@ -56,10 +56,10 @@ MIXUP_DEFAULTS = {"mixup": 0.0, "cutmix": 0.0, "mixup_prob": 1.0, "mixup_switch_
 class AugmentConfig(Strict):
     """Train-time augmentation. Data held in memory: random crop with `crop_padding` and flip, on whole batches on
     the training device. Streamed data (`[data] in_memory`): timm's transforms in the decoding workers, named as
-    timm names them: RandomResizedCrop (`scale`, `ratio`) from the source image, flip, `auto_augment` ("rand-m9-
-    mstd0.5" RandAugment, "augmix-m5", "original" AutoAugment), `color_jitter`, random erasing
+    timm names them: RandomResizedCrop (`scale`, `ratio`) from the source image, flip, `auto_augment`
+    ("rand-m9-mstd0.5" RandAugment, "augmix-m5", "original" AutoAugment), `color_jitter`, random erasing
     (`re_prob`). Both: mixup / CutMix (timm's `Mixup`; `mixup`, `cutmix` are the Beta alphas, 0 = off) with the
-    teacher answering the mixed image."""
+    teacher answering the mixed image; each process mixes within its share of the global batch."""
 
     crop_padding: Annotated[int, Field(ge=0)] = 4  # in memory only
     hflip: bool = True
@@ -120,7 +120,7 @@ class DataConfig(Strict):
     download: bool = False
     # imagefolder/webdataset: the square size images are decoded to (in memory) or cropped to (streamed)
     image_size: Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)] = 32
-    # imagefolder/webdataset: true: decoded once into a decode cache mapped by every stage; false: streamed,
+    # imagefolder/webdataset: true: decoded once into a decode cache read by every stage; false: streamed,
     # decoded by `workers` processes in every pass (timm's augmentations at the source resolution); "auto": in
     # memory when the decoded set fits a quarter of the available memory and no streamed augmentation is asked
     # for. cifar100 and synthetic are always in memory.
@@ -486,6 +486,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _mixup_pairs(self) -> Recipe:
+        if self.data.augment.mixes and self.distill.teacher_cache.views:
+            raise ValueError("data.augment mixup/cutmix with distill.teacher_cache: the cache holds the teacher's "
+                             "answers for unmixed views; distill with the teacher online (teacher_cache.views = 0)")
         if self.data.augment.mixes:
             odd = sorted({section.train.batch_size for section in (self.teacher, self.student)
                           if section is not None and section.train.batch_size % 2})

@@ -92,6 +92,10 @@ def test_shards_are_webdataset_shards_written_whole_and_resumed(photos, tmp_path
     assert (first.written, again.written, again.kept) == (7, 1, 6)
     assert (copy / "train" / "shard-000002.tar").read_bytes() == original
     assert not list(copy.glob("*/.*tmp*"))
+    from kdforge.errors import DataError
+
+    with pytest.raises(DataError, match="another folder, file list or --shard-size"):
+        write_shards(photos / "folder", copy, shard_size=12)  # would mix two shardings
 
 
 def test_a_damaged_shard_is_one_clear_error(photos, tmp_path):
@@ -341,3 +345,8 @@ def test_the_verification_batch_follows_the_input_size():
     assert resolve_verify_batch(None, ModelConfig(model="resnet18", input_size=32)) == 256
     assert resolve_verify_batch(None, ModelConfig(model="resnet18", input_size=224)) == 20
     assert resolve_verify_batch(64, ModelConfig(model="resnet18", input_size=224)) == 64  # as the recipe says
+
+
+def test_mixup_with_a_teacher_cache_is_refused_the_cache_answers_for_unmixed_views():
+    with pytest.raises(RecipeError, match="answers for unmixed views"):
+        validate_recipe({"name": "r", "data": {"augment": {"cutmix": 1.0}}, "distill": {"teacher_cache": {"views": 2}}})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,14 +137,13 @@ def describe(cfg: DataConfig, index: FolderIndex, workers: int) -> str:
     return f"{index.source} {cfg.root}: {counts} images, {how} ({why})"
 
 
-def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int,
-                        note: Callable[[str], None] | None = None) -> DataSplits:
+def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int) -> DataSplits:
     """The dataset's splits, in memory (the decode cache) or streamed, as `resolve_in_memory` decides."""
     in_memory, _ = resolve_in_memory(cfg, index)
     description = describe(cfg, index, workers)
     splits = {}
     for name, split in index.splits.items():
-        images = decode_cached(split.refs, cfg.image_size, workers, note) if in_memory \
+        images = decode_cached(split.refs, cfg.image_size, workers) if in_memory \
             else FileImages(split.refs, cfg.image_size, cfg.augment, workers)
         splits[name] = ImageDataset(images, torch.tensor(split.labels, dtype=torch.int64), index.classes)
     return DataSplits(splits["train"], splits["test"], description=description)
@@ -172,11 +170,11 @@ def decode_key(refs: list[SampleRef], size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def decode_cached(refs: list[SampleRef], size: int, workers: int,
-                  note: Callable[[str], None] | None = None, batch: int = 64) -> CachedImages:
+def decode_cached(refs: list[SampleRef], size: int, workers: int, batch: int = 64) -> CachedImages:
     """The images decoded at `size`, read from the decode cache; decoded and written first when the cache
     does not hold them, each batch by a worker straight into the file (the main process holds no decoded image).
-    The file appears whole or not at all (written, then renamed)."""
+    The file's space is reserved first (a full disk fails before any decoding) and it appears whole or not at
+    all (written, then renamed)."""
     path = cache_root() / f"{decode_key(refs, size)}.npy"
     shape = (len(refs), 3, size, size)
     if path.is_file():
@@ -187,19 +185,23 @@ def decode_cached(refs: list[SampleRef], size: int, workers: int,
                 return cached
         except (OSError, ValueError):  # damaged: derived data, decoded again
             pass
-    if note:
-        note(f"decoding {len(refs):,} images once at {size}x{size} into {path}")
     files = FileImages(refs, size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(path.parent)
         with atomic_path(path) as tmp:
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # the file, full size
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                offset = f.tell()
+                if hasattr(os, "posix_fallocate"):  # not on macOS: there a full disk fails while writing
+                    os.posix_fallocate(f.fileno(), 0, offset + int(np.prod(shape)))
 
             def write(idx: torch.Tensor) -> int:
-                rows = np.load(tmp, mmap_mode="r+")
-                rows[int(idx[0]):int(idx[-1]) + 1] = files[idx].numpy()
-                rows.flush()
+                fd = os.open(tmp, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, files[idx].numpy().tobytes(), offset + int(idx[0]) * 3 * size * size)
+                finally:
+                    os.close(fd)
                 return len(idx)
 
             for _ in prefetch(write, eval_batches(len(refs), batch), workers):

@@ -25,9 +25,10 @@ from pathlib import Path
 from kdforge.data.imagefolder import SPLITS, FolderIndex, SplitIndex, scan_imagefolder
 from kdforge.data.stream import SampleRef
 from kdforge.errors import DataError
-from kdforge.fileio import atomic_path, remove_leftovers
+from kdforge.fileio import atomic_path, atomic_write_text, read_json, remove_leftovers, write_json
 
 CLASSES = "classes.txt"
+PLAN = ".kdforge-shards.json"  # which images, in which order, at which shard size (for resuming)
 SHARD = "shard-{:06d}.tar"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -51,9 +52,16 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
         raise DataError(f"--shard-size must be at least 1 (got {shard_size})")
     index = scan_imagefolder(imagefolder)  # every input is checked before anything is written
     out = Path(out)
+    plan = {"shard_size": shard_size, "classes": list(index.classes),
+            "images": {split: [str(Path(ref.path).relative_to(imagefolder)) for ref in data.refs]
+                       for split, data in index.splits.items()}}
+    if (out / PLAN).is_file() and read_json(out / PLAN) != plan:
+        raise DataError(f"{out} holds shards of another folder, file list or --shard-size; remove it or choose "
+                        f"another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / CLASSES).write_text("".join(f"{name}\n" for name in index.classes))
+        write_json(out / PLAN, plan)  # what the shards hold: a second run resumes only the same plan
+        atomic_write_text(out / CLASSES, "".join(f"{name}\n" for name in index.classes))
     except OSError as exc:
         raise DataError(f"cannot write shards into {out}: {exc.strerror}") from None
     written = kept = 0

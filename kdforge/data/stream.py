@@ -102,8 +102,9 @@ class FileImages(LazyImages):
               purpose: str = "image_view") -> torch.Tensor:
         """Training views (uint8 (n, 3, size, size)) of the images at `idx`: view `number` of each (the epoch; or
         per image, the teacher cache's view with `purpose` "cache_image_view")."""
-        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(_positions(idx))
-        return torch.stack([self.view(i, seed, n, purpose) for i, n in zip(_positions(idx), numbers, strict=True)])
+        positions = _positions(idx)
+        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
+        return torch.stack([self.view(i, seed, n, purpose) for i, n in zip(positions, numbers, strict=True)])
 
     def view(self, index: int, seed: int, number: int, purpose: str = "image_view") -> torch.Tensor:
         if self._transform is None:

@@ -301,12 +301,13 @@ class Window:
         elapsed = time.perf_counter() - self.started
         loss_sum, correct, seen = runtime.all_reduce_sum(
             [self.finite_loss(title, state.step), self.correct.item(), self.seen])
+        # streamed data: the share of this window's time the steps waited for their images
         data_wait = {"data_wait": min(1.0, (waited - self.waited) / max(elapsed, 1e-9))} if waited else {}
-        return {**data_wait,
+        return {
             "event": "log", "step": state.step, "total_steps": plan.total_steps, "epoch": epoch,
             "loss": loss_sum / seen, "train_top1": correct / seen,
             "lr": state.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
-            **{f"loss_{name}": value.item() for name, value in parts.items()},
+            **{f"loss_{name}": value.item() for name, value in parts.items()}, **data_wait,
         }
 
 
