@@ -119,6 +119,26 @@ def test_objective_weights_named_terms_and_returns_each_part():
         assert loss.item() == pytest.approx(parts["ce"].item() + factor * distill_part, rel=1e-5)
 
 
+def test_the_hard_method_by_name_and_mixed_targets_in_the_objective():
+    """`method = "hard"` is DeiT's mix: (1 - alpha) CE on the labels + alpha CE on the teacher's argmax. Under mixup
+    the labels are mixed targets (N, C): cross-entropy reads them as they are; DKD's target class is the larger
+    share of each mix."""
+    student, teacher = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)), torch.randn(4, 6)
+    mixed = 0.7 * F.one_hot(torch.tensor([0, 1, 2, 3]), 6) + 0.3 * F.one_hot(torch.tensor([3, 2, 1, 0]), 6)
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+
+    loss, parts = create_distill_objective(DistillConfig(method="hard", alpha=0.4), None)(
+        student, mixed, images, teacher_logits=teacher)
+    assert set(parts) == {"ce", "hard"}
+    expected = 0.6 * F.cross_entropy(student, mixed) + 0.4 * hard_distillation_loss(student, teacher)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    _, parts = create_distill_objective(DistillConfig(method="dkd"), None)(student, mixed, images,
+                                                                            teacher_logits=teacher)
+    tckd, nckd = dkd_parts(student, teacher, torch.tensor([0, 1, 2, 3]), 4.0)
+    assert (parts["tckd"].item(), parts["nckd"].item()) == pytest.approx((tckd.item(), nckd.item()), rel=1e-6)
+
+
 def test_a_new_distill_key_at_its_default_keeps_finished_runs_reusable(make_recipe):
     from kdforge.train.stages import stage_fingerprint
 
