@@ -69,6 +69,12 @@ def cpu() -> str:
            f"{os.cpu_count()} cores"
 
 
+def streamed_photos(args) -> dict:
+    """The [data] section of the generated photo folder at 224, streamed by `args.workers` workers."""
+    return {"dataset": "imagefolder", "root": str(photo_folder(args.images)), "image_size": 224, "in_memory": False,
+            "workers": args.workers}
+
+
 def throughput(args) -> None:
     import torch
     import torchvision
@@ -78,10 +84,7 @@ def throughput(args) -> None:
     from kdforge.data.stream import create_train_transform
     from kdforge.recipe import validate_recipe
 
-    root = photo_folder(args.images)
-    recipe = validate_recipe({"name": "bench", "data": {"dataset": "imagefolder", "root": str(root), "image_size": 224,
-                                                        "in_memory": False, "workers": args.workers,
-                                                        "val_fraction": 0}})
+    recipe = validate_recipe({"name": "bench", "data": {**streamed_photos(args), "val_fraction": 0}})
     data = load_dataset(recipe.data)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
     batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
@@ -93,7 +96,7 @@ def throughput(args) -> None:
     ours = count / (time.perf_counter() - started)
 
     transform, _ = create_train_transform(recipe.data.augment, 224)
-    folder = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    folder = torchvision.datasets.ImageFolder(str(Path(recipe.data.root) / "train"), transform=transform)
     loader = torch.utils.data.DataLoader(folder, batch_size=args.batch, num_workers=args.workers,
                                          sampler=[int(i) for b in batches for i in b])
     started = time.perf_counter()
@@ -112,10 +115,8 @@ def train_wait(args) -> None:
     from kdforge.recipe import validate_recipe
     from kdforge.train.stages import train_stage
 
-    root = photo_folder(args.images)
     recipe = validate_recipe({
-        "name": "wait", "data": {"dataset": "imagefolder", "root": str(root), "image_size": 224, "in_memory": False,
-                                 "workers": args.workers},
+        "name": "wait", "data": streamed_photos(args),
         "runtime": {"device": "cpu", "threads": args.threads},
         "train": {"epochs": 1, "batch_size": args.batch, "max_steps": args.steps, "log_every": args.steps // 3,
                   "limit_eval_batches": 1},

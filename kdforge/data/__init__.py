@@ -57,7 +57,8 @@ def describe_data(cfg: DataConfig) -> str | None:
         return None
     from kdforge.data import imagefolder
 
-    return imagefolder.describe(cfg, scan_files(cfg), data_workers(cfg))
+    index = scan_files(cfg)
+    return imagefolder.describe(cfg, index, data_workers(cfg), imagefolder.resolve_in_memory(cfg, index))
 
 
 def data_workers(cfg: DataConfig) -> int:

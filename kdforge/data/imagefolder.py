@@ -123,9 +123,9 @@ def resolve_in_memory(cfg: DataConfig, index: FolderIndex, free: int | None = No
     return True, f"{gb} fits in the {free / 1e9:.1f} GB of memory available"
 
 
-def describe(cfg: DataConfig, index: FolderIndex, workers: int) -> str:
-    """One line: how many images, read how, and why (`resolve_in_memory`)."""
-    in_memory, why = resolve_in_memory(cfg, index)
+def describe(cfg: DataConfig, index: FolderIndex, workers: int, decision: tuple[bool, str]) -> str:
+    """One line: how many images, read how, and why (`decision`: `resolve_in_memory`'s answer)."""
+    in_memory, why = decision
     counts = " + ".join(f"{len(s.refs):,} {name}" for name, s in index.splits.items())
     if not in_memory:
         how = f"streamed: decoded by {workers} worker{'s' * (workers != 1)} in every pass"
@@ -139,8 +139,8 @@ def describe(cfg: DataConfig, index: FolderIndex, workers: int) -> str:
 
 def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int) -> DataSplits:
     """The dataset's splits, in memory (the decode cache) or streamed, as `resolve_in_memory` decides."""
-    in_memory, _ = resolve_in_memory(cfg, index)
-    description = describe(cfg, index, workers)
+    decision = resolve_in_memory(cfg, index)  # once: the line printed is the path taken
+    in_memory, description = decision[0], describe(cfg, index, workers, decision)
     splits = {}
     for name, split in index.splits.items():
         images = decode_cached(split.refs, cfg.image_size, workers) if in_memory \

@@ -335,10 +335,11 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
                       consumers) -> TeacherCache:
     """The recipe's teacher cache (runs/<name>/teacher_cache.safetensors), generated when its key changed."""
     cache_cfg = recipe.distill.teacher_cache
+    data_settings = data_fingerprint(recipe.data)
     key = cache_key(
         teacher=file_hash(teacher_weights), teacher_model=recipe.model_for("teacher").model_dump(mode="json"),
-        data={k: v for k, v in data_fingerprint(recipe.data).items() if k != "augment"}, images=len(data.train),
-        augment=data_fingerprint(recipe.data)["augment"], seed=recipe.seed,
+        data={k: v for k, v in data_settings.items() if k != "augment"}, images=len(data.train),
+        augment=data_settings["augment"], seed=recipe.seed,
         views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
     )
     (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)
