@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdforge.backends import time_calls
+from kdforge.timing import time_calls
 
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:
@@ -39,7 +39,8 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from kdforge.export.converters import INPUT_NAME, onnx_to_int8, torch_to_onnx
+    from kdforge.export.converters import onnx_to_int8, torch_to_onnx
+    from kdforge.formats import INPUT_NAME
     from kdforge.models import create_model
     from kdforge.recipe import ModelConfig
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kdforge.data.synthetic import write_synthetic
-    from kdforge.export.tensorrt import tensorrt_missing
+    from kdforge.runners.tensorrt import tensorrt_missing
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

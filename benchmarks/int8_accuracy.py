@@ -21,6 +21,7 @@ from kdforge.export.artifacts import export_run
 from kdforge.fileio import read_json
 from kdforge.recipe import load_recipe
 from kdforge.seeds import mean_sd, seed_recipe
+from kdforge.train.events import ProgressDisplay
 from kdforge.train.stages import train_stage
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -49,8 +50,9 @@ def main() -> None:
                 student = train_stage(run, "student", args.runs, retrain_stale=True)
                 row = {"recipe": name, "seed": seed, "fp32": student.top1 * 100}
                 for method in ("ptq", "qad"):
-                    result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run, progress=print,
-                                        exports_dir=Path(tmp) / method, quantize={"mode": method, "escalate": []})
+                    result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run,
+                                        consumers=[ProgressDisplay()], exports_dir=Path(tmp) / method,
+                                        quantize={"mode": method, "escalate": []})
                     report = result.reports["int8"]
                     row[method] = (report.top1_delta_points, report.agreement * 100)
                     if method == "qad":

@@ -63,7 +63,8 @@ def main() -> None:
             ])
             stage = train_stage(recipe, "baseline", runs_dir=Path(tmp) / "runs", consumers=[])
             result = export_run(Path(stage.stage_dir), FORMATS,
-                                progress=lambda line, name=name: print(f"  {name}: {line}", flush=True))
+                                consumers=[lambda event, name=name: event["event"] == "note"
+                                           and print(f"  {name}: {event['message']}", flush=True)])
             bench = bench_export(result.export_dir, BenchSettings(32, args.repeats, 3, args.threads, tuple(FORMATS)))
             for row in bench.rows:
                 report = result.reports[row.format]

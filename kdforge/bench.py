@@ -18,13 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kdforge.backends import measure
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
-from kdforge.export.artifacts import export_dir_of_run, resolve_export_dir
-from kdforge.fileio import check_artifact, read_json, read_metadata, write_json
+from kdforge.fileio import read_json, read_metadata, write_json
 from kdforge.formats import FORMATS
-from kdforge.layout import BENCH, METADATA, RECIPE, VERIFY
+from kdforge.layout import BENCH, RECIPE, VERIFY
+from kdforge.timing import measure
 
 PYTORCH = "pytorch"
 
@@ -75,26 +74,16 @@ class BenchResult:
                 "skipped": self.skipped}
 
 
-def resolve_bench_dir(target: Path | None, exports_dir: Path) -> Path:
-    """The export folder to measure: an export folder, a run folder's export, or the most recent export."""
-    if target is not None and target.is_dir() and not (target / METADATA).is_file():
-        export_dir = export_dir_of_run(target)
-        if export_dir is None:
-            raise ExportError(f"{target} has no export yet; run `kdforge export {target}` first")
-        return export_dir
-    return resolve_export_dir(target, exports_dir)[0]
-
-
 def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                  progress: Callable[[str], None] | None = None) -> BenchResult:
     """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""
     import torch
 
-    from kdforge.backends import TorchRunner, open_runner
-    from kdforge.data.transforms import InputSpec
-    from kdforge.export.tensorrt import tensorrt_missing
+    from kdforge.data.transforms import spec_from_metadata
     from kdforge.models import load_stage_model
     from kdforge.recipe import load_recipe
+    from kdforge.runners import TorchRunner, open_export
+    from kdforge.runners.tensorrt import tensorrt_missing
     from kdforge.runtime import runtime_scope
 
     meta = read_metadata(export_dir)
@@ -104,7 +93,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     unknown = [name for name in wanted if name not in available]
     if unknown:
         raise ExportError(f"{export_dir} has no {', '.join(unknown)} export; it has: {', '.join(available)}")
-    spec = InputSpec(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    spec = spec_from_metadata(meta)
 
     rows, skipped = [], {}
     stage_dir = Path(meta["run"])
@@ -128,10 +117,8 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                 report = next(iter(verified.values()), {})
                 top1, agreement, passed = report.get("reference_top1"), 1.0, None
             else:
-                entry = meta["formats"][name]
-                artifact = check_artifact(export_dir, entry)
-                runner = open_runner(artifact, FORMATS.get(name).runner,
-                                     str(rt.device) if rt.device.type == "cuda" else None, threads=settings.threads)
+                runner, entry = open_export(export_dir, name, meta,
+                                            str(rt.device) if rt.device.type == "cuda" else None, settings.threads)
                 precision, size = entry["precision"], entry["bytes"]
                 report = verified.get(name, {})
                 top1, agreement, passed = report.get("candidate_top1"), report.get("agreement"), report.get("passed")

@@ -323,17 +323,19 @@ def exports_table(rows):
 
 
 def _print_int8_steps(rows) -> None:
-    """When INT8 needed more than plain PTQ: what each step measured and which one produced the shipped file."""
-    steps = rows.get("int8", {}).get("int8_steps", [])
-    if len(steps) < 2:
-        return
-    for step in steps:
-        out.print(f"int8 step {step['step']}: top-1 {step['top1_delta_points']:+.2f} points ({step['lost']} images "
-                  f"lost, {step['gained']} gained, McNemar p = {step['mcnemar_p']:.2g}), agreement "
-                  f"{step['agreement']:.2%}: {'PASS' if step['passed'] else 'FAIL'}", highlight=False)
-    shipped = steps[-1]
-    out.print(f"int8: {'shipped the' if shipped['passed'] else 'no step passed; kept the last,'} "
-              f"{shipped['step']} file", highlight=False)
+    """When an INT8 format needed more than its first step: what each step measured and which one produced the
+    shipped file."""
+    for name, row in rows.items():
+        steps = row.get("int8_steps", [])
+        if len(steps) < 2:
+            continue
+        for step in steps:
+            out.print(f"{name} step {step['step']}: top-1 {step['top1_delta_points']:+.2f} points ({step['lost']} "
+                      f"images lost, {step['gained']} gained, McNemar p = {step['mcnemar_p']:.2g}), agreement "
+                      f"{step['agreement']:.2%}: {'PASS' if step['passed'] else 'FAIL'}", highlight=False)
+        shipped = steps[-1]
+        out.print(f"{name}: {'shipped the' if shipped['passed'] else 'no step passed; kept the last,'} "
+                  f"{shipped['step']} file", highlight=False)
 
 
 def _report_row(name: str, report) -> dict:
@@ -402,7 +404,7 @@ def export(
                kdforge export --trt --int8
     """
     from kdforge.export.artifacts import export_target, requested_formats
-    from kdforge.pipeline import export_rows
+    from kdforge.train.events import ProgressDisplay
 
     with user_errors():
         result = export_target(target, runs_dir, requested_formats(formats, fp16, int8, trt), overrides=set_ or [],
@@ -410,7 +412,16 @@ def export(
                                quantize={"target": int8_target, "calibration": calibration, "method": method},
                                tensorrt={"max_batch": max_batch, "workspace_mb": workspace_mb,
                                          "timing_cache": timing_cache},
-                               progress=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
+                               consumers=[ProgressDisplay()])
+    _print_export(result)
+    _exit_if_failed(result.failures)
+    _exit_if_unavailable(result.unavailable)
+
+
+def _print_export(result) -> None:
+    """The export's notes, one line per file made, the verification table and the INT8 steps."""
+    from kdforge.pipeline import export_rows
+
     for note in result.notes:
         err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     rows = export_rows(result)
@@ -422,8 +433,6 @@ def export(
         out.print(f"int8: kept in float (top-1 drop in points when quantized alone): {kept}", highlight=False)
     out.print(exports_table(rows))
     _print_int8_steps(rows)
-    _exit_if_failed(result.failures)
-    _exit_if_unavailable(result.unavailable)
 
 
 def _exit_if_unavailable(unavailable: dict[str, str]) -> None:
@@ -455,7 +464,7 @@ def verify(
 
     Example:  kdforge verify exports/quickstart/student.onnx
     """
-    from kdforge.export.artifacts import resolve_export_dir
+    from kdforge.locate import resolve_export_dir
     from kdforge.verify import verify_formats
 
     with user_errors():
@@ -487,7 +496,8 @@ def bench(
 
     Example:  kdforge bench exports/quickstart --threads 2 --batch-size 64
     """
-    from kdforge.bench import BenchSettings, bench_export, resolve_bench_dir
+    from kdforge.bench import BenchSettings, bench_export
+    from kdforge.locate import resolve_bench_dir
 
     with user_errors():
         export_dir = resolve_bench_dir(target, exports_dir)
@@ -530,7 +540,7 @@ def report(
 
     Example:  kdforge report runs/quickstart
     """
-    from kdforge.export.artifacts import resolve_run_dir
+    from kdforge.locate import resolve_run_dir
     from kdforge.report import write_report
 
     with user_errors():

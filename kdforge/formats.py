@@ -4,7 +4,7 @@ is served and benchmarked, which options it takes and what it needs installed.
     fmt = FORMATS.get("int8")   # ExportFormat(name="int8", filename="student.int8.onnx", runner="onnxruntime", ...)
 
 How a format is MADE is `kdforge.export.builders.BUILDERS[name]` (a converter with this format's metadata);
-how it is OPENED is its `runner`: `kdforge.backends.open_runner` for verification and benchmarks (torch),
+how it is OPENED is its `runner`: `kdforge.runners.open_runner` for verification and benchmarks (torch),
 `kdforge.serve.model.open_session` for serving (numpy only). This module imports neither torch nor the recipe,
 so the recipe validates format names against it and the serving image reads it. Adding a format: one entry
 here, one converter (export/converters.py) and one builder (export/builders.py); a runner only for a new kind
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from kdforge.registry import Registry
 
 RUNNERS = ("onnxruntime", "openvino", "tensorrt")  # the kinds of file a runner opens
+# the graph's input and output names in every exported file (ONNX, and the TensorRT engines built from it)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
 
 
 @dataclass(frozen=True)

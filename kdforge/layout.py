@@ -44,8 +44,14 @@ VERIFY = "verify.json"
 BENCH = "bench.json"
 
 TRAINING_STAGES = ("teacher", "baseline", "student")  # in the order the chain trains them
-QAD = "qad"  # the stage of quantization-aware distillation (export/qad.py): its output is an ONNX file
+QAD = "qad"  # the stage of quantization-aware distillation (train/qad.py): its output is an ONNX file
+QAD_ONNX = "student.qad.onnx"  # runs/<recipe>/qad/student.qad.onnx
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student is exported, else the baseline student
+
+
+def engine_sidecar(engine: Path) -> Path:
+    """A TensorRT engine's sidecar: what the engine has no room for (input spec, TensorRT version, GPU)."""
+    return engine.with_name(engine.name + ".json")
 
 
 def stage_dir(runs_dir: Path | str, name: str, stage: str) -> Path:

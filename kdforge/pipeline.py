@@ -28,7 +28,7 @@ from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, resolve_device, sync
 from kdforge.tracking import check_tracking, track_summary
-from kdforge.train.events import Consumer, ProgressDisplay
+from kdforge.train.events import Consumer, ProgressDisplay, notify
 from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
 
 
@@ -62,14 +62,10 @@ def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
 
 
 def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
-    def progress(line: str) -> None:
-        for consume in ctx.consumers:
-            consume({"event": "note", "message": line})
-
     # the recipe as it is now decides the export settings, also when the training stages were reused
     return export_run(ctx.runs_dir / recipe.name / "student", recipe_formats(recipe), recipe.export.opset,
-                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device, progress=progress,
-                      recipe=recipe)
+                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device,
+                      consumers=ctx.consumers, recipe=recipe)
 
 
 STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
@@ -120,8 +116,8 @@ def export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
             rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
                               agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed,
                               top1_delta_points=report.top1_delta_points, mcnemar_p=report.mcnemar_p)
-        if name == "int8" and result.int8_steps:
-            rows[name]["int8_steps"] = result.int8_steps
+        if result.steps.get(name):  # an INT8 format: each step it took and what it measured
+            rows[name]["int8_steps"] = result.steps[name]
     return rows
 
 
@@ -179,8 +175,7 @@ def announce(recipe: Recipe, ctx: ChainContext) -> None:
         if estimate is not None:
             notes.append(estimate.line())
     for message in notes:
-        for consume in ctx.consumers:
-            consume({"event": "note", "message": message})
+        notify(ctx.consumers, message)
 
 
 def run_distill(
@@ -202,10 +197,6 @@ def run_distill(
     main = current_rank() == 0
     started = time.perf_counter()
 
-    def note(message: str) -> None:
-        for consume in ctx.consumers:
-            consume({"event": "note", "message": message})
-
     if main:
         announce(recipe, ctx)
     results = {}
@@ -214,7 +205,8 @@ def run_distill(
             continue
         results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
         if getattr(results[stage], "skipped", False) and not getattr(results[stage], "adopted_from", None) and main:
-            note(f"{stage}: finished earlier with these settings, reused")  # (train_stage says where it adopted from)
+            # (train_stage says where it adopted from)
+            notify(ctx.consumers, f"{stage}: finished earlier with these settings, reused")
     summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1), machine=machine())
     if main:  # written also when an export failed verification: the finished stages and the failure are in it
         summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))

@@ -22,7 +22,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdforge.errors import RecipeError
+from kdforge.formats import FORMATS
 from kdforge.registry import suggest
+
+# The names `[data] dataset` and `[distill] method` accept. The recipe sits below the data and the losses, so it
+# names them here; kdforge.data.DATASETS and kdforge.distill.losses.METHODS register their loaders and losses under
+# the same names (tests/test_registries.py checks that the two agree).
+DATASET_NAMES = ("cifar100", "synthetic", "imagefolder", "webdataset")
+METHOD_NAMES = ("kd", "hard", "dkd")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,10 +143,9 @@ class DataConfig(Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from kdforge.data import DATASETS
-
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}{suggest(name, DATASETS)}; known: {', '.join(DATASETS)}")
+        if name not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {name!r}{suggest(name, DATASET_NAMES)}; "
+                             f"known: {', '.join(sorted(DATASET_NAMES))}")
         return name
 
     @model_validator(mode="after")
@@ -266,11 +272,9 @@ class DistillConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
-        from kdforge.distill.losses import METHODS
-
-        if name not in METHODS:
-            known = ", ".join(METHODS)
-            raise ValueError(f"unknown distillation method {name!r}{suggest(name, METHODS)}; known: {known}")
+        if name not in METHOD_NAMES:
+            known = ", ".join(sorted(METHOD_NAMES))
+            raise ValueError(f"unknown distillation method {name!r}{suggest(name, METHOD_NAMES)}; known: {known}")
         return name
 
 
@@ -304,8 +308,6 @@ class ExportConfig(Strict):
     @field_validator("formats")
     @classmethod
     def _known_formats(cls, names: list[str]) -> list[str]:
-        from kdforge.formats import FORMATS
-
         for name in names:
             if name not in FORMATS:
                 raise ValueError(f"unknown export format {name!r}{suggest(name, FORMATS)}; known: {', '.join(FORMATS)}")

@@ -21,10 +21,10 @@ from typing import Any
 
 from kdforge import layout
 from kdforge.errors import CheckpointError
-from kdforge.export.artifacts import export_dir_of_run
 from kdforge.fileio import atomic_write_text, read_json
 from kdforge.formats import FORMATS
 from kdforge.layout import TRAINING_STAGES
+from kdforge.locate import export_dir_of_run
 
 LABELS = {"teacher": "teacher", "baseline": "baseline", "student": "distilled"}
 
@@ -220,14 +220,15 @@ def write_report(run_dir: Path) -> ReportPaths:
                          f"{timing['throughput']:.0f}" if timing else "-"])
         doc.table(["format", "size (MB)", "test top-1", "agreement", "verified", "p50 ms (batch 1)", "p95 ms",
                    f"images/s (batch {bench.get('settings', {}).get('batch_size', '-')})"], rows)
-        steps = meta.get("formats", {}).get("int8", {}).get("steps", [])
+        steps = [(name, step) for name, entry in meta.get("formats", {}).items() for step in entry.get("steps", [])]
         if steps:
             doc.paragraph("INT8 quantization steps, each verified on the test split (McNemar p: the chance of a "
                           "split of changed answers this uneven if INT8 were as accurate as FP32):")
-            doc.table(["step", "top-1 change (points)", "agreement", "lost / gained images", "McNemar p", "verified"],
-                      [[step["step"], f"{step['top1_delta_points']:+.2f}", _pct(step["agreement"]),
+            doc.table(["format", "step", "top-1 change (points)", "agreement", "lost / gained images", "McNemar p",
+                       "verified"],
+                      [[name, step["step"], f"{step['top1_delta_points']:+.2f}", _pct(step["agreement"]),
                         f"{step['lost']} / {step['gained']}", f"{step['mcnemar_p']:.2g}",
-                        "PASS" if step["passed"] else "FAIL"] for step in steps])
+                        "PASS" if step["passed"] else "FAIL"] for name, step in steps])
         if bench:
             machine = bench.get("machine", {})
             doc.paragraph(f"Measured by `kdforge bench` on {machine.get('processor')} ({machine.get('cpu_count')} "

@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kdforge.backends import percentile
 from kdforge.bench import BenchSettings, bench_export
 from kdforge.cli import app
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.report import epoch_curves, write_report
+from kdforge.timing import percentile
 
 from .conftest import TINY_MODELS
 from .test_export import trained_student

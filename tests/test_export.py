@@ -5,11 +5,12 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from kdforge.backends import OnnxRunner
 from kdforge.cli import app
 from kdforge.errors import CheckpointError, ExportError, VerificationError
-from kdforge.export.artifacts import export_run, resolve_export_source, sha256
+from kdforge.export.artifacts import export_run, sha256
+from kdforge.locate import resolve_export_source
 from kdforge.recipe import load_recipe
+from kdforge.runners import OnnxRunner
 from kdforge.train.stages import train_stage
 from kdforge.verify import verify_export
 

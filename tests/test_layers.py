@@ -17,13 +17,16 @@ LAYERS = [
     ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
                     "kdforge.metrics", "kdforge.checkpoint"]),
-    ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("recipe", ["kdforge.recipe"]),
+    ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
+    ("lookups", ["kdforge.locate"]),
     ("models and runtime", ["kdforge.runtime", "kdforge.models", "kdforge.tracking"]),
     ("distillation", ["kdforge.distill.*"]),
     ("training", ["kdforge.train", "kdforge.train.*", "kdforge.estimate"]),
-    ("export", ["kdforge.backends", "kdforge.verify", "kdforge.export", "kdforge.export.*"]),
-    ("analysis", ["kdforge.bench", "kdforge.report"]),
+    ("runners", ["kdforge.runners", "kdforge.runners.*", "kdforge.timing"]),
+    ("verification", ["kdforge.judge"]),
+    ("export", ["kdforge.export", "kdforge.export.*"]),
+    ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report"]),
     ("chain", ["kdforge.pipeline", "kdforge.seeds"]),
     ("interfaces", ["kdforge.cli", "kdforge.__main__", "kdforge.serve", "kdforge.serve.*"]),
 ]
@@ -46,15 +49,15 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it (and to ARCHITECTURE.md)")
 
 
-def imports_of(module: str) -> set[str]:
-    """The kdforge modules `module` imports, anywhere in the file except under `if TYPE_CHECKING:`, with the
-    packages Python runs on the way (importing kdforge.a.b runs kdforge/a/__init__.py), except the module's own
-    packages (they are running already when it loads)."""
+def imports_of(module: str, typing: bool = False) -> set[str]:
+    """The kdforge modules `module` imports, anywhere in the file (under `if TYPE_CHECKING:` too when `typing`),
+    with the packages Python runs on the way (importing kdforge.a.b runs kdforge/a/__init__.py), except the
+    module's own packages (they are running already when it loads)."""
     path = MODULES[module]
     tree = ast.parse(path.read_text())
-    typing_only = {id(node) for block in ast.walk(tree)
-                   if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                   for stmt in block.body for node in ast.walk(stmt)}
+    typing_only = set() if typing else {
+        id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for stmt in block.body for node in ast.walk(stmt)}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     own_packages = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
     found: set[str] = set()
@@ -79,17 +82,20 @@ def imports_of(module: str) -> set[str]:
     return found
 
 
-GRAPH = {module: imports_of(module) for module in MODULES}
+GRAPH = {module: imports_of(module) for module in MODULES}  # what runs
+TYPED_GRAPH = {module: imports_of(module, typing=True) for module in MODULES}  # and what type checkers read
 
 
 def test_every_import_goes_down_the_layers():
+    """Type annotations included: a module's signatures name only types of its own layer or below."""
     upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-              for module, targets in GRAPH.items() for target in targets
+              for module, targets in TYPED_GRAPH.items() for target in targets
               if layer_of(target) > layer_of(module) and not module.startswith(f"{target}.")]
     assert upward == []
 
 
 def test_the_import_graph_has_no_circle():
+    """Counting imports under TYPE_CHECKING too."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -98,7 +104,7 @@ def test_the_import_graph_has_no_circle():
     def visit(module: str) -> None:  # Tarjan's strongly connected components
         index[module] = low[module] = len(index)
         stack.append(module)
-        for target in GRAPH[module]:
+        for target in TYPED_GRAPH[module]:
             if target not in index:
                 visit(target)
                 low[module] = min(low[module], low[target])
@@ -114,23 +120,33 @@ def test_the_import_graph_has_no_circle():
             if len(component) > 1:
                 circles.append(sorted(component))
 
-    for module in sorted(GRAPH):
+    for module in sorted(TYPED_GRAPH):
         if module not in index:
             visit(module)
     assert circles == []
 
 
 def test_the_layer_checker_sees_lazy_upward_imports():
-    """The checker itself: a function-level import counts, and a TYPE_CHECKING one does not."""
+    """The checker itself: a function-level import counts, and a TYPE_CHECKING one counts in the typed graph."""
     assert "kdforge.recipe" in GRAPH["kdforge.models"]
-    assert "kdforge.formats" in GRAPH["kdforge.recipe"]  # imported inside a validator
-    assert "kdforge.recipe" not in GRAPH["kdforge.data"]  # only under TYPE_CHECKING
-    assert layer_of("kdforge.distill.losses") < layer_of("kdforge.recipe") < layer_of("kdforge.distill.teacher")
+    assert "kdforge.data" in GRAPH["kdforge.export.artifacts"]  # imported inside export_run
+    assert "kdforge.recipe" not in GRAPH["kdforge.data"] and "kdforge.recipe" in TYPED_GRAPH["kdforge.data"]
+    assert layer_of("kdforge.recipe") < layer_of("kdforge.distill.losses") < layer_of("kdforge.distill.teacher")
+    assert [layer_of(m) for m in ("kdforge.runners", "kdforge.judge", "kdforge.export", "kdforge.verify")] == sorted(
+        {layer_of(m) for m in ("kdforge.runners", "kdforge.judge", "kdforge.export", "kdforge.verify")})
 
 
 def test_serving_imports_no_torch():
     """The serving image has no torch: the server, `kdforge predict`'s model and the format table load without it."""
     code = ("import sys, kdforge.serve.app, kdforge.serve.model, kdforge.serve.__main__, kdforge.formats; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_lookups_and_the_report_import_no_torch():
+    """`kdforge report` (and every command's lookup of its target) runs without loading torch."""
+    code = ("import sys, kdforge.cli, kdforge.locate, kdforge.report; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -16,8 +16,8 @@ needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("open
 @needs_openvino
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
 def test_openvino_export_verifies_against_pytorch(trained_students, tmp_path, kind):
-    from kdforge.backends import OpenVinoRunner, open_runner
     from kdforge.export.artifacts import export_run
+    from kdforge.runners import OpenVinoRunner, open_runner
 
     result = export_run(trained_students[kind], ["openvino"], exports_dir=tmp_path)
     assert list(result.artifacts) == ["onnx", "openvino"]  # made from the FP32 ONNX, which comes along

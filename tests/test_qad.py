@@ -14,14 +14,20 @@ from onnx import TensorProto, numpy_helper
 from kdforge.errors import RecipeError
 from kdforge.export.artifacts import export_run
 from kdforge.export.converters import FP32_OP_TYPES, QDQ_FP16_OPSET
-from kdforge.export.qad import modules_of_nodes, qad_student
+from kdforge.export.int8 import qad_onnx_writer
 from kdforge.pipeline import run_distill
 from kdforge.recipe import load_recipe
+from kdforge.train.qad import modules_of_nodes, qad_stage
 
 from .conftest import TINY_MODELS
-from .test_int8_ships import chain_recipe
+from .test_int8_ships import chain_recipe, fail_int8_verifications
 
 pytest.importorskip("modelopt.torch.quantization", reason="the qad extra (nvidia-modelopt) is part of the dev install")
+
+
+def qad_student(recipe, stage, qcfg, opset=17, **kwargs):
+    """The QAD stage as the INT8 builder runs it (its ONNX file written by the builder's writer)."""
+    return qad_stage(recipe, stage, qcfg, opset, qad_onnx_writer(32, opset), **kwargs)
 
 
 @pytest.mark.slow
@@ -70,23 +76,7 @@ def test_qad_gives_the_fp32_answers_more_often_than_ptq_and_its_stage_is_reused(
 ])
 def test_a_failing_ptq_in_the_chain_ends_with_a_shipped_qad_file(make_recipe, tmp_path, monkeypatch, escalate,
                                                                    failing, steps):
-    from kdforge.errors import VerificationError
-    from kdforge.verify import verify_export
-
-    real, calls = verify_export, []
-
-    def verify(export_dir, fmt_name, **kwargs):  # the first `failing` INT8 verifications fail
-        report = real(export_dir, fmt_name, **kwargs)
-        if fmt_name == "int8":
-            calls.append(report)
-            if len(calls) <= failing:
-                from dataclasses import replace
-
-                failed = replace(report, passed=False, failures=["top-1 changed by -1.15 points (injected)"])
-                raise VerificationError("student.int8.onnx FAILED verification (injected)", failed)
-        return report
-
-    monkeypatch.setattr("kdforge.export.job.verify_export", verify)
+    fail_int8_verifications(monkeypatch, failing)
     recipe = chain_recipe(make_recipe, tmp_path, [f"quantize.escalate={json.dumps(escalate)}"])
     summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
 
@@ -171,3 +161,43 @@ def test_qad_can_learn_from_the_recipes_teacher_and_its_cache(make_recipe, tmp_p
     # the FP32 student as its own teacher is another stage: trained again, not reused
     itself = qad_student(recipe, student, qcfg.model_copy(update={"qad_teacher": "student"}), 17, consumers=[])
     assert not itself.skipped and itself.teacher is None and itself.fingerprint != result.fingerprint
+
+
+@pytest.mark.slow
+def test_a_killed_qad_stage_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(trained_students, tmp_path):
+    """QAD follows the training stages' rules: a killed stage keeps its last checkpoint and the next call resumes
+    from it (it was trained from scratch before), with the same outcome as a run never interrupted."""
+    import shutil
+
+    runs = {}
+    for copy in ("killed", "straight"):  # two private copies of the shared run (QAD writes beside the student)
+        run_dir = tmp_path / copy / trained_students["cnn"].parent.name
+        shutil.copytree(trained_students["cnn"].parent, run_dir, symlinks=True,
+                        ignore=shutil.ignore_patterns("qad", ".stale"))
+        runs[copy] = run_dir / trained_students["cnn"].name
+    recipe = load_recipe(runs["killed"] / "recipe.toml")
+    qcfg = recipe.quantize.model_copy(update={"mode": "qad", "qad_epochs": 2})
+
+    class Killed(Exception):
+        pass
+
+    per_epoch = []
+
+    def kill_in_the_second_epoch(event):
+        if event["event"] == "start":
+            per_epoch.append(event["steps_per_epoch"])
+        if event["event"] == "step" and event["step"] == per_epoch[0] + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        qad_student(recipe, runs["killed"], qcfg, consumers=[kill_in_the_second_epoch])
+    stage_dir = runs["killed"].parent / "qad"
+    assert (stage_dir / "last").exists() and not (stage_dir / "result.json").exists()
+
+    events = []
+    resumed = qad_student(recipe, runs["killed"], qcfg, consumers=[events.append])
+    assert next(e for e in events if e["event"] == "start")["step"] == per_epoch[0]  # resumed, not from scratch
+    straight = qad_student(recipe, runs["straight"], qcfg, consumers=[])
+    assert not resumed.skipped and resumed.steps == straight.steps == 2 * per_epoch[0]
+    assert resumed.top1 == straight.top1 and resumed.fingerprint == straight.fingerprint
+    assert not (stage_dir / "last").exists() and (stage_dir / "result.json").is_file()

@@ -12,7 +12,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdforge.backends import TorchRunner
 from kdforge.cli import app
 from kdforge.data import ImageDataset
 from kdforge.data.synthetic import load_synthetic
@@ -21,6 +20,7 @@ from kdforge.distill.cache import build_cache_tensors
 from kdforge.distill.teacher import FrozenTeacher
 from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import AugmentConfig, ModelConfig, TeacherCacheConfig
+from kdforge.runners import TorchRunner
 from kdforge.runtime import Runtime
 from kdforge.train.loop import evaluate, predict_logits
 from kdforge.train.stages import check_input_size

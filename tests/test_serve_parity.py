@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kdforge.backends import OnnxRunner
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.fileio import read_json, read_metadata
 from kdforge.images import decode_rgb, normalize
 from kdforge.recipe import load_recipe
+from kdforge.runners import OnnxRunner
 from kdforge.serve.model import ServedModel
 
 ONE_STEP = 1 / 255  # one uint8 step of the [0, 1] pixel range

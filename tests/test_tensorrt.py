@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from kdforge.cli import app
 from kdforge.errors import ExportError, RecipeError, UnavailableError
 from kdforge.export.artifacts import export_run, requested_formats
-from kdforge.export.tensorrt import check_engine_runs_here, count_precisions, onnx_to_trt, split_batches
+from kdforge.export.tensorrt import count_precisions, onnx_to_trt
 from kdforge.recipe import load_recipe
+from kdforge.runners.tensorrt import check_engine_runs_here, split_batches
 
 from .test_export import trained_student
 
@@ -281,7 +282,7 @@ def _tensorrt_and_gpu() -> bool:
 @pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
 @pytest.mark.parametrize("model", ["resnet18", "vit_tiny_patch16_224"])
 def test_tensorrt_engines_build_and_match_pytorch(make_recipe, tmp_path, model):
-    from kdforge.backends import TrtRunner
+    from kdforge.runners.tensorrt import TrtRunner
 
     stage = _trained(make_recipe, tmp_path, model, steps=20)
     result = export_run(stage, ["trt_fp16", "trt_int8"], quantize={"calibration": 200},

@@ -10,8 +10,10 @@ the way it expects.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,15 @@ class InputSpec:
         mean = torch.tensor(self.mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
         return (x - mean) / std
+
+
+def spec_from_metadata(meta: Mapping[str, Any]) -> InputSpec:
+    """The InputSpec an export recorded (`input_size`, `mean`, `std`): lists in metadata.json and an engine's
+    sidecar, JSON text in an ONNX file's metadata_props and an OpenVINO IR's rt_info."""
+    def values(value: Any) -> tuple[float, float, float]:
+        return tuple(json.loads(value) if isinstance(value, str) else value)
+
+    return InputSpec(int(meta["input_size"]), values(meta["mean"]), values(meta["std"]))
 
 
 def draw_augment(

@@ -3,8 +3,8 @@
     result = export_run(Path("runs/quickstart/student"), formats=["onnx"])   # exports/quickstart/{student.onnx, ...}
 
 `export_run` is a loop over the requested formats and their sources: each is made by its builder
-(builders.py, int8.py), recorded, and verified (kdforge/verify.py). This module also finds what a command means:
-the finished stage to export, the export folder or artifact to verify, the run folder.
+(builders.py, int8.py), recorded, and verified (the job calls kdforge/judge.py). What a command's target means
+(the finished stage to export, the export folder to verify) is kdforge/locate.py.
 
 An export directory holds the artifacts, `metadata.json` (what they are and where they came from: class names,
 input size, mean/std, recipe hash, checkpoint hash, versions, each file's sha256) and `verify.json` (one report
@@ -14,7 +14,6 @@ per format). Re-exporting a format drops its old verification; a failed verifica
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ from pydantic import ValidationError
 
 from kdforge import __version__, layout
 from kdforge.checkpoint import final_weights
-from kdforge.errors import CheckpointError, ExportError, RecipeError
+from kdforge.errors import ExportError, RecipeError
 from kdforge.fileio import check_can_create, read_json, remove_leftovers
 from kdforge.fileio import file_hash as sha256
-from kdforge.formats import FORMATS, format_of_file, with_sources
-from kdforge.layout import EXPORTED_STAGES, METADATA
+from kdforge.formats import FORMATS, with_sources
+from kdforge.layout import METADATA
+from kdforge.locate import resolve_export_source
 from kdforge.phases import Phases
 from kdforge.recipe import (
     QuantizeConfig,
@@ -37,80 +37,7 @@ from kdforge.recipe import (
     load_recipe,
     recipe_hash,
 )
-
-# ----------------------------------------------------------------------------------------------------------
-# what to export / verify
-
-
-def resolve_export_source(target: Path | None, runs_dir: Path) -> Path:
-    """The finished stage folder to export: from a run folder, a stage folder, a recipe file, or the most
-    recent run when `target` is None."""
-    if target is None:
-        finished = [p / layout.RESULT for stage in EXPORTED_STAGES for p in layout.finished_stages(runs_dir, stage)]
-        if not finished:
-            raise CheckpointError(f"no finished student in {runs_dir}/; train one with `kdforge distill RECIPE`")
-        return _student_of(layout.newest(finished).parent.parent)
-    if target.suffix == ".toml":
-        return _student_of(runs_dir / load_recipe(target).name)
-    if layout.is_finished(target):
-        return target
-    return _student_of(target)
-
-
-def _student_of(run_dir: Path) -> Path:
-    for stage in EXPORTED_STAGES:
-        if layout.is_finished(run_dir / stage):
-            return run_dir / stage
-    if any(layout.has_started(run_dir / stage) for stage in EXPORTED_STAGES):
-        raise CheckpointError(f"the student in {run_dir} has not finished training; finish it with --resume")
-    raise CheckpointError(f"no trained student in {run_dir} (no finished checkpoint); run `kdforge distill` first")
-
-
-def resolve_export_dir(target: Path | None, exports_dir: Path) -> tuple[Path, str | None]:
-    """(export folder, format or None for all) from an artifact, an export folder, or the newest export."""
-    if target is None:
-        found = list(exports_dir.glob(f"*/{METADATA}"))
-        if not found:
-            raise ExportError(f"no exports in {exports_dir}/; run `kdforge export` first")
-        return layout.newest(found).parent, None
-    if target.is_file() or target.suffix:
-        for folder in target.parents:  # the export folder is the nearest one holding metadata.json
-            if (folder / METADATA).is_file():
-                name = format_of_file(target.relative_to(folder).as_posix())
-                if name is not None:
-                    return folder, name
-                break
-        files = ", ".join(FORMATS.get(name).filename for name in FORMATS)
-        raise ExportError(f"{target}: not a kdforge artifact (expected one of {files} in an export folder)")
-    if (target / METADATA).is_file():
-        return target, None
-    raise ExportError(f"{target}: no {METADATA} here; pass an export folder or artifact (exports/<recipe>/)")
-
-
-def export_dir_of_run(run_dir: Path) -> Path | None:
-    """The export folder of a run (its recipe's <export.dir>/<name>), or None when it has not been exported."""
-    for stage in EXPORTED_STAGES:
-        recipe_file = run_dir / stage / layout.RECIPE
-        if recipe_file.is_file():
-            recipe = load_recipe(recipe_file)
-            export_dir = layout.export_dir(recipe.export.dir, recipe.name)
-            return export_dir if (export_dir / METADATA).is_file() else None
-    return None
-
-
-def resolve_run_dir(target: Path | None, runs_dir: Path) -> Path:
-    """A run folder (runs/NAME) from a run folder or a recipe file; the most recently finished run when None."""
-    if target is None:
-        finished = [stage / layout.RESULT for stage in layout.finished_stages(runs_dir)]
-        if not finished:
-            raise CheckpointError(f"no finished run in {runs_dir}/; train one with `kdforge distill RECIPE`")
-        return layout.newest(finished).parent.parent
-    if target.suffix == ".toml":
-        return runs_dir / load_recipe(target).name
-    if not target.is_dir():
-        raise CheckpointError(f"{target}: no such run folder (expected runs/NAME or a recipe file)")
-    return target
-
+from kdforge.train.events import Consumer, notify
 
 # ----------------------------------------------------------------------------------------------------------
 # export
@@ -128,7 +55,7 @@ class ExportResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # format -> what this machine lacks to make it
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (export, int8 phases, verification)
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it failed verification
-    int8_steps: list[dict[str, Any]] = field(default_factory=list)  # each INT8 step tried and what it measured
+    steps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # INT8 format -> each step tried, its numbers
 
 
 SECTION_MODELS = {"quantize": QuantizeConfig, "tensorrt": TensorRTConfig}  # formats' option_sections
@@ -176,7 +103,7 @@ def unbuildable_here(formats: list[str]) -> dict[str, str]:
     OpenVINO: the table's `needs_gpu` and `requires`) -> why."""
     import importlib.util
 
-    from kdforge.export.tensorrt import tensorrt_missing
+    from kdforge.runners.tensorrt import tensorrt_missing
 
     no_tensorrt = tensorrt_missing() if any(FORMATS.get(name).needs_gpu for name in formats) else None
     unavailable = {}
@@ -277,7 +204,7 @@ def plan_export(recipe: Recipe, formats: list[str] | None = None, opset: int | N
 def export_run(source: Path, formats: list[str] | None = None, opset: int | None = None,
                exports_dir: Path | None = None, verify: bool = True, device: str | None = None,
                quantize: dict[str, Any] | None = None, tensorrt: dict[str, Any] | None = None,
-               progress: Callable[[str], None] | None = None, recipe: Recipe | None = None) -> ExportResult:
+               consumers: list[Consumer] | None = None, recipe: Recipe | None = None) -> ExportResult:
     """Export the finished stage `source` (runs/<recipe>/student) to every format and verify each after it is made.
 
     `recipe` gives the export settings ([export], [quantize], [verify]; default: those the stage was trained
@@ -285,14 +212,15 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
     cannot build (no TensorRT or no GPU) are skipped after their ONNX sources are made and verified, and listed
     in `unavailable`. A failed verification is recorded in `failures` (and verify.json), never raised: every
     format is still made and the caller decides. A format's builder may follow its verification (INT8: the
-    remedies `quantize.escalate` allows, tried in order while it fails). Each phase is announced through
-    `progress` with its time."""
+    remedies `quantize.escalate` allows, tried in order while it fails). Each phase is announced, with its time,
+    as a note event to `consumers` (a QAD stage reports its training there too)."""
     from kdforge.data import load_dataset
     from kdforge.export.builders import BUILDERS
     from kdforge.export.job import ExportJob
     from kdforge.models import load_stage_model, resolve_input_spec
     from kdforge.runtime import resolve_device
 
+    consumers = [] if consumers is None else consumers
     recipe = export_recipe(source, recipe)
     plan = plan_export(recipe, formats, opset, quantize, tensorrt)
     export_dir = layout.export_dir(exports_dir or recipe.export.dir, recipe.name)
@@ -314,7 +242,8 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
         qcfg=plan.qcfg, tcfg=plan.tcfg, common=build_metadata(recipe, source, data.train.classes, spec, plan.opset),
         settings={"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
                   "quantize": plan.qcfg.model_dump(mode="json")},
-        phases=Phases(progress), verify=verify, device=device, notes=list(plan.notes),
+        phases=Phases(lambda line: notify(consumers, line)), consumers=consumers, verify=verify, device=device,
+        notes=list(plan.notes),
         previous=read_json(export_dir / METADATA).get("formats", {}),
     )
     seconds: dict[str, float] = {}
@@ -332,17 +261,17 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
         if builder.after is not None and verify:
             builder.after(job, name, path, meta, extra)
     return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
-                        plan.unavailable, job.phases.seconds, job.failures, job.int8_steps)
+                        plan.unavailable, job.phases.seconds, job.failures, job.steps)
 
 
 def export_target(target: Path | None, runs_dir: Path, formats: list[str] | None = None,
-                  overrides: list[str] | tuple[str, ...] = (), progress: Callable[[str], None] | None = None,
+                  overrides: list[str] | tuple[str, ...] = (), consumers: list[Consumer] | None = None,
                   **options: Any) -> ExportResult:
     """`kdforge export`: the finished student `target` means (a run, a stage folder, a recipe; the most recent
     run when None), exported with its recipe's export settings and `overrides` (`--set`). `options` are
     `export_run`'s."""
     source = resolve_export_source(target, runs_dir)
     settings = export_recipe(source, overrides=overrides)
-    if target is None and progress:
-        progress(f"exporting the most recent run: {source}")
-    return export_run(source, formats, recipe=settings, progress=progress, **options)
+    if target is None:
+        notify(consumers or [], f"exporting the most recent run: {source}")
+    return export_run(source, formats, recipe=settings, consumers=consumers, **options)

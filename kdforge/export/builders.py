@@ -21,6 +21,7 @@ from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_tr
 from kdforge.export.job import ExportJob
 from kdforge.fileio import file_hash, write_json
 from kdforge.formats import FORMATS
+from kdforge.layout import engine_sidecar
 
 Make = Callable[[ExportJob, str, Path, dict[str, Any]], dict[str, Any]]
 
@@ -64,7 +65,7 @@ def make_tensorrt(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -
         job.notes.append(f"{name}: TensorRT built {info['precision_built']} layers only "
                          f"({info['layer_precisions']}); the graph asked for {fmt.precision}")
     extra = {"tensorrt": info, "source_sha256": file_hash(job.source_of(name))}
-    write_json(path.with_name(path.name + ".json"), {**meta, **extra})  # an engine has no metadata_props
+    write_json(engine_sidecar(path), {**meta, **extra})  # an engine has no metadata_props
     return extra
 
 

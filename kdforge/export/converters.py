@@ -14,10 +14,8 @@ import torch
 
 from kdforge.errors import ExportError
 from kdforge.fileio import atomic_path, file_hash
+from kdforge.formats import INPUT_NAME, OUTPUT_NAME
 from kdforge.optional import require
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 
 def torch_to_onnx(

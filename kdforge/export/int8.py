@@ -2,14 +2,18 @@
 verification (the escalation `[quantize] escalate` allows), then how fast the shipped file is.
 
     int8: PTQ with ONNX Runtime (quantize.py; accuracy-aware when max_top1_drop is set) or QAD with Model
-          Optimizer (qad.py); on failure: accuracy_aware, then qad; then a latency check against the FP32 ONNX
+          Optimizer (the `qad` training stage, train/qad.py, whose ONNX file is written here); on failure:
+          accuracy_aware, then qad; then a latency check against the FP32 ONNX
     openvino_int8: NNCF PTQ of the FP32 ONNX's IR; on failure: NNCF's accuracy control
 
-Every step is verified like any format and recorded (method, steps, what each measured) in metadata.json.
+One routine (`escalate`) tries the remedies for either format; every step is verified like any format and recorded
+(method, steps, what each measured) in metadata.json, the export's result and the chain's summary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from kdforge.recipe import QuantizeConfig
 
 QAD_CPU_NOTE = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
                 "quantize.target says; ONNX Runtime runs it on CPU")
+# the remedies each INT8 format can try, in the order `[quantize] escalate` lists them
+REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",)}
 
 
 def make_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +39,8 @@ def _make(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, 
     calibration = calibration_for(job, step_cfg)
     job.quantization = quantize_student(job.source_of("int8"), path, calibration, job.spec, step_cfg, meta,
                                         job.phases)
-    job.notes.extend(n for n in job.quantization.notes if n not in job.notes)
+    for note in job.quantization.notes:
+        job.note(note)
     return {"target": step_cfg.target, "calibration_method": step_cfg.method,
             "calibration_images": calibration.count, **job.quantization.to_metadata(),
             **int8_opset(step_cfg, job.opset)}
@@ -49,16 +56,17 @@ def calibration_for(job: ExportJob, step_cfg: QuantizeConfig):
 
 
 def _make_qad(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The INT8 file of quantization-aware distillation (the `qad` stage, reused when it is finished), with
-    this export's metadata."""
+    """The INT8 file of quantization-aware distillation: the `qad` stage (reused when it is finished) trained on
+    this export's data, its model written as ONNX here, then copied in with this export's metadata."""
     from kdforge.export.converters import qad_to_int8
-    from kdforge.export.qad import qad_student
+    from kdforge.train.qad import qad_stage
 
     job.quantization = None  # no ONNX Runtime quantization (and no layers kept in float by its search) ships
     if step_cfg.target == "cpu":
         job.note(QAD_CPU_NOTE)
     with job.phases("int8: quantization-aware distillation"):
-        qad = qad_student(job.recipe, job.source, step_cfg, job.opset, job.device)
+        qad = qad_stage(job.recipe, job.source, step_cfg, job.opset, qad_onnx_writer(job.spec.size, job.opset),
+                        job.device, job.consumers, job.data)
     if qad.skipped:
         job.phases.report(f"int8: QAD finished earlier with these settings in {qad.path.parent}: reused")
     job.note(f"int8 by QAD: {qad.epochs} epoch(s) ({qad.steps} steps, lr {qad.lr:g}) learning from the "
@@ -71,41 +79,80 @@ def _make_qad(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[s
     return extra
 
 
+def qad_onnx_writer(size: int, opset: int) -> Callable[[Any, Path, dict[str, Any]], None]:
+    """How the QAD stage's fake-quantized model becomes its ONNX file: the TorchScript exporter at `opset`."""
+    from kdforge.export.converters import torch_to_onnx
+
+    return lambda model, path, metadata: torch_to_onnx(model, size, path, opset, metadata)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # ptq | accuracy_aware | qad: what metadata.json and the summary record
+    how: str  # said when the step is tried
+    cfg: QuantizeConfig  # the [quantize] settings it makes the file with
+
+
+def first_step(qcfg: QuantizeConfig, name: str) -> str:
+    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ or PTQ."""
+    if name == "int8" and qcfg.mode == "qad":
+        return "qad"
+    return "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
+
+
+def remedies(job: ExportJob, name: str) -> list[Step]:
+    """The steps `[quantize] escalate` allows format `name` after its first, in order: accuracy_aware (at half the
+    INT8 tolerance, on the held-out images; NNCF's accuracy control for OpenVINO), qad (ONNX INT8 only)."""
+    qcfg, first = job.qcfg, first_step(job.qcfg, name)
+    steps = []
+    for remedy in (r for r in qcfg.escalate if r in REMEDIES[name] and r != first):
+        if remedy == "qad":
+            cfg = qcfg.model_copy(update={"mode": "qad"})
+            how = (f"{cfg.qad_epochs} epoch(s) of quantization-aware distillation from the "
+                   f"{'FP32 student' if cfg.qad_teacher == 'student' else 'teacher'}")
+        else:
+            cfg = qcfg.model_copy(update={"mode": "ptq", "max_top1_drop": job.recipe.verify.int8.max_top1_delta / 2})
+            how = (f"{'NNCF accuracy control, ' if name == 'openvino_int8' else ''}max_top1_drop "
+                   f"{cfg.max_top1_drop:.2f} on {_heldout(job)}")
+        steps.append(Step(remedy, how, cfg))
+    return steps
+
+
+def escalate(job: ExportJob, name: str, path: Path, extra: dict[str, Any],
+             make: Callable[[QuantizeConfig], dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """After the INT8 file `name` was made and verified: while it fails, its next remedy makes it again (`make`
+    with the remedy's settings), each verified and recorded. Returns what every step measured and the metadata
+    of the file that stays."""
+    steps = [int8_step(first_step(job.qcfg, name), job.reports[name])]
+    for step in remedies(job, name):
+        if name not in job.failures:
+            break
+        job.phases.report(f"{name}: {steps[-1]['step']} failed verification "
+                          f"({'; '.join(job.reports[name].failures)}): trying {step.name} ({step.how})")
+        job.drop_verification(name)
+        with job.phases(f"{name}: escalation to {step.name}"):
+            extra = make(step.cfg)
+        job.record(name, path, extra)
+        job.check(name)
+        steps.append(int8_step(step.name, job.reports[name]))
+    if len(steps) > 1:
+        job.note(steps_note(name, steps))
+    job.steps[name] = steps
+    return steps, extra
+
+
 def finish_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> None:
     """After the INT8 file was verified: the escalation steps the recipe allows while it fails, a latency check
-    against the FP32 ONNX, and the metadata that records them (every step's measurements in `job.int8_steps`)."""
-    qcfg, recipe = job.qcfg, job.recipe
-    first = "qad" if qcfg.mode == "qad" else "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
-    steps = [int8_step(first, job.reports["int8"])]
-    for remedy in (r for r in qcfg.escalate if "int8" in job.failures):
-        if remedy == first:
-            continue  # that is what just failed
-        if remedy == "qad":
-            step_cfg = qcfg.model_copy(update={"mode": "qad"})
-            how = (f"{step_cfg.qad_epochs} epoch(s) of quantization-aware distillation from the "
-                   f"{'FP32 student' if step_cfg.qad_teacher == 'student' else 'teacher'}")
-        else:
-            step_cfg = qcfg.model_copy(update={"mode": "ptq", "max_top1_drop": recipe.verify.int8.max_top1_delta / 2})
-            how = f"max_top1_drop {step_cfg.max_top1_drop:.2f} on {_heldout(job)}"
-        job.phases.report(f"int8: {steps[-1]['step']} failed verification "
-                          f"({'; '.join(job.reports['int8'].failures)}): trying {remedy} ({how})")
-        job.drop_verification("int8")
-        with job.phases(f"int8: escalation to {remedy}"):
-            extra = _make(job, step_cfg, path, meta)
-        job.record("int8", path, extra)
-        job.check("int8")
-        steps.append(int8_step(remedy, job.reports["int8"]))
+    against the FP32 ONNX, and the metadata that records them."""
+    steps, extra = escalate(job, name, path, extra, lambda cfg: _make(job, cfg, path, meta))
     with job.phases("int8: latency check against the FP32 ONNX"):
         speed = int8_speed(job.artifacts["onnx"], path, job.spec.size)
     if speed["batch1"] > 1.0:
-        job.notes.append(f"int8 is {speed['batch1']:.2f}x the FP32 ONNX latency at batch 1 and "
-                         f"{speed['batchN']:.2f}x at batch {speed['batch_size']} on this machine: slower, not "
-                         f"faster; after `kdforge bench`, `kdforge serve --format auto` serves the fastest "
-                         f"verified format")
+        job.note(f"int8 is {speed['batch1']:.2f}x the FP32 ONNX latency at batch 1 and "
+                 f"{speed['batchN']:.2f}x at batch {speed['batch_size']} on this machine: slower, not "
+                 f"faster; after `kdforge bench`, `kdforge serve --format auto` serves the fastest "
+                 f"verified format")
     job.record("int8", path, {**extra, "method": steps[-1]["step"], "steps": steps, "latency_vs_fp32": speed})
-    if len(steps) > 1:
-        job.notes.append(steps_note("int8", steps))
-    job.int8_steps = steps
 
 
 def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
@@ -127,24 +174,10 @@ def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, An
 
 def escalate_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
                            extra: dict[str, Any]) -> None:
-    """A failing NNCF INT8 is quantized again with NNCF's accuracy control at half the INT8 tolerance, when
-    the recipe allows accuracy-aware escalation and did not already ask for it."""
-    qcfg = job.qcfg
-    if "openvino_int8" not in job.failures or "accuracy_aware" not in qcfg.escalate or qcfg.max_top1_drop is not None:
-        return
-    step_cfg = qcfg.model_copy(update={"max_top1_drop": job.recipe.verify.int8.max_top1_delta / 2})
-    first = int8_step("ptq", job.reports["openvino_int8"])
-    job.phases.report(f"openvino_int8: nncf.quantize failed verification "
-                      f"({'; '.join(job.reports['openvino_int8'].failures)}): trying NNCF's accuracy control "
-                      f"(max_top1_drop {step_cfg.max_top1_drop:.2f} on {_heldout(job)})")
-    job.drop_verification("openvino_int8")
-    with job.phases("openvino_int8: escalation to accuracy_aware"):
-        extra = make_openvino_int8(job, name, path, meta, step_cfg)
-    job.record("openvino_int8", path, extra)
-    job.check("openvino_int8")
-    steps = [first, int8_step("accuracy_aware", job.reports["openvino_int8"])]
-    job.record("openvino_int8", path, {**extra, "method": "accuracy_aware", "steps": steps})
-    job.notes.append(steps_note("openvino_int8", steps))
+    """A failing NNCF INT8 is quantized again with NNCF's accuracy control at half the INT8 tolerance, when the
+    recipe allows accuracy-aware escalation and did not already ask for it; the steps are recorded."""
+    steps, extra = escalate(job, name, path, extra, lambda cfg: make_openvino_int8(job, name, path, meta, cfg))
+    job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
 
 
 def _heldout(job: ExportJob) -> str:
@@ -154,7 +187,8 @@ def _heldout(job: ExportJob) -> str:
 def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8) -> dict[str, Any]:
     """A short timing on this machine with `kdforge bench`'s measurement: INT8 latency as a multiple of the FP32
     ONNX's at batch 1 (p50) and batch N (median); above 1 means INT8 is slower."""
-    from kdforge.backends import OnnxRunner, measure
+    from kdforge.runners import OnnxRunner
+    from kdforge.timing import measure
 
     (fp32_p50, _, fp32_rate), (int8_p50, _, int8_rate) = (
         measure(OnnxRunner(path), size, batch_size=batch_size, repeats=15, warmup=3) for path in (fp32_path, int8_path))

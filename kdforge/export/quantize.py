@@ -25,7 +25,8 @@ import torch
 from kdforge.data import ImageDataset
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
-from kdforge.export.converters import INPUT_NAME, onnx_to_int8, prepare_for_int8, quantizable_nodes
+from kdforge.export.converters import onnx_to_int8, prepare_for_int8, quantizable_nodes
+from kdforge.formats import INPUT_NAME
 from kdforge.optional import require
 from kdforge.phases import Phases
 from kdforge.recipe import QuantizeConfig

@@ -1,4 +1,4 @@
-"""TensorRT engines: build one from an ONNX file (`onnx_to_trt`) and check where it may run.
+"""TensorRT engines: build one from an ONNX file (`onnx_to_trt`).
 
 Strongly typed networks only, the one path TensorRT 10 and 11 share: the precision comes from the ONNX graph
 (an FP16 graph for FP16, symmetric int8 Q/DQ nodes for INT8); no FP16/INT8 builder flags, no calibrators, no
@@ -8,9 +8,7 @@ explicit-batch flag. TensorRT 10 needs the STRONGLY_TYPED network flag; TensorRT
     info = onnx_to_trt(Path("student.fp16.onnx"), Path("student.fp16.engine"), profile=(1, 32, 256))
 
 An engine is valid only for the TensorRT version and GPU architecture it was built with: the sidecar
-`<engine>.json` records both, and `check_engine_runs_here` refuses an engine built elsewhere.
-
-`tensorrt` is imported lazily; `tensorrt_missing()` says, in one line, what this machine lacks.
+`<engine>.json` records both (`this_gpu`); where it may run, and running it, is `kdforge.runners.tensorrt`.
 """
 
 from __future__ import annotations
@@ -21,71 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import ExportError, UnavailableError
+from kdforge.errors import ExportError
 from kdforge.fileio import atomic_path
-
-INSTALL_HINT = ('install TensorRT on a machine with an NVIDIA GPU (pip install "kdforge[trt]"), or use the GPU '
-                "image (Dockerfile.gpu), which builds the engine on its GPU at start")
-
-
-def tensorrt_missing() -> str | None:
-    """None when engines can be built and run here; otherwise what is missing, as one sentence."""
-    import torch
-
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return f"TensorRT is not installed: {INSTALL_HINT}"
-    if not torch.cuda.is_available():
-        return f"TensorRT engines need a CUDA GPU and none is visible here: {INSTALL_HINT}"
-    return None
-
-
-def load_tensorrt():
-    """The tensorrt module, or UnavailableError saying what to install."""
-    missing = tensorrt_missing()
-    if missing:
-        raise UnavailableError(missing)
-    import tensorrt
-
-    return tensorrt
-
-
-def this_gpu() -> dict[str, Any]:
-    """What an engine is tied to: TensorRT version, GPU name and compute capability of the current device."""
-    import tensorrt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt_version": tensorrt.__version__, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}"}
-
-
-def check_engine_runs_here(path: Path, built: dict[str, Any], here: dict[str, Any]) -> list[str]:
-    """Refuse (ExportError) an engine built with another TensorRT version or for another GPU architecture;
-    return notes for differences TensorRT tolerates (another GPU model of the same architecture)."""
-    if built.get("tensorrt_version") != here["tensorrt_version"]:
-        raise ExportError(f"{path} was built with TensorRT {built.get('tensorrt_version')}; this machine has "
-                          f"TensorRT {here['tensorrt_version']}: engines only run on the version that built them. "
-                          f"Rebuild it here with `kdforge export --trt`")
-    if built.get("compute_capability") != here["compute_capability"]:
-        raise ExportError(f"{path} was built for {built.get('gpu')} (compute capability "
-                          f"{built.get('compute_capability')}); this GPU is {here['gpu']} (compute capability "
-                          f"{here['compute_capability']}). Rebuild it here with `kdforge export --trt`")
-    if built.get("gpu") != here["gpu"]:
-        return [f"{path.name} was built on {built.get('gpu')} and runs on {here['gpu']} (same architecture): "
-                f"it works, but its kernels were timed on the other model"]
-    return []
-
-
-def split_batches(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
-    """(start, stop, run size) chunks covering n images within an engine's batch profile: chunks of at most
-    `max_batch`; a chunk smaller than `min_batch` runs padded to `min_batch` (the padding's outputs are dropped)."""
-    chunks = []
-    for start in range(0, n, max_batch):
-        stop = min(n, start + max_batch)
-        chunks.append((start, stop, max(stop - start, min_batch)))
-    return chunks
+from kdforge.runners.tensorrt import load_tensorrt, this_gpu
 
 
 def onnx_to_trt(

@@ -1,14 +1,15 @@
 """Consumers of the training loop's events: progress display and the metrics log.
 
 The loop emits plain dicts: {"event": "start" | "step" | "log" | "eval" | "end" | "note", ...}. A consumer is any
-callable taking one event; the loop knows nothing about terminals or files.
+callable taking one event; the loop knows nothing about terminals or files. This is the one channel everything
+long-running reports through: training stages, the chain (`notify`), the export's phases and QAD.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ from kdforge.fileio import atomic_write_text
 
 Event = dict[str, Any]
 Consumer = Callable[[Event], None]
+
+
+def notify(consumers: Iterable[Consumer], message: str) -> None:
+    """A note (one line for the user) to every consumer."""
+    for consume in consumers:
+        consume({"event": "note", "message": message})
 
 
 def format_metrics(event: Event) -> str:
@@ -93,8 +100,8 @@ class ProgressDisplay:
             split = {"val": ", validation", "test": ", test"}.get(event.get("split", ""), "")
             self.console.print(f"{self.title} epoch {event['epoch']} (step {event['step']}{split}): "
                                f"{format_metrics(event)}")
-        elif kind == "note":
-            self.console.print(event["message"])
+        elif kind == "note":  # plain text: a path or message with [brackets] or :colons: prints as it is
+            self.console.print(event["message"], markup=False, emoji=False)
         elif kind == "end":
             self.close()
 

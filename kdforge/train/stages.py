@@ -43,7 +43,7 @@ from kdforge.models import count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import Recipe, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
-from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
+from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay, notify
 from kdforge.train.loop import BatchSource, evaluate, fit
 
 STAGES = layout.TRAINING_STAGES
@@ -252,22 +252,18 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, recipe: Recipe, metrics:
     """Rank 0, after every input was checked: set the stage folder up as `plan` says. A replaced run is moved
     aside (deleted only once the new one finished); an adopted one is linked in; what a killed run left
     half-written goes; the recipe is written; the metrics log is cut back to the resumed checkpoint."""
-    def note(message: str) -> None:
-        for consume in consumers:
-            consume({"event": "note", "message": message})
-
     stage, stale = stage_dir.name, None
     if (plan.discard or plan.donor) and stage_dir.exists():
         stale = stage_dir.parent / layout.STALE / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         stale.parent.mkdir(parents=True, exist_ok=True)
         stage_dir.rename(stale)
     if plan.discard and plan.discard != "--overwrite":
-        note(f"{stage}: {plan.discard}; training it again (the earlier run is kept in {stale} until the new one "
-             f"finishes)")
+        notify(consumers, f"{stage}: {plan.discard}; training it again (the earlier run is kept in {stale} until "
+                          f"the new one finishes)")
     if plan.donor is not None:
         adopt_stage(plan.donor, stage_dir)
-        note(f"{stage}: trained with these settings in {plan.donor}: reused (its files linked here; --overwrite "
-             f"trains it again)")
+        notify(consumers, f"{stage}: trained with these settings in {plan.donor}: reused (its files linked here; "
+                          f"--overwrite trains it again)")
     stage_dir.mkdir(parents=True, exist_ok=True)
     for folder in (stage_dir, stage_dir / layout.CHECKPOINTS):  # what a killed run left half-written
         remove_leftovers(folder)
@@ -296,10 +292,16 @@ def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
     """Record the finished stage (result.json) and drop the earlier runs it replaced."""
     if main:
         write_json(Path(outcome.stage_dir) / layout.RESULT, outcome.record())
-        for earlier in (run_dir / layout.STALE).glob(f"{outcome.stage}-*"):  # this one and any a crash left
-            shutil.rmtree(earlier, ignore_errors=True)
+        drop_stale(run_dir, outcome.stage)
     sync()
     return outcome
+
+
+def drop_stale(run_dir: Path, stage: str) -> None:
+    """The earlier runs of `stage` that `prepare_stage_dir` kept aside (this one's and any a crash left): its
+    successor finished, so they go."""
+    for earlier in (run_dir / layout.STALE).glob(f"{stage}-*"):
+        shutil.rmtree(earlier, ignore_errors=True)
 
 
 def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str) -> Path | None:
@@ -343,17 +345,13 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
         views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
     )
     (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)
-
-    def note(message: str) -> None:
-        for consume in consumers:
-            consume({"event": "note", "message": message})
-
     with out_of_memory_as_error(
         f"building the teacher cache ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch size "
         f"{cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
     ):
         return load_or_build_cache(runs_dir / recipe.name / layout.TEACHER_CACHE, key, teacher, data.train,
-                                   cache_cfg, recipe.data.augment, recipe.seed, runtime, note)
+                                   cache_cfg, recipe.data.augment, recipe.seed, runtime,
+                                   lambda message: notify(consumers, message))
 
 
 def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,

@@ -1,6 +1,6 @@
 """Quantization-aware distillation (QAD): the finished student fine-tuned as an INT8 model against its teacher.
 
-    result = qad_student(recipe, Path("runs/quickstart/student"), qcfg)   # runs/quickstart/qad/student.qad.onnx
+    result = qad_stage(recipe, Path("runs/quickstart/student"), qcfg, 17, write_onnx)   # runs/quickstart/qad/
 
 Post-training quantization rounds weights and activations once and hopes the answers survive; on small students
 it moves many decisions (a third of the quickstart's test answers) and sometimes top-1 by points. QAD trains
@@ -16,36 +16,47 @@ through the rounding instead:
    through the one training loop (validation each epoch, test at the end: the fake-quantized model's top-1),
    learning from `qad_teacher`: its own FP32 weights (KL divergence at T = 1, no labels: it learns to give the
    answers it is verified against), or the recipe's teacher with the [distill] objective (online, or the cache).
-4. The fake-quantized model is exported with the TorchScript ONNX exporter: QuantizeLinear/DequantizeLinear pairs
-   (zero points 0) in front of each quantized layer, the placement TensorRT's explicit quantization fuses and
-   ONNX Runtime runs on CPU.
+4. The fake-quantized model is handed to `write_onnx`, which the INT8 builder gives (export/int8.py: the TorchScript
+   ONNX exporter writes QuantizeLinear/DequantizeLinear pairs, zero points 0, in front of each quantized layer, the
+   placement TensorRT's explicit quantization fuses and ONNX Runtime runs on CPU): runs/<name>/qad/student.qad.onnx
+   is the stage's output.
 
-The stage lives in runs/<name>/qad/ like a training stage: it is reused while its fingerprint (the student's and
-teacher's weights, data, seed, [distill] and the QAD settings) is unchanged, and redone otherwise. The export
-writes its ONNX file into the export folder as the `int8` format, weights stored as INT8
-(`converters.qad_to_int8`), and verifies it like every format.
+The stage lives in runs/<name>/qad/ and follows the rules of every training stage (`plan_stage`,
+`prepare_stage_dir`): reused while its fingerprint (the student's and teacher's weights, data, seed, [distill] and
+the QAD settings) is unchanged; an unfinished one (killed) resumes from its last checkpoint; one with other
+settings is moved to runs/<name>/.stale/ and deleted only once its successor finished. The export then writes the
+ONNX file into the export folder as the `int8` format, weights stored as INT8 (`converters.qad_to_int8`), and
+verifies it like every format.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdforge import layout
 from kdforge.checkpoint import final_weights
-from kdforge.errors import ExportError, KdforgeError
-from kdforge.fileio import file_hash, read_json, write_json
+from kdforge.data import DataSplits, load_dataset
+from kdforge.errors import ExportError
+from kdforge.fileio import file_hash, write_json
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe, data_fingerprint
 from kdforge.rng import rng_stream
+from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
+from kdforge.train.stages import StagePlan, drop_stale, plan_stage, prepare_stage_dir, teacher_weights_for
 
 QAD_STAGE = layout.QAD
 # qad_teacher = "student": the fake-quantized student matches its own FP32 logits (KL at T = 1, no label term)
 SELF_DISTILL = DistillConfig(method="kd", temperature=1.0, alpha=1.0, baseline=False)
-QAD_ONNX = "student.qad.onnx"
+# (the fake-quantized model, the file to write, what to record in it): the INT8 builder's ONNX export
+WriteOnnx = Callable[[torch.nn.Module, Path, dict[str, Any]], None]
 # Activation ranges: the 99.9th percentile of each input's histogram, not its max. On the quickstart student
 # (seed 2), max ranges left 67% of test answers unchanged before fine-tuning, the 99.9th percentile 79%, the 99.99th
 # 78%; entropy 81% but took 6 minutes on 2 CPU cores (percentile: 2 s)
@@ -58,7 +69,7 @@ FLOAT_MODULES = ("nn.AvgPool1d", "nn.AvgPool2d", "nn.AdaptiveAvgPool1d", "nn.Ada
 
 @dataclass(frozen=True)
 class QadResult:
-    path: Path  # runs/<name>/qad/student.qad.onnx
+    path: Path  # runs/<name>/qad/student.qad.onnx (layout.QAD_ONNX)
     fingerprint: str
     top1: float  # the fake-quantized student on the test split (ONNX Runtime is verified against the FP32 student)
     calibrated_top1: float  # before fine-tuning: fake-quantized and calibrated only (what PTQ would give)
@@ -147,12 +158,14 @@ def qad_fingerprint(recipe: Recipe, source: Path, qcfg: QuantizeConfig, teacher_
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def qad_student(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, device: str | None = None,
-                consumers: list | None = None) -> QadResult:
+def qad_stage(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, write_onnx: WriteOnnx,
+              device: str | None = None, consumers: list[Consumer] | None = None,
+              data: DataSplits | None = None) -> QadResult:
     """Fine-tune the finished stage `source` (runs/<name>/student, or baseline) as a fake-quantized INT8 model and
-    export it to runs/<name>/qad/student.qad.onnx; a finished QAD stage with the same fingerprint is reused."""
+    write it with `write_onnx` to runs/<name>/qad/student.qad.onnx; a finished QAD stage with the same fingerprint
+    (and its ONNX file intact) is reused, an unfinished one resumed. `data`: the dataset the caller holds (the
+    export's), read from the recipe when None."""
     from kdforge.optional import require
-    from kdforge.train.stages import teacher_weights_for
 
     require("modelopt.torch.quantization")
     runs_dir = source.parent.parent
@@ -160,42 +173,37 @@ def qad_student(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, 
     teacher_weights = teacher_weights_for(recipe, runs_dir) \
         if source.name == "student" and qcfg.qad_teacher == "teacher" else None
     fingerprint = qad_fingerprint(recipe, source, qcfg, teacher_weights, opset)
-    result_path, onnx_path = stage_dir / layout.RESULT, stage_dir / QAD_ONNX
-    if result_path.is_file() and onnx_path.is_file():
-        try:
-            previous = read_json(result_path)
-        except KdforgeError:  # damaged: trained again
-            previous = {}
-        if previous.get("fingerprint") == fingerprint and previous.get("onnx_sha256") == file_hash(onnx_path):
-            return QadResult(**{**previous, "path": onnx_path, "skipped": True})
-    return _train_qad(recipe, source, qcfg, opset, device, consumers, stage_dir, teacher_weights, fingerprint)
+    plan = plan_stage(stage_dir, QAD_STAGE, fingerprint, runs_dir, resume=True, retrain_stale=True)
+    onnx_path = stage_dir / layout.QAD_ONNX
+    if plan.action == "reuse":
+        if onnx_path.is_file() and plan.previous.get("onnx_sha256") == file_hash(onnx_path):
+            return QadResult(**{**plan.previous, "path": onnx_path, "skipped": True})
+        plan = StagePlan("train", discard=f"its output {layout.QAD_ONNX} is missing or changed")
+    consumers = [ProgressDisplay()] if consumers is None else consumers
+    return _train_qad(recipe, source, qcfg, write_onnx, device, consumers, data, plan, teacher_weights, fingerprint)
 
 
-def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, device: str | None,
-               consumers: list | None, stage_dir: Path, teacher_weights: Path | None, fingerprint: str) -> QadResult:
-    import shutil
-
+def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: WriteOnnx, device: str | None,
+               consumers: list[Consumer], data: DataSplits | None, plan: StagePlan, teacher_weights: Path | None,
+               fingerprint: str) -> QadResult:
     import modelopt.torch.quantization as mtq
-    import torch
     from timm.layers import freeze_batch_norm_2d
 
-    from kdforge.data import load_dataset
     from kdforge.distill.objective import create_distill_objective
     from kdforge.distill.teacher import load_frozen_teacher
-    from kdforge.export.converters import torch_to_onnx
     from kdforge.models import load_stage_model, resolve_input_spec
     from kdforge.runtime import runtime_scope
-    from kdforge.train.events import ProgressDisplay
     from kdforge.train.loop import BatchSource, evaluate, fit
     from kdforge.train.stages import training_objective
 
     cfg = recipe.model_for(source.name)
     epochs, lr = qad_settings(qcfg, cfg.train.lr)
     float_modules = modules_of_nodes(qcfg.exclude)
-    consumers = [ProgressDisplay()] if consumers is None else consumers
+    stage_dir = source.parent / QAD_STAGE
+    metrics = MetricsLog(stage_dir / layout.METRICS)
     started = time.perf_counter()
     with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data, recipe.seed)
+        data = data if data is not None else load_dataset(recipe.data, recipe.seed)
         spec = resolve_input_spec(cfg)
         model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
         model = runtime.place(freeze_batch_norm_2d(model))
@@ -226,22 +234,22 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, d
                                                   source.parent.parent, consumers)
         train = cfg.train.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": 0.0, "warmup_epochs": 0.0,
                                              "max_steps": None, "checkpoint_every": 0})
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)  # an earlier QAD with other settings, or one killed half-way: minutes to redo
-        stage_dir.mkdir(parents=True)
+        prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
         result = fit(model, spec, objective, data, train, runtime, BatchSource(recipe.data.augment, recipe.seed, cache),
-                     stage_dir, title=f"qad {cfg.model}", consumers=consumers,
-                     checkpoint_metadata={"fingerprint": fingerprint, "stage": QAD_STAGE})
+                     stage_dir, title=f"qad {cfg.model}", resume_from=plan.resume_from,
+                     consumers=[metrics, *consumers], checkpoint_metadata={"fingerprint": fingerprint,
+                                                                           "stage": QAD_STAGE})
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-        shutil.rmtree(stage_dir / layout.CHECKPOINTS, ignore_errors=True)  # the ONNX file is this stage's output
-        for link in (layout.LAST, layout.BEST):
-            (stage_dir / link).unlink(missing_ok=True)
-        torch_to_onnx(model, spec.size, stage_dir / QAD_ONNX, opset, {"stage": QAD_STAGE, "fingerprint": fingerprint})
+        write_onnx(model, stage_dir / layout.QAD_ONNX, {"stage": QAD_STAGE, "fingerprint": fingerprint})
+    shutil.rmtree(stage_dir / layout.CHECKPOINTS, ignore_errors=True)  # the ONNX file is this stage's output
+    for link in (layout.LAST, layout.BEST):
+        (stage_dir / link).unlink(missing_ok=True)
     outcome = QadResult(
-        path=stage_dir / QAD_ONNX, fingerprint=fingerprint, top1=result.final["top1"], calibrated_top1=calibrated,
-        epochs=epochs, lr=lr, steps=result.steps, quantizers=quantizers, float_modules=float_modules,
-        teacher=str(teacher_weights) if teacher_weights else None, wall_s=round(time.perf_counter() - started, 1),
-        onnx_sha256=file_hash(stage_dir / QAD_ONNX),
+        path=stage_dir / layout.QAD_ONNX, fingerprint=fingerprint, top1=result.final["top1"],
+        calibrated_top1=calibrated, epochs=epochs, lr=lr, steps=result.steps, quantizers=quantizers,
+        float_modules=float_modules, teacher=str(teacher_weights) if teacher_weights else None,
+        wall_s=round(time.perf_counter() - started, 1), onnx_sha256=file_hash(stage_dir / layout.QAD_ONNX),
     )
     write_json(stage_dir / layout.RESULT, outcome.to_metadata())
+    drop_stale(source.parent, QAD_STAGE)
     return outcome

@@ -1,30 +1,30 @@
 """Runners with one interface: `predict(uint8 images (N, 3, H, W)) -> float32 logits (N, classes)` on the CPU.
 
 Every runner prepares its input with the same `InputSpec.prepare` (resize to the model's size, normalize with
-its mean/std), so a comparison between runners compares the models, not two preprocessing pipelines.
+its mean/std), so a comparison between runners compares the models, not two preprocessing pipelines. A runner
+reads the input spec from its own file (spec_from_metadata); this package imports nothing from kdforge.export:
+it opens files, it does not make them.
 
     runner = OnnxRunner(Path("exports/quickstart/student.onnx"))
-    logits = runner.predict(images)           # runner.provider says where it ran
-    runner = open_runner(Path("exports/quickstart/student.fp16.engine"), FORMATS.get("trt_fp16").runner)
+    logits = runner.predict(images)           # runner.name says what ran it
+    runner, entry = open_export(Path("exports/quickstart"), "int8", read_metadata(Path("exports/quickstart")))
+
+TensorRT's runner and its run-time checks are `runners/tensorrt.py`; timing a runner is `kdforge.timing`.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from kdforge.data.transforms import InputSpec
+from kdforge.data.transforms import InputSpec, spec_from_metadata
 from kdforge.errors import ExportError
-from kdforge.export.converters import INPUT_NAME, OUTPUT_NAME
-from kdforge.fileio import read_json
+from kdforge.fileio import check_artifact
+from kdforge.formats import FORMATS, INPUT_NAME
+from kdforge.layout import METADATA
 from kdforge.optional import require
-from kdforge.rng import rng_stream
 from kdforge.runtime import Runtime, exact_fp32
 
 # ONNX Runtime execution providers in order of preference; the first one installed wins
@@ -91,8 +91,7 @@ class OnnxRunner:
             ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.spec = InputSpec(int(meta["input_size"]), tuple(json.loads(meta["mean"])),
-                                  tuple(json.loads(meta["std"])))
+            self.spec = spec_from_metadata(meta)
         except (KeyError, ValueError) as exc:
             raise ExportError(f"{self.path}: not a kdforge export (metadata lacks {exc})") from None
         self.metadata = meta
@@ -102,66 +101,6 @@ class OnnxRunner:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         x = self.spec.prepare(images.cpu()).numpy()
         return torch.from_numpy(self.session.run(None, {INPUT_NAME: x})[0]).float()
-
-
-class TrtRunner:
-    """A TensorRT engine on a CUDA device, with torch CUDA tensors as its I/O buffers.
-
-    Input size and mean/std come from the engine's sidecar `<engine>.json`, which also records the TensorRT
-    version and GPU the engine was built for: an engine from another TensorRT version or GPU architecture is
-    refused. Batches larger than the engine's profile are split; smaller than its minimum, padded."""
-
-    def __init__(self, path: Path, device: str | None = None) -> None:
-        from kdforge.export.tensorrt import check_engine_runs_here, load_tensorrt, this_gpu
-
-        trt = load_tensorrt()
-        self.path = Path(path)
-        sidecar = self.path.with_name(self.path.name + ".json")
-        if not self.path.is_file() or not sidecar.is_file():
-            raise ExportError(f"{self.path} or its sidecar {sidecar.name} is missing; "
-                              f"build it with `kdforge export --trt`")
-        meta = read_json(sidecar)
-        self.device = torch.device(device or "cuda")
-        torch.cuda.set_device(self.device)
-        here = this_gpu()
-        self.notes = check_engine_runs_here(self.path, meta["tensorrt"], here)
-        self.spec = InputSpec(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
-        self.metadata = meta
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise ExportError(f"{self.path}: TensorRT cannot load it (truncated or tampered with); build it again")
-        self.context = self.engine.create_execution_context()
-        min_shape, _, max_shape = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
-        self.min_batch, self.max_batch = int(min_shape[0]), int(max_shape[0])
-        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
-        self.input_dtype = dtypes[self.engine.get_tensor_dtype(INPUT_NAME)]
-        self.output_dtype = dtypes[self.engine.get_tensor_dtype(OUTPUT_NAME)]
-        self.provider = "TensorRT"
-        self.name = f"tensorrt {here['tensorrt_version']} ({here['gpu']})"
-
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        from kdforge.export.tensorrt import split_batches
-
-        x = self.spec.prepare(images.to(self.device)).to(self.input_dtype)
-        stream = torch.cuda.current_stream(self.device)
-        outputs = []
-        for start, stop, size in split_batches(len(x), self.min_batch, self.max_batch):
-            chunk = x[start:stop]
-            if size > len(chunk):
-                chunk = torch.cat([chunk, chunk.new_zeros((size - len(chunk), *chunk.shape[1:]))])
-            chunk = chunk.contiguous()
-            self.context.set_input_shape(INPUT_NAME, tuple(chunk.shape))
-            out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=self.output_dtype,
-                              device=self.device)
-            self.context.set_tensor_address(INPUT_NAME, chunk.data_ptr())
-            self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-            # enqueued on torch's current stream, so the buffers' lifetimes follow torch's stream order
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise ExportError(f"{self.path}: TensorRT failed to run a batch of {size}")
-            outputs.append(out[: stop - start])
-        stream.synchronize()
-        return torch.cat(outputs).float().cpu()
 
 
 class OpenVinoRunner:
@@ -183,7 +122,7 @@ class OpenVinoRunner:
         except RuntimeError as exc:  # OpenVINO reports parse and missing-key errors as RuntimeError
             raise ExportError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
                               f"again") from None
-        self.spec = InputSpec(int(meta["input_size"]), tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])))
+        self.spec = spec_from_metadata(meta)
         self.output = self.compiled.output(0)
         self.name = f"openvino {ov.__version__.split('-')[0]} (CPU)"
 
@@ -193,48 +132,27 @@ class OpenVinoRunner:
 
 
 def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,
-                many_batches: bool = False) -> OnnxRunner | TrtRunner | OpenVinoRunner:
+                many_batches: bool = False) -> Runner:
     """The runner for an exported artifact of runner `kind` (a format's `runner` in kdforge.formats): ONNX
     Runtime, OpenVINO or TensorRT (`device`: its CUDA device; `threads`: CPU threads for the CPU runtimes;
     default: theirs). `many_batches`: memory stays flat over a whole split (verification) rather than the last
     bit of latency (`kdforge bench` times with the runtimes' defaults)."""
     if kind == "tensorrt":
+        from kdforge.runners.tensorrt import TrtRunner
+
         return TrtRunner(path, device)
     if kind == "openvino":
         return OpenVinoRunner(path, threads)
     return OnnxRunner(path, threads=threads, many_batches=many_batches)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# timing a runner (`kdforge bench` and the INT8 latency check)
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation, like numpy's default."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
-    """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
-    generator = rng_stream(0, "bench_images")
-    one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
-    many = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
-    single = time_calls(lambda: runner.predict(one), warmup, repeats)
-    batched = time_calls(lambda: runner.predict(many), min(warmup, 3), max(5, repeats // 5))
-    return percentile(single, 50) * 1e3, percentile(single, 95) * 1e3, batch_size / statistics.median(batched)
+def open_export(export_dir: Path, name: str, meta: dict[str, Any], device: str | None = None,
+                threads: int | None = None, many_batches: bool = False) -> tuple[Runner, dict[str, Any]]:
+    """The runner of format `name` of the export folder `export_dir` (`meta`: its metadata.json), after checking
+    that the file is the one recorded (sha256), and metadata.json's entry for it. What `kdforge verify`
+    and `kdforge bench` open."""
+    if name not in meta.get("formats", {}):
+        raise ExportError(f"{export_dir}: no {name} export recorded in {METADATA}; run `kdforge export` first")
+    entry = meta["formats"][name]
+    artifact = check_artifact(export_dir, entry)
+    return open_runner(artifact, FORMATS.get(name).runner, device, threads, many_batches), entry

@@ -1,0 +1,49 @@
+"""Timing a runner: `kdforge bench`'s measurement, also used by the INT8 latency check (and the student search).
+
+    p50_ms, p95_ms, images_per_s = measure(runner, size=224, batch_size=64, repeats=50, warmup=5)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdforge.rng import rng_stream
+
+if TYPE_CHECKING:
+    from kdforge.runners import Runner
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation, like numpy's default."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
+    """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
+    generator = rng_stream(0, "bench_images")
+    one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
+    many = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+    single = time_calls(lambda: runner.predict(one), warmup, repeats)
+    batched = time_calls(lambda: runner.predict(many), min(warmup, 3), max(5, repeats // 5))
+    return percentile(single, 50) * 1e3, percentile(single, 95) * 1e3, batch_size / statistics.median(batched)
