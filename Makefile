@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # pyproject.toml keeps an open range for users installing kdforge into their own environments.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint gpu-check clean
+.PHONY: install demo test test-fast lint gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The edit-test loop: pure and unit tests, golden losses, recipes, plans and the CLI's errors; no test marked
+# slow (whole chains, exports of every format), container or gpu. `make test` (what CI runs) runs everything.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not container and not gpu"
 
 # On a machine with one NVIDIA GPU: the reference recipes at 224, exports, verification, TensorRT (see README)
 gpu-check: install

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kdforge.estimate import describe_machine, machine
+from kdforge.runtime import describe_machine, machine
 
 MODELS = ["resnet18", "resnet10t", "resnet14t", "mobilenetv3_large_100", "mobilenetv3_small_050"]
 

@@ -16,10 +16,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from kdforge.estimate import describe_machine, machine
 from kdforge.export.artifacts import export_run
 from kdforge.fileio import read_json
 from kdforge.recipe import load_recipe
+from kdforge.runtime import describe_machine, machine
 from kdforge.seeds import mean_sd, seed_recipe
 from kdforge.train.events import ProgressDisplay
 from kdforge.train.stages import train_stage

@@ -11,7 +11,6 @@ TensorRT and a GPU are present and listed as skipped elsewhere.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -77,14 +76,12 @@ class BenchResult:
 def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                  progress: Callable[[str], None] | None = None) -> BenchResult:
     """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""
-    import torch
-
     from kdforge.data.transforms import spec_from_metadata
     from kdforge.models import load_stage_model
     from kdforge.recipe import load_recipe
     from kdforge.runners import TorchRunner, open_export
     from kdforge.runners.tensorrt import tensorrt_missing
-    from kdforge.runtime import runtime_scope
+    from kdforge.runtime import machine, runtime_scope
 
     meta = read_metadata(export_dir)
     verified = read_json(export_dir / VERIFY)
@@ -125,14 +122,10 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
             p50, p95, throughput = measure(runner, spec.size, settings.batch_size, settings.repeats, settings.warmup)
             rows.append(BenchRow(name, runner.name, precision, size, round(p50, 3), round(p95, 3),
                                  round(throughput, 1), top1, agreement, passed))
-        machine = {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": _cpu_count(), "device": str(rt.device), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if rt.device.type == "cuda" else None,
-        }
+        measured_on = machine(rt.device)
     settings_record = {**asdict(settings), "input_size": spec.size}
-    rows = _merged(read_json(export_dir / BENCH), rows, settings_record, machine)
-    result = BenchResult(export_dir, rows, skipped, settings_record, machine)
+    rows = _merged(read_json(export_dir / BENCH), rows, settings_record, measured_on)
+    result = BenchResult(export_dir, rows, skipped, settings_record, measured_on)
     write_json(export_dir / BENCH, result.to_dict())
     return result
 
@@ -148,9 +141,3 @@ def _merged(previous: dict[str, Any], rows: list[BenchRow], settings: dict[str, 
     measured = {row.format for row in rows}
     kept = [BenchRow(**row) for row in previous.get("rows", []) if row["format"] not in measured]
     return [*rows, *kept]
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

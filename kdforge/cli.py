@@ -221,9 +221,9 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
               kdforge distill recipes/vit_to_vit.toml --nproc 8
               kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
-    from kdforge.estimate import describe_machine, minutes
+    from kdforge.estimate import minutes
     from kdforge.recipe import load_recipe
-    from kdforge.runtime import distributed_session
+    from kdforge.runtime import describe_machine, distributed_session
     from kdforge.seeds import run_recipe
 
     if seeds is not None:
@@ -336,12 +336,6 @@ def _print_int8_steps(rows) -> None:
         shipped = steps[-1]
         out.print(f"{name}: {'shipped the' if shipped['passed'] else 'no step passed; kept the last,'} "
                   f"{shipped['step']} file", highlight=False)
-
-
-def _report_row(name: str, report) -> dict:
-    return {"artifact": name, "verified": True, "pytorch_top1": report.reference_top1,
-            "exported_top1": report.candidate_top1, "agreement": report.agreement,
-            "max_abs_diff": report.max_abs_diff, "passed": report.passed}
 
 
 @app.command()
@@ -472,7 +466,8 @@ def verify(
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
         reports = verify_formats(export_dir, [fmt] if fmt else None, device=device)
-    out.print(exports_table({name: _report_row(str(export_dir / name), report) for name, report in reports.items()}))
+    out.print(exports_table({name: {"artifact": str(export_dir / name), **report.row()}
+                             for name, report in reports.items()}))
 
 
 @app.command()

@@ -1,8 +1,7 @@
-"""How long a chain's training will take on this machine, measured before it starts, and what machine it is.
+"""How long a chain's training will take on this machine, measured before it starts.
 
     estimate = estimate_training(recipe, ["teacher", "baseline", "student"])   # a few real steps of each stage
     estimate.line()      # "training: about 4 min 40 s on this machine (teacher 2 min 5 s, baseline 1 min 5 s, ...)"
-    machine()            # {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 2, "gpu": None, ...}
 
 Each stage is measured by running the real training loop (`fit`) for a few steps on the real data in a
 temporary folder: steps 3-4 give the time of a step (the first two pay for kernel selection and allocation),
@@ -13,8 +12,6 @@ not change any result.
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,37 +25,6 @@ from kdforge.recipe import Recipe
 
 PROBE_STEPS = 4  # steps 1-2 warm up, steps 3-4 are timed
 MIN_STEPS = 200  # shorter trainings are not estimated: measuring would cost a noticeable part of them
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, the platform's answer elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine() -> dict[str, object]:
-    """What a timing or a published number was measured on (results differ across CPU kinds, e.g. AVX2 vs
-    AVX-512, and timings far more)."""
-    return {
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
-
-
-def describe_machine(info: dict[str, object]) -> str:
-    """"AMD EPYC (AVX2), 2 threads" or "NVIDIA H100 80GB HBM3"."""
-    if info.get("gpu"):
-        return str(info["gpu"])
-    return f"{info['cpu']} ({info['cpu_capability']}), {info['threads']} threads"
 
 
 def minutes(seconds: float) -> str:

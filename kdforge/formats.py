@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdforge import layout
 from kdforge.registry import Registry
 
 RUNNERS = ("onnxruntime", "openvino", "tensorrt")  # the kinds of file a runner opens
@@ -58,7 +59,8 @@ _add(ExportFormat("int8", "student.int8.onnx", "int8", "onnxruntime", source="on
 # Runtime before TensorRT ever sees it
 _add(ExportFormat("fp16", "student.fp16.onnx", "fp16", "onnxruntime", source="onnx", serve_rank=2))
 # A Triton Inference Server model repository around the FP32 ONNX export (config.pbtxt, labels, model.onnx)
-_add(ExportFormat("triton", "triton/student/1/model.onnx", "fp32", "onnxruntime", source="onnx",
+_add(ExportFormat("triton", f"{layout.TRITON}/{layout.TRITON_MODEL}/{layout.TRITON_VERSION}/{layout.TRITON_FILE}",
+                  "fp32", "onnxruntime", source="onnx",
                   bench_skip="the same model file as onnx, for Triton's server"))
 # OpenVINO IR (student.openvino.xml + .bin) converted from the FP32 ONNX, weights stored in FP16 (OpenVINO's
 # default; its CPU plugin computes in FP32, or bf16 on AMX CPUs), batch axis dynamic; runs on OpenVINO's CPU plugin

@@ -61,6 +61,12 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def row(self) -> dict[str, Any]:
+        """What a results table (and summary.json's export rows) shows of a verification."""
+        return {"verified": True, "pytorch_top1": self.reference_top1, "exported_top1": self.candidate_top1,
+                "agreement": self.agreement, "max_abs_diff": self.max_abs_diff, "passed": self.passed,
+                "top1_delta_points": self.top1_delta_points, "mcnemar_p": self.mcnemar_p}
+
 
 def predict_all(
     runner: Runner, dataset: ImageDataset, batch_size: int, limit_batches: int | None = None

@@ -10,10 +10,13 @@
             best -> checkpoints/...        the best epoch-end weights
         teacher_eval/result.json           the evaluation of a teacher given by teacher.checkpoint
         teacher_cache.safetensors          the teacher's answers on stored augmented views (distill/cache.py)
-        summary.json, report/              the chain's summary and report
+        summary.json, seeds.json           the chain's summary; the statistics over seeds (runs/<recipe>-seed<s>/)
+        report/                            report.md/.html, seeds.md/.html and their plots (report.py)
         .stale/<stage>-<time>-<pid>/       a replaced stage, kept until its successor finishes
     exports/<recipe>/                      an export (formats.py names its files)
         metadata.json, verify.json, bench.json
+        triton/student/{config.pbtxt, labels.txt, 1/model.onnx}    a Triton model repository (Triton's layout)
+        student.*.engine.json              a TensorRT engine's sidecar
 
 Nothing here imports torch: serving reads export folders through these names too. Loading the PyTorch model of
 a finished stage is `models.load_stage_model`.
@@ -38,15 +41,33 @@ REPORT = "report"
 STALE = ".stale"
 TEACHER_EVAL = "teacher_eval"
 TEACHER_CACHE = "teacher_cache.safetensors"
+# a run's report folder
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+SEEDS_MD = "seeds.md"
+SEEDS_HTML = "seeds.html"
+PLOTS = {"curves": "curves.png", "accuracy_latency": "accuracy_latency.png", "size": "size.png", "seeds": "seeds.png"}
 # an export folder
 METADATA = "metadata.json"
 VERIFY = "verify.json"
 BENCH = "bench.json"
+# a Triton model repository in an export folder: <TRITON>/<TRITON_MODEL>/{config.pbtxt, labels.txt, 1/model.onnx}
+TRITON = "triton"
+TRITON_MODEL = "student"
+TRITON_CONFIG = "config.pbtxt"
+TRITON_LABELS = "labels.txt"
+TRITON_VERSION = "1"
+TRITON_FILE = "model.onnx"
 
 TRAINING_STAGES = ("teacher", "baseline", "student")  # in the order the chain trains them
 QAD = "qad"  # the stage of quantization-aware distillation (train/qad.py): its output is an ONNX file
 QAD_ONNX = "student.qad.onnx"  # runs/<recipe>/qad/student.qad.onnx
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student is exported, else the baseline student
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run of seed `seed` of a recipe run over several seeds: runs/<name>-seed<s>/."""
+    return f"{name}-seed{seed}"
 
 
 def engine_sidecar(engine: Path) -> Path:

@@ -21,12 +21,12 @@ import torch
 from kdforge import layout
 from kdforge.data import describe_data
 from kdforge.errors import RecipeError
-from kdforge.estimate import estimate_training, machine
+from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import check_can_create, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
-from kdforge.runtime import current_rank, resolve_device, sync
+from kdforge.runtime import current_rank, machine, resolve_device, sync
 from kdforge.tracking import check_tracking, track_summary
 from kdforge.train.events import Consumer, ProgressDisplay, notify
 from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
@@ -63,8 +63,8 @@ def _train(stage: str) -> Callable[[Recipe, ChainContext], StageResult]:
 
 def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
     # the recipe as it is now decides the export settings, also when the training stages were reused
-    return export_run(ctx.runs_dir / recipe.name / "student", recipe_formats(recipe), recipe.export.opset,
-                      Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device,
+    return export_run(layout.stage_dir(ctx.runs_dir, recipe.name, "student"), recipe_formats(recipe),
+                      recipe.export.opset, Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device,
                       consumers=ctx.consumers, recipe=recipe)
 
 
@@ -113,9 +113,7 @@ def export_rows(result: ExportResult | None) -> dict[str, dict[str, Any]]:
         rows[name] = {"artifact": str(path), "export_s": result.seconds[name], "verified": report is not None,
                       "bytes": path.stat().st_size}
         if report is not None:
-            rows[name].update(pytorch_top1=report.reference_top1, exported_top1=report.candidate_top1,
-                              agreement=report.agreement, max_abs_diff=report.max_abs_diff, passed=report.passed,
-                              top1_delta_points=report.top1_delta_points, mcnemar_p=report.mcnemar_p)
+            rows[name].update(report.row())
         if result.steps.get(name):  # an INT8 format: each step it took and what it measured
             rows[name]["int8_steps"] = result.steps[name]
     return rows

@@ -194,7 +194,7 @@ def write_report(run_dir: Path) -> ReportPaths:
     curves = {stage: curve for stage, curve in curves.items() if curve["epoch"]}
     if curves:
         doc.heading("Training")
-        plots.append(plot_curves(curves, out / "curves.png"))
+        plots.append(plot_curves(curves, out / layout.PLOTS["curves"]))
         doc.image(plots[-1], f"loss and {evaluated_split(curves)} top-1 per epoch")
 
     export_dir = export_dir_of_run(run_dir)
@@ -231,17 +231,18 @@ def write_report(run_dir: Path) -> ReportPaths:
                         "PASS" if step["passed"] else "FAIL"] for name, step in steps])
         if bench:
             machine = bench.get("machine", {})
-            doc.paragraph(f"Measured by `kdforge bench` on {machine.get('processor')} ({machine.get('cpu_count')} "
+            cpu = machine.get("cpu", machine.get("processor"))  # "processor": an older bench.json
+            doc.paragraph(f"Measured by `kdforge bench` on {cpu} ({machine.get('cpu_count')} "
                           f"CPUs, {bench['settings'].get('threads')} threads, device {machine.get('device')}) "
                           f"at {bench.get('measured_at')}.")
-            plots.append(plot_accuracy_latency(bench["rows"], out / "accuracy_latency.png"))
+            plots.append(plot_accuracy_latency(bench["rows"], out / layout.PLOTS["accuracy_latency"]))
             doc.image(plots[-1], "test top-1 against latency per format")
         else:
             doc.paragraph("Latency not measured yet: run `kdforge bench` and then `kdforge report` again.")
-        plots.append(plot_sizes(sizes, out / "size.png"))
+        plots.append(plot_sizes(sizes, out / layout.PLOTS["size"]))
         doc.image(plots[-1], "file size per format")
 
-    markdown, page = out / "report.md", out / "report.html"
+    markdown, page = out / layout.REPORT_MD, out / layout.REPORT_HTML
     atomic_write_text(markdown, "\n".join(doc.md))
     atomic_write_text(page, doc.render_html())
     return ReportPaths(markdown, page, plots)
@@ -283,8 +284,8 @@ def write_seeds_report(group_dir: Path, summary: dict[str, Any]) -> Path:
                   f"(both start from the same weights); its interval uses the t distribution over the per-seed "
                   f"gains. Teacher: {teacher}. Each seed's own report: "
                   f"runs/{summary['recipe']}-seed<s>/report/report.md.")
-    doc.image(plot_seeds(summary["per_seed"], out / "seeds.png"), "test top-1 per seed")
-    markdown = out / "seeds.md"
+    doc.image(plot_seeds(summary["per_seed"], out / layout.PLOTS["seeds"]), "test top-1 per seed")
+    markdown = out / layout.SEEDS_MD
     atomic_write_text(markdown, "\n".join(doc.md))
-    atomic_write_text(out / "seeds.html", doc.render_html())
+    atomic_write_text(out / layout.SEEDS_HTML, doc.render_html())
     return markdown

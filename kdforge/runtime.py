@@ -23,10 +23,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -274,3 +276,42 @@ def distributed_session() -> Iterator[int]:
         yield world_size
     finally:
         torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the machine a number was measured on
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, the platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device: torch.device | None = None) -> dict[str, object]:
+    """What a timing or a published number was measured on (results differ across CPU kinds, e.g. AVX2 vs
+    AVX-512, and timings far more): the one description summary.json, the estimate and bench.json record.
+    `device`: where the measured work ran (its GPU is named), else the first visible GPU, if any."""
+    on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    return {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
+        "device": str(device) if device is not None else ("cuda" if on_gpu else "cpu"),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+
+
+def describe_machine(info: dict[str, object]) -> str:
+    """"AMD EPYC (AVX2), 2 threads" or "NVIDIA H100 80GB HBM3"."""
+    if info.get("gpu"):
+        return str(info["gpu"])
+    return f"{info['cpu']} ({info['cpu_capability']}), {info['threads']} threads"

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.fileio import write_json
-from kdforge.layout import SEEDS
+from kdforge.layout import SEEDS, TRAINING_STAGES, seed_run_name, stage_dir
 from kdforge.pipeline import DistillSummary, run_distill
 from kdforge.recipe import Recipe
 from kdforge.report import write_seeds_report
 from kdforge.runtime import current_rank
-from kdforge.train.events import Consumer, ProgressDisplay
+from kdforge.train.events import Consumer, ProgressDisplay, notify
 
-ROLES = ("teacher", "baseline", "student")
+ROLES = TRAINING_STAGES  # the roles compared over seeds
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -96,10 +96,6 @@ class SeedsSummary:
     report: str | None = None
 
 
-def seed_run_name(name: str, seed: int) -> str:
-    return f"{name}-seed{seed}"
-
-
 def seed_recipe(recipe: Recipe, seed: int, teacher_dir: Path | None) -> Recipe:
     """The recipe of one seed: its own run name (so its own run and export folders); the shared teacher when one
     is given."""
@@ -137,11 +133,10 @@ def run_seeds(recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = Fals
     share = recipe.experiment.share_teacher and not given
     runs: dict[int, DistillSummary] = {}
     for seed in seeds:
-        teacher_dir = runs_dir / seed_run_name(recipe.name, seeds[0]) / "teacher" if share and seed != seeds[0] \
-            else None
-        for consume in consumers if current_rank() == 0 else []:
-            consume({"event": "note", "message": f"seed {seed} ({len(runs) + 1} of {len(seeds)})"
-                                                 + (f": teacher of seed {seeds[0]}" if teacher_dir else "")})
+        shared = share and seed != seeds[0]
+        teacher_dir = stage_dir(runs_dir, seed_run_name(recipe.name, seeds[0]), "teacher") if shared else None
+        notify(consumers if current_rank() == 0 else [], f"seed {seed} ({len(runs) + 1} of {len(seeds)})"
+               + (f": teacher of seed {seeds[0]}" if teacher_dir else ""))
         runs[seed] = run_distill(seed_recipe(recipe, seed, teacher_dir), runs_dir=runs_dir, resume=resume,
                                  device=device, consumers=consumers)
     summary = summarize_seeds(recipe, runs, share or given)

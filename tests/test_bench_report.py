@@ -14,6 +14,8 @@ from kdforge.timing import percentile
 from .conftest import TINY_MODELS
 from .test_export import trained_student
 
+pytestmark = pytest.mark.slow  # a distilled chain with exports, then bench and report
+
 runner = CliRunner()
 
 

@@ -202,6 +202,7 @@ def test_teacher_sees_the_same_augmented_batch_with_its_own_size_and_normalizati
     assert not teacher_model.training and not any(p.requires_grad for p in teacher_model.parameters())
 
 
+@pytest.mark.slow
 def test_distill_chain_trains_reuses_and_invalidates_what_depends_on_a_change(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = true\n")
     runs = tmp_path / "runs"
@@ -228,6 +229,7 @@ def test_distill_chain_trains_reuses_and_invalidates_what_depends_on_a_change(ma
     assert any("teacher: finished with other settings" in n.get("message", "") for n in notes)
 
 
+@pytest.mark.slow
 def test_distill_with_a_teacher_checkpoint_reports_the_teachers_accuracy(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS + "\n[distill]\nbaseline = false\n")
     runs = tmp_path / "runs"
@@ -243,6 +245,7 @@ def test_distill_with_a_teacher_checkpoint_reports_the_teachers_accuracy(make_re
     assert summary_row.split("|")[2].strip().startswith("test_resnet")  # the report names the teacher too
 
 
+@pytest.mark.slow
 def test_distill_command_prints_the_summary_table(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     result = CliRunner().invoke(app, ["distill", str(path), "--set", "train.max_steps=2",
@@ -262,6 +265,7 @@ def test_distilled_student_needs_a_finished_teacher(make_recipe, tmp_path):
         train_stage(load_recipe(make_recipe(TINY_MODELS)), "student", runs_dir=tmp_path, consumers=[])
 
 
+@pytest.mark.slow
 def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, monkeypatch):
     import kdforge.train.stages as stages
     from kdforge.train.stages import train_stage
@@ -295,6 +299,7 @@ def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, 
     assert trained[-2:] == ["teacher test_resnet", "student test_convnext"]  # other settings: its own teacher
 
 
+@pytest.mark.slow
 def test_the_chain_says_what_it_will_do_and_how_long_training_should_take_here(make_recipe, tmp_path, monkeypatch):
     """Before its first stage the chain names its stages and, measured from a few real steps of each, how long
     its training should take on this machine; the summary says how long it took and on which CPU."""
@@ -317,6 +322,7 @@ def test_the_chain_says_what_it_will_do_and_how_long_training_should_take_here(m
     assert not any(n.startswith("training: about") for n in notes)
 
 
+@pytest.mark.slow
 def test_measuring_the_estimate_changes_no_result(make_recipe, tmp_path, monkeypatch):
     """The estimate trains throwaway copies of the models before the chain starts; the chain's weights are the
     same bit for bit as without it (each stage reseeds before it builds its model)."""
@@ -336,6 +342,7 @@ def test_measuring_the_estimate_changes_no_result(make_recipe, tmp_path, monkeyp
     assert all(torch.equal(weights["measured"][k], weights["not_measured"][k]) for k in weights["measured"])
 
 
+@pytest.mark.slow
 def test_the_estimate_is_near_the_stages_real_time(make_recipe, tmp_path, monkeypatch):
     from kdforge.estimate import estimate_training
     from kdforge.train.stages import train_stage

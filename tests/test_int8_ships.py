@@ -137,7 +137,7 @@ def test_mcnemar_exact_p_values():
 
 def bench_rows(**p50):
     rows = [{"format": name, "latency_p50_ms": ms} for name, ms in p50.items()]
-    return {"machine": {"processor": "test-cpu"}, "rows": rows}
+    return {"machine": {"cpu": "test-cpu"}, "rows": rows}
 
 
 def test_serve_auto_serves_the_fastest_verified_format_measured_here(export_copy):

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from kdforge.cli import app
 
+pytestmark = pytest.mark.slow  # every test exports and verifies OpenVINO IRs (NNCF's INT8 takes ~10 s)
+
 runner = CliRunner()
 needs_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
                                     reason="the openvino extra is part of the dev install (make test)")

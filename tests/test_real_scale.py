@@ -134,6 +134,7 @@ def evaluation_growth(model: torch.nn.Module, size: int, batch: int = 4, few: in
 
 
 @needs_proc
+@pytest.mark.slow
 def test_evaluation_memory_does_not_grow_with_the_number_of_batches():
     # resnet18 at 224: a kept autograd graph is ~100 MB per batch of 4, so 8 batches would hold ~800 MB
     model = create_model(ModelConfig(model="resnet18"), num_classes=100)

@@ -5,6 +5,8 @@ end-to-end run, instead of passing unseen."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,7 @@ def count_reads(monkeypatch, name: str) -> list[int]:
     return reads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_every_dataset_trains_exports_and_verifies_reading_the_data_once_per_export(dataset, tmp_path, synth_root,
                                                                                    monkeypatch):
@@ -140,13 +143,15 @@ def every_format(trained_students, tmp_path_factory):
     return result, unavailable, len(reads)
 
 
+@pytest.mark.slow
 def test_one_export_of_every_format_reads_the_data_once(every_format):
     result, unavailable, reads = every_format
     assert reads == 1 and set(result.artifacts) | set(unavailable) == set(FORMATS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_every_format_is_verified_and_opened_by_its_runner(every_format, name):
+def test_every_format_is_verified_and_opened_by_its_runner(every_format, name, tmp_path):
     import numpy as np
 
     from kdforge.fileio import read_metadata
@@ -164,10 +169,14 @@ def test_every_format_is_verified_and_opened_by_its_runner(every_format, name):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     logits = runner.predict(images)
     assert logits.shape == (4, meta["num_classes"]) and bool(torch.isfinite(logits).all())
-    if FORMATS.get(name).serve_rank is not None:  # the server's own runtime gives the runner's answers
-        from kdforge.serve.model import ServedModel
-
-        served = ServedModel.load(result.export_dir, name)
-        batch = runner.spec.prepare(images).numpy()
-        np.testing.assert_allclose(served.run(batch), logits.numpy(), rtol=1e-4, atol=1e-4)
+    if FORMATS.get(name).serve_rank is not None:  # the server's own runtime (numpy, no torch) gives the same answers
+        # in a process of its own, as a server runs: OpenVINO's serving session in this process followed by the
+        # forked DataLoader workers of later tests crashed the test process
+        np.save(tmp_path / "batch.npy", runner.spec.prepare(images).numpy())
+        code = ("import sys, numpy as np; from pathlib import Path; from kdforge.serve.model import ServedModel; "
+                "served = ServedModel.load(Path(sys.argv[1]), sys.argv[2]); "
+                "np.save(sys.argv[4], served.run(np.load(sys.argv[3])))")
+        subprocess.run([sys.executable, "-c", code, str(result.export_dir), name, str(tmp_path / "batch.npy"),
+                        str(tmp_path / "served.npy")], check=True, capture_output=True, timeout=120)
+        np.testing.assert_allclose(np.load(tmp_path / "served.npy"), logits.numpy(), rtol=1e-4, atol=1e-4)
     assert math.isfinite(report.max_abs_diff)

@@ -95,6 +95,7 @@ def test_the_cache_is_reused_for_the_same_key_and_regenerated_for_another(tmp_pa
     assert any("key changed" in n for n in notes)
 
 
+@pytest.mark.slow
 def test_distillation_from_the_cache_trains_and_a_new_teacher_invalidates_it(make_recipe, tmp_path):
     from .conftest import TINY_MODELS
 

@@ -30,6 +30,7 @@ def test_the_gain_interval_and_its_verdict():
     assert "one seed, no confidence interval" in verdict(gain_interval([3.0]))
 
 
+@pytest.mark.slow
 def test_distill_over_seeds_trains_one_teacher_and_reports_the_gain(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     runs = tmp_path / "runs"
@@ -58,6 +59,7 @@ def test_distill_over_seeds_trains_one_teacher_and_reports_the_gain(make_recipe,
     assert again.stderr.count("finished earlier with these settings, reused") == 5  # every stage of both seeds
 
 
+@pytest.mark.slow
 def test_a_teacher_per_seed_when_asked(make_recipe, tmp_path):
     recipe = load_recipe(make_recipe(TINY_MODELS), ["train.max_steps=2", "train.limit_eval_batches=1",
                                                     "experiment.seeds=[3, 4]", "experiment.share_teacher=false"])

@@ -136,6 +136,7 @@ def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path
 AARCH64_PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(36, 16, -1)] + ["manylinux2014_aarch64"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extras", [["serve"], ["serve", "serve-openvino"]])
 def test_every_serving_dependency_has_an_aarch64_wheel(tmp_path, extras):
     """What the serving image installs resolves, with every dependency, to wheels an arm64 Debian 12 can install

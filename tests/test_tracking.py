@@ -11,6 +11,8 @@ from kdforge.recipe import load_recipe
 
 from .conftest import TINY_MODELS
 
+pytestmark = pytest.mark.slow  # each test runs a chain with TensorBoard or MLflow (MLflow's store alone ~10 s)
+
 STEPS = ["train.max_steps=6", "train.limit_batches=3", "train.log_every=2", "train.limit_eval_batches=2"]  # 2 epochs
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdforge import layout
 from kdforge.export import int8
 from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, openvino_weights, torch_to_onnx
 from kdforge.export.job import ExportJob
@@ -43,7 +44,7 @@ def make_fp16(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> di
 
 
 def make_triton(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    onnx_to_triton(job.source_of(name), job.export_dir / "triton", "student", job.spec.size,
+    onnx_to_triton(job.source_of(name), job.export_dir / layout.TRITON, layout.TRITON_MODEL, job.spec.size,
                    list(job.data.train.classes))
     return {}
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kdforge import layout
 from kdforge.errors import ExportError
 from kdforge.fileio import atomic_path, file_hash
 from kdforge.formats import INPUT_NAME, OUTPUT_NAME
@@ -126,10 +127,11 @@ def onnx_to_triton(onnx_path: Path, repository: Path, name: str, input_size: int
     import shutil
 
     model_dir = repository / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    with atomic_path(model_dir / "1" / "model.onnx") as tmp:
+    model_file = model_dir / layout.TRITON_VERSION / layout.TRITON_FILE
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(model_file) as tmp:
         shutil.copyfile(onnx_path, tmp)
-    (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    (model_dir / layout.TRITON_LABELS).write_text("".join(f"{label}\n" for label in labels))
     config = f"""name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
@@ -145,7 +147,7 @@ output [
     name: "{OUTPUT_NAME}"
     data_type: TYPE_FP32
     dims: [ {len(labels)} ]
-    label_filename: "labels.txt"
+    label_filename: "{layout.TRITON_LABELS}"
   }}
 ]
 dynamic_batching {{
@@ -158,8 +160,8 @@ instance_group [
   }}
 ]
 """
-    (model_dir / "config.pbtxt").write_text(config)
-    return model_dir / "1" / "model.onnx"
+    (model_dir / layout.TRITON_CONFIG).write_text(config)
+    return model_file
 
 
 # Op types the FP16 graph keeps in FP32: LayerNorm, Softmax and reductions (their sums of squares and

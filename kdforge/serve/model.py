@@ -76,7 +76,8 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
     if measured:
         fastest = min(measured, key=measured.get)
         timings = ", ".join(f"{name} {ms:.2f} ms" for name, ms in sorted(measured.items(), key=lambda kv: kv[1]))
-        machine = bench.get("machine", {}).get("processor", "this machine")
+        measured_on = bench.get("machine", {})  # "processor": how an older bench.json named the CPU
+        machine = measured_on.get("cpu", measured_on.get("processor", "this machine"))
         return fastest, f"the fastest verified format in bench.json (batch-1 p50 on {machine}: {timings})"
     if passed:
         return passed[0], (f"verified; no bench.json to compare speeds, so {' before '.join(SERVABLE)} "
