@@ -161,3 +161,15 @@ def test_every_format_has_a_builder_and_a_runner():
         fmt = FORMATS.get(name)
         assert fmt.runner in RUNNERS and (fmt.source is None or fmt.source in FORMATS)
     assert servable()[:3] == ["int8", "onnx", "fp16"] and "triton" not in servable()
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function a newcomer reads in one screen or two: the whole `def`, decorators and docstring included."""
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > 80:
+                    long.append(f"{module}.{node.name}: {node.end_lineno - start + 1} lines")
+    assert long == []

@@ -75,6 +75,10 @@ def test_openvino_int8_is_quantized_by_nncf_verified_and_escalates_to_accuracy_c
     assert entry["steps"][-1]["passed"] == result.reports["openvino_int8"].passed
     assert json.loads((result.export_dir / "verify.json").read_text())["openvino_int8"]["passed"] == entry[
         "steps"][-1]["passed"]
+    # the steps reach the command's output and the chain's summary as the ONNX INT8's do (one escalation routine)
+    from kdforge.pipeline import export_rows
+
+    assert result.steps["openvino_int8"] == entry["steps"] == export_rows(result)["openvino_int8"]["int8_steps"]
 
 
 @needs_openvino

@@ -45,12 +45,25 @@ import torch
 from kdforge import layout
 from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
+from kdforge.distill.objective import create_distill_objective
+from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import ExportError
 from kdforge.fileio import file_hash, write_json
+from kdforge.models import load_stage_model, resolve_input_spec
+from kdforge.optional import require
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe, data_fingerprint
 from kdforge.rng import rng_stream
+from kdforge.runtime import runtime_scope
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
-from kdforge.train.stages import StagePlan, drop_stale, plan_stage, prepare_stage_dir, teacher_weights_for
+from kdforge.train.loop import BatchSource, evaluate, fit
+from kdforge.train.stages import (
+    StagePlan,
+    drop_stale,
+    plan_stage,
+    prepare_stage_dir,
+    teacher_weights_for,
+    training_objective,
+)
 
 QAD_STAGE = layout.QAD
 # qad_teacher = "student": the fake-quantized student matches its own FP32 logits (KL at T = 1, no label term)
@@ -165,8 +178,6 @@ def qad_stage(recipe: Recipe, source: Path, qcfg: QuantizeConfig, opset: int, wr
     write it with `write_onnx` to runs/<name>/qad/student.qad.onnx; a finished QAD stage with the same fingerprint
     (and its ONNX file intact) is reused, an unfinished one resumed. `data`: the dataset the caller holds (the
     export's), read from the recipe when None."""
-    from kdforge.optional import require
-
     require("modelopt.torch.quantization")
     runs_dir = source.parent.parent
     stage_dir = source.parent / QAD_STAGE
@@ -188,13 +199,6 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
                fingerprint: str) -> QadResult:
     import modelopt.torch.quantization as mtq
     from timm.layers import freeze_batch_norm_2d
-
-    from kdforge.distill.objective import create_distill_objective
-    from kdforge.distill.teacher import load_frozen_teacher
-    from kdforge.models import load_stage_model, resolve_input_spec
-    from kdforge.runtime import runtime_scope
-    from kdforge.train.loop import BatchSource, evaluate, fit
-    from kdforge.train.stages import training_objective
 
     cfg = recipe.model_for(source.name)
     epochs, lr = qad_settings(qcfg, cfg.train.lr)
