@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from kdforge import layout
 from kdforge.registry import Registry
 
-RUNNERS = ("onnxruntime", "openvino", "tensorrt")  # the kinds of file a runner opens
+RUNNERS = ("onnxruntime", "openvino", "tensorrt", "executorch", "ncnn")  # the kinds of file a runner opens
 # the graph's input and output names in every exported file (ONNX, and the TensorRT engines built from it)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -73,6 +73,17 @@ _add(ExportFormat("openvino_int8", "student.openvino.int8.xml", "int8", "openvin
                   options=frozenset({"opset", "calibration", "batch_size", "max_top1_drop", "sensitivity_images",
                                      "escalate"}),
                   requires=("openvino", "nncf"), extra="openvino", serve_rank=3))
+# On-device runtimes, made from the PyTorch student (export/edge.py), each file's input spec in its sidecar JSON.
+# ExecuTorch (PyTorch's on-device runtime): a .pte program lowered to the XNNPACK delegate, batch axis dynamic (1-256)
+_add(ExportFormat("executorch", "student.pte", "fp32", "executorch", options=frozenset(), requires=("executorch",),
+                  extra="executorch"))
+# ExecuTorch INT8: PT2E quantization with ExecuTorch's XNNPACKQuantizer (symmetric; weights per channel), calibrated
+# on the same training-split images as the other INT8 formats ([quantize] calibration, batch_size)
+_add(ExportFormat("executorch_int8", "student.int8.pte", "int8", "executorch",
+                  options=frozenset({"calibration", "batch_size"}), requires=("executorch",), extra="executorch"))
+# NCNN (Android, Raspberry Pi): pnnx's conversion, student.ncnn.param + student.ncnn.bin (FP32 weights)
+_add(ExportFormat("ncnn", "student.ncnn.param", "fp32", "ncnn", options=frozenset(), requires=("pnnx", "ncnn"),
+                  extra="ncnn"))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
 _add(ExportFormat("trt_fp16", "student.fp16.engine", "fp16", "tensorrt", source="fp16", needs_gpu=True,
                   option_sections=("tensorrt",)))

@@ -16,7 +16,7 @@
     exports/<recipe>/                      an export (formats.py names its files)
         metadata.json, verify.json, bench.json
         triton/student/{config.pbtxt, labels.txt, 1/model.onnx}    a Triton model repository (Triton's layout)
-        student.*.engine.json              a TensorRT engine's sidecar
+        student.*.{engine,pte,param}.json  the sidecar of a file with no room for metadata
 
 Nothing here imports torch: serving reads export folders through these names too. Loading the PyTorch model of
 a finished stage is `models.load_stage_model`.
@@ -70,9 +70,10 @@ def seed_run_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
 
-def engine_sidecar(engine: Path) -> Path:
-    """A TensorRT engine's sidecar: what the engine has no room for (input spec, TensorRT version, GPU)."""
-    return engine.with_name(engine.name + ".json")
+def sidecar(artifact: Path) -> Path:
+    """`<file>.json` beside an artifact with no room for metadata (a TensorRT engine, an ExecuTorch program, an NCNN
+    model): its input spec and what made it (a TensorRT engine: the TensorRT version and GPU too)."""
+    return artifact.with_name(artifact.name + ".json")
 
 
 def stage_dir(runs_dir: Path | str, name: str, stage: str) -> Path:

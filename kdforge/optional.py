@@ -8,7 +8,7 @@ from types import ModuleType
 from kdforge.errors import KdforgeError
 
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad",
-          "webdataset": "data"}
+          "webdataset": "data", "executorch": "executorch", "pnnx": "ncnn", "ncnn": "ncnn"}
 
 
 def require(module: str) -> ModuleType:

@@ -22,7 +22,6 @@ from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_tr
 from kdforge.export.job import ExportJob
 from kdforge.fileio import file_hash, write_json
 from kdforge.formats import FORMATS
-from kdforge.layout import engine_sidecar
 
 Make = Callable[[ExportJob, str, Path, dict[str, Any]], dict[str, Any]]
 
@@ -55,6 +54,21 @@ def make_openvino(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -
     return openvino_weights(path)
 
 
+def make_executorch(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """An ExecuTorch program of the student, XNNPACK-delegated (INT8 by PT2E for executorch_int8, calibrated on the
+    export's calibration images)."""
+    from kdforge.export.edge import torch_to_executorch
+
+    calibration = int8.calibration_for(job, job.qcfg).batches if FORMATS.get(name).precision == "int8" else None
+    return torch_to_executorch(job.model, job.spec.size, path, meta, calibration)
+
+
+def make_ncnn(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from kdforge.export.edge import torch_to_ncnn
+
+    return torch_to_ncnn(job.model, job.spec.size, path, meta)
+
+
 def make_tensorrt(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """A TensorRT engine built on this GPU from the format's source ONNX (its precision is the graph's)."""
     from kdforge.export.tensorrt import onnx_to_trt
@@ -66,7 +80,7 @@ def make_tensorrt(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -
         job.notes.append(f"{name}: TensorRT built {info['precision_built']} layers only "
                          f"({info['layer_precisions']}); the graph asked for {fmt.precision}")
     extra = {"tensorrt": info, "source_sha256": file_hash(job.source_of(name))}
-    write_json(engine_sidecar(path), {**meta, **extra})  # an engine has no metadata_props
+    write_json(layout.sidecar(path), {**meta, **extra})  # an engine has no metadata_props
     return extra
 
 
@@ -77,6 +91,9 @@ BUILDERS: dict[str, Builder] = {
     "triton": Builder(make_triton),
     "openvino": Builder(make_openvino),
     "openvino_int8": Builder(int8.make_openvino_int8, int8.escalate_openvino_int8),
+    "executorch": Builder(make_executorch),
+    "executorch_int8": Builder(make_executorch, int8.escalate_executorch_int8),
+    "ncnn": Builder(make_ncnn),
     "trt_fp16": Builder(make_tensorrt),
     "trt_int8": Builder(make_tensorrt),
 }

@@ -23,7 +23,8 @@ from kdforge.recipe import QuantizeConfig
 QAD_CPU_NOTE = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
                 "quantize.target says; ONNX Runtime runs it on CPU")
 # the remedies each INT8 format can try, in the order `[quantize] escalate` lists them
-REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",)}
+# (ExecuTorch's INT8 has none yet: its failing steps are recorded and the file is marked failed)
+REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",), "executorch_int8": ()}
 
 
 def make_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -94,10 +95,10 @@ class Step:
 
 
 def first_step(qcfg: QuantizeConfig, name: str) -> str:
-    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ or PTQ."""
+    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ (ONNX and OpenVINO INT8) or PTQ."""
     if name == "int8" and qcfg.mode == "qad":
         return "qad"
-    return "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
+    return "accuracy_aware" if qcfg.max_top1_drop is not None and name != "executorch_int8" else "ptq"
 
 
 def remedies(job: ExportJob, name: str) -> list[Step]:
@@ -177,6 +178,13 @@ def escalate_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str
     """A failing NNCF INT8 is quantized again with NNCF's accuracy control at half the INT8 tolerance, when the
     recipe allows accuracy-aware escalation and did not already ask for it; the steps are recorded."""
     steps, extra = escalate(job, name, path, extra, lambda cfg: make_openvino_int8(job, name, path, meta, cfg))
+    job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
+
+
+def escalate_executorch_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
+                             extra: dict[str, Any]) -> None:
+    """ExecuTorch's INT8 goes through the same routine (no remedy of its own yet): its step is recorded."""
+    steps, extra = escalate(job, name, path, extra, lambda cfg: extra)
     job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
 
 

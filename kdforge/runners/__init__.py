@@ -9,7 +9,8 @@ it opens files, it does not make them.
     logits = runner.predict(images)           # runner.name says what ran it
     runner, entry = open_export(Path("exports/quickstart"), "int8", read_metadata(Path("exports/quickstart")))
 
-TensorRT's runner and its run-time checks are `runners/tensorrt.py`; timing a runner is `kdforge.timing`.
+TensorRT's runner and its run-time checks are `runners/tensorrt.py`, the on-device runtimes' (ExecuTorch, NCNN)
+`runners/edge.py`; timing a runner is `kdforge.timing`.
 """
 
 from __future__ import annotations
@@ -134,15 +135,19 @@ class OpenVinoRunner:
 def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,
                 many_batches: bool = False) -> Runner:
     """The runner for an exported artifact of runner `kind` (a format's `runner` in kdforge.formats): ONNX
-    Runtime, OpenVINO or TensorRT (`device`: its CUDA device; `threads`: CPU threads for the CPU runtimes;
-    default: theirs). `many_batches`: memory stays flat over a whole split (verification) rather than the last
-    bit of latency (`kdforge bench` times with the runtimes' defaults)."""
+    Runtime, OpenVINO, TensorRT, ExecuTorch or NCNN (`device`: its CUDA device; `threads`: CPU threads for the CPU
+    runtimes that take a number; default: theirs). `many_batches`: memory stays flat over a whole split
+    (verification) rather than the last bit of latency (`kdforge bench` times with the runtimes' defaults)."""
     if kind == "tensorrt":
         from kdforge.runners.tensorrt import TrtRunner
 
         return TrtRunner(path, device)
     if kind == "openvino":
         return OpenVinoRunner(path, threads)
+    if kind in ("executorch", "ncnn"):
+        from kdforge.runners.edge import ExecuTorchRunner, NcnnRunner
+
+        return ExecuTorchRunner(path) if kind == "executorch" else NcnnRunner(path, threads)
     return OnnxRunner(path, threads=threads, many_batches=many_batches)
 
 

@@ -90,7 +90,7 @@ class TrtRunner:
     def __init__(self, path: Path, device: str | None = None) -> None:
         trt = load_tensorrt()
         self.path = Path(path)
-        sidecar = layout.engine_sidecar(self.path)
+        sidecar = layout.sidecar(self.path)
         if not self.path.is_file() or not sidecar.is_file():
             raise ExportError(f"{self.path} or its sidecar {sidecar.name} is missing; "
                               f"build it with `kdforge export --trt`")
