@@ -1,9 +1,12 @@
-"""OpenVINO vs ONNX Runtime on this CPU, FP32 and INT8, at the reference size (224x224), side by side.
+"""Every CPU runtime on this CPU, FP32 and INT8, at the reference size (224x224), side by side: ONNX Runtime,
+OpenVINO, ExecuTorch (XNNPACK) and NCNN.
 
 For each reference student (resnet18, mobilevit_s, vit_tiny baselines; 2 training steps from random init on
 synthetic data, so the timings are real and the accuracies are not), exports onnx, int8 (ONNX Runtime, uint8
-activations), openvino (FP16-stored weights, FP32 compute) and openvino_int8 (NNCF), verifies each against the
-PyTorch student, then runs `kdforge bench` on the export: latency p50 at batch 1 and images/s at batch 32.
+activations), openvino (FP16-stored weights, FP32 compute), openvino_int8 (NNCF), and, where installed, executorch,
+executorch_int8 (PT2E) and ncnn (a format a model cannot be made in is listed with the reason); verifies each
+against the PyTorch student, then runs `kdforge bench` on the export: file size, latency p50 at batch 1 and
+images/s at batch 32.
 
     .venv/bin/python benchmarks/openvino_vs_ort.py                   # all three, 2 threads
     .venv/bin/python benchmarks/openvino_vs_ort.py --recipes resnet18_baseline --threads 8
@@ -19,6 +22,7 @@ from pathlib import Path
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 FORMATS = ["onnx", "int8", "openvino", "openvino_int8"]
+EDGE = ["executorch", "executorch_int8", "ncnn"]  # each exported on its own: a model one cannot take is a row
 
 
 def cpu_model() -> str:
@@ -41,7 +45,8 @@ def main() -> None:
 
     from kdforge.bench import BenchSettings, bench_export
     from kdforge.data.synthetic import write_synthetic
-    from kdforge.export.artifacts import export_run
+    from kdforge.errors import KdforgeError
+    from kdforge.export.artifacts import export_run, unbuildable_here
     from kdforge.recipe import load_recipe
     from kdforge.train.stages import train_stage
 
@@ -62,20 +67,31 @@ def main() -> None:
                 "verify.batch_size=64",
             ])
             stage = train_stage(recipe, "baseline", runs_dir=Path(tmp) / "runs", consumers=[])
-            result = export_run(Path(stage.stage_dir), FORMATS,
-                                consumers=[lambda event, name=name: event["event"] == "note"
-                                           and print(f"  {name}: {event['message']}", flush=True)])
-            bench = bench_export(result.export_dir, BenchSettings(32, args.repeats, 3, args.threads, tuple(FORMATS)))
+            say = [lambda event, name=name: event["event"] == "note" and print(f"  {name}: {event['message']}",
+                                                                               flush=True)]
+            result = export_run(Path(stage.stage_dir), FORMATS, consumers=say)
+            reports, made = dict(result.reports), list(FORMATS)
+            for fmt in (f for f in EDGE if f not in unbuildable_here([f])):
+                try:
+                    reports.update(export_run(Path(stage.stage_dir), [fmt], consumers=say).reports)
+                    made.append(fmt)
+                except KdforgeError as exc:
+                    rows.append((recipe.student.model, fmt, f"not made: {str(exc)[:90]}", None, None, None, None,
+                                 None, None))
+            bench = bench_export(result.export_dir, BenchSettings(32, args.repeats, 3, args.threads, tuple(made)))
             for row in bench.rows:
-                report = result.reports[row.format]
-                rows.append((recipe.student.model, row.format, row.runtime, row.latency_p50_ms, row.throughput,
-                             report.top1_delta_points, report.agreement, report.passed))
+                report = reports[row.format]
+                rows.append((recipe.student.model, row.format, row.runtime, row.bytes / 1e6, row.latency_p50_ms,
+                             row.throughput, report.top1_delta_points, report.agreement, report.passed))
                 print(f"  {rows[-1]}", flush=True)
-    print("\n| student | format | runtime | batch-1 p50 ms | images/s at batch 32 | top-1 delta (points) | "
-          "agreement | verification |\n|---|---|---|---|---|---|---|---|")
-    for model, fmt, runtime, p50, throughput, delta, agreement, passed in rows:
-        print(f"| {model} | {fmt} | {runtime} | {p50:.2f} | {throughput:.0f} | {delta:+.2f} | {agreement:.1%} | "
-              f"{'PASS' if passed else 'FAIL'} |")
+    print("\n| student | format | runtime | MB | batch-1 p50 ms | images/s at batch 32 | top-1 delta (points) | "
+          "agreement | verification |\n|---|---|---|---|---|---|---|---|---|")
+    for model, fmt, runtime, mb, p50, throughput, delta, agreement, passed in rows:
+        if p50 is None:
+            print(f"| {model} | {fmt} | {runtime} | - | - | - | - | - | - |")
+            continue
+        print(f"| {model} | {fmt} | {runtime} | {mb:.1f} | {p50:.2f} | {throughput:.0f} | {delta:+.2f} | "
+              f"{agreement:.1%} | {'PASS' if passed else 'FAIL'} |")
 
 
 if __name__ == "__main__":

@@ -70,10 +70,11 @@ def test_a_cnn_on_ncnn_is_verified_and_benchmarked(trained_students, tmp_path):
     from kdforge.fileio import read_metadata
 
     result = export_run(trained_students["cnn"], ["ncnn"], exports_dir=tmp_path)
-    report = result.reports["ncnn"]
-    assert report.passed and report.agreement == 1.0 and report.max_abs_diff < 1e-3, report
+    report = result.reports["ncnn"]  # weights stored in FP16: the fp16 tolerance
+    assert report.passed and report.agreement >= 0.99 and report.max_abs_diff < 1e-2, report
     entry = read_metadata(result.export_dir)["formats"]["ncnn"]
-    assert entry["weights_file"] == "student.ncnn.bin" and (result.export_dir / "student.ncnn.bin").is_file()
+    assert entry["precision"] == "fp16" and entry["weights_file"] == "student.ncnn.bin"
+    assert all((result.export_dir / f).is_file() for f in ("student.ncnn.bin", "student.ncnn.param.json"))
     rows = {row.format: row for row in bench_export(result.export_dir, BenchSettings(8, 5, 1)).rows}
     assert rows["ncnn"].runtime.startswith("ncnn 1.") and rows["ncnn"].latency_p50_ms > 0
 

@@ -13,7 +13,8 @@ partitioner, `to_executorch`. INT8: ExecuTorch's `XNNPACKQuantizer` with its sym
 (INT8 weights per output channel, INT8 activations per tensor), `prepare_pt2e` -> calibration on the recipe's
 calibration images -> `convert_pt2e`, then lowered the same way: XNNPACK runs the quantized operators in INT8.
 
-NCNN: pnnx traces the model and writes `<name>.ncnn.param` (the graph) and `<name>.ncnn.bin` (FP32 weights); its input
+NCNN: pnnx traces the model and writes `<name>.ncnn.param` (the graph) and `<name>.ncnn.bin` (weights stored in FP16,
+pnnx's default); its input
 is `in0`, its output `out0`, one CHW image per call (`runners/edge.py`).
 """
 

@@ -54,8 +54,8 @@ class ExecuTorchRunner:
 
 
 class NcnnRunner:
-    """An NCNN model on NCNN's CPU runtime, FP32 arithmetic (its FP16 storage and packing off, as verification needs
-    the model's own precision). NCNN takes one CHW image per call: a batch is a loop."""
+    """An NCNN model on NCNN's CPU runtime in FP32 arithmetic (its FP16 storage and arithmetic options off; the
+    weights are stored in FP16 in the file). NCNN takes one CHW image per call: a batch is a loop."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         ncnn = require("ncnn")
