@@ -547,13 +547,14 @@ def report(
 def serve(
     export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 listens on every interface.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
-    max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.")] = 10 * 1024 * 1024,
+    max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.", min=1)]
+    = 10 * 1024 * 1024,
     max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (JPEGs count after the "
                                                  "decoder's 1/2-1/8 reduction).", min=1)] = 4096 * 4096,
-    top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
+    top_k: Annotated[int, typer.Option(help="Classes returned per image.", min=1)] = 5,
 ) -> None:
     """Serve an exported student over HTTP: POST /predict, /predict/batch; GET /healthz, /metadata.
 
@@ -572,7 +573,7 @@ def predict(
     model: Annotated[Path, typer.Option("--model", help="An export folder.")] = Path("exports/quickstart"),
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
-    top_k: Annotated[int, typer.Option(help="Classes returned per image.")] = 5,
+    top_k: Annotated[int, typer.Option(help="Classes returned per image.", min=1)] = 5,
 ) -> None:
     """Classify images locally with an exported student; prints one JSON line per image, the same top-k as
     the server's /predict.

@@ -161,3 +161,29 @@ def test_every_serving_dependency_has_an_aarch64_wheel(tmp_path, extras):
     print(f"\n{'+'.join(extras)}: {len(wheels)} wheels for linux/aarch64: {', '.join(sorted(wheels))}")
     assert {w.split("-")[0].lower() for w in wheels} >= {"onnxruntime", "numpy", "pillow", "fastapi", "uvicorn"}
     assert all(w.endswith("-none-any.whl") or "aarch64" in w for w in wheels), wheels
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["serve", "{export}", "--port", "70000"], "'--port': Input should be less than or equal to 65535"),  # else 4464
+    (["serve", "{export}", "--port", "0"], "'--port': Input should be greater than or equal to 1"),
+    (["serve", "{export}", "--top-k", "-1"], "'--top-k': Input should be greater than or equal to 1"),
+    (["serve", "{export}", "--max-bytes", "0"], "'--max-bytes': Input should be greater than or equal to 1"),
+    (["predict", "{image}", "--model", "{export}", "--top-k", "-1"], "'--top-k'"),  # returned 99 of 100 classes
+])
+def test_options_out_of_range_are_refused_before_anything_starts(served_export, args, fragment):
+    export_dir, pngs = served_export
+    argv = [a.format(export=export_dir, image=pngs[0]) for a in args]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2 and fragment in " ".join(result.output.replace("│", " ").split()), result.output
+
+
+def test_the_serving_module_and_the_library_refuse_out_of_range_limits_too(served_export):
+    from kdforge.errors import ServingError
+
+    export_dir, _ = served_export
+    for argv in (["--port", "70000"], ["--top-k", "0"], ["--max-batch", "0"]):
+        done = subprocess.run([sys.executable, "-m", "kdforge.serve", str(export_dir), *argv], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and done.stderr.startswith("error: --") and "Traceback" not in done.stderr, argv
+    with pytest.raises(ServingError, match="--top-k must be a whole number of at least 1, got -1"):
+        create_app(export_dir, top_k=-1)

@@ -24,6 +24,8 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
 
     from kdforge.serve.app import create_app
 
+    if not 1 <= port <= 65535:  # the socket layer would take 70000 as 70000 - 65536 and listen there
+        raise ServingError(f"--port must be between 1 and 65535, got {port}")
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
                      providers=providers, engine_cache=engine_cache, max_pixels=max_pixels)
     listening = bind(host, port)

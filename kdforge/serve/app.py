@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
+from kdforge.errors import ServingError
 from kdforge.images import MAX_PIXELS, ImageError, ImageTooLarge
 from kdforge.serve.model import DEFAULT_PROVIDERS, ServedModel
 
@@ -76,11 +77,20 @@ async def images_from(request: Request, field: str, max_bytes: int) -> list[byte
                             f"or multipart/form-data")
 
 
+def check_limits(**limits: int) -> None:
+    """Every serving limit is a whole number of at least 1 (a top-k of -1 returned every class but one)."""
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ServingError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+
+
 def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS,
 ) -> FastAPI:
+    check_limits(top_k=top_k, max_bytes=max_bytes, max_batch=max_batch, max_pixels=max_pixels,
+                 max_concurrent=max_concurrent)
     model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache, max_pixels)
     workers = CapacityLimiter(max_concurrent)
 
