@@ -128,6 +128,9 @@ def test_the_server_refuses_a_replaced_artifact_and_never_serves_an_unverified_i
     (export_dir / "verify.json").write_text(json.dumps(verified))
     served = ServedModel.load(export_dir)
     assert served.info["format"] == "onnx" and not served.info["verified"]
+    # /metadata tells any client it is unverified, never where this host keeps its files
+    assert "kdforge verify" in served.info["warning"] and str(export_dir) not in served.info["warning"]
+    assert str(export_dir.parent) not in json.dumps(served.info)
     assert "no format passed verification" in served.info["chosen_because"]
 
 

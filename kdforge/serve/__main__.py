@@ -31,7 +31,7 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     listening = bind(host, port)
     return_freed_memory()
     if "warning" in app.state.info:
-        print(f"warning: {app.state.info['warning']}", file=sys.stderr, flush=True)
+        print(f"warning: {app.state.info['warning']} ({export_dir})", file=sys.stderr, flush=True)
     # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info",
                             access_log=False)

@@ -176,8 +176,9 @@ class ServedModel:
             "preprocessing": PREPROCESSING.format(size=size),
         }
         if not info["verified"]:
+            # what /metadata tells any client: no path of this host (the start-up line adds the folder)
             info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "
-                               f"answers may differ; run `kdforge verify {export_dir}`")
+                               f"answers may differ; run `kdforge verify` on its export folder")
         return cls(run, size,
                    np.asarray(meta["mean"], np.float32).reshape(3, 1, 1),
                    np.asarray(meta["std"], np.float32).reshape(3, 1, 1), list(meta["class_names"]), info,
