@@ -18,7 +18,7 @@ from typing import Any
 
 from kdforge import layout
 from kdforge.export import int8
-from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, openvino_weights, torch_to_onnx
+from kdforge.export.converters import onnx_to_fp16, onnx_to_openvino, onnx_to_triton, torch_to_onnx, weights_beside
 from kdforge.export.job import ExportJob
 from kdforge.fileio import file_hash, write_json
 from kdforge.formats import FORMATS
@@ -51,7 +51,7 @@ def make_triton(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> 
 def make_openvino(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The OpenVINO IR, weights stored in FP16 (OpenVINO's default)."""
     onnx_to_openvino(job.source_of(name), path, meta)
-    return openvino_weights(path)
+    return weights_beside(path)
 
 
 def make_executorch(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -90,9 +90,9 @@ BUILDERS: dict[str, Builder] = {
     "fp16": Builder(make_fp16),
     "triton": Builder(make_triton),
     "openvino": Builder(make_openvino),
-    "openvino_int8": Builder(int8.make_openvino_int8, int8.escalate_openvino_int8),
+    "openvino_int8": Builder(int8.make_openvino_int8, int8.escalate_and_record),
     "executorch": Builder(make_executorch),
-    "executorch_int8": Builder(make_executorch, int8.escalate_executorch_int8),
+    "executorch_int8": Builder(make_executorch, int8.escalate_and_record),
     "ncnn": Builder(make_ncnn),
     "trt_fp16": Builder(make_tensorrt),
     "trt_int8": Builder(make_tensorrt),

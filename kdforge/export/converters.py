@@ -349,9 +349,10 @@ def quantizable_nodes(prepared: Path, op_types: list[str] | tuple[str, ...]) -> 
             and not (node.op_type == "MatMul" and node.input[1] not in constants)]
 
 
-def openvino_weights(xml_path: Path) -> dict[str, Any]:
-    """The .bin beside an IR is hashed too: verification and benchmarks check both files."""
-    weights = xml_path.with_suffix(".bin")
+def weights_beside(model_path: Path) -> dict[str, Any]:
+    """The .bin beside a model file (an OpenVINO IR's, an NCNN graph's) is recorded and hashed too: verification,
+    benchmarks and serving check both files."""
+    weights = model_path.with_suffix(".bin")
     return {"weights_file": weights.name, "weights_sha256": file_hash(weights), "weights_bytes": weights.stat().st_size}
 
 

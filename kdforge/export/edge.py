@@ -34,7 +34,8 @@ import torch
 
 from kdforge import layout
 from kdforge.errors import ExportError
-from kdforge.fileio import atomic_path, file_hash, write_json
+from kdforge.export.converters import weights_beside
+from kdforge.fileio import atomic_path, write_json
 from kdforge.optional import require
 
 MAX_BATCH = 256  # the batch bound asked of torch.export; the program's own bound (its memory plan) may be lower
@@ -173,5 +174,4 @@ def torch_to_ncnn(model: torch.nn.Module, input_size: int, path: Path, metadata:
             with atomic_path(target) as out:
                 shutil.copyfile(source, out)
     write_json(layout.sidecar(path), metadata)
-    return {"weights_file": weights.name, "weights_sha256": file_hash(weights), "weights_bytes": weights.stat().st_size,
-            "batching": "one image per call (the runner loops over a batch)"}
+    return {**weights_beside(path), "batching": "one image per call (the runner loops over a batch)"}

@@ -160,7 +160,7 @@ def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, An
                        step_cfg: QuantizeConfig | None = None) -> dict[str, Any]:
     """OpenVINO INT8 by NNCF on the same calibration images as the ONNX INT8 export (accuracy-controlled on the
     held-out images when `step_cfg` sets max_top1_drop)."""
-    from kdforge.export.converters import onnx_to_openvino, openvino_weights
+    from kdforge.export.converters import onnx_to_openvino, weights_beside
 
     step_cfg = step_cfg or job.qcfg
     calibration = calibration_for(job, step_cfg)
@@ -170,21 +170,14 @@ def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, An
              "method": "ptq" if step_cfg.max_top1_drop is None else "accuracy_aware",
              **onnx_to_openvino(job.source_of("openvino_int8"), path, meta, calibration.batches, validation,
                                 step_cfg.max_top1_drop)}
-    return {**extra, **openvino_weights(path)}
+    return {**extra, **weights_beside(path)}
 
 
-def escalate_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
-                           extra: dict[str, Any]) -> None:
-    """A failing NNCF INT8 is quantized again with NNCF's accuracy control at half the INT8 tolerance, when the
-    recipe allows accuracy-aware escalation and did not already ask for it; the steps are recorded."""
-    steps, extra = escalate(job, name, path, extra, lambda cfg: make_openvino_int8(job, name, path, meta, cfg))
-    job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
-
-
-def escalate_executorch_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
-                             extra: dict[str, Any]) -> None:
-    """ExecuTorch's INT8 goes through the same routine (no remedy of its own yet): its step is recorded."""
-    steps, extra = escalate(job, name, path, extra, lambda cfg: extra)
+def escalate_and_record(job: ExportJob, name: str, path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> None:
+    """After an INT8 file other than the ONNX one was verified: the remedies of its format while it fails (OpenVINO:
+    NNCF's accuracy control at half the INT8 tolerance; ExecuTorch: none yet), and the steps recorded."""
+    remake = {"openvino_int8": make_openvino_int8}.get(name)
+    steps, extra = escalate(job, name, path, extra, lambda cfg: remake(job, name, path, meta, cfg))
     job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
 
 
