@@ -11,6 +11,7 @@
 # EXTRAS: kdforge's optional-dependency groups installed into the image; to serve an OpenVINO IR
 # (`kdforge export --format openvino`) add its runtime (~180 MB installed), which the default image leaves out:
 #   docker build --build-arg EXTRAS=serve,serve-openvino ... && docker run -e KDFORGE_FORMAT=openvino ...
+# and likewise serve-litert (LiteRT's interpreter, for `litert` / `litert_int8`) or serve-ncnn (for `ncnn`)
 
 ARG BASE_IMAGE=debian:bookworm-slim
 

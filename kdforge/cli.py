@@ -48,7 +48,8 @@ DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")
 ]
 FORMAT_HELP = (f"auto (the fastest verified format in bench.json, else a verified INT8, else ONNX) or one of "
-               f"{', '.join(servable())} (the OpenVINO IRs need the serve-openvino extra).")
+               f"{', '.join(servable())} (OpenVINO, LiteRT and NCNN files need the serve-openvino, serve-litert and "
+               f"serve-ncnn extras).")
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Where runs are written.", envvar="KDFORGE_RUNS_DIR")]
 NprocOpt = Annotated[int, typer.Option(
     "--nproc", min=1, help="Train with N processes (DistributedDataParallel via torchrun; one GPU each, or gloo "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from kdforge import layout
 from kdforge.registry import Registry
 
-RUNNERS = ("onnxruntime", "openvino", "tensorrt", "executorch", "ncnn")  # the kinds of file a runner opens
+RUNNERS = ("onnxruntime", "openvino", "tensorrt", "executorch", "litert", "ncnn")  # the kinds of file a runner opens
 # the graph's input and output names in every exported file (ONNX, and the TensorRT engines built from it)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -78,13 +78,23 @@ _add(ExportFormat("openvino_int8", "student.openvino.int8.xml", "int8", "openvin
 _add(ExportFormat("executorch", "student.pte", "fp32", "executorch", options=frozenset(), requires=("executorch",),
                   extra="executorch"))
 # ExecuTorch INT8: PT2E quantization with ExecuTorch's XNNPACKQuantizer (symmetric; weights per channel), calibrated
-# on the same training-split images as the other INT8 formats ([quantize] calibration, batch_size)
-_add(ExportFormat("executorch_int8", "student.int8.pte", "int8", "executorch",
-                  options=frozenset({"calibration", "batch_size"}), requires=("executorch",), extra="executorch"))
+# on the same training-split images as the other INT8 formats ([quantize] calibration, batch_size); with
+# max_top1_drop (or when it fails and `escalate` allows accuracy_aware), sensitive layers stay in float
+PT2E_OPTIONS = frozenset({"calibration", "batch_size", "max_top1_drop", "sensitivity_images", "escalate"})
+_add(ExportFormat("executorch_int8", "student.int8.pte", "int8", "executorch", options=PT2E_OPTIONS,
+                  requires=("executorch",), extra="executorch"))
+# LiteRT (the former TensorFlow Lite; Android, Arm boards, MCUs): litert-torch's conversion, NCHW input as in PyTorch
+_add(ExportFormat("litert", "student.tflite", "fp32", "litert", options=frozenset(), requires=("litert_torch",),
+                  extra="litert", serve_rank=6))
+# LiteRT INT8: full-integer (INT8 weights, activations, input and output tensors) by PT2E with litert-torch's
+# quantizer, calibrated and escalated as ExecuTorch's INT8; the runner and the server quantize the input and
+# dequantize the logits with the file's scales
+_add(ExportFormat("litert_int8", "student.int8.tflite", "int8", "litert", options=PT2E_OPTIONS,
+                  requires=("litert_torch",), extra="litert", serve_rank=5))
 # NCNN (Android, Raspberry Pi): pnnx's conversion, student.ncnn.param + student.ncnn.bin, weights stored in FP16
 # (pnnx's default, what NCNN apps ship; computed in FP32 here), so the fp16 tolerance applies
 _add(ExportFormat("ncnn", "student.ncnn.param", "fp16", "ncnn", options=frozenset(), requires=("pnnx", "ncnn"),
-                  extra="ncnn"))
+                  extra="ncnn", serve_rank=7))
 # TensorRT engines, strongly typed: the precision is the source graph's (FP16 ONNX; symmetric Q/DQ INT8 ONNX)
 _add(ExportFormat("trt_fp16", "student.fp16.engine", "fp16", "tensorrt", source="fp16", needs_gpu=True,
                   option_sections=("tensorrt",)))
@@ -94,7 +104,8 @@ _add(ExportFormat("trt_int8", "student.int8.engine", "int8", "tensorrt", source=
 
 def servable() -> list[str]:
     """The formats a server can load, in `--format auto`'s order of preference without a bench.json: INT8
-    (smaller, usually faster on CPU), FP32, FP16 (for GPUs), then the OpenVINO IRs."""
+    (smaller, usually faster on CPU), FP32, FP16 (for GPUs), then the OpenVINO IRs, LiteRT and NCNN models (each
+    where its runtime is installed)."""
     ranked = [fmt for fmt in map(FORMATS.get, FORMATS) if fmt.serve_rank is not None]
     return [fmt.name for fmt in sorted(ranked, key=lambda fmt: fmt.serve_rank)]
 

@@ -8,7 +8,8 @@ from types import ModuleType
 from kdforge.errors import KdforgeError
 
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad",
-          "webdataset": "data", "executorch": "executorch", "pnnx": "ncnn", "ncnn": "ncnn"}
+          "webdataset": "data", "executorch": "executorch", "pnnx": "ncnn", "ncnn": "ncnn", "litert_torch": "litert",
+          "ai_edge_litert": "litert"}
 
 
 def require(module: str) -> ModuleType:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdforge"
 LAYERS = [
     ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
-                    "kdforge.metrics", "kdforge.checkpoint"]),
+                    "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions"]),
     ("recipe", ["kdforge.recipe"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("lookups", ["kdforge.locate"]),

@@ -137,7 +137,7 @@ AARCH64_PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(36, 16, -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extras", [["serve"], ["serve", "serve-openvino"]])
+@pytest.mark.parametrize("extras", [["serve"], ["serve", "serve-openvino"], ["serve", "serve-litert", "serve-ncnn"]])
 def test_every_serving_dependency_has_an_aarch64_wheel(tmp_path, extras):
     """What the serving image installs resolves, with every dependency, to wheels an arm64 Debian 12 can install
     (pip's resolver with --platform; PyPI's metadata files, no wheel is downloaded)."""

@@ -55,12 +55,17 @@ def make_openvino(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -
 
 
 def make_executorch(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """An ExecuTorch program of the student, XNNPACK-delegated (INT8 by PT2E for executorch_int8, calibrated on the
-    export's calibration images)."""
+    """An ExecuTorch program of the student, XNNPACK-delegated (its INT8: int8.make_pt2e_int8)."""
     from kdforge.export.edge import torch_to_executorch
 
-    calibration = int8.calibration_for(job, job.qcfg).batches if FORMATS.get(name).precision == "int8" else None
-    return torch_to_executorch(job.model, job.spec.size, path, meta, calibration)
+    return torch_to_executorch(job.model, job.spec.size, path, meta)
+
+
+def make_litert(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A LiteRT model of the student (its full-integer INT8: int8.make_pt2e_int8)."""
+    from kdforge.export.edge import torch_to_litert
+
+    return torch_to_litert(job.model, job.spec.size, path, meta)
 
 
 def make_ncnn(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +97,9 @@ BUILDERS: dict[str, Builder] = {
     "openvino": Builder(make_openvino),
     "openvino_int8": Builder(int8.make_openvino_int8, int8.escalate_and_record),
     "executorch": Builder(make_executorch),
-    "executorch_int8": Builder(make_executorch, int8.escalate_and_record),
+    "executorch_int8": Builder(int8.make_pt2e_int8, int8.escalate_and_record),
+    "litert": Builder(make_litert),
+    "litert_int8": Builder(int8.make_pt2e_int8, int8.escalate_and_record),
     "ncnn": Builder(make_ncnn),
     "trt_fp16": Builder(make_tensorrt),
     "trt_int8": Builder(make_tensorrt),

@@ -22,9 +22,11 @@ from kdforge.recipe import QuantizeConfig
 
 QAD_CPU_NOTE = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
                 "quantize.target says; ONNX Runtime runs it on CPU")
-# the remedies each INT8 format can try, in the order `[quantize] escalate` lists them
-# (ExecuTorch's INT8 has none yet: its failing steps are recorded and the file is marked failed)
-REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",), "executorch_int8": ()}
+# the remedies each INT8 format can try, in the order `[quantize] escalate` lists them (QAD's trained weights reach
+# the ONNX INT8 only: its fake quantization is Model Optimizer's, not PT2E's)
+REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",),
+            "executorch_int8": ("accuracy_aware",), "litert_int8": ("accuracy_aware",)}
+PT2E_FORMATS = {"executorch_int8": "executorch", "litert_int8": "litert"}  # INT8 by PT2E, for this backend
 
 
 def make_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -95,15 +97,16 @@ class Step:
 
 
 def first_step(qcfg: QuantizeConfig, name: str) -> str:
-    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ (ONNX and OpenVINO INT8) or PTQ."""
+    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ (with max_top1_drop) or PTQ."""
     if name == "int8" and qcfg.mode == "qad":
         return "qad"
-    return "accuracy_aware" if qcfg.max_top1_drop is not None and name != "executorch_int8" else "ptq"
+    return "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
 
 
 def remedies(job: ExportJob, name: str) -> list[Step]:
     """The steps `[quantize] escalate` allows format `name` after its first, in order: accuracy_aware (at half the
-    INT8 tolerance, on the held-out images; NNCF's accuracy control for OpenVINO), qad (ONNX INT8 only)."""
+    INT8 tolerance, on the held-out images; NNCF's accuracy control for OpenVINO, the same greedy search as the
+    ONNX INT8's for the PT2E formats), qad (ONNX INT8 only)."""
     qcfg, first = job.qcfg, first_step(job.qcfg, name)
     steps = []
     for remedy in (r for r in qcfg.escalate if r in REMEDIES[name] and r != first):
@@ -113,8 +116,9 @@ def remedies(job: ExportJob, name: str) -> list[Step]:
                    f"{'FP32 student' if cfg.qad_teacher == 'student' else 'teacher'}")
         else:
             cfg = qcfg.model_copy(update={"mode": "ptq", "max_top1_drop": job.recipe.verify.int8.max_top1_delta / 2})
-            how = (f"{'NNCF accuracy control, ' if name == 'openvino_int8' else ''}max_top1_drop "
-                   f"{cfg.max_top1_drop:.2f} on {_heldout(job)}")
+            tool = {"openvino_int8": "NNCF accuracy control, "}.get(
+                name, "sensitive layers kept in float (PT2E simulated in PyTorch), " if name in PT2E_FORMATS else "")
+            how = f"{tool}max_top1_drop {cfg.max_top1_drop:.2f} on {_heldout(job)}"
         steps.append(Step(remedy, how, cfg))
     return steps
 
@@ -173,10 +177,34 @@ def make_openvino_int8(job: ExportJob, name: str, path: Path, meta: dict[str, An
     return {**extra, **weights_beside(path)}
 
 
+def make_pt2e_int8(job: ExportJob, name: str, path: Path, meta: dict[str, Any],
+                   step_cfg: QuantizeConfig | None = None) -> dict[str, Any]:
+    """ExecuTorch or LiteRT INT8 by PT2E on the same calibration images as the other INT8 formats; with
+    `max_top1_drop` (the recipe's, or the escalation's), the layers the accuracy-aware search finds sensitive on the
+    held-out images stay in float."""
+    from kdforge.export.edge import pt2e_sensitive_layers, torch_to_executorch, torch_to_litert
+
+    step_cfg = step_cfg or job.qcfg
+    calibration, backend = calibration_for(job, step_cfg), PT2E_FORMATS[name]
+    found: dict[str, Any] = {"method": "ptq"}
+    if step_cfg.max_top1_drop is not None:
+        heldout = [job.spec.prepare(images).numpy() for images in calibration.heldout_images.split(step_cfg.batch_size)]
+        with job.phases(f"{name}: sensitivity search (PT2E in PyTorch, {len(calibration.heldout_labels)} "
+                        f"{calibration.heldout_source})"):
+            search = pt2e_sensitive_layers(job.model, job.spec.size, calibration.batches, backend, heldout,
+                                           calibration.heldout_labels.numpy(), step_cfg.max_top1_drop)
+        found = {"method": "accuracy_aware", "float_layers": search.kept, "trials": search.tried,
+                 "heldout_drop_bound_points": round(search.final_drop, 3)}
+    convert = torch_to_executorch if backend == "executorch" else torch_to_litert
+    return {**convert(job.model, job.spec.size, path, meta, calibration.batches, found.get("float_layers", ())),
+            **found}
+
+
 def escalate_and_record(job: ExportJob, name: str, path: Path, meta: dict[str, Any], extra: dict[str, Any]) -> None:
     """After an INT8 file other than the ONNX one was verified: the remedies of its format while it fails (OpenVINO:
-    NNCF's accuracy control at half the INT8 tolerance; ExecuTorch: none yet), and the steps recorded."""
-    remake = {"openvino_int8": make_openvino_int8}.get(name)
+    NNCF's accuracy control at half the INT8 tolerance; ExecuTorch and LiteRT: sensitive layers kept in float), and
+    the steps recorded."""
+    remake = {"openvino_int8": make_openvino_int8}.get(name, make_pt2e_int8)
     steps, extra = escalate(job, name, path, extra, lambda cfg: remake(job, name, path, meta, cfg))
     job.record(name, path, {**extra, "method": steps[-1]["step"], "steps": steps})
 

@@ -135,8 +135,8 @@ class OpenVinoRunner:
 def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,
                 many_batches: bool = False) -> Runner:
     """The runner for an exported artifact of runner `kind` (a format's `runner` in kdforge.formats): ONNX
-    Runtime, OpenVINO, TensorRT, ExecuTorch or NCNN (`device`: its CUDA device; `threads`: CPU threads for the CPU
-    runtimes that take a number; default: theirs). `many_batches`: memory stays flat over a whole split
+    Runtime, OpenVINO, TensorRT, ExecuTorch, LiteRT or NCNN (`device`: its CUDA device; `threads`: CPU threads
+    for the CPU runtimes that take a number; default: theirs). `many_batches`: memory stays flat over a whole split
     (verification) rather than the last bit of latency (`kdforge bench` times with the runtimes' defaults)."""
     if kind == "tensorrt":
         from kdforge.runners.tensorrt import TrtRunner
@@ -144,10 +144,10 @@ def open_runner(path: Path, kind: str, device: str | None = None, threads: int |
         return TrtRunner(path, device)
     if kind == "openvino":
         return OpenVinoRunner(path, threads)
-    if kind in ("executorch", "ncnn"):
-        from kdforge.runners.edge import ExecuTorchRunner, NcnnRunner
+    if kind in ("executorch", "litert", "ncnn"):
+        from kdforge.runners.edge import ExecuTorchRunner, SessionRunner
 
-        return ExecuTorchRunner(path) if kind == "executorch" else NcnnRunner(path, threads)
+        return ExecuTorchRunner(path) if kind == "executorch" else SessionRunner(path, kind, threads)
     return OnnxRunner(path, threads=threads, many_batches=many_batches)
 
 

@@ -1,5 +1,6 @@
 """Runners for on-device runtimes, here on the CPU through their Python bindings: ExecuTorch programs (`.pte`, the
-XNNPACK delegate) and NCNN models (`.ncnn.param` + `.ncnn.bin`). The input spec comes from the file's sidecar JSON
+XNNPACK delegate), LiteRT models (`.tflite`) and NCNN models (`.ncnn.param` + `.ncnn.bin`; these two through the
+torch-free sessions the server uses, kdforge/sessions.py). The input spec comes from the file's sidecar JSON
 (`layout.sidecar`, written by export/edge.py).
 
     runner = open_runner(Path("exports/quickstart/student.int8.pte"), "executorch")
@@ -11,7 +12,6 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kdforge import layout
@@ -19,6 +19,7 @@ from kdforge.data.transforms import spec_from_metadata
 from kdforge.errors import ExportError
 from kdforge.fileio import read_json
 from kdforge.optional import require
+from kdforge.sessions import litert_session, ncnn_session
 
 
 def _sidecar(path: Path, what: str) -> dict:
@@ -53,35 +54,19 @@ class ExecuTorchRunner:
                           for chunk in x.split(self.max_batch)])
 
 
-class NcnnRunner:
-    """An NCNN model on NCNN's CPU runtime in FP32 arithmetic (its FP16 storage and arithmetic options off; the
-    weights are stored in FP16 in the file). NCNN takes one CHW image per call: a batch is a loop."""
+class SessionRunner:
+    """A runtime that runs without torch (kdforge/sessions.py: LiteRT's interpreter, NCNN), wrapped for
+    verification and benchmarks: the same session the server opens."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        ncnn = require("ncnn")
+    def __init__(self, path: Path, kind: str, threads: int | None = None) -> None:
         self.path = Path(path)
-        meta = _sidecar(self.path, "NCNN model")
-        weights = self.path.with_suffix(".bin")
-        if not weights.is_file():
-            raise ExportError(f"NCNN model {self.path} needs its weights {weights.name} beside it; export it again")
+        what = {"litert": "LiteRT model", "ncnn": "NCNN model"}[kind]
+        meta = _sidecar(self.path, what)
         self.spec, self.metadata = spec_from_metadata(meta), meta
-        self.net = ncnn.Net()
-        self.net.opt.use_fp16_packed = self.net.opt.use_fp16_storage = self.net.opt.use_fp16_arithmetic = False
-        if threads:
-            self.net.opt.num_threads = threads
-        if self.net.load_param(str(self.path)) != 0 or self.net.load_model(str(weights)) != 0:
-            raise ExportError(f"{self.path}: NCNN cannot load it (or its {weights.name}); export it again")
-        self.ncnn = ncnn
-        self.name = f"ncnn {version('ncnn')} (CPU)"
+        if kind == "litert":
+            self.run, self.name = litert_session(self.path, threads, batch_axis=bool(meta.get("batch_axis", False)))
+        else:
+            self.run, self.name = ncnn_session(self.path, threads)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.spec.prepare(images.cpu()).numpy()
-        rows = []
-        for image in x:
-            extractor = self.net.create_extractor()
-            extractor.input("in0", self.ncnn.Mat(np.ascontiguousarray(image)))
-            status, out = extractor.extract("out0")
-            if status != 0:
-                raise ExportError(f"{self.path}: NCNN failed to run an image (status {status})")
-            rows.append(np.array(out).reshape(-1))
-        return torch.from_numpy(np.stack(rows)).float()
+        return torch.from_numpy(self.run(self.spec.prepare(images.cpu()).numpy()))

@@ -1,5 +1,5 @@
-"""The served model: an exported student (ONNX, INT8 ONNX, FP16 ONNX or OpenVINO IR) with its preprocessing, without
-torch.
+"""The served model: an exported student (ONNX, INT8 ONNX, FP16 ONNX, OpenVINO IR, LiteRT or NCNN) with its
+preprocessing, without torch.
 
     model = ServedModel.load(Path("exports/quickstart"))
     model.predict([png_bytes], top_k=5)   # [[{"label": "red_disk", "index": 0, "probability": 0.93}, ...]]
@@ -27,12 +27,23 @@ from kdforge.layout import BENCH, VERIFY
 # export formats a server can load (the formats table's `serve_rank`). "auto" serves the fastest verified one
 # that `kdforge bench` measured (`choose_format`); without a bench.json, in this order of preference: INT8
 # (smaller, usually faster on CPU), FP32, then FP16 (for GPUs: ONNX Runtime's CPU kernels compute it in FP32
-# behind casts), then the OpenVINO IRs (where the OpenVINO runtime is installed: the `serve-openvino` extra);
-# only an artifact that passed verification is chosen automatically
+# behind casts), then the OpenVINO IRs, the LiteRT models and the NCNN model, each where its runtime is installed
+# (SERVING_RUNTIMES); only an artifact that passed verification is chosen automatically
 SERVABLE = {name: FORMATS.get(name).filename for name in servable()}
-OPENVINO_FORMATS = tuple(name for name in SERVABLE if FORMATS.get(name).runner == "openvino")
-OPENVINO_MISSING = ('the OpenVINO runtime is not installed: pip install "kdforge[serve-openvino]" (the serving '
-                    'image: docker build --build-arg EXTRAS=serve,serve-openvino ...)')
+# the module each kind of served file needs, and the extra that installs it beside `serve` (numpy only, no torch)
+SERVING_RUNTIMES = {"onnxruntime": ("onnxruntime", "serve"), "openvino": ("openvino", "serve-openvino"),
+                    "litert": ("ai_edge_litert", "serve-litert"), "ncnn": ("ncnn", "serve-ncnn")}
+
+
+def runtime_missing(fmt: str) -> str | None:
+    """Why this server cannot run format `fmt` (its runtime is not installed, and what installs it), or None."""
+    module, extra = SERVING_RUNTIMES[FORMATS.get(fmt).runner]
+    if find_spec(module) is not None:
+        return None
+    return (f"its runtime ({module}) is not installed: pip install \"kdforge[{extra}]\" (the serving image: docker "
+            f"build --build-arg EXTRAS=serve,{extra} ...)")
+
+
 # ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_PROVIDERS = ("cuda", "cpu")
@@ -67,8 +78,7 @@ def session_providers(names: list[str] | tuple[str, ...], available: list[str],
 def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
     """The format `--format auto` serves, and why: the fastest format that passed verification as `kdforge bench`
     measured it on this export (batch-1 p50 latency), else a verified INT8, else the verified FP32 ONNX."""
-    candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file()
-                  and (f not in OPENVINO_FORMATS or find_spec("openvino") is not None)]
+    candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file() and runtime_missing(f) is None]
     if not candidates:
         raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
     passed = [f for f in candidates if verified.get(f, {}).get("passed")]
@@ -86,13 +96,25 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
     return fallback, f"no format passed verification: serving {fallback} unverified"
 
 
-def open_session(path: Path, fmt: str, providers: tuple[str, ...],
-                 engine_cache: Path | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache: Path | None,
+                 entry: dict[str, Any] | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """A function from a float32 batch to logits, and the runtime that computes them: ONNX Runtime on the first
-    installed of `providers`, or OpenVINO's CPU plugin in FP32 arithmetic (as verification ran it)."""
-    if fmt in OPENVINO_FORMATS:
-        if find_spec("openvino") is None:
-            raise ServingError(f"{path.name} needs {OPENVINO_MISSING}")
+    installed of `providers`, OpenVINO's CPU plugin in FP32 arithmetic (as verification ran it), or the torch-free
+    LiteRT / NCNN sessions verification ran (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis)."""
+    missing = runtime_missing(fmt)
+    if missing:
+        raise ServingError(f"{path.name} cannot be served here: {missing}")
+    runner = FORMATS.get(fmt).runner
+    if runner in ("litert", "ncnn"):
+        from kdforge.sessions import litert_session, ncnn_session
+
+        try:
+            if runner == "litert":
+                return litert_session(path, batch_axis=bool((entry or {}).get("batch_axis", False)))
+            return ncnn_session(path)
+        except KdforgeError as exc:
+            raise ServingError(str(exc)) from None
+    if runner == "openvino":
         import openvino as ov
 
         try:
@@ -160,7 +182,7 @@ class ServedModel:
         except KdforgeError as exc:
             raise ServingError(str(exc)) from None
         digest = meta["formats"][fmt]["sha256"]
-        run, runtime = open_session(export_dir / SERVABLE[fmt], fmt, providers, engine_cache)
+        run, runtime = open_session(export_dir / SERVABLE[fmt], fmt, providers, engine_cache, meta["formats"][fmt])
         size = int(meta["input_size"])
         # one inference before the server says it is healthy: the TensorRT provider builds its engine here
         run(np.zeros((1, 3, size, size), np.float32))

@@ -1,0 +1,115 @@
+"""Sessions on the on-device runtimes that run without torch: LiteRT's interpreter (`.tflite`) and NCNN
+(`.ncnn.param` + `.ncnn.bin`). A session is a function from a float32 NCHW batch (resized and normalized as the
+export recorded) to float32 logits; the runners (verification, `kdforge bench`, runners/edge.py) and the server
+(serve/model.py) open the same sessions, so what was verified is what is served.
+
+    run, runtime = litert_session(Path("exports/quickstart/student.int8.tflite"), threads=2, batch_axis=True)
+    logits = run(batch)      # float32 (N, 3, H, W) -> float32 (N, classes)
+
+LiteRT: a model converted at batch 1 takes larger batches when its graph allows resizing the input (most CNNs do; a
+ViT's reshapes hold the batch it was converted at, so its sessions run one image per call: `batch_axis=False`,
+decided and recorded at export). A full-integer model has INT8 input and output tensors: the session quantizes the
+input with the input tensor's scale and zero point and dequantizes the output with the output's (what an app on
+the device does).
+NCNN takes one CHW image per call: a batch is a loop, one extractor per image. Neither imports torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from kdforge.errors import ExportError
+from kdforge.optional import require
+
+Session = Callable[[np.ndarray], np.ndarray]
+
+
+def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(values / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def litert_session(path: Path, threads: int | None = None, batch_axis: bool = True) -> tuple[Session, str]:
+    """LiteRT's interpreter (XNNPACK on the CPU) on `path`; `threads`: its CPU threads (default: its own).
+    `batch_axis`: the model's input may be resized to any batch; otherwise it runs at the batch it was converted at
+    (1, or 2: a last chunk is padded with zeros)."""
+    require("ai_edge_litert")
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:  # LiteRT reports unreadable models as either
+        raise ExportError(f"{path}: LiteRT cannot load it ({str(exc).splitlines()[0][:200]}); the file is "
+                          f"truncated or not a LiteRT model: export it again") from None
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    quantized_in, quantized_out = source["dtype"] != np.float32, target["dtype"] != np.float32
+    lock = threading.Lock()  # an interpreter runs one call at a time (the server calls from several threads)
+    shape = list(source["shape"])
+
+    def invoke(batch: np.ndarray) -> np.ndarray:
+        if list(batch.shape) != shape:
+            interpreter.resize_tensor_input(source["index"], list(batch.shape))
+            interpreter.allocate_tensors()
+            shape[:] = batch.shape
+        interpreter.set_tensor(source["index"], _quantize(batch, source) if quantized_in else batch)
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"])
+        return _dequantize(out, target) if quantized_out else out.astype(np.float32, copy=True)
+
+    native = int(source["shape"][0])  # the batch it was converted at (1, or 2 where the converter needed it)
+
+    def in_chunks(batch: np.ndarray) -> np.ndarray:
+        rows = []
+        for start in range(0, len(batch), native):
+            chunk = batch[start:start + native]
+            padded = np.concatenate([chunk, np.zeros((native - len(chunk), *chunk.shape[1:]), np.float32)])
+            rows.append(invoke(padded)[:len(chunk)])
+        return np.concatenate(rows)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        with lock:
+            return invoke(batch) if batch_axis else in_chunks(batch)
+
+    kind = "INT8 I/O" if quantized_in else "FP32 I/O"
+    return run, f"litert {version('ai-edge-litert')} (XNNPACK, CPU, {kind})"
+
+
+def ncnn_session(path: Path, threads: int | None = None) -> tuple[Session, str]:
+    """NCNN's CPU runtime on `path` (<name>.ncnn.param, its weights <name>.ncnn.bin beside it) in FP32 arithmetic
+    (its FP16 storage and arithmetic options off; the weights are stored in FP16 in the file)."""
+    ncnn = require("ncnn")
+    weights = Path(path).with_suffix(".bin")
+    if not weights.is_file():
+        raise ExportError(f"NCNN model {path} needs its weights {weights.name} beside it; export it again")
+    net = ncnn.Net()
+    net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+    if threads:
+        net.opt.num_threads = threads
+    if net.load_param(str(path)) != 0 or net.load_model(str(weights)) != 0:
+        raise ExportError(f"{path}: NCNN cannot load it (or its {weights.name}); export it again")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        rows = []
+        for image in np.asarray(batch, np.float32):
+            extractor = net.create_extractor()  # one per image: extractors are cheap and not shared
+            extractor.input("in0", ncnn.Mat(np.ascontiguousarray(image)))
+            status, out = extractor.extract("out0")
+            if status != 0:
+                raise ExportError(f"{path}: NCNN failed to run an image (status {status})")
+            rows.append(np.array(out).reshape(-1))
+        return np.stack(rows).astype(np.float32)
+
+    return run, f"ncnn {version('ncnn')} (CPU)"
