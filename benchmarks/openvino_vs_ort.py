@@ -1,15 +1,17 @@
 """Every CPU runtime on this CPU, FP32 and INT8, at the reference size (224x224), side by side: ONNX Runtime,
-OpenVINO, ExecuTorch (XNNPACK) and NCNN.
+OpenVINO, ExecuTorch (XNNPACK), LiteRT and NCNN.
 
 For each reference student (resnet18, mobilevit_s, vit_tiny baselines; 2 training steps from random init on
 synthetic data, so the timings are real and the accuracies are not), exports onnx, int8 (ONNX Runtime, uint8
 activations), openvino (FP16-stored weights, FP32 compute), openvino_int8 (NNCF), and, where installed, executorch,
-executorch_int8 (PT2E) and ncnn (a format a model cannot be made in is listed with the reason); verifies each
+executorch_int8 (PT2E), litert, litert_int8 (full-integer, PT2E) and ncnn (a format a model cannot be made in is
+listed with the reason); verifies each
 against the PyTorch student, then runs `kdforge bench` on the export: file size, latency p50 at batch 1 and
 images/s at batch 32.
 
     .venv/bin/python benchmarks/openvino_vs_ort.py                   # all three, 2 threads
     .venv/bin/python benchmarks/openvino_vs_ort.py --recipes resnet18_baseline --threads 8
+    .venv/bin/python benchmarks/openvino_vs_ort.py --formats litert litert_int8   # some formats only
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 FORMATS = ["onnx", "int8", "openvino", "openvino_int8"]
-EDGE = ["executorch", "executorch_int8", "ncnn"]  # each exported on its own: a model one cannot take is a row
+# each exported on its own: a model one cannot take is a row
+EDGE = ["executorch", "executorch_int8", "litert", "litert_int8", "ncnn"]
 
 
 def cpu_model() -> str:
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test", type=int, default=256, help="synthetic test images (verification)")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per format")
+    parser.add_argument("--formats", nargs="+", default=FORMATS + EDGE, choices=FORMATS + EDGE)
     args = parser.parse_args()
 
     import torch
@@ -69,9 +73,10 @@ def main() -> None:
             stage = train_stage(recipe, "baseline", runs_dir=Path(tmp) / "runs", consumers=[])
             say = [lambda event, name=name: event["event"] == "note" and print(f"  {name}: {event['message']}",
                                                                                flush=True)]
-            result = export_run(Path(stage.stage_dir), FORMATS, consumers=say)
-            reports, made = dict(result.reports), list(FORMATS)
-            for fmt in (f for f in EDGE if f not in unbuildable_here([f])):
+            base = [f for f in FORMATS if f in args.formats] or ["onnx"]  # an export folder needs one first format
+            result = export_run(Path(stage.stage_dir), base, consumers=say)
+            reports, made = dict(result.reports), [f for f in base if f in args.formats]
+            for fmt in (f for f in EDGE if f in args.formats and f not in unbuildable_here([f])):
                 try:
                     reports.update(export_run(Path(stage.stage_dir), [fmt], consumers=say).reports)
                     made.append(fmt)
