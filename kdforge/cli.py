@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdforge import __version__
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, describe_os_error
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
 
@@ -33,8 +33,10 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 
 # soft_wrap: a message is one line, never wrapped mid-line in logs and pipes (tables still fit the width)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# emoji off: a `:name:` in a file name or value prints as it is (markup in messages is escaped where they print)
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
+LONGEST_LINE = 2000  # characters of one error line: a huge value echoed in a message is shortened
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/quickstart.toml.", show_default=False)]
 SetOpt = Annotated[
@@ -122,17 +124,31 @@ def data_shard(
 @contextlib.contextmanager
 def user_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
     """The CLI's one error boundary: library errors (every KdforgeError: recipes, data, checkpoints, exports,
-    serving, images) become `error:` lines and the error's exit code, never a traceback; Ctrl-C prints
-    `interrupted` and exits 130."""
+    serving, images) and the operating-system failures a user can act on (a full disk, a read-only folder,
+    permissions, quotas, open-file limits: `describe_os_error`) become `error:` lines and an exit code, never a
+    traceback; Ctrl-C prints `interrupted` and exits 130. Files are written atomically, so a failed write leaves
+    nothing half-written that a later command would trust."""
     try:
         yield
     except KdforgeError as exc:
-        for line in str(exc).splitlines():
-            err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+        _error_lines(str(exc))
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        line = describe_os_error(exc)
+        if line is None:
+            raise
+        _error_lines(line)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print(interrupted)
         raise typer.Exit(130) from None
+
+
+def _error_lines(message: str) -> None:
+    for line in message.splitlines():
+        if len(line) > LONGEST_LINE:
+            line = f"{line[:LONGEST_LINE // 2]} ... [{len(line) - LONGEST_LINE // 2:,} more characters]"
+        err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:

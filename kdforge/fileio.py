@@ -1,4 +1,5 @@
-"""Small file helpers shared by runs and exports: atomic writes and content hashes."""
+"""Small file helpers shared by runs and exports: atomic writes, content hashes and the lock one kdforge process
+holds on a run or export folder while it changes it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdforge.errors import KdforgeError
 from kdforge.layout import METADATA
+
+_HELD: dict[str, list[Any]] = {}  # the folder locks this process holds: key -> [open lock file, depth]
 
 
 @contextlib.contextmanager
@@ -144,3 +150,49 @@ def remove_leftovers(folder: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock on `folder` (a run or an export folder) while the block runs: a second kdforge process that
+    asks for it fails at once with one line naming the first one (its pid and command), instead of training or
+    exporting the same thing beside it. The lock is the operating system's (`flock`) on a file in the temporary
+    directory keyed by the folder's resolved path, so nothing is written into the folder itself (a read-only runs
+    folder stays usable) and a process that dies releases it: a stale lock is simply taken over. Re-entrant within a
+    process (`kdforge distill` holds its run while each stage takes it again). Local to this machine: processes on
+    other machines sharing the folder over a network file system are not seen. No-op where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    locks = Path(tempfile.gettempdir()) / "kdforge-locks"
+    locks.mkdir(exist_ok=True)
+    handle = (locks / f"{key}.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise KdforgeError(f"{what} {folder} is in use by another kdforge process ({holder}): wait for it to end, "
+                           f"or stop it (its lock ends with it)") from None
+    handle.seek(0)
+    handle.truncate()
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    handle.write(f"pid {os.getpid()}: {command}"[:300])
+    handle.flush()
+    _HELD[key] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        handle.close()  # closing releases the lock

@@ -64,6 +64,7 @@ def open_rgb(source: bytes | Path, draft_size: int, max_pixels: int = MAX_PIXELS
                 raise ImageTooLarge(f"image of {image.width}x{image.height} pixels is larger than the "
                                     f"{max_pixels:,} pixels decoded here; send it smaller")
             image.load()  # decoded now: the image stays valid after the file closes
+            image = _upright(image)
             return image if image.mode == "RGB" else _to_rgb(image)
     except ImageError:  # ours, raised above (it is a ValueError: let it through unchanged)
         raise
@@ -71,6 +72,16 @@ def open_rgb(source: bytes | Path, draft_size: int, max_pixels: int = MAX_PIXELS
         raise ImageTooLarge(f"image larger than the {max_pixels:,} pixels decoded here ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not a readable image: {exc}") from None
+
+
+def _upright(image):
+    """The image as its EXIF orientation says it is seen (a phone photo taken sideways is stored sideways with an
+    orientation tag): rotated or flipped by Pillow's `exif_transpose`; unchanged without the tag."""
+    from PIL import ImageOps
+
+    if image.getexif().get(0x0112, 1) == 1:  # Orientation: 1 = as stored (or no tag)
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:

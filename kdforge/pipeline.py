@@ -10,6 +10,7 @@ Export (with verification) joins when the recipe's [export] names formats; later
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ from kdforge.data import describe_data
 from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
-from kdforge.fileio import check_can_create, write_json
+from kdforge.fileio import check_can_create, folder_lock, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
@@ -195,22 +196,25 @@ def run_distill(
     main = current_rank() == 0
     started = time.perf_counter()
 
-    if main:
-        announce(recipe, ctx)
-    results = {}
-    for stage in plan_stages(recipe):
-        if stage == "export" and not main:
-            continue
-        results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
-        if getattr(results[stage], "skipped", False) and not getattr(results[stage], "adopted_from", None) and main:
-            # (train_stage says where it adopted from)
-            notify(ctx.consumers, f"{stage}: finished earlier with these settings, reused")
-    summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1), machine=machine())
-    if main:  # written also when an export failed verification: the finished stages and the failure are in it
-        summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
-        write_json(ctx.runs_dir / recipe.name / layout.SUMMARY, asdict(summary))
-        if recipe.tracking.backends:
-            track_summary(recipe, ctx.runs_dir, asdict(summary), tracked_files(recipe, ctx.runs_dir))
+    # one kdforge process at a time on a run, from its first stage to its summary (rank 0 holds it for all ranks)
+    with folder_lock(ctx.runs_dir / recipe.name, "run") if main else contextlib.nullcontext():
+        if main:
+            announce(recipe, ctx)
+        results = {}
+        for stage in plan_stages(recipe):
+            if stage == "export" and not main:
+                continue
+            results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
+            if getattr(results[stage], "skipped", False) and not getattr(results[stage], "adopted_from", None) \
+                    and main:  # (train_stage says where it adopted from)
+                notify(ctx.consumers, f"{stage}: finished earlier with these settings, reused")
+        summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1),
+                          machine=machine())
+        if main:  # written also when an export failed verification: the finished stages and the failure are in it
+            summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
+            write_json(ctx.runs_dir / recipe.name / layout.SUMMARY, asdict(summary))
+            if recipe.tracking.backends:
+                track_summary(recipe, ctx.runs_dir, asdict(summary), tracked_files(recipe, ctx.runs_dir))
     sync()
     return summary
 

@@ -8,6 +8,7 @@ The count per area is printed by `pytest tests/test_battery.py -q` (one test id 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -585,6 +586,71 @@ def test_a_batch_with_one_bad_image_names_it(client):
     assert response.status_code == 400 and "image 3" in response.json()["error"]
     too_many = [("files", (f"{i}.png", pngs[0].read_bytes(), "image/png")) for i in range(5)]
     assert test_client.post("/predict/batch", files=too_many).status_code == 413
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the operating system says no: a full disk, a read-only folder, permissions, the open-file limit -> one line, exit 1
+
+
+OS_FAILURES = {  # errno, what the line says, the command (its writes fail)
+    "export-disk-full": (errno.ENOSPC, "free some space", lambda t, c: ["export", c[1] / "tiny", "--out", t / "x"]),
+    "export-quota": (errno.EDQUOT, "quota", lambda t, c: ["export", c[1] / "tiny", "--out", t / "x"]),
+    "synth-read-only": (errno.EROFS, "read-only", lambda t, c: ["data", "synth", "--out", t / "synth"]),
+    "verify-permission": (errno.EACCES, "permission denied", lambda t, c: ["verify", c[2] / "tiny"]),
+    "report-read-only": (errno.EROFS, "read-only", lambda t, c: ["report", c[1] / "tiny"]),
+    "export-open-files": (errno.EMFILE, "ulimit -n", lambda t, c: ["export", c[1] / "tiny", "--out", t / "x"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OS_FAILURES), ids=list(OS_FAILURES))
+def test_operating_system_failures_are_one_line_and_leave_nothing_trusted(case, copy, tmp_path, monkeypatch):
+    """Every atomic write ends in a rename; here the rename fails as the OS would, and the command prints one
+    error line naming the file and what to do (no traceback), and no file it would have written appears."""
+    code, advice, make_args = OS_FAILURES[case]
+    real = Path.replace
+
+    def refuse(self, target):
+        if str(target).startswith(str(tmp_path)):
+            raise OSError(code, os.strerror(code), str(target))
+        return real(self, target)
+
+    before = snapshot(tmp_path / "c")
+    monkeypatch.setattr(Path, "replace", refuse)
+    result = invoke(*make_args(tmp_path, copy))
+    one_error_line(result, 1, os.strerror(code), advice)
+    assert snapshot(tmp_path / "c") == before  # the finished chain is untouched
+    assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # no temporary file left behind
+
+
+def test_messages_print_verbatim_and_huge_values_are_shortened(copy, tmp_path):
+    odd = tmp_path / ":smile: [bold]run[/bold]"
+    one_error_line(invoke("export", odd), 1, ":smile: [bold]run[/bold]")  # no emoji, no markup
+    huge = "9" * 50_000
+    result = invoke("distill", copy[0], "--set", f"train.epochs={huge}x")
+    one_error_line(result, 2, "train.epochs", "more characters")
+    assert max(len(line) for line in result.stderr.splitlines()) < 2_500
+
+
+@pytest.mark.parametrize("target", ["run", "export folder"])
+def test_a_second_kdforge_on_the_same_folder_exits_naming_the_first_and_a_dead_ones_lock_is_taken_over(copy, target):
+    recipe, runs, exports, args = copy
+    folder = runs / "tiny" if target == "run" else exports / "tiny"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kdforge.fileio import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(120)", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        command = ["distill", recipe, *args] if target == "run" else ["export", runs / "tiny", "--out", exports]
+        before = snapshot(folder)
+        one_error_line(invoke(*command), 1, f"{target} {folder} is in use by another kdforge process",
+                       f"pid {holder.pid}")
+        assert snapshot(folder) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    result = invoke(*command)  # the holder died: its lock went with it
+    assert result.exit_code == 0, result.output
 
 
 # ----------------------------------------------------------------------------------------------------------

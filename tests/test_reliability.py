@@ -163,3 +163,28 @@ def test_files_half_written_by_a_killed_export_are_removed_by_the_next_one(train
     dead.write_bytes(b"partial")
     result = export_run(trained_students["cnn"], ["onnx"], exports_dir=tmp_path, verify=False)
     assert result.export_dir == export_dir and not dead.exists()
+
+
+def test_a_phone_photo_is_decoded_upright_as_its_exif_orientation_says():
+    """A photo taken sideways is stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    the one decoder (training, verification, serving) turns it upright."""
+    import io
+
+    from PIL import Image
+
+    from kdforge.images import decode_rgb, open_rgb
+
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))  # stored 40 wide, 20 high: red left half, blue right half
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif)
+    upright = open_rgb(buffer.getvalue(), 64)
+    assert upright.size == (20, 40)  # viewed: 20 wide, 40 high; the stored left half (red) is now on top
+    pixels = decode_rgb(buffer.getvalue(), 16).astype(int)
+    assert pixels[2, 8, 0] > 200 and pixels[2, 8, 2] < 60  # top: red
+    assert pixels[13, 8, 2] > 200 and pixels[13, 8, 0] < 60  # bottom: blue
+    plain = io.BytesIO()
+    stored.save(plain, "JPEG", quality=95)  # no tag: as stored
+    assert open_rgb(plain.getvalue(), 64).size == (40, 20)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SPLITS = ("train", "test")
-DECODER_VERSION = 1  # part of the decode cache's key: change it when kdforge.images decodes differently
+DECODER_VERSION = 2  # part of the decode cache's key: change it when kdforge.images decodes differently (2: EXIF)
 MEMORY_SHARE = 0.25  # in_memory = "auto": in memory while the decoded set takes at most this share of free memory
 
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from kdforge import __version__, layout
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, RecipeError
-from kdforge.fileio import check_can_create, read_json, remove_leftovers
+from kdforge.fileio import check_can_create, folder_lock, read_json, remove_leftovers
 from kdforge.fileio import file_hash as sha256
 from kdforge.formats import FORMATS, with_sources
 from kdforge.layout import METADATA
@@ -226,42 +226,43 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
     export_dir = layout.export_dir(exports_dir or recipe.export.dir, recipe.name)
     # every input is checked before the export folder changes: a failure here leaves an earlier export as it was
     check_can_create(export_dir, "export folder")
-    if verify:
-        resolve_device(device or recipe.runtime.device)
-    data = load_dataset(recipe.data, recipe.seed)
-    if data.val is not None and not read_json(source / layout.RESULT).get("val_images"):
-        # trained before the validation split existed (on all training images): its "validation" images were
-        # training images for it, so the held-out checks fall back to a slice disjoint from calibration
-        data = replace(data, val=None)
-    spec = resolve_input_spec(recipe.model_for(source.name))
-    model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(export_dir)  # half-written files of an export that was killed
-    job = ExportJob(
-        recipe=recipe, source=source, export_dir=export_dir, model=model, spec=spec, data=data, opset=plan.opset,
-        qcfg=plan.qcfg, tcfg=plan.tcfg, common=build_metadata(recipe, source, data.train.classes, spec, plan.opset),
-        settings={"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
-                  "quantize": plan.qcfg.model_dump(mode="json")},
-        phases=Phases(lambda line: notify(consumers, line)), consumers=consumers, verify=verify, device=device,
-        notes=list(plan.notes),
-        previous=read_json(export_dir / METADATA).get("formats", {}),
-    )
-    seconds: dict[str, float] = {}
-    for name in (f for f in plan.formats if f not in plan.unavailable):
-        builder = BUILDERS[name]
-        job.drop_verification(name)  # an artifact about to change is no longer verified
-        job.phases.report(f"export {name} ...")
-        started = time.perf_counter()
-        path, meta = job.path(name), job.meta(name)
-        extra = builder.make(job, name, path, meta)
-        seconds[name] = job.phases.seconds[f"export {name}"] = round(time.perf_counter() - started, 3)
-        job.phases.report(f"export {name}: {seconds[name]:.1f} s")
-        job.record(name, path, extra)
-        job.check(name)
-        if builder.after is not None and verify:
-            builder.after(job, name, path, meta, extra)
-    return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
-                        plan.unavailable, job.phases.seconds, job.failures, job.steps)
+    with folder_lock(export_dir, "export folder"):  # one kdforge process at a time on an export folder
+        if verify:
+            resolve_device(device or recipe.runtime.device)
+        data = load_dataset(recipe.data, recipe.seed)
+        if data.val is not None and not read_json(source / layout.RESULT).get("val_images"):
+            # trained before the validation split existed (on all training images): its "validation" images were
+            # training images for it, so the held-out checks fall back to a slice disjoint from calibration
+            data = replace(data, val=None)
+        spec = resolve_input_spec(recipe.model_for(source.name))
+        model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
+        export_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(export_dir)  # half-written files of an export that was killed
+        job = ExportJob(
+            recipe=recipe, source=source, export_dir=export_dir, model=model, spec=spec, data=data, opset=plan.opset,
+            qcfg=plan.qcfg, tcfg=plan.tcfg, common=build_metadata(recipe, source, data.train.classes, spec, plan.opset),
+            settings={"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
+                      "quantize": plan.qcfg.model_dump(mode="json")},
+            phases=Phases(lambda line: notify(consumers, line)), consumers=consumers, verify=verify, device=device,
+            notes=list(plan.notes),
+            previous=read_json(export_dir / METADATA).get("formats", {}),
+        )
+        seconds: dict[str, float] = {}
+        for name in (f for f in plan.formats if f not in plan.unavailable):
+            builder = BUILDERS[name]
+            job.drop_verification(name)  # an artifact about to change is no longer verified
+            job.phases.report(f"export {name} ...")
+            started = time.perf_counter()
+            path, meta = job.path(name), job.meta(name)
+            extra = builder.make(job, name, path, meta)
+            seconds[name] = job.phases.seconds[f"export {name}"] = round(time.perf_counter() - started, 3)
+            job.phases.report(f"export {name}: {seconds[name]:.1f} s")
+            job.record(name, path, extra)
+            job.check(name)
+            if builder.after is not None and verify:
+                builder.after(job, name, path, meta, extra)
+        return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
+                            plan.unavailable, job.phases.seconds, job.failures, job.steps)
 
 
 def export_target(target: Path | None, runs_dir: Path, formats: list[str] | None = None,

@@ -11,6 +11,7 @@ hash of the teacher's weights, so a retrained teacher invalidates the student th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,12 +36,13 @@ from kdforge.fileio import (
     atomic_write_text,
     check_can_create,
     file_hash,
+    folder_lock,
     read_json,
     remove_leftovers,
     write_json,
 )
 from kdforge.models import count_parameters, create_model, resolve_input_spec
-from kdforge.recipe import Recipe, data_fingerprint, recipe_to_toml
+from kdforge.recipe import ModelConfig, Recipe, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay, notify
@@ -199,6 +201,15 @@ def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resum
     stage_dir = layout.stage_dir(runs_dir, recipe.name, stage)
     teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
     fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
+    # one kdforge process at a time on a run (rank 0 holds it for all ranks): a second one fails here, before it plans
+    with folder_lock(runs_dir / recipe.name, "run") if main else contextlib.nullcontext():
+        return _train_planned(recipe, stage, runs_dir, stage_dir, cfg, teacher_weights, fingerprint, resume,
+                              overwrite, retrain_stale, device, main, consumers)
+
+
+def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, cfg: ModelConfig,
+                   teacher_weights: Path | None, fingerprint: str, resume: bool, overwrite: bool,
+                   retrain_stale: bool, device: str | None, main: bool, consumers: list[Consumer]) -> StageResult:
     # every process decides from the same files, then rank 0 alone changes them
     plan = plan_stage(stage_dir, stage, fingerprint, runs_dir, resume, overwrite, retrain_stale)
     sync()
