@@ -188,3 +188,34 @@ def test_a_phone_photo_is_decoded_upright_as_its_exif_orientation_says():
     plain = io.BytesIO()
     stored.save(plain, "JPEG", quality=95)  # no tag: as stored
     assert open_rgb(plain.getvalue(), 64).size == (40, 20)
+
+
+def test_logging_checkpointing_and_evaluation_limits_neither_change_the_weights_nor_retrain(finished_teacher,
+                                                                                            tmp_path):
+    """The fingerprint leaves out what cannot change the final weights: a finished stage is reused when only
+    log_every, checkpoint_every or limit_eval_batches change, and training with other values gives the same
+    weights bit for bit."""
+    recipe, runs, stage_dir = finished_teacher
+    before = snapshot(stage_dir)
+    other = ["--set", "train.max_steps=3", "--set", "train.limit_eval_batches=2", "--set", "train.log_every=1",
+             "--set", "train.checkpoint_every=1"]
+    result = runner.invoke(app, ["teacher", str(recipe), "--runs-dir", str(runs), *other])
+    assert result.exit_code == 0 and "already trained with these settings" in result.stdout, result.output
+    assert snapshot(stage_dir) == before
+    fresh = tmp_path / "fresh"
+    result = runner.invoke(app, ["teacher", str(recipe), "--runs-dir", str(fresh), *other])
+    assert result.exit_code == 0, result.output
+    weights = "last/model.safetensors"
+    assert (fresh / "tiny" / "teacher" / weights).read_bytes() == (stage_dir / weights).read_bytes()
+
+    # a stage finished before, whose fingerprint hashed log_every as set, is still reused (not retrained)
+    import json
+
+    from kdforge.recipe import load_recipe
+    from kdforge.train.stages import stage_fingerprints
+
+    now, earlier = stage_fingerprints(load_recipe(recipe, [o for o in other if o != "--set"]), "teacher")
+    result_file = stage_dir / "result.json"
+    result_file.write_text(json.dumps({**json.loads(result_file.read_text()), "fingerprint": earlier}))
+    result = runner.invoke(app, ["teacher", str(recipe), "--runs-dir", str(runs), *other])
+    assert result.exit_code == 0 and "already trained with these settings" in result.stdout, result.output

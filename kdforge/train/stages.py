@@ -42,7 +42,7 @@ from kdforge.fileio import (
     write_json,
 )
 from kdforge.models import count_parameters, create_model, resolve_input_spec
-from kdforge.recipe import ModelConfig, Recipe, data_fingerprint, recipe_to_toml
+from kdforge.recipe import ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay, notify
@@ -77,11 +77,17 @@ class StageResult:
 
 
 LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0}  # [distill] keys newer than finished runs, with their defaults
+# [*.train] keys that cannot change the final weights (how often to log, checkpoint, and how much of the validation
+# split to evaluate): the fingerprint holds them at their defaults, so changing one does not retrain a finished stage
+# (and a run finished with the defaults keeps its fingerprint)
+NOT_WEIGHTS_KEYS = ("log_every", "checkpoint_every", "limit_eval_batches")
 
 
-def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None = None) -> str:
-    """What the stage's output depends on: data, seed and its model section (not runtime, not other models);
-    for the distilled student also the [distill] settings and the teacher's weights."""
+def stage_fingerprints(recipe: Recipe, stage: str, teacher_weights: Path | None = None) -> tuple[str, ...]:
+    """What the stage's output depends on: data, seed and its model section (not runtime, not other models, not
+    the `NOT_WEIGHTS_KEYS` of its training); for the distilled student also the [distill] settings and the
+    teacher's weights. First the fingerprint a run records now, then the form runs finished before
+    `NOT_WEIGHTS_KEYS` recorded (it hashed them as set), which still matches: their work is reused, not redone."""
     parts = {
         "stage": stage,
         "seed": recipe.seed,
@@ -93,7 +99,24 @@ def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None =
         unset = {key for key, default in LATER_DISTILL_KEYS.items() if getattr(recipe.distill, key) == default}
         parts["distill"] = recipe.distill.model_dump(mode="json", exclude={"baseline", *unset})
         parts["teacher"] = file_hash(teacher_weights)[:16] if teacher_weights else None
+    earlier = _hash(parts)
+    defaults = TrainConfig().model_dump(mode="json")
+    parts["model"]["train"].update({key: defaults[key] for key in NOT_WEIGHTS_KEYS})
+    now = _hash(parts)
+    return (now,) if now == earlier else (now, earlier)
+
+
+def stage_fingerprint(recipe: Recipe, stage: str, teacher_weights: Path | None = None) -> str:
+    """The fingerprint a run of `stage` records now (`stage_fingerprints`)."""
+    return stage_fingerprints(recipe, stage, teacher_weights)[0]
+
+
+def _hash(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _matches(recorded: str | None, fingerprint: str | tuple[str, ...]) -> bool:
+    return recorded in ((fingerprint,) if isinstance(fingerprint, str) else fingerprint)
 
 
 def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
@@ -107,7 +130,7 @@ def teacher_weights_for(recipe: Recipe, runs_dir: Path) -> Path:
             f"no trained teacher in {stage_dir}; run `kdforge distill` (which trains it first), "
             f"`kdforge teacher` or set teacher.checkpoint"
         )
-    if read_json(stage_dir / layout.RESULT).get("fingerprint") != stage_fingerprint(recipe, "teacher"):
+    if not _matches(read_json(stage_dir / layout.RESULT).get("fingerprint"), stage_fingerprints(recipe, "teacher")):
         raise CheckpointError(f"the teacher in {stage_dir} was trained with other [teacher] settings; retrain it")
     return resolve_weights(stage_dir, "teacher")
 
@@ -125,21 +148,22 @@ class StagePlan:
     previous: dict[str, Any] | None = None  # the reused stage's result.json
 
 
-def plan_stage(stage_dir: Path, stage: str, fingerprint: str, runs_dir: Path, resume: bool = False,
+def plan_stage(stage_dir: Path, stage: str, fingerprint: str | tuple[str, ...], runs_dir: Path, resume: bool = False,
                overwrite: bool = False, retrain_stale: bool = False) -> StagePlan:
-    """Skip, resume or redo: the decision for `stage_dir` given the stage's `fingerprint` and the flags. Raises
+    """Skip, resume or redo: the decision for `stage_dir` given the stage's `fingerprint` (or the fingerprints its
+    runs may have recorded, `stage_fingerprints`) and the flags. Raises
     CheckpointError when the folder holds work the flags do not allow replacing (an unfinished run without
     --resume, a run with other settings without --overwrite or `retrain_stale`)."""
     discard: str | None = "--overwrite" if overwrite else None
     resume_from = None
     if not overwrite and layout.is_finished(stage_dir):
         previous = read_json(stage_dir / layout.RESULT)
-        if previous.get("fingerprint") == fingerprint:
+        if _matches(previous.get("fingerprint"), fingerprint):
             return StagePlan("reuse", previous=previous)
         discard = "finished with other settings (or another teacher) than the recipe now asks for"
     elif not overwrite and layout.has_started(stage_dir):
         last = (stage_dir / layout.LAST).resolve()
-        if checkpoint_metadata(last).get("fingerprint") != fingerprint:
+        if not _matches(checkpoint_metadata(last).get("fingerprint"), fingerprint):
             discard = "the recipe changed since this unfinished run started"
         elif not resume:
             raise CheckpointError(
@@ -164,7 +188,8 @@ def stage_is_finished(recipe: Recipe, stage: str, runs_dir: str | Path = "runs")
     try:
         teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
         plan = plan_stage(layout.stage_dir(runs_dir, recipe.name, stage), stage,
-                          stage_fingerprint(recipe, stage, teacher_weights), runs_dir, resume=True, retrain_stale=True)
+                          stage_fingerprints(recipe, stage, teacher_weights), runs_dir, resume=True,
+                          retrain_stale=True)
     except KdforgeError:  # no teacher yet, or a damaged file: the stage will train (and say what is wrong)
         return False
     return plan.action in ("reuse", "adopt")
@@ -200,18 +225,19 @@ def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resum
     runs_dir = Path(runs_dir)
     stage_dir = layout.stage_dir(runs_dir, recipe.name, stage)
     teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
-    fingerprint = stage_fingerprint(recipe, stage, teacher_weights)
+    fingerprints = stage_fingerprints(recipe, stage, teacher_weights)
     # one kdforge process at a time on a run (rank 0 holds it for all ranks): a second one fails here, before it plans
     with folder_lock(runs_dir / recipe.name, "run") if main else contextlib.nullcontext():
-        return _train_planned(recipe, stage, runs_dir, stage_dir, cfg, teacher_weights, fingerprint, resume,
+        return _train_planned(recipe, stage, runs_dir, stage_dir, cfg, teacher_weights, fingerprints, resume,
                               overwrite, retrain_stale, device, main, consumers)
 
 
 def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, cfg: ModelConfig,
-                   teacher_weights: Path | None, fingerprint: str, resume: bool, overwrite: bool,
+                   teacher_weights: Path | None, fingerprints: tuple[str, ...], resume: bool, overwrite: bool,
                    retrain_stale: bool, device: str | None, main: bool, consumers: list[Consumer]) -> StageResult:
     # every process decides from the same files, then rank 0 alone changes them
-    plan = plan_stage(stage_dir, stage, fingerprint, runs_dir, resume, overwrite, retrain_stale)
+    plan = plan_stage(stage_dir, stage, fingerprints, runs_dir, resume, overwrite, retrain_stale)
+    fingerprint = fingerprints[0]  # what this run records
     sync()
     if plan.action == "reuse":
         return StageResult(**{**plan.previous, "skipped": True})
@@ -315,13 +341,13 @@ def drop_stale(run_dir: Path, stage: str) -> None:
         shutil.rmtree(earlier, ignore_errors=True)
 
 
-def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str) -> Path | None:
+def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str | tuple[str, ...]) -> Path | None:
     """A finished `stage` of any run in `runs_dir` with this fingerprint (same model, data, seed and training
     settings: the same weights up to the machine's arithmetic), or None. The runs folder is the store: nothing
     else to keep in sync."""
     for candidate in layout.finished_stages(runs_dir, stage):
         try:
-            finished = read_json(candidate / layout.RESULT).get("fingerprint") == fingerprint
+            finished = _matches(read_json(candidate / layout.RESULT).get("fingerprint"), fingerprint)
         except KdforgeError:  # a damaged result elsewhere is that run's problem, not this one's
             continue
         if finished and final_weights(candidate).is_file():
