@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from kdforge.errors import CheckpointError
-from kdforge.fileio import atomic_path
+from kdforge.fileio import atomic_path, file_hash
 from kdforge.layout import BEST, CHECKPOINTS, LAST, RESULT
 
 WEIGHTS = "model.safetensors"
@@ -117,8 +117,25 @@ def checkpoint_metadata(path: Path) -> dict[str, str]:
 
 
 def final_weights(stage_dir: Path) -> Path:
-    """The final weights of a stage folder (its `last` checkpoint)."""
-    return stage_dir / LAST / WEIGHTS
+    """The final weights of a stage folder (its `last` checkpoint). A `last` link that leads out of the stage's
+    own checkpoints folder (moved, edited or planted) is refused: the weights behind it are not this stage's."""
+    link = stage_dir / LAST
+    if link.is_symlink():
+        target, own = link.resolve(), (stage_dir / CHECKPOINTS).resolve()
+        if own not in target.parents:
+            raise CheckpointError(f"{link} points outside its stage's checkpoints folder (to {target}): these are "
+                                  f"not the stage's weights; retrain the stage (--overwrite)")
+    return link / WEIGHTS
+
+
+def check_final_weights(stage_dir: Path, recorded: str | None) -> Path:
+    """The stage's final weights, checked against the sha256 its result.json recorded (`recorded`; stages finished
+    before it was recorded have none): a replaced weights file is refused."""
+    weights = final_weights(stage_dir)
+    if recorded and weights.is_file() and file_hash(weights) != recorded:
+        raise CheckpointError(f"{weights} is not the file this stage finished with (its sha256 differs from "
+                              f"{RESULT}'s weights_sha256); retrain the stage (--overwrite)")
+    return weights
 
 
 def resolve_weights(path: Path, what: str) -> Path:

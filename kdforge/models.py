@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from kdforge.checkpoint import load_weights
+from kdforge.checkpoint import check_final_weights, load_weights
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ModelError
-from kdforge.layout import LAST, RECIPE
+from kdforge.fileio import read_json
+from kdforge.layout import LAST, RECIPE, RESULT
 from kdforge.recipe import ModelConfig, Recipe, load_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,4 +80,6 @@ def load_stage_model(stage_dir: Path, num_classes: int, exportable: bool = False
     cfg = recipe.model_for(stage_dir.name)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), num_classes,
                          exportable=exportable)
+    recorded = read_json(stage_dir / RESULT).get("weights_sha256")  # {} for a stage still training
+    check_final_weights(stage_dir, recorded)
     return load_weights(model, stage_dir / LAST)

@@ -336,11 +336,25 @@ def _damage_run(case: str, runs: Path, exports: Path, tmp_path: Path) -> None:
     elif case == "teacher-checkpoint-damaged":
         weights = (runs / "tiny" / "teacher" / "last").resolve() / "model.safetensors"
         weights.write_bytes(b"\0" * 100)
+    elif case == "last-leaves-the-stage":  # the student's `last` made to lead to another stage's checkpoint
+        link = runs / "tiny" / "student" / "last"
+        other = (runs / "tiny" / "teacher" / "last").resolve()
+        link.unlink()
+        link.symlink_to(os.path.relpath(other, link.parent))
+    elif case == "weights-replaced-by-a-fitting-file":  # same model, other values: it loads, but it is not ours
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(last / "model.safetensors")
+        save_file({name: t + 1 if t.is_floating_point() else t for name, t in tensors.items()},
+                  last / "model.safetensors")
 
 
 RUN_CASES = {
     # case: (command, extra args, exit code, words)
-    "weights-of-another-model": ("export", [], 1, ["model.safetensors", "do not fit"]),
+    # result.json recorded the final weights' sha256: any other file is refused before it is loaded
+    "weights-of-another-model": ("export", [], 1, ["model.safetensors", "not the file this stage finished with"]),
+    "weights-replaced-by-a-fitting-file": ("export", [], 1, ["not the file this stage finished with", "--overwrite"]),
+    "last-leaves-the-stage": ("export", [], 1, ["points outside its stage's checkpoints folder"]),
     "state-with-side-effect": ("distill", ["--resume"], 1, ["not a kdforge training state"]),
     "foreign-state": ("distill", ["--resume"], 1, ["not a kdforge training state", "--overwrite"]),
     # the student is stale (temperature changed), so the teacher's weights are read: damaged, they are an error

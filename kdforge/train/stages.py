@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class StageResult:
     val_images: int = 0  # the validation split held out of the training split (0: none)
     skipped: bool = False  # True when an earlier finished run was reused
     adopted_from: str | None = None  # the other run whose finished stage was reused (the teacher store)
+    weights_sha256: str | None = None  # of the final weights (`last`): export and later stages check it
 
     def record(self) -> dict[str, Any]:
         """What result.json holds (`skipped` and `adopted_from` describe this call, not the stage)."""
@@ -328,6 +329,7 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
     """Record the finished stage (result.json) and drop the earlier runs it replaced."""
     if main:
+        outcome = replace(outcome, weights_sha256=file_hash(final_weights(Path(outcome.stage_dir))))
         write_json(Path(outcome.stage_dir) / layout.RESULT, outcome.record())
         drop_stale(run_dir, outcome.stage)
     sync()
@@ -348,9 +350,10 @@ def find_finished_stage(runs_dir: Path, stage: str, fingerprint: str | tuple[str
     for candidate in layout.finished_stages(runs_dir, stage):
         try:
             finished = _matches(read_json(candidate / layout.RESULT).get("fingerprint"), fingerprint)
-        except KdforgeError:  # a damaged result elsewhere is that run's problem, not this one's
+            weights = final_weights(candidate)
+        except KdforgeError:  # a damaged result or a foreign `last` elsewhere is that run's problem, not this one's
             continue
-        if finished and final_weights(candidate).is_file():
+        if finished and weights.is_file():
             return candidate
     return None
 
