@@ -572,6 +572,9 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (JPEGs count after the "
                                                  "decoder's 1/2-1/8 reduction).", min=1)] = 4096 * 4096,
     top_k: Annotated[int, typer.Option(help="Classes returned per image.", min=1)] = 5,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="A file whose first line is the key every request but /healthz must send (Authorization: Bearer KEY "
+             "or X-API-Key: KEY).", envvar="KDFORGE_API_KEY_FILE")] = None,
 ) -> None:
     """Serve an exported student over HTTP: POST /predict, /predict/batch; GET /healthz, /metadata.
 
@@ -581,7 +584,7 @@ def serve(
     from kdforge.serve.__main__ import run
 
     with user_errors(interrupted="stopped"):
-        run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels)
+        run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels, api_key_file=api_key_file)
 
 
 @app.command()

@@ -187,3 +187,30 @@ def test_the_serving_module_and_the_library_refuse_out_of_range_limits_too(serve
         assert done.returncode == 1 and done.stderr.startswith("error: --") and "Traceback" not in done.stderr, argv
     with pytest.raises(ServingError, match="--top-k must be a whole number of at least 1, got -1"):
         create_app(export_dir, top_k=-1)
+
+
+def test_with_an_api_key_every_path_but_healthz_needs_it(served_export, tmp_path):
+    from kdforge.errors import ServingError
+    from kdforge.serve.__main__ import read_api_key
+
+    export_dir, pngs = served_export
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key-of-some-length\n")
+    key = read_api_key(key_file)
+    client = TestClient(create_app(export_dir, api_key=key))
+    assert client.get("/healthz").status_code == 200  # health checks stay open
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + key[:-1]}, {"Authorization": key}):
+        answer = client.get("/metadata", headers=headers)
+        assert answer.status_code == 401 and "API key" in answer.json()["error"], (headers, answer.text)
+        assert answer.headers["www-authenticate"] == "Bearer"
+    refused = client.post("/predict", content=pngs[0].read_bytes(), headers={"Content-Type": "image/png"})
+    assert refused.status_code == 401
+    assert client.get("/metadata", headers={"X-API-Key": key}).status_code == 200
+    answer = client.post("/predict", content=pngs[0].read_bytes(), headers={"Content-Type": "image/png",
+                                                               "Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200 and answer.json()["predictions"]
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ServingError, match="at least 16 characters"):
+        read_api_key(tmp_path / "short")
+    with pytest.raises(ServingError, match="cannot read the API key file"):
+        read_api_key(tmp_path / "missing")

@@ -19,23 +19,40 @@ from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE, ServingE
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
         max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5,
         providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
-        max_pixels: int = MAX_PIXELS) -> None:
+        max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
 
     if not 1 <= port <= 65535:  # the socket layer would take 70000 as 70000 - 65536 and listen there
         raise ServingError(f"--port must be between 1 and 65535, got {port}")
+    api_key = read_api_key(api_key_file) if api_key_file else None
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
-                     providers=providers, engine_cache=engine_cache, max_pixels=max_pixels)
+                     providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key)
     listening = bind(host, port)
     return_freed_memory()
     if "warning" in app.state.info:
         print(f"warning: {app.state.info['warning']} ({export_dir})", file=sys.stderr, flush=True)
+    if api_key is None and host in ("0.0.0.0", "::", ""):
+        print(f"warning: listening on every interface ({host}) without an API key: anyone who reaches port {port} "
+              f"can use the model; set --api-key-file (or $KDFORGE_API_KEY_FILE)", file=sys.stderr, flush=True)
     # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info",
                             access_log=False)
     uvicorn.Server(config).run(sockets=[listening])
+
+
+def read_api_key(path: Path) -> str:
+    """The API key in `path` (its first line; a file, so the key stays out of the process list and the
+    environment): at least 16 characters."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServingError(f"cannot read the API key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not key or len(key[0].strip()) < 16:
+        raise ServingError(f"the API key file {path} must hold a key of at least 16 characters on its first line "
+                           f"(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path})")
+    return key[0].strip()
 
 
 def return_freed_memory() -> None:
@@ -97,10 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"largest image decoded, in pixels (default {MAX_PIXELS:,} = 4096x4096)")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--api-key-file", type=Path, default=os.environ.get("KDFORGE_API_KEY_FILE") or None,
+                        help="a file whose first line is the key every request but /healthz must send "
+                             "(Authorization: Bearer KEY or X-API-Key: KEY; default: $KDFORGE_API_KEY_FILE)")
     args = parser.parse_args(argv)
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
-            tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels)
+            tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
+            args.api_key_file)
     except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 

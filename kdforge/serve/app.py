@@ -7,12 +7,14 @@
     POST /predict/batch    a multipart form with one or more `files` fields -> {"results": [{"predictions": ...}]}
 
 Bad input (empty body, not an image, too many bytes or pixels, wrong content type, too many files) gets a 4xx
-JSON error {"error": ...}; the server keeps serving. Images are decoded by `kdforge.images.decode_rgb` (formats,
-pixel budget, transparency), at most `max_concurrent` requests at a time.
+JSON error {"error": ...}; the server keeps serving. With an API key, every path but /healthz needs it
+(`Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant time; else 401 JSON). Images are decoded
+by `kdforge.images.decode_rgb` (formats, pixel budget, transparency), at most `max_concurrent` requests at a time.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def check_limits(**limits: int) -> None:
 def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS, api_key: str | None = None,
 ) -> FastAPI:
     check_limits(top_k=top_k, max_bytes=max_bytes, max_batch=max_batch, max_pixels=max_pixels,
                  max_concurrent=max_concurrent)
@@ -111,6 +113,20 @@ def create_app(
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, ImageTooLarge) else 400)
+
+    if api_key:
+        expected = api_key.encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path != "/healthz":  # what a load balancer or `docker run --health-cmd` polls
+                bearer = request.headers.get("authorization", "")
+                given = request.headers.get("x-api-key") or (bearer[7:] if bearer[:7].lower() == "bearer " else "")
+                if not hmac.compare_digest(given.strip().encode(), expected):
+                    return JSONResponse({"error": "missing or wrong API key: send it as 'Authorization: Bearer KEY' "
+                                                  "or 'X-API-Key: KEY'"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.get("/healthz")
     async def healthz() -> dict:
