@@ -49,5 +49,6 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 KDFORGE_HOST=0.0.0.0 KDFORGE_PO
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['KDFORGE_PORT']}/healthz\", timeout=2)"]
-# exec form: the server is PID 1 and gets SIGTERM directly (uvicorn stops within a second)
+# exec form: the server is PID 1 and gets SIGTERM directly (it finishes what runs, refuses what waits with 503,
+# exits 0)
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "kdforge.serve", "/models"]

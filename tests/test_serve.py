@@ -214,3 +214,53 @@ def test_with_an_api_key_every_path_but_healthz_needs_it(served_export, tmp_path
         read_api_key(tmp_path / "short")
     with pytest.raises(ServingError, match="cannot read the API key file"):
         read_api_key(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_answers_every_accepted_request_with_json_and_exits_0(served_export):
+    """20 requests of large images on 2 workers, SIGTERM while they queue: each gets its prediction or a 503 JSON
+    refusal (none a plain-text 500 or a dropped connection), and the server exits 0."""
+    import http.client
+    import signal
+    import socket
+    import threading
+    import time
+
+    export_dir, _ = served_export
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)).save(big, "PNG")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers: list[tuple[int, dict]] = []
+
+    def post() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/predict", big.getvalue(), {"Content-Type": "image/png"})
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+
+    try:
+        for _ in range(100):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        clients = [threading.Thread(target=post) for _ in range(20)]
+        for client in clients:
+            client.start()
+        time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(60)
+        assert server.wait(30) == 0, server.stdout.read()
+    finally:
+        server.kill()
+    statuses = sorted(status for status, _ in answers)
+    print(f"\nSIGTERM under load: {statuses.count(200)} answered, {statuses.count(503)} refused with 503")
+    assert len(answers) == 20 and set(statuses) <= {200, 503}, statuses
+    assert all("predictions" in body if status == 200 else "shutting down" in body["error"]
+               for status, body in answers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -36,10 +37,21 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     if api_key is None and host in ("0.0.0.0", "::", ""):
         print(f"warning: listening on every interface ({host}) without an API key: anyone who reaches port {port} "
               f"can use the model; set --api-key-file (or $KDFORGE_API_KEY_FILE)", file=sys.stderr, flush=True)
-    # uvicorn stops on SIGTERM/SIGINT; in-flight requests get at most 1 s to finish
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=1, log_level="info",
+    # SIGTERM/SIGINT: stop accepting, answer what is running (up to GRACE_S), refuse what waits with 503 JSON
+    # (app.state.stopping), then exit 0: a requested stop is a success, not a crash
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="info",
                             access_log=False)
-    uvicorn.Server(config).run(sockets=[listening])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # what uvicorn re-raises after its graceful shutdown
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.stopping.set()  # requests still waiting for a worker get 503 JSON, not a cancelled 500
+            super().handle_exit(sig, frame)
+
+    GracefulServer(config).run(sockets=[listening])
+
+
+GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
 
 
 def read_api_key(path: Path) -> str:

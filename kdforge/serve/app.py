@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 from pathlib import Path
 
 from anyio import CapacityLimiter, to_thread  # FastAPI's own async layer
@@ -95,12 +96,17 @@ def create_app(
                  max_concurrent=max_concurrent)
     model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache, max_pixels)
     workers = CapacityLimiter(max_concurrent)
+    stopping = threading.Event()  # set by the server on SIGTERM (serve/__main__.py)
 
     async def run_model(images: list[bytes]):
-        return await to_thread.run_sync(model.predict, images, top_k, limiter=workers)
+        async with workers:  # a request that waited here while the server began to stop is refused, not cut off
+            if stopping.is_set():
+                raise RequestError(503, "the server is shutting down; send the request again (to another replica)")
+            return await to_thread.run_sync(model.predict, images, top_k)
 
     app = FastAPI(title="kdforge student", version="1", docs_url=None, redoc_url=None)
     app.state.info = model.info
+    app.state.stopping = stopping
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
