@@ -5,7 +5,7 @@ import errno
 # operating-system failures a user can act on (a full disk, a read-only or foreign folder, a quota, the open-file
 # limit), and what to do about each: the CLI prints them as one error line (`describe_os_error`)
 OS_ADVICE = {
-    errno.ENOSPC: "free some space there, or write elsewhere, then run the command again (training: with --resume)",
+    errno.ENOSPC: "free some space there, or write elsewhere, then run the command again (training: add --resume)",
     errno.EDQUOT: "a disk quota is exhausted there: free some space, or write elsewhere, then run the command again",
     errno.EROFS: "that file system is read-only: write elsewhere (--out, --runs-dir, export.dir)",
     errno.EACCES: "permission denied: write elsewhere (--out, --runs-dir, export.dir) or fix the folder's permissions",
@@ -73,4 +73,4 @@ def describe_os_error(exc: OSError) -> str | None:
     if exc.errno not in OS_ADVICE:
         return None
     where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or 'operating-system error'} ({OS_ADVICE[exc.errno]})"
+    return f"{where}{exc.strerror or 'operating-system error'}: {OS_ADVICE[exc.errno]}"
