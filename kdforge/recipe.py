@@ -524,7 +524,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                           f"save the recipe as UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or a number too long for Python's int (over 4,300 digits)
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
     for override in overrides:
         apply_override(raw, override)
@@ -547,7 +547,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise RecipeError(f"--set {override!r}: expected dotted.key=value, e.g. --set train.epochs=1")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or a number too long for Python's int
         value = text.strip()  # bare words like resnet18 need no quotes
     node = raw
     for i, part in enumerate(parts[:-1]):

@@ -38,7 +38,8 @@ def test_a_vit_student_on_executorch_litert_and_ncnn_is_verified_and_benchmarked
 
     recipe = load_recipe(make_recipe(TINY_MODELS.replace('model = "test_convnext"', 'model = "test_vit"')), [
         "student.model_kwargs.img_size=32", "student.model_kwargs.patch_size=4",
-        "student.model_kwargs.dynamic_img_size=false", "train.max_steps=20", "verify.batch_size=100",
+        "student.model_kwargs.dynamic_img_size=false", "student.model_kwargs.depth=2", "train.max_steps=20",
+        "verify.batch_size=100",
         "quantize.calibration=200"])
     stage = Path(train_stage(recipe, "baseline", runs_dir=tmp_path / "runs", consumers=[]).stage_dir)
     formats = ["executorch", "executorch_int8", "litert", "litert_int8"]
