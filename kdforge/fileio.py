@@ -174,8 +174,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    locks = Path(tempfile.gettempdir()) / "kdforge-locks"
-    locks.mkdir(exist_ok=True)
+    locks = Path(tempfile.gettempdir()) / f"kdforge-locks-{os.getuid()}"  # per user: another's folder is not ours
+    locks.mkdir(mode=0o700, exist_ok=True)
     handle = (locks / f"{key}.lock").open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
