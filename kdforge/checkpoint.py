@@ -14,6 +14,7 @@ atomically; only then are checkpoints no link points to deleted. `state.pt` is l
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -30,6 +31,7 @@ from kdforge.layout import BEST, CHECKPOINTS, LAST, RESULT
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+FULL_BELOW = 64 << 20  # free bytes under which a failed checkpoint write is reported as a full disk
 
 
 def save_checkpoint(
@@ -48,8 +50,14 @@ def save_checkpoint(
         tmp = checkpoints / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(model, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in metadata.items()})
-        torch.save(state, tmp / STATE)
+        try:
+            save_model(model, str(tmp / WEIGHTS), metadata={k: str(v) for k, v in metadata.items()})
+            torch.save(state, tmp / STATE)
+        except RuntimeError:  # torch's writer reports a failed write as RuntimeError ("unexpected pos")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if shutil.disk_usage(checkpoints).free < FULL_BELOW:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checkpoints)) from None
+            raise
         tmp.rename(final)
     _point(stage_dir / LAST, final)
     if best:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -634,6 +635,20 @@ def test_operating_system_failures_are_one_line_and_leave_nothing_trusted(case, 
     one_error_line(result, 1, os.strerror(code), advice)
     assert snapshot(tmp_path / "c") == before  # the finished chain is untouched
     assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # no temporary file left behind
+
+
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_resumable(copy, tmp_path, monkeypatch):
+    """torch reports a failed write as RuntimeError ("unexpected pos"); on a full disk it is the full-disk line."""
+    import kdforge.checkpoint as checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 320 vs 256")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=0))
+    result = invoke("teacher", copy[0], "--runs-dir", tmp_path / "runs", *FAST[:2])
+    one_error_line(result, 1, "No space left on device", "--resume")
+    assert not list((tmp_path / "runs").rglob(".tmp-step-*"))  # the half-written checkpoint is gone
 
 
 def test_messages_print_verbatim_and_huge_values_are_shortened(copy, tmp_path):
