@@ -264,3 +264,42 @@ def test_sigterm_under_load_answers_every_accepted_request_with_json_and_exits_0
     assert len(answers) == 20 and set(statuses) <= {200, 503}, statuses
     assert all("predictions" in body if status == 200 else "shutting down" in body["error"]
                for status, body in answers)
+
+
+@pytest.mark.slow
+def test_a_body_that_trickles_past_the_timeout_gets_408_json(served_export):
+    """A client that sends headers and a few bytes, then stalls, is answered 408 {"error": ...} after
+    --body-timeout instead of holding its connection (and a worker slot) forever."""
+    import socket
+    import time
+
+    export_dir, _ = served_export
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port),
+                               "--body-timeout", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                time.sleep(0.1)
+        with client:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 3)
+            started = time.perf_counter()
+            answer = b""
+            while b"}" not in answer:
+                chunk = client.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        waited = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(30)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert "did not arrive within 1 s" in json.loads(body)["error"] and 0.9 < waited < 10

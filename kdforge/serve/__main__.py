@@ -13,14 +13,18 @@ from pathlib import Path
 
 from kdforge.errors import KdforgeError
 from kdforge.images import MAX_PIXELS
-from kdforge.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES
+from kdforge.serve.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, check_limits
 from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE, ServingError
+
+GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
+DEFAULT_MAX_CONNECTIONS = 256  # connections served at once (idle keep-alive ones count)
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
         max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5,
         providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
-        max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None) -> None:
+        max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
@@ -28,8 +32,12 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     if not 1 <= port <= 65535:  # the socket layer would take 70000 as 70000 - 65536 and listen there
         raise ServingError(f"--port must be between 1 and 65535, got {port}")
     api_key = read_api_key(api_key_file) if api_key_file else None
+    check_limits(max_connections=max_connections)
+    if not body_timeout_s > 0:
+        raise ServingError(f"--body-timeout must be a positive number of seconds, got {body_timeout_s}")
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
-                     providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key)
+                     providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key,
+                     body_timeout_s=body_timeout_s)
     listening = bind(host, port)
     return_freed_memory()
     if "warning" in app.state.info:
@@ -39,8 +47,9 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
               f"can use the model; set --api-key-file (or $KDFORGE_API_KEY_FILE)", file=sys.stderr, flush=True)
     # SIGTERM/SIGINT: stop accepting, answer what is running (up to GRACE_S), refuse what waits with 503 JSON
     # (app.state.stopping), then exit 0: a requested stop is a success, not a crash
+    # limit_concurrency: connections and tasks at once; beyond it uvicorn answers 503 (its own plain-text body)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="info",
-                            access_log=False)
+                            access_log=False, limit_concurrency=max_connections)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # what uvicorn re-raises after its graceful shutdown
 
     class GracefulServer(uvicorn.Server):
@@ -51,7 +60,6 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     GracefulServer(config).run(sockets=[listening])
 
 
-GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
 
 
 def read_api_key(path: Path) -> str:
@@ -129,11 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key-file", type=Path, default=os.environ.get("KDFORGE_API_KEY_FILE") or None,
                         help="a file whose first line is the key every request but /healthz must send "
                              "(Authorization: Bearer KEY or X-API-Key: KEY; default: $KDFORGE_API_KEY_FILE)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help=f"seconds a request body may take to arrive, else 408 (default "
+                             f"{DEFAULT_BODY_TIMEOUT_S:g})")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help=f"connections served at once, beyond which the server answers 503 (default "
+                             f"{DEFAULT_MAX_CONNECTIONS})")
     args = parser.parse_args(argv)
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
-            args.api_key_file)
+            args.api_key_file, args.body_timeout, args.max_connections)
     except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 

@@ -19,7 +19,7 @@ import os
 import threading
 from pathlib import Path
 
-from anyio import CapacityLimiter, to_thread  # FastAPI's own async layer
+from anyio import CapacityLimiter, move_on_after, to_thread  # FastAPI's own async layer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +34,7 @@ DEFAULT_MAX_BATCH = 32
 # requests decoded and run at once: each decodes one image at a time of up to max_pixels, so concurrent
 # requests multiply memory by at most this much (the others wait their turn)
 DEFAULT_MAX_CONCURRENT = min(4, os.cpu_count() or 1)
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a request body must arrive within this long
 
 
 class RequestError(Exception):
@@ -42,24 +43,29 @@ class RequestError(Exception):
         self.status = status
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing more than `max_bytes` before reading it all when the client says its size."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
+    """The request body, refusing more than `max_bytes` before reading it all when the client says its size, and
+    a body that has not arrived within `timeout_s` (a client trickling bytes would hold a connection forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    with move_on_after(timeout_s) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s")
     return b"".join(chunks)
 
 
-async def images_from(request: Request, field: str, max_bytes: int) -> list[bytes]:
+async def images_from(request: Request, field: str, max_bytes: int,
+                      timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> list[bytes]:
     """Image bytes from a raw image body or from the multipart `field`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if not body:
         raise RequestError(400, "empty request body: send an image")
     if content_type == "multipart/form-data":
@@ -91,6 +97,7 @@ def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS, api_key: str | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     check_limits(top_k=top_k, max_bytes=max_bytes, max_batch=max_batch, max_pixels=max_pixels,
                  max_concurrent=max_concurrent)
@@ -144,7 +151,7 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        images = await images_from(request, "file", max_bytes)
+        images = await images_from(request, "file", max_bytes, body_timeout_s)
         if len(images) != 1:
             raise RequestError(400, f"/predict takes one image, got {len(images)}; use /predict/batch")
         results = await run_model(images)
@@ -152,7 +159,7 @@ def create_app(
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request) -> dict:
-        images = await images_from(request, "files", max_bytes)
+        images = await images_from(request, "files", max_bytes, body_timeout_s)
         if len(images) > max_batch:
             raise RequestError(413, f"{len(images)} images exceed the batch limit of {max_batch}")
         results = await run_model(images)
