@@ -44,11 +44,12 @@ COPY --from=build /opt/venv /opt/venv
 ARG EXPORT_DIR=exports/quickstart
 COPY ${EXPORT_DIR} /models
 USER kdforge
-# where the server listens (the HEALTHCHECK reads the same variable): docker run -e KDFORGE_PORT=9000 ...
+# where the server listens (the HEALTHCHECK reads the same variables): docker run -e KDFORGE_PORT=9000 ...
+# HTTPS: -e KDFORGE_SSL_CERTFILE=/run/secrets/server.crt -e KDFORGE_SSL_KEYFILE=/run/secrets/server.key
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 KDFORGE_HOST=0.0.0.0 KDFORGE_PORT=8000
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ['KDFORGE_PORT']}/healthz\", timeout=2)"]
+    CMD ["/opt/venv/bin/python", "-m", "kdforge.serve.healthcheck"]
 # exec form: the server is PID 1 and gets SIGTERM directly (it finishes what runs, refuses what waits with 503,
 # exits 0)
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "kdforge.serve", "/models"]

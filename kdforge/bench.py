@@ -19,7 +19,7 @@ from typing import Any
 
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
-from kdforge.fileio import read_json, read_metadata, write_json
+from kdforge.fileio import read_json, read_metadata, record_or_note, write_json
 from kdforge.formats import FORMATS
 from kdforge.layout import BENCH, RECIPE, VERIFY
 from kdforge.timing import measure
@@ -74,8 +74,9 @@ class BenchResult:
 
 
 def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
-                 progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there."""
+                 progress: Callable[[str], None] | None = None, notes: list[str] | None = None) -> BenchResult:
+    """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there (with `notes`, a
+    list: on a read-only export folder a note says it was not updated, see `fileio.record_or_note`)."""
     from kdforge.data.transforms import spec_from_metadata
     from kdforge.models import load_stage_model
     from kdforge.recipe import load_recipe
@@ -126,7 +127,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     settings_record = {**asdict(settings), "input_size": spec.size}
     rows = _merged(read_json(export_dir / BENCH), rows, settings_record, measured_on)
     result = BenchResult(export_dir, rows, skipped, settings_record, measured_on)
-    write_json(export_dir / BENCH, result.to_dict())
+    record_or_note(lambda: write_json(export_dir / BENCH, result.to_dict()), export_dir / BENCH, notes)
     return result
 
 

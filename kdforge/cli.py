@@ -19,6 +19,7 @@ from kdforge import __version__
 from kdforge.errors import KdforgeError, describe_os_error
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
+from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
 
 app = typer.Typer(
     name="kdforge",
@@ -142,6 +143,11 @@ def user_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print(interrupted)
         raise typer.Exit(130) from None
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _error_lines(message: str) -> None:
@@ -482,9 +488,11 @@ def verify(
         export_dir, fmt = resolve_export_dir(target, exports_dir)
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
-        reports = verify_formats(export_dir, [fmt] if fmt else None, device=device)
+        notes: list[str] = []  # a read-only export folder: verified all the same, verify.json not updated
+        reports = verify_formats(export_dir, [fmt] if fmt else None, device=device, notes=notes)
     out.print(exports_table({name: {"artifact": str(export_dir / name), **report.row()}
                              for name, report in reports.items()}))
+    warn(notes)
 
 
 @app.command()
@@ -515,11 +523,16 @@ def bench(
         export_dir = resolve_bench_dir(target, exports_dir)
         settings = BenchSettings(batch_size, repeats, warmup, threads, tuple(formats) if formats else None, device)
         with err.status("benchmarking") as status:
-            result = bench_export(export_dir, settings, progress=lambda name: status.update(f"benchmarking {name}"))
+            notes: list[str] = []  # a read-only export folder: measured all the same, bench.json not updated
+            result = bench_export(export_dir, settings, progress=lambda name: status.update(f"benchmarking {name}"),
+                                  notes=notes)
     out.print(bench_table(result))
     for name, why in result.skipped.items():
         err.print(f"note: {name} not measured: {escape(why)}", highlight=False, soft_wrap=True)
-    out.print(f"-> {export_dir / BENCH}", highlight=False)
+    if notes:
+        warn(notes)
+    else:
+        out.print(f"-> {export_dir / BENCH}", highlight=False)
 
 
 def bench_table(result):
@@ -568,15 +581,27 @@ def serve(
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)]
     = "auto",
     max_bytes: Annotated[int, typer.Option(help="Largest request body accepted, in bytes.", min=1)]
-    = 10 * 1024 * 1024,
+    = DEFAULT_MAX_BYTES,
     max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (JPEGs count after the "
                                                  "decoder's 1/2-1/8 reduction).", min=1)] = 4096 * 4096,
     top_k: Annotated[int, typer.Option(help="Classes returned per image.", min=1)] = 5,
     api_key_file: Annotated[Path | None, typer.Option(
         help="A file whose first line is the key every request but /healthz must send (Authorization: Bearer KEY "
              "or X-API-Key: KEY).", envvar="KDFORGE_API_KEY_FILE")] = None,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a request body may take to arrive; a slower one gets 408.", min=0.001)]
+    = DEFAULT_BODY_TIMEOUT_S,
+    max_connections: Annotated[int, typer.Option(
+        help="Connections served at once (idle keep-alive ones count); beyond it the server answers 503.",
+        min=1)] = DEFAULT_MAX_CONNECTIONS,
+    ssl_certfile: Annotated[Path | None, typer.Option(
+        help="Serve HTTPS with this certificate (PEM).", envvar="KDFORGE_SSL_CERTFILE")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(
+        help="The certificate's private key (PEM, unencrypted).", envvar="KDFORGE_SSL_KEYFILE")] = None,
 ) -> None:
-    """Serve an exported student over HTTP: POST /predict, /predict/batch; GET /healthz, /metadata.
+    """Serve an exported student over HTTP (or HTTPS with --ssl-certfile/--ssl-keyfile): POST /predict,
+    /predict/batch; GET /healthz, /metadata. SIGTERM or Ctrl-C stops it cleanly (exit 0): running requests
+    finish, waiting ones get 503.
 
     Example:  kdforge serve exports/quickstart --port 8000
               curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
@@ -584,7 +609,9 @@ def serve(
     from kdforge.serve.__main__ import run
 
     with user_errors(interrupted="stopped"):
-        run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels, api_key_file=api_key_file)
+        run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels, api_key_file=api_key_file,
+            body_timeout_s=body_timeout, max_connections=max_connections, ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile)
 
 
 @app.command()

@@ -4,13 +4,14 @@ holds on a run or export folder while it changes it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,42 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (see `atomic_path`)."""
+def write_bytes(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically (see `atomic_path`) unless `path` holds exactly these bytes already; then
+    nothing is written, so a command that changes nothing (a report of an unchanged run) also works on a read-only
+    folder. True when the file was written."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
+    return True
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+def atomic_write_text(path: Path, text: str) -> bool:
+    """Write `text` to `path` as UTF-8, atomically and only when it changed (see `write_bytes`)."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> bool:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})  # a read-only or someone else's folder
+
+
+def record_or_note(write: Callable[[], Any], path: Path, notes: list[str] | None) -> None:
+    """Call `write`, which records what a command measured in `path` (verify.json, bench.json). When `notes` is a
+    list, a folder the command may not write (read-only, another user's) adds a note that `path` was not updated
+    instead of failing: such a command's result is what it prints. Other failures (a full disk) raise."""
+    try:
+        write()
+    except OSError as exc:
+        if notes is None or exc.errno not in CANNOT_WRITE:
+            raise
+        note = f"{path} not updated ({exc.strerror}): the results above are not recorded"
+        if note not in notes:
+            notes.append(note)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Export (with verification) joins when the recipe's [export] names formats; later
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +25,7 @@ from kdforge.data import describe_data
 from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
-from kdforge.fileio import check_can_create, folder_lock, write_json
+from kdforge.fileio import check_can_create, folder_lock, read_json, write_json
 from kdforge.recipe import Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
@@ -66,7 +67,7 @@ def _export(recipe: Recipe, ctx: ChainContext) -> ExportResult:
     # the recipe as it is now decides the export settings, also when the training stages were reused
     return export_run(layout.stage_dir(ctx.runs_dir, recipe.name, "student"), recipe_formats(recipe),
                       recipe.export.opset, Path(recipe.export.dir), verify=recipe.export.verify, device=ctx.device,
-                      consumers=ctx.consumers, recipe=recipe)
+                      consumers=ctx.consumers, recipe=recipe, reuse=True)
 
 
 STAGE_RUNNERS: dict[str, Callable[[Recipe, ChainContext], Any]] = {
@@ -177,6 +178,16 @@ def announce(recipe: Recipe, ctx: ChainContext) -> None:
         notify(ctx.consumers, message)
 
 
+def write_summary(path: Path, summary: DistillSummary) -> None:
+    """summary.json, unless it says the same already but for this command's wall time and reused stages: a chain
+    run again that reused every stage keeps the summary of the run that did the work (and writes nothing, so a
+    finished run can be run again on a read-only folder)."""
+    earlier, now = read_json(path), json.loads(json.dumps(asdict(summary)))
+    this_command = {"wall_s": None, "reused": None}
+    if not earlier or {**earlier, **this_command} != {**now, **this_command}:
+        write_json(path, now)
+
+
 def run_distill(
     recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
     consumers: list[Consumer] | None = None,
@@ -212,7 +223,7 @@ def run_distill(
                           machine=machine())
         if main:  # written also when an export failed verification: the finished stages and the failure are in it
             summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
-            write_json(ctx.runs_dir / recipe.name / layout.SUMMARY, asdict(summary))
+            write_summary(ctx.runs_dir / recipe.name / layout.SUMMARY, summary)
             if recipe.tracking.backends:
                 track_summary(recipe, ctx.runs_dir, asdict(summary), tracked_files(recipe, ctx.runs_dir))
     sync()

@@ -13,6 +13,7 @@ metadata.json, verify.json and bench.json); nothing is re-measured here. Plots u
 from __future__ import annotations
 
 import html
+import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 from kdforge import layout
 from kdforge.errors import CheckpointError
-from kdforge.fileio import atomic_write_text, read_json
+from kdforge.fileio import atomic_write_text, read_json, write_bytes
 from kdforge.formats import FORMATS
 from kdforge.layout import TRAINING_STAGES
 from kdforge.locate import export_dir_of_run
@@ -67,6 +68,13 @@ def _stage_results(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {stage: result for stage, result in results.items() if result}
 
 
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, written atomically and only when its pixels or labels changed."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes(path, png.getvalue())
+
+
 def _figure(width: float = 6.4, height: float = 4.0):
     from matplotlib.figure import Figure
 
@@ -92,7 +100,7 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path) -> Path:
     top1_ax.set(xlabel="epoch", ylabel=f"{split} top-1 (%)", title=f"{split} top-1 per epoch")
     loss_ax.legend(fontsize="small")
     top1_ax.legend(fontsize="small")
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -108,7 +116,7 @@ def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set(xlabel="latency at batch 1, p50 (ms)", ylabel="test top-1 (%)", title="accuracy vs latency per format")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -120,7 +128,7 @@ def plot_sizes(sizes: dict[str, int], path: Path) -> Path:
     bars = ax.bar(names, megabytes, color="tab:blue")
     ax.bar_label(bars, labels=[f"{mb:.2f}" for mb in megabytes])
     ax.set(ylabel="file size (MB)", title="size per format")
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -262,7 +270,7 @@ def plot_seeds(per_seed: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xticks(seeds)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 

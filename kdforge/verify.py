@@ -16,7 +16,7 @@ from pathlib import Path
 from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
 from kdforge.errors import CheckpointError
-from kdforge.fileio import file_hash, read_metadata
+from kdforge.fileio import file_hash, read_metadata, record_or_note
 from kdforge.judge import (
     VerifyReport,
     record_verification,
@@ -24,7 +24,7 @@ from kdforge.judge import (
     verification_failed,
     verify_runner,
 )
-from kdforge.layout import RECIPE
+from kdforge.layout import RECIPE, VERIFY
 from kdforge.models import load_stage_model
 from kdforge.recipe import VerifyConfig, load_recipe
 from kdforge.runners import open_export
@@ -32,12 +32,15 @@ from kdforge.runtime import runtime_scope
 
 
 def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
-                  references: dict | None = None, data: DataSplits | None = None) -> VerifyReport:
+                  references: dict | None = None, data: DataSplits | None = None,
+                  notes: list[str] | None = None) -> VerifyReport:
     """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
     and raises VerificationError (saying by how much) when it fails.
 
     `references` (a dict the caller keeps between calls of one export) holds the PyTorch student's logits once
-    computed; `data` is a dataset the caller already holds, read from the recipe when None."""
+    computed; `data` is a dataset the caller already holds, read from the recipe when None. With `notes` (a list),
+    an export folder this process may not write (read-only) is verified all the same and a note says verify.json
+    was not updated."""
     meta = read_metadata(export_dir)
     stage_dir = Path(meta["run"])
     weights = final_weights(stage_dir)
@@ -56,16 +59,18 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
         report = verify_runner(candidate, lambda: load_stage_model(stage_dir, data.num_classes, recipe=recipe),
                                data.test, checks, entry["precision"], runtime, references,
                                resolve_verify_batch(checks.batch_size, cfg), f"{fmt_name} of {cfg.model}")
-    record_verification(export_dir, fmt_name, entry, report, started)
+    record_or_note(lambda: record_verification(export_dir, fmt_name, entry, report, started), export_dir / VERIFY,
+                   notes)
     if not report.passed:
         raise verification_failed(export_dir / entry["file"], report)
     return report
 
 
-def verify_formats(export_dir: Path, names: list[str] | None = None,
-                   device: str | None = None) -> dict[str, VerifyReport]:
+def verify_formats(export_dir: Path, names: list[str] | None = None, device: str | None = None,
+                   notes: list[str] | None = None) -> dict[str, VerifyReport]:
     """Verify `names` (default: every format the export recorded), the PyTorch reference computed once; raises
-    at the first failure, after writing its report."""
+    at the first failure, after writing its report. `notes`: see `verify_export`."""
     names = names or list(read_metadata(export_dir)["formats"])
     references: dict = {}
-    return {name: verify_export(export_dir, name, device=device, references=references) for name in names}
+    return {name: verify_export(export_dir, name, device=device, references=references, notes=notes)
+            for name in names}

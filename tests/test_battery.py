@@ -637,6 +637,58 @@ def test_operating_system_failures_are_one_line_and_leave_nothing_trusted(case, 
     assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # no temporary file left behind
 
 
+READ_ONLY_COMMANDS = {  # what still works once a finished chain's folders are read-only; the record it cannot update
+    "report": (lambda c: ["report", c[1] / "tiny"], None),
+    "distill-again": (lambda c: ["distill", c[0], *c[3]], None),
+    "verify": (lambda c: ["verify", c[2] / "tiny"], "verify.json"),
+    "bench": (lambda c: ["bench", c[2] / "tiny", "--repeats", "2", "--batch-size", "4"], "bench.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_COMMANDS), ids=list(READ_ONLY_COMMANDS))
+def test_commands_that_only_read_work_on_a_read_only_run_and_export(case, copy, monkeypatch):
+    """A finished chain whose folders became read-only (a shared volume, a mounted archive): the report of the
+    unchanged run and the chain run again write nothing and succeed (the export is reused, like the training
+    stages); verify and bench measure, print, and say in one warning that they could not record it. Read-only
+    here: every atomic write ends in a rename, refused with EROFS; the folder's bytes are compared too, which
+    catches any write that bypasses the rename."""
+    make_args, record = READ_ONLY_COMMANDS[case]
+    done = invoke("distill", copy[0], *copy[3])  # brings the copied chain's records up to date at their new path
+    assert done.exit_code == 0, done.output
+    before = snapshot(copy[0].parent)
+    real = Path.replace
+
+    def refuse(self, target):
+        if str(target).startswith(str(copy[0].parent)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    result = invoke(*make_args(copy))
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert snapshot(copy[0].parent) == before
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    expected = f"warning: {copy[2] / 'tiny' / str(record)} not updated (Read-only file system): the results above " \
+               f"are not recorded"
+    assert warnings == ([expected] if record else []), result.stderr
+    if case == "distill-again":
+        assert "export: finished earlier with these settings, reused" in result.output
+
+
+def test_a_chain_run_again_reuses_its_export_only_while_nothing_it_holds_changed(copy):
+    recipe, _, exports, args = copy
+    reused = "export: finished earlier with these settings, reused"
+    assert reused not in invoke("distill", recipe, *args).output  # the copy's records name their old folder
+    assert reused in invoke("distill", recipe, *args).output
+    changed = invoke("distill", recipe, *args, "--set", "verify.fp32.min_agreement=0.99")  # a setting changed
+    assert changed.exit_code == 0 and reused not in changed.output
+    assert reused in invoke("distill", recipe, *args, "--set", "verify.fp32.min_agreement=0.99").output
+    onnx = exports / "tiny" / "student.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # the file was changed after export: made and verified again
+    again = invoke("distill", recipe, *args, "--set", "verify.fp32.min_agreement=0.99")
+    assert again.exit_code == 0 and reused not in again.output and not onnx.read_bytes().endswith(b"\0")
+
+
 def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_resumable(copy, tmp_path, monkeypatch):
     """torch reports a failed write as RuntimeError ("unexpected pos"); on a full disk it is the full-disk line."""
     import kdforge.checkpoint as checkpoint

@@ -1,7 +1,9 @@
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +305,63 @@ def test_a_body_that_trickles_past_the_timeout_gets_408_json(served_export):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), answer
     assert "did not arrive within 1 s" in json.loads(body)["error"] and 0.9 < waited < 10
+
+
+def self_signed(folder: Path, name: str = "server") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl, as a user would make one)."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.mark.slow
+def test_with_a_certificate_the_server_speaks_https_only(served_export, tmp_path):
+    import http.client
+    import socket
+    import ssl
+    import time
+
+    export_dir, pngs = served_export
+    cert, key = self_signed(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port),
+                               "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=trusted, timeout=30)
+        connection.request("POST", "/predict", pngs[0].read_bytes(), {"Content-Type": "image/png"})
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["predictions"]
+        health = subprocess.run([sys.executable, "-m", "kdforge.serve.healthcheck"], capture_output=True, text=True,
+                                env={**os.environ, "KDFORGE_PORT": str(port), "KDFORGE_SSL_CERTFILE": str(cert)})
+        assert health.returncode == 0, health.stderr  # the container's HEALTHCHECK speaks HTTPS to it
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        with pytest.raises((http.client.HTTPException, OSError)):  # the TLS layer drops a plain-HTTP request
+            plain.request("GET", "/metadata")
+            plain.getresponse()
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0
+
+
+def test_a_certificate_without_its_key_or_with_another_key_is_one_error_line(served_export, tmp_path):
+    export_dir, _ = served_export
+    cert, _ = self_signed(tmp_path, "one")
+    _, other_key = self_signed(tmp_path, "two")
+    for argv, message in ((["--ssl-certfile", str(cert)], "needs both --ssl-certfile and --ssl-keyfile"),
+                          (["--ssl-certfile", str(cert), "--ssl-keyfile", str(other_key)], "must be the certificate's"),
+                          (["--ssl-certfile", str(tmp_path / "none.crt"), "--ssl-keyfile", str(other_key)],
+                           "no such file")):
+        done = CliRunner().invoke(cli, ["serve", str(export_dir), "--port", "1", *argv])
+        assert done.exit_code == 1 and message in done.output and "Traceback" not in done.output, done.output

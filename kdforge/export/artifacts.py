@@ -13,6 +13,7 @@ per format). Re-exporting a format drops its old verification; a failed verifica
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,7 @@ class ExportResult:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (export, int8 phases, verification)
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it failed verification
     steps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # INT8 format -> each step tried, its numbers
+    skipped: bool = False  # an earlier export with the same weights and settings, reused (`finished_export`)
 
 
 SECTION_MODELS = {"quantize": QuantizeConfig, "tensorrt": TensorRTConfig}  # formats' option_sections
@@ -204,7 +206,8 @@ def plan_export(recipe: Recipe, formats: list[str] | None = None, opset: int | N
 def export_run(source: Path, formats: list[str] | None = None, opset: int | None = None,
                exports_dir: Path | None = None, verify: bool = True, device: str | None = None,
                quantize: dict[str, Any] | None = None, tensorrt: dict[str, Any] | None = None,
-               consumers: list[Consumer] | None = None, recipe: Recipe | None = None) -> ExportResult:
+               consumers: list[Consumer] | None = None, recipe: Recipe | None = None,
+               reuse: bool = False) -> ExportResult:
     """Export the finished stage `source` (runs/<recipe>/student) to every format and verify each after it is made.
 
     `recipe` gives the export settings ([export], [quantize], [verify]; default: those the stage was trained
@@ -213,7 +216,9 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
     in `unavailable`. A failed verification is recorded in `failures` (and verify.json), never raised: every
     format is still made and the caller decides. A format's builder may follow its verification (INT8: the
     remedies `quantize.escalate` allows, tried in order while it fails). Each phase is announced, with its time,
-    as a note event to `consumers` (a QAD stage reports its training there too)."""
+    as a note event to `consumers` (a QAD stage reports its training there too). With `reuse` (a chain run
+    again), an export folder that already holds exactly what this export would make is kept as it is
+    (`finished_export`) and nothing is written."""
     from kdforge.data import load_dataset
     from kdforge.export.builders import BUILDERS
     from kdforge.export.job import ExportJob
@@ -235,20 +240,25 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
             # training images for it, so the held-out checks fall back to a slice disjoint from calibration
             data = replace(data, val=None)
         spec = resolve_input_spec(recipe.model_for(source.name))
+        common = build_metadata(recipe, source, data.train.classes, spec, plan.opset)
+        settings = {"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
+                    "quantize": plan.qcfg.model_dump(mode="json")}
+        wanted = [f for f in plan.formats if f not in plan.unavailable]
+        earlier = finished_export(export_dir, wanted, common, settings, verify) if reuse else None
+        if earlier is not None:
+            return replace(earlier, unavailable=plan.unavailable)
         model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
         export_dir.mkdir(parents=True, exist_ok=True)
         remove_leftovers(export_dir)  # half-written files of an export that was killed
         job = ExportJob(
             recipe=recipe, source=source, export_dir=export_dir, model=model, spec=spec, data=data, opset=plan.opset,
-            qcfg=plan.qcfg, tcfg=plan.tcfg, common=build_metadata(recipe, source, data.train.classes, spec, plan.opset),
-            settings={"export": recipe.export.model_dump(mode="json"), "verify": recipe.verify.model_dump(mode="json"),
-                      "quantize": plan.qcfg.model_dump(mode="json")},
+            qcfg=plan.qcfg, tcfg=plan.tcfg, common=common, settings=settings,
             phases=Phases(lambda line: notify(consumers, line)), consumers=consumers, verify=verify, device=device,
             notes=list(plan.notes),
             previous=read_json(export_dir / METADATA).get("formats", {}),
         )
         seconds: dict[str, float] = {}
-        for name in (f for f in plan.formats if f not in plan.unavailable):
+        for name in wanted:
             builder = BUILDERS[name]
             job.drop_verification(name)  # an artifact about to change is no longer verified
             job.phases.report(f"export {name} ...")
@@ -263,6 +273,42 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
                 builder.after(job, name, path, meta, extra)
         return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
                             plan.unavailable, job.phases.seconds, job.failures, job.steps)
+
+
+def finished_export(export_dir: Path, formats: list[str], common: dict[str, Any], settings: dict[str, Any],
+                    verify: bool) -> ExportResult | None:
+    """The export already in `export_dir` when it is exactly what exporting again would make: the same student
+    weights (sha256), recipe, versions and export settings, each of `formats` there and intact (sha256) and, when
+    the export verifies, its verification recorded as passed for that very file. None otherwise. A chain run
+    again then reuses it, as it reuses its finished training stages (and writes nothing: a finished run can be run
+    again on a read-only folder)."""
+    from kdforge.errors import KdforgeError
+    from kdforge.fileio import check_artifact
+    from kdforge.judge import VerifyReport
+
+    meta = read_json(export_dir / METADATA)
+    wanted = json.loads(json.dumps({**common, "settings": settings}))  # as JSON holds it (tuples become lists)
+    if not meta or {key: meta.get(key) for key in wanted} != wanted:
+        return None
+    verified = read_json(export_dir / layout.VERIFY)
+    artifacts, reports, steps = {}, {}, {}
+    for name in formats:
+        entry = meta.get("formats", {}).get(name)
+        if entry is None:
+            return None
+        try:
+            artifacts[name] = check_artifact(export_dir, entry)
+        except KdforgeError:
+            return None
+        if verify:
+            record = verified.get(name, {})
+            if record.get("artifact_sha256") != entry["sha256"] or not record.get("passed"):
+                return None
+            reports[name] = VerifyReport(**{key: record[key] for key in VerifyReport.__dataclass_fields__})
+        if entry.get("steps"):
+            steps[name] = entry["steps"]
+    seconds = {name: meta["formats"][name].get("export_s") or 0.0 for name in artifacts}
+    return ExportResult(export_dir, Path(common["run"]), artifacts, seconds, reports, [], steps=steps, skipped=True)
 
 
 def export_target(target: Path | None, runs_dir: Path, formats: list[str] | None = None,

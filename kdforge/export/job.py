@@ -79,7 +79,8 @@ class ExportJob:
         fmt = FORMATS.get(name)
         self.artifacts[name] = path
         self.files[name] = {"file": fmt.filename, "precision": fmt.precision, "sha256": file_hash(path),
-                            "bytes": path.stat().st_size + extra.get("weights_bytes", 0), **extra}
+                            "bytes": path.stat().st_size + extra.get("weights_bytes", 0),
+                            "export_s": self.phases.seconds.get(f"export {name}"), **extra}
         write_json(self.export_dir / METADATA, {
             **self.common, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "settings": self.settings, "formats": {**self.previous, **self.files},

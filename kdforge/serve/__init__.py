@@ -1,2 +1,7 @@
 """Serving the exported student over HTTP. This package never imports torch: the serving image holds ONNX
 Runtime, numpy, Pillow, FastAPI and uvicorn only (`pip install "kdforge[serve]"`)."""
+
+# The server's limits, here so that the CLI can show them without importing FastAPI
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024  # largest request body
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a request body must arrive within this long
+DEFAULT_MAX_CONNECTIONS = 256  # connections served at once (idle keep-alive ones count)

@@ -13,18 +13,19 @@ from pathlib import Path
 
 from kdforge.errors import KdforgeError
 from kdforge.images import MAX_PIXELS
-from kdforge.serve.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BYTES, check_limits
+from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
+from kdforge.serve.app import DEFAULT_MAX_BATCH, check_limits
 from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE, ServingError
 
 GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
-DEFAULT_MAX_CONNECTIONS = 256  # connections served at once (idle keep-alive ones count)
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
         max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH, top_k: int = 5,
         providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
         max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None,
-        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
@@ -35,6 +36,7 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     check_limits(max_connections=max_connections)
     if not body_timeout_s > 0:
         raise ServingError(f"--body-timeout must be a positive number of seconds, got {body_timeout_s}")
+    check_tls(ssl_certfile, ssl_keyfile)
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
                      providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key,
                      body_timeout_s=body_timeout_s)
@@ -49,7 +51,9 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     # (app.state.stopping), then exit 0: a requested stop is a success, not a crash
     # limit_concurrency: connections and tasks at once; beyond it uvicorn answers 503 (its own plain-text body)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="info",
-                            access_log=False, limit_concurrency=max_connections)
+                            access_log=False, limit_concurrency=max_connections,
+                            ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                            ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # what uvicorn re-raises after its graceful shutdown
 
     class GracefulServer(uvicorn.Server):
@@ -60,6 +64,25 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     GracefulServer(config).run(sockets=[listening])
 
 
+def check_tls(certfile: Path | None, keyfile: Path | None) -> None:
+    """HTTPS needs a certificate (PEM, the chain in order) and its private key; both are loaded here, before the
+    model, so a missing file, a key that does not match the certificate or a key with a passphrase is one
+    ServingError instead of uvicorn's traceback after start-up."""
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None or keyfile is None:
+        raise ServingError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    import ssl
+
+    for path in (certfile, keyfile):
+        if not Path(path).is_file():
+            raise ServingError(f"no such file: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            certfile, keyfile, password=lambda: "")  # an encrypted key fails here instead of prompting
+    except (ssl.SSLError, OSError) as exc:
+        raise ServingError(f"cannot use {certfile} with {keyfile} for HTTPS ({getattr(exc, 'reason', None) or exc}): "
+                           f"the key must be the certificate's, unencrypted, both in PEM") from None
 
 
 def read_api_key(path: Path) -> str:
@@ -143,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help=f"connections served at once, beyond which the server answers 503 (default "
                              f"{DEFAULT_MAX_CONNECTIONS})")
+    parser.add_argument("--ssl-certfile", type=Path, default=os.environ.get("KDFORGE_SSL_CERTFILE") or None,
+                        help="serve HTTPS with this certificate (PEM; default: $KDFORGE_SSL_CERTFILE)")
+    parser.add_argument("--ssl-keyfile", type=Path, default=os.environ.get("KDFORGE_SSL_KEYFILE") or None,
+                        help="the certificate's private key (PEM, unencrypted; default: $KDFORGE_SSL_KEYFILE)")
     args = parser.parse_args(argv)
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
-            args.api_key_file, args.body_timeout, args.max_connections)
+            args.api_key_file, args.body_timeout, args.max_connections, args.ssl_certfile, args.ssl_keyfile)
     except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 

@@ -27,14 +27,13 @@ from starlette.formparsers import MultiPartParser
 
 from kdforge.errors import ServingError
 from kdforge.images import MAX_PIXELS, ImageError, ImageTooLarge
+from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES
 from kdforge.serve.model import DEFAULT_PROVIDERS, ServedModel
 
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_BATCH = 32
 # requests decoded and run at once: each decodes one image at a time of up to max_pixels, so concurrent
 # requests multiply memory by at most this much (the others wait their turn)
 DEFAULT_MAX_CONCURRENT = min(4, os.cpu_count() or 1)
-DEFAULT_BODY_TIMEOUT_S = 30.0  # a request body must arrive within this long
 
 
 class RequestError(Exception):
