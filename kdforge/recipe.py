@@ -29,7 +29,10 @@ from kdforge.registry import suggest
 # names them here; kdforge.data.DATASETS and kdforge.distill.losses.METHODS register their loaders and losses under
 # the same names (tests/test_registries.py checks that the two agree).
 DATASET_NAMES = ("cifar100", "synthetic", "imagefolder", "webdataset")
-METHOD_NAMES = ("kd", "hard", "dkd")
+METHOD_NAMES = ("kd", "hard", "dkd", "dist")
+# the methods `[distill] logit_standardization` applies to (hard reads the teacher's argmax only, which
+# standardizing does not change; DIST is left as its paper has it)
+STANDARDIZABLE_METHODS = ("kd", "dkd")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -258,9 +261,13 @@ class TeacherCacheConfig(Strict):
 
 
 class DistillConfig(Strict):
-    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD)
+    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD) | dist (DIST)
     temperature: Annotated[float, Field(gt=0)] = 4.0
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # kd/hard: weight of the teacher term; labels get 1 - alpha
+    # kd/dkd: z-score each logit vector before the temperature (Sun et al., 2024); its paper pairs it with T = 2
+    logit_standardization: bool = False
+    dist_beta: Annotated[float, Field(ge=0)] = 1.0  # dist: weight of the inter-class (per image) correlation term
+    dist_gamma: Annotated[float, Field(ge=0)] = 1.0  # dist: weight of the intra-class (per class) correlation term
     dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
     dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
     # dkd: the distillation terms' weight grows linearly over the first epochs, min(epoch / warmup, 1) with epoch
@@ -276,6 +283,13 @@ class DistillConfig(Strict):
             known = ", ".join(sorted(METHOD_NAMES))
             raise ValueError(f"unknown distillation method {name!r}{suggest(name, METHOD_NAMES)}; known: {known}")
         return name
+
+    @model_validator(mode="after")
+    def _standardizable(self) -> DistillConfig:
+        if self.logit_standardization and self.method not in STANDARDIZABLE_METHODS:
+            raise ValueError(f"logit_standardization applies to method {' or '.join(STANDARDIZABLE_METHODS)}, not "
+                             f"{self.method!r}")
+        return self
 
 
 class TensorRTConfig(Strict):

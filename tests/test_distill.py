@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from kdforge.cli import app
 from kdforge.data.transforms import InputSpec
-from kdforge.distill.losses import dkd_parts, hard_distillation_loss, kd_loss
+from kdforge.distill.losses import METHODS, dist_parts, dkd_parts, hard_distillation_loss, kd_loss
 from kdforge.distill.objective import create_distill_objective
 from kdforge.distill.teacher import FrozenTeacher
 from kdforge.pipeline import run_distill
@@ -86,6 +86,50 @@ def test_dkd_parts_golden_values_and_the_papers_decomposition():
     assert tckd.item() == pytest.approx(tckd_ref * scale, rel=1e-5)
     assert nckd.item() == pytest.approx(nckd_ref * scale, rel=1e-5)
     assert (tckd.item(), nckd.item()) == pytest.approx((0.4450171, 1.6765152), rel=1e-5)  # golden values
+
+
+def test_dist_is_one_minus_pearson_correlation_per_image_and_per_class():
+    """DIST's two terms against numpy's own correlation coefficient, on a batch where every row and column varies."""
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 10, generator=generator), 3 * torch.randn(8, 10, generator=generator)
+    p_s = F.softmax(student.double() / 4.0, dim=1).numpy()
+    p_t = F.softmax(teacher.double() / 4.0, dim=1).numpy()
+    inter = 1 - np.mean([np.corrcoef(p_s[i], p_t[i])[0, 1] for i in range(8)])
+    intra = 1 - np.mean([np.corrcoef(p_s[:, j], p_t[:, j])[0, 1] for j in range(10)])
+    computed = dist_parts(student, teacher, 4.0)
+    assert [v.item() for v in computed] == pytest.approx([16 * inter, 16 * intra], rel=1e-4)
+    # the teacher's own predictions, or any that rank classes and images as it does linearly, cost nothing
+    assert [v.item() for v in dist_parts(teacher, teacher, 4.0)] == pytest.approx([0.0, 0.0], abs=1e-5)
+    terms = METHODS.get("dist")(student, teacher, torch.zeros(8, dtype=torch.long),
+                                DistillConfig(method="dist", dist_beta=2.0, dist_gamma=0.5))
+    assert terms["inter"][0] == 2.0 and terms["intra"][0] == 0.5
+
+
+def test_logit_standardization_z_scores_each_vector_before_kd_and_dkd():
+    def z(row):  # (z - mean) / (unbiased std + 1e-7), written out
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        return [(v - mean) / (std + 1e-7) for v in row]
+
+    expected = sum(kl(softmax(z(t), 2.0), softmax(z(s), 2.0)) for s, t in zip(S, T, strict=True)) / 2 * 4
+    assert expected == pytest.approx(1.2806264, rel=1e-6)  # golden value
+    cfg = DistillConfig(method="kd", temperature=2.0, logit_standardization=True)
+    assert METHODS.get("kd")(torch.tensor(S), torch.tensor(T), torch.tensor(LABELS), cfg)["kd"][1].item() \
+        == pytest.approx(expected, rel=1e-6)
+    # a logit vector shifted and scaled is the same vector after standardizing: the student need not match the
+    # teacher's logit range, only its shape
+    shifted = [[5 * v + 3 for v in row] for row in T]
+    assert METHODS.get("kd")(torch.tensor(shifted), torch.tensor(T), torch.tensor(LABELS), cfg)["kd"][1].item() \
+        == pytest.approx(0.0, abs=1e-6)
+    dkd = DistillConfig(method="dkd", temperature=2.0, logit_standardization=True)
+    terms = METHODS.get("dkd")(torch.tensor(S), torch.tensor(T), torch.tensor(LABELS), dkd)
+    tckd, nckd = dkd_parts(torch.tensor([z(r) for r in S]), torch.tensor([z(r) for r in T]), torch.tensor(LABELS), 2.0)
+    assert (terms["tckd"][1].item(), terms["nckd"][1].item()) == pytest.approx((tckd.item(), nckd.item()), rel=1e-6)
+    assert (tckd.item(), nckd.item()) == pytest.approx((0.4410288, 1.1691527), rel=1e-5)  # golden values
+    with pytest.raises(ValueError, match="logit_standardization applies to method kd or dkd, not 'hard'"):
+        DistillConfig(method="hard", logit_standardization=True)
 
 
 def test_objective_weights_named_terms_and_returns_each_part():

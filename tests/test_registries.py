@@ -4,6 +4,7 @@ end-to-end run, instead of passing unseen."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -30,6 +31,9 @@ GOLDEN = {
     "kd": (0.5, {"kd": (0.5, 1.6361172)}),  # alpha = 0.5: KL(softmax(t/2) || softmax(s/2)) x 4, batch mean
     "hard": (0.5, {"hard": (0.5, 2.8244586)}),  # CE against the teacher's argmax: (-log 0.0900 - log 0.0391) / 2
     "dkd": (1.0, {"tckd": (1.0, 0.4450171), "nckd": (8.0, 1.6765152)}),  # dkd_alpha 1, dkd_beta 8
+    # dist_beta 1, dist_gamma 1: (1 - mean Pearson correlation) x 4 per image (inter) and per class (intra); two
+    # images make each class's correlation +-1, and the teacher's third class is constant: correlation 0 (eps)
+    "dist": (1.0, {"inter": (1.0, 7.8040814), "intra": (1.0, 6.6666641)}),
 }
 
 
@@ -54,6 +58,29 @@ def test_every_method_has_golden_values_through_the_objective(method):
     expected = ce_weight * F.cross_entropy(S, LABELS).item() + sum(w * v for w, v in terms.values())
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert set(parts) == {"ce", *terms}
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory, synth_root) -> Path:
+    """A runs folder whose one tiny teacher every method's student distills from (trained by the first)."""
+    return tmp_path_factory.mktemp("methods")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_distills_a_student_through_the_chain(method, method_runs, synth_root):
+    """The chain trains a student with each method; every one of the method's terms is logged, finite."""
+    from kdforge.pipeline import run_distill
+
+    path = method_runs / f"{method}.toml"
+    path.write_text(synth_data_section(synth_root) + TINY_MODELS
+                    + f'\n[distill]\nmethod = "{method}"\nbaseline = false\n\n[export]\nformats = []\n')
+    summary = run_distill(load_recipe(path, ["train.max_steps=4", "train.log_every=2",
+                                             "train.limit_eval_batches=1"]), method_runs, consumers=[])
+    assert 0.0 <= summary.student["top1"] <= 1.0
+    events = [json.loads(line) for line in (method_runs / method / "student" / "metrics.jsonl").read_text().splitlines()]
+    logged = [event for event in events if any(key.startswith("loss_") for key in event)]
+    terms = set(METHODS.get(method)(S, T, LABELS, DistillConfig(method=method)))
+    assert logged and all(math.isfinite(event[f"loss_{term}"]) for event in logged for term in {"ce", *terms})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,6 +64,46 @@ def dkd_parts(
     return tckd, nckd
 
 
+def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b` (cosine similarity of the centred rows;
+    `eps` keeps a constant row finite, as in DIST's reference code)."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST (Huang et al., 2022): (inter, intra), each times T^2, on softmax(z / T) of student and teacher.
+
+    inter: 1 - the mean over images of the Pearson correlation of their class probabilities (the ranking of
+    classes for one image); intra: the same over classes, each class's probabilities across the batch (which
+    images look most like that class). Matching correlations instead of the probabilities themselves is what
+    lets a much stronger teacher help (the paper's point).
+    """
+    t = temperature
+    p_s = F.softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)
+    inter = 1 - pearson_rows(p_s, p_t).mean()
+    intra = 1 - pearson_rows(p_s.T, p_t.T).mean()
+    return inter * (t * t), intra * (t * t)
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., 2024): each logit vector z-scored, (z - mean) / (std + 1e-7) with the
+    unbiased standard deviation, as the reference code's `normalize`. The temperature then divides a vector of
+    unit spread, so the student matches the teacher's ranking of classes, not its logits' range."""
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + 1e-7)
+
+
+def _standardized(student: torch.Tensor, teacher: torch.Tensor,
+                  cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit vectors standardized when `[distill] logit_standardization` asks for it."""
+    if cfg.logit_standardization:
+        return standardize(student), standardize(teacher)
+    return student, teacher
+
+
 # ----------------------------------------------------------------------------------------------------------
 # methods by name
 
@@ -71,6 +111,7 @@ def dkd_parts(
 @METHODS.register("kd")
 def _kd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
         epoch: int = 1) -> Terms:
+    student, teacher = _standardized(student, teacher, cfg)
     return {"kd": (cfg.alpha, kd_loss(student, teacher, cfg.temperature))}
 
 
@@ -83,11 +124,20 @@ def _hard(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cf
 @METHODS.register("dkd")
 def _dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
          epoch: int = 1) -> Terms:
+    student, teacher = _standardized(student, teacher, cfg)
     tckd, nckd = dkd_parts(student, teacher, labels, cfg.temperature)
     warmup = min(epoch / cfg.dkd_warmup_epochs, 1.0) if cfg.dkd_warmup_epochs else 1.0
     return {"tckd": (warmup * cfg.dkd_alpha, tckd), "nckd": (warmup * cfg.dkd_beta, nckd)}
 
 
+@METHODS.register("dist")
+def _dist(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+          epoch: int = 1) -> Terms:
+    inter, intra = dist_parts(student, teacher, cfg.temperature)
+    return {"inter": (cfg.dist_beta, inter), "intra": (cfg.dist_gamma, intra)}
+
+
 def ce_weight(cfg: DistillConfig) -> float:
-    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd (as in the paper)."""
-    return 1.0 if cfg.method == "dkd" else 1.0 - cfg.alpha
+    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd and dist (as in
+    their papers)."""
+    return 1.0 if cfg.method in ("dkd", "dist") else 1.0 - cfg.alpha

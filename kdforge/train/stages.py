@@ -77,7 +77,8 @@ class StageResult:
         return {k: v for k, v in asdict(self).items() if k not in ("skipped", "adopted_from")}
 
 
-LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0}  # [distill] keys newer than finished runs, with their defaults
+# [distill] keys newer than finished runs, with their defaults
+LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0, "logit_standardization": False, "dist_beta": 1.0, "dist_gamma": 1.0}
 # [*.train] keys that cannot change the final weights (how often to log, checkpoint, and how much of the validation
 # split to evaluate): the fingerprint holds them at their defaults, so changing one does not retrain a finished stage
 # (and a run finished with the defaults keeps its fingerprint)
