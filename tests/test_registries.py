@@ -77,7 +77,8 @@ def test_every_method_distills_a_student_through_the_chain(method, method_runs, 
     summary = run_distill(load_recipe(path, ["train.max_steps=4", "train.log_every=2",
                                              "train.limit_eval_batches=1"]), method_runs, consumers=[])
     assert 0.0 <= summary.student["top1"] <= 1.0
-    events = [json.loads(line) for line in (method_runs / method / "student" / "metrics.jsonl").read_text().splitlines()]
+    metrics = method_runs / method / "student" / "metrics.jsonl"
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
     logged = [event for event in events if any(key.startswith("loss_") for key in event)]
     terms = set(METHODS.get(method)(S, T, LABELS, DistillConfig(method=method)))
     assert logged and all(math.isfinite(event[f"loss_{term}"]) for event in logged for term in {"ce", *terms})
