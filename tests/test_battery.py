@@ -645,6 +645,7 @@ READ_ONLY_COMMANDS = {  # what still works once a finished chain's folders are r
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(READ_ONLY_COMMANDS), ids=list(READ_ONLY_COMMANDS))
 def test_commands_that_only_read_work_on_a_read_only_run_and_export(case, copy, monkeypatch):
     """A finished chain whose folders became read-only (a shared volume, a mounted archive): the report of the
@@ -675,6 +676,7 @@ def test_commands_that_only_read_work_on_a_read_only_run_and_export(case, copy, 
         assert "export: finished earlier with these settings, reused" in result.output
 
 
+@pytest.mark.slow
 def test_a_chain_run_again_reuses_its_export_only_while_nothing_it_holds_changed(copy):
     recipe, _, exports, args = copy
     reused = "export: finished earlier with these settings, reused"

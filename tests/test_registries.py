@@ -66,6 +66,7 @@ def method_runs(tmp_path_factory, synth_root) -> Path:
     return tmp_path_factory.mktemp("methods")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_distills_a_student_through_the_chain(method, method_runs, synth_root):
     """The chain trains a student with each method; every one of the method's terms is logged, finite."""
