@@ -132,6 +132,46 @@ def test_logit_standardization_z_scores_each_vector_before_kd_and_dkd():
         DistillConfig(method="hard", logit_standardization=True)
 
 
+def test_a_two_headed_student_learns_labels_in_one_head_and_the_teacher_in_the_other():
+    """DeiT: cross-entropy on labels reads the class head, the method (hard: the teacher's top class) the
+    distillation head; the student's answer is the average of the two."""
+    from kdforge.distill.objective import prediction
+
+    class_head, distillation_head = torch.tensor(S), torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
+    cfg = DistillConfig(method="hard", alpha=0.5)
+    loss, parts = create_distill_objective(cfg, None)((class_head, distillation_head), torch.tensor(LABELS),
+                                                      torch.zeros(2, 3, 2, 2), teacher_logits=torch.tensor(T))
+    ce = F.cross_entropy(class_head, torch.tensor(LABELS))
+    hard = F.cross_entropy(distillation_head, torch.tensor(T).argmax(1))  # the teacher's classes: 0 and 1
+    assert parts["ce"].item() == pytest.approx(ce.item()) and parts["hard"].item() == pytest.approx(hard.item())
+    assert loss.item() == pytest.approx(0.5 * ce.item() + 0.5 * hard.item())
+    assert torch.equal(prediction((class_head, distillation_head)), (class_head + distillation_head) / 2)
+
+
+@pytest.mark.slow
+def test_a_deit_student_with_a_distillation_token_trains_exports_one_output_and_verifies(make_recipe, tmp_path):
+    import onnx
+
+    deit = ('model = "deit_tiny_distilled_patch16_224"\ninput_size = 32\n'
+            'model_kwargs = { img_size = 32, patch_size = 4, depth = 2 }\n')
+    body = TINY_MODELS.replace('model = "test_convnext"\ninput_size = 32\n', deit)
+    path = make_recipe(body + '\n[distill]\nmethod = "hard"\nbaseline = false\n\n[export]\nformats = ["onnx"]\n'
+                       f'dir = "{tmp_path / "exports"}"\n')
+    notes = []
+    summary = run_distill(load_recipe(path, ["train.max_steps=4", "train.log_every=2", "train.limit_eval_batches=1",
+                                             "verify.limit_batches=1"]), runs_dir=tmp_path / "runs",
+                          consumers=[lambda event: notes.append(event.get("message", ""))])
+    assert summary.student["model"] == "deit_tiny_distilled_patch16_224"
+    assert any("distillation head (hard)" in note for note in notes), notes
+    events = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "student" / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert any("loss_hard" in event for event in events)
+    row = summary.exports["onnx"]
+    assert row["verified"] and row["passed"], row
+    graph = onnx.load(row["artifact"]).graph
+    assert len(graph.output) == 1 and graph.output[0].type.tensor_type.shape.dim[1].dim_value == 100
+
+
 def test_objective_weights_named_terms_and_returns_each_part():
     teacher = FrozenTeacher(torch.nn.Identity(), InputSpec(2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     student_logits = torch.randn(4, 12, requires_grad=True)

@@ -32,6 +32,22 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # epoch counts from 1 (DKD's warm-up reads it)
 
 
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # one head, or (class head, distillation head)
+
+
+def heads(logits: Logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class head, distillation head) of a student's training output. A student with a distillation token (timm's
+    distilled DeiT and PiT, `set_distilled_training`) answers both while it trains: the labels teach the class
+    head, the teacher the distillation head (DeiT, Touvron et al. 2021). Any other student's one tensor is both."""
+    return (logits[0], logits[1]) if isinstance(logits, tuple) else (logits, logits)
+
+
+def prediction(logits: Logits) -> torch.Tensor:
+    """What the student answers: a two-headed student the average of its heads (as it does in eval mode, so also
+    in evaluation, export and serving)."""
+    return (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
+
+
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class indices of labels that may be soft (mixup / CutMix targets, (N, C)): the larger share of each mix."""
     return labels.argmax(1) if labels.ndim == 2 else labels
@@ -52,15 +68,16 @@ def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,
     (then `teacher` may be None)."""
     terms_of = METHODS.get(cfg.method)
 
-    def objective(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+    def objective(logits: Logits, labels: torch.Tensor, images: torch.Tensor,
                   teacher_logits: torch.Tensor | None = None, epoch: int = 1):
         if teacher_logits is None:
             if teacher is None:
                 raise ValueError("no teacher and no cached teacher logits for this batch")
             teacher_logits = teacher(images)
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        class_head, distillation_head = heads(logits)
+        ce = F.cross_entropy(class_head.float(), labels, label_smoothing=label_smoothing)
         terms: Terms = {"ce": (ce_weight(cfg), ce)}
-        terms.update(terms_of(logits, teacher_logits, hard_labels(labels), cfg, epoch=epoch))
+        terms.update(terms_of(distillation_head, teacher_logits, hard_labels(labels), cfg, epoch=epoch))
         total = sum(weight * value for weight, value in terms.values() if weight)
         return total, {name: value.detach() for name, (_, value) in terms.items()}
 

@@ -30,7 +30,7 @@ from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
 from kdforge.data.loader import prefetch, read_batches
 from kdforge.data.transforms import InputSpec, apply_augment, draw_augment, mix_batch
 from kdforge.distill.cache import view_choice
-from kdforge.distill.objective import Objective, hard_labels
+from kdforge.distill.objective import Objective, hard_labels, prediction
 from kdforge.errors import DataError, KdforgeError
 from kdforge.metrics import topk_hits
 from kdforge.recipe import AugmentConfig, TrainConfig
@@ -369,7 +369,7 @@ class _Run:
             self.state.update(loss, self.model, self.cfg.grad_clip)
         self.images_seen += len(labels)
         self.train_time += time.perf_counter() - started
-        return epoch, loss, logits, labels, parts
+        return epoch, loss, prediction(logits), labels, parts
 
     def evaluate(self, split: ImageDataset) -> dict[str, float]:
         with self.out_of_memory("evaluating", EVAL_ADVICE):

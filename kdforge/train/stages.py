@@ -255,6 +255,9 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
         model = create_model(cfg, num_classes=data.num_classes)
         spec = resolve_input_spec(cfg)
         check_input_size(model, spec, cfg.model)
+        distillation_token = stage == "student" and hasattr(model, "set_distilled_training")
+        if distillation_token:  # DeiT: its distillation token's head learns from the teacher (objective.heads)
+            model.set_distilled_training(True)
         teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
             if teacher_weights is not None else None
         if main:
@@ -267,6 +270,9 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
 
         objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
                                               consumers)
+        if distillation_token and main:
+            notify(consumers, f"student {cfg.model}: the labels train its class head, the teacher its distillation "
+                              f"head ({recipe.distill.method}); evaluation, export and serving average the two")
         trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
         try:
             result = fit(model, spec, objective, data, cfg.train, runtime,
