@@ -29,7 +29,7 @@ from kdforge.registry import suggest
 # names them here; kdforge.data.DATASETS and kdforge.distill.losses.METHODS register their loaders and losses under
 # the same names (tests/test_registries.py checks that the two agree).
 DATASET_NAMES = ("cifar100", "synthetic", "imagefolder", "webdataset")
-METHOD_NAMES = ("kd", "hard", "dkd", "dist")
+METHOD_NAMES = ("kd", "hard", "dkd", "dist", "ofa")
 # the methods `[distill] logit_standardization` applies to (hard reads the teacher's argmax only, which
 # standardizing does not change; DIST is left as its paper has it)
 STANDARDIZABLE_METHODS = ("kd", "dkd")
@@ -261,13 +261,18 @@ class TeacherCacheConfig(Strict):
 
 
 class DistillConfig(Strict):
-    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD) | dist (DIST)
+    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD) | dist (DIST) | ofa (OFA-KD)
     temperature: Annotated[float, Field(gt=0)] = 4.0
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # kd/hard: weight of the teacher term; labels get 1 - alpha
     # kd/dkd: z-score each logit vector before the temperature (Sun et al., 2024); its paper pairs it with T = 2
     logit_standardization: bool = False
     dist_beta: Annotated[float, Field(ge=0)] = 1.0  # dist: weight of the inter-class (per image) correlation term
     dist_gamma: Annotated[float, Field(ge=0)] = 1.0  # dist: weight of the intra-class (per class) correlation term
+    # ofa: the target-class modulation exponent (1: plain soft cross-entropy; the paper used 1.0-1.5), the
+    # temperature of its softmax, and the weight of the intermediate stages' terms (each stage's projector)
+    ofa_eps: Annotated[float, Field(gt=0)] = 1.0
+    ofa_temperature: Annotated[float, Field(gt=0)] = 1.0
+    ofa_weight: Annotated[float, Field(ge=0)] = 1.0
     dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
     dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
     # dkd: the distillation terms' weight grows linearly over the first epochs, min(epoch / warmup, 1) with epoch

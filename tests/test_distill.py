@@ -172,6 +172,83 @@ def test_a_deit_student_with_a_distillation_token_trains_exports_one_output_and_
     assert len(graph.output) == 1 and graph.output[0].type.tensor_type.shape.dim[1].dim_value == 100
 
 
+def test_ofa_loss_is_soft_cross_entropy_with_the_target_class_modulated():
+    from kdforge.distill.losses import ofa_loss
+
+    def by_hand(eps):
+        total = 0.0
+        for s, t, y in zip(S, T, LABELS, strict=True):
+            ps, pt = softmax(s, 1.0), softmax(t, 1.0)
+            weights = [(p + (i == y)) ** eps - (i == y) for i, p in enumerate(pt)]
+            total -= sum(w * math.log(q) for w, q in zip(weights, ps, strict=True))
+        return total / len(S)
+
+    soft_ce = -sum(sum(p * math.log(q) for p, q in zip(softmax(t, 1.0), softmax(s, 1.0), strict=True))
+                   for s, t in zip(S, T, strict=True)) / len(S)
+    assert by_hand(1.0) == pytest.approx(soft_ce) == pytest.approx(2.2934716, rel=1e-6)  # eps 1: soft CE
+    for eps, golden in ((1.0, 2.2934716), (1.5, 1.9875449)):
+        computed = ofa_loss(torch.tensor(S), torch.tensor(T), torch.tensor(LABELS), eps).item()
+        assert computed == pytest.approx(by_hand(eps), rel=1e-6) == pytest.approx(golden, rel=1e-6)
+
+
+@pytest.mark.parametrize("model,kwargs,stages", [
+    ("test_convnext", {}, ["stages.0", "stages.1", "stages.2", "stages.3"]),
+    ("test_vit", {"img_size": 32, "patch_size": 4}, ["blocks.1", "blocks.2", "blocks.4", "blocks.5"]),  # tokens
+])
+def test_each_chosen_stage_of_a_cnn_or_a_vit_gets_logits_of_its_own(model, kwargs, stages):
+    import timm
+
+    from kdforge.distill.features import StageProjectors
+
+    student = timm.create_model(model, num_classes=7, **kwargs)
+    projectors = StageProjectors(student, InputSpec(32, (0.5,) * 3, (0.5,) * 3), 7, model)
+    assert projectors.names == stages
+    student(torch.randn(3, 3, 32, 32))
+    assert [tuple(logits.shape) for logits in projectors()] == [(3, 7)] * 4
+    names_before = set(student.state_dict())
+    projectors.remove()
+    assert set(student.state_dict()) == names_before and not student._forward_hooks  # nothing left in the student
+    assert all(not module._forward_hooks for module in student.modules())
+
+
+def test_a_student_without_stages_is_refused_by_name():
+    from kdforge.distill.features import StageProjectors
+    from kdforge.errors import ModelError
+
+    with pytest.raises(ModelError, match="timm's plain_mlp does not list them"):
+        StageProjectors(torch.nn.Linear(3, 3), InputSpec(32, (0.5,) * 3, (0.5,) * 3), 3, "plain_mlp")
+
+
+@pytest.mark.slow
+def test_ofa_distills_the_stages_and_exports_exactly_the_plain_student(make_recipe, tmp_path):
+    """Projectors train beside the student (their terms logged, their state in the checkpoint for --resume) and
+    never reach it: the exported graph is the graph of the plain model."""
+    import onnx
+
+    from kdforge.checkpoint import load_state, load_weights
+    from kdforge.export.converters import torch_to_onnx
+    from kdforge.models import create_model
+
+    path = make_recipe(TINY_MODELS + '\n[distill]\nmethod = "ofa"\nbaseline = false\n\n[export]\nformats = ["onnx"]\n'
+                       f'dir = "{tmp_path / "exports"}"\n')
+    recipe = load_recipe(path, ["train.max_steps=4", "train.log_every=2", "train.limit_eval_batches=1",
+                                "verify.limit_batches=1"])
+    summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
+    stage = tmp_path / "runs" / "tiny" / "student"
+    events = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    logged = next(event for event in events if "loss_ofa" in event)
+    assert all(math.isfinite(logged[f"loss_{term}"]) for term in ("ce", "ofa", "ofa1", "ofa2", "ofa3", "ofa4"))
+    assert any(key.startswith("heads.") for key in load_state(stage / "last")["extra"])
+    row = summary.exports["onnx"]
+    assert row["verified"] and row["passed"], row
+    plain = tmp_path / "plain.onnx"
+    model = load_weights(create_model(recipe.model_for("student"), 100, exportable=True), stage / "last")
+    torch_to_onnx(model, 32, plain, 17, {})  # the plain model with the student's weights, as kdforge exports
+    exported, reference = onnx.load(row["artifact"]).graph, onnx.load(plain).graph
+    assert [node.op_type for node in exported.node] == [node.op_type for node in reference.node]
+    assert sorted(tuple(t.dims) for t in exported.initializer) == sorted(tuple(t.dims) for t in reference.initializer)
+
+
 def test_objective_weights_named_terms_and_returns_each_part():
     teacher = FrozenTeacher(torch.nn.Identity(), InputSpec(2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     student_logits = torch.randn(4, 12, requires_grad=True)

@@ -34,6 +34,9 @@ GOLDEN = {
     # dist_beta 1, dist_gamma 1: (1 - mean Pearson correlation) x 4 per image (inter) and per class (intra); two
     # images make each class's correlation +-1, and the teacher's third class is constant: correlation 0 (eps)
     "dist": (1.0, {"inter": (1.0, 7.8040814), "intra": (1.0, 6.6666641)}),
+    # ofa_eps 1, ofa_temperature 1: the soft cross-entropy -sum softmax(t) log softmax(s), batch mean (the student's
+    # intermediate stages add one such term each: tests/test_distill.py)
+    "ofa": (1.0, {"ofa": (1.0, 2.2934716)}),
 }
 
 

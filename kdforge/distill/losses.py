@@ -88,6 +88,18 @@ def dist_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return inter * (t * t), intra * (t * t)
 
 
+def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, eps: float,
+             temperature: float = 1.0) -> torch.Tensor:
+    """OFA (Hao et al., 2023): cross-entropy of the student's softmax(z / T) against the teacher's, the target
+    class's share modulated: weights (p_teacher + onehot)^eps - onehot. eps = 1 is the plain soft cross-entropy;
+    eps > 1 raises the target class's weight where the teacher is unsure of it (the paper's remedy for a teacher
+    of another architecture). Averaged over the batch."""
+    target = F.one_hot(labels, student_logits.shape[1]).float()
+    p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)
+    weights = (p_teacher + target).pow(eps) - target
+    return -(weights * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(dim=1).mean()
+
+
 def standardize(logits: torch.Tensor) -> torch.Tensor:
     """Logit standardization (Sun et al., 2024): each logit vector z-scored, (z - mean) / (std + 1e-7) with the
     unbiased standard deviation, as the reference code's `normalize`. The temperature then divides a vector of
@@ -137,7 +149,14 @@ def _dist(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cf
     return {"inter": (cfg.dist_beta, inter), "intra": (cfg.dist_gamma, intra)}
 
 
+@METHODS.register("ofa")
+def _ofa(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+         epoch: int = 1) -> Terms:
+    # the student's own logits; the objective adds one such term per intermediate stage (distill/features.py)
+    return {"ofa": (1.0, ofa_loss(student, teacher, labels, cfg.ofa_eps, cfg.ofa_temperature))}
+
+
 def ce_weight(cfg: DistillConfig) -> float:
-    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd and dist (as in
-    their papers)."""
-    return 1.0 if cfg.method in ("dkd", "dist") else 1.0 - cfg.alpha
+    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd, dist and ofa (as
+    in their papers)."""
+    return 1.0 if cfg.method in ("dkd", "dist", "ofa") else 1.0 - cfg.alpha

@@ -219,23 +219,30 @@ class TrainState:
     step: int = 0
     best: dict[str, float] = field(default_factory=lambda: {"top1": -1.0})
 
+    extra: torch.nn.Module | None = None  # trained beside the model, not part of it (distill/features.py)
+
     @classmethod
-    def create(cls, model: torch.nn.Module, cfg: TrainConfig, plan: Plan, runtime: Runtime) -> TrainState:
+    def create(cls, model: torch.nn.Module, cfg: TrainConfig, plan: Plan, runtime: Runtime,
+               extra: torch.nn.Module | None = None) -> TrainState:
         import timm.optim
 
         optimizer = timm.optim.create_optimizer_v2(
             model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
+        if extra is not None:  # the same optimizer and schedule
+            optimizer.add_param_group({"params": list(extra.parameters())})
         warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda s: lr_factor(s, plan.total_steps, warmup, cfg.scheduler, cfg.min_lr / cfg.lr),
         )
-        return cls(optimizer, scheduler, runtime.grad_scaler())
+        return cls(optimizer, scheduler, runtime.grad_scaler(), extra=extra)
 
     def restore(self, model: torch.nn.Module, checkpoint: Path, runtime: Runtime) -> None:
         load_weights(model, checkpoint)
         state = load_state(checkpoint)
+        if self.extra is not None:
+            self.extra.load_state_dict(state["extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -254,6 +261,7 @@ class TrainState:
             "rng_cuda": torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else [],
             "step": self.step,
             "best": self.best,
+            **({"extra": self.extra.state_dict()} if self.extra is not None else {}),
         }
         meta = {**metadata, "step": str(self.step), "top1": str(self.best.get("top1"))}
         if runtime.is_main:
@@ -263,9 +271,15 @@ class TrainState:
         """One optimizer step on `loss` (scaled for fp16, gradients clipped when asked), then the lr schedule."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.extra is not None and torch.distributed.is_initialized():  # DDP averages the model's gradients only
+            for parameter in self.extra.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad /= torch.distributed.get_world_size()
         if grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            parameters = [*model.parameters(), *(self.extra.parameters() if self.extra is not None else [])]
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -392,8 +406,11 @@ class _Run:
 
 def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: DataSplits, cfg: TrainConfig,
         runtime: Runtime, batches: BatchSource, stage_dir: Path, title: str, resume_from: Path | None = None,
-        consumers: Sequence[Consumer] = (), checkpoint_metadata: dict[str, str] | None = None) -> FitResult:
-    """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`.
+        consumers: Sequence[Consumer] = (), checkpoint_metadata: dict[str, str] | None = None,
+        extra: torch.nn.Module | None = None) -> FitResult:
+    """Train `model` in place; checkpoints go to `stage_dir`; events go to `consumers`. `extra`: modules the
+    objective trains beside the model (OFA's projectors): same optimizer, saved in the training state for
+    --resume, never in the model's weights.
 
     Each epoch ends with an evaluation on the split that chooses the best checkpoint (validation when the data
     has one; the test split is then evaluated once, at the end, for the reported numbers). Across several
@@ -405,8 +422,10 @@ def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: Dat
         raise DataError(f"train.batch_size {cfg.batch_size} (the global batch) is not divisible by the "
                         f"{runtime.world_size} processes")
     runtime.place(model).train()
+    if extra is not None:
+        extra.to(runtime.device).train()
     forward = runtime.for_training(model)
-    state = TrainState.create(model, cfg, plan, runtime)
+    state = TrainState.create(model, cfg, plan, runtime, extra)
     if resume_from is not None:
         state.restore(model, resume_from, runtime)
     run = _Run(model, spec, objective, cfg, runtime, batches, plan, state, title, consumers, stage_dir,

@@ -28,6 +28,7 @@ from kdforge.checkpoint import checkpoint_metadata, final_weights, resolve_weigh
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
+from kdforge.distill.features import StageProjectors
 from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
 from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import CheckpointError, KdforgeError, ModelError
@@ -78,7 +79,8 @@ class StageResult:
 
 
 # [distill] keys newer than finished runs, with their defaults
-LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0, "logit_standardization": False, "dist_beta": 1.0, "dist_gamma": 1.0}
+LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0, "logit_standardization": False, "dist_beta": 1.0, "dist_gamma": 1.0,
+                      "ofa_eps": 1.0, "ofa_temperature": 1.0, "ofa_weight": 1.0}
 # [*.train] keys that cannot change the final weights (how often to log, checkpoint, and how much of the validation
 # split to evaluate): the fingerprint holds them at their defaults, so changing one does not retrain a finished stage
 # (and a run finished with the defaults keeps its fingerprint)
@@ -268,8 +270,12 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
                                     "skipped": True, "adopted_from": str(plan.donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
+        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes)
         objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
-                                              consumers)
+                                              consumers, projectors)
+        if projectors is not None and main:
+            notify(consumers, f"student {cfg.model}: {len(projectors.heads)} stages ({', '.join(projectors.names)}) "
+                              f"distilled through training-only projectors (not part of the exported student)")
         if distillation_token and main:
             notify(consumers, f"student {cfg.model}: the labels train its class head, the teacher its distillation "
                               f"head ({recipe.distill.method}); evaluation, export and serving average the two")
@@ -278,10 +284,13 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
             result = fit(model, spec, objective, data, cfg.train, runtime,
                          BatchSource(recipe.data.augment, recipe.seed, cache), stage_dir, title=f"{stage} {cfg.model}",
                          resume_from=plan.resume_from, consumers=[metrics, *trackers, *consumers] if main else [],
-                         checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage})
+                         checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
+                         extra=projectors)
         finally:  # a run that failed before the loop's own end event is marked so (no-op after a normal end)
             for tracker in trackers:
                 tracker.close("FAILED")
+            if projectors is not None:
+                projectors.remove()
 
     outcome = StageResult(
         stage=stage, model=cfg.model, params=count_parameters(model), top1=result.final["top1"],
@@ -320,9 +329,10 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, recipe: Recipe, metrics:
 
 
 def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | None, data, runtime, runs_dir: Path,
-                       consumers) -> tuple[Any, TeacherCache | None]:
+                       consumers, projectors: StageProjectors | None = None) -> tuple[Any, TeacherCache | None]:
     """What a student learns from: the [distill] objective against `teacher` (moved to the runtime's device; its
-    answers read from the teacher cache when the recipe has one), or labels alone when there is no teacher."""
+    answers read from the teacher cache when the recipe has one), or labels alone when there is no teacher.
+    `projectors`: the student's stages to distill too (method ofa, `stage_projectors`)."""
     if teacher is None:
         return cross_entropy_objective(cfg.train.label_smoothing), None
     teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
@@ -330,7 +340,14 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
     if recipe.distill.teacher_cache.views:
         cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
         teacher = None  # the cache answers for it from here on
-    return create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing), cache
+    return create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing, projectors), cache
+
+
+def stage_projectors(recipe: Recipe, stage: str, model, spec, num_classes: int) -> StageProjectors | None:
+    """Method ofa, distilled student: the training-only projectors of the student's intermediate stages."""
+    if stage != "student" or recipe.distill.method != "ofa":
+        return None
+    return StageProjectors(model, spec, num_classes, recipe.model_for(stage).model)
 
 
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
