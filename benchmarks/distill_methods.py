@@ -5,7 +5,7 @@ as `kdforge distill --seeds` shares it) and one student is distilled per method 
 method's difference to KD is paired per seed, with the seeds machinery's t interval. The choice between methods is
 read on the validation split (the best epoch's top-1, what chose the checkpoint); the test split only reports.
 
-    .venv/bin/python benchmarks/distill_methods.py        # quickstart, 5 methods, 3 seeds (~12 min on 2 cores)
+    .venv/bin/python benchmarks/distill_methods.py        # quickstart, 6 methods, 3 seeds (~15 min on 2 cores)
     .venv/bin/python benchmarks/distill_methods.py --methods kd dist --seeds 0 --set student.train.epochs=2
 """
 
@@ -29,6 +29,7 @@ VARIANTS = {  # name -> [distill] settings on top of the recipe's (its temperatu
     "dist": ["distill.method=dist"],
     "dkd": ["distill.method=dkd"],
     "dkd+ls": ["distill.method=dkd", "distill.logit_standardization=true", "distill.temperature=2.0"],
+    "ofa": ["distill.method=ofa"],
 }
 
 
