@@ -87,6 +87,32 @@ def trained_students(tmp_path_factory, synth_root):
     return stages
 
 
+def count_reads(monkeypatch, name: str) -> list[int]:
+    """Every read of dataset `name` (through any import of load_dataset) appends to the returned list."""
+    from kdforge.data import DATASETS
+
+    reads: list[int] = []
+    loader = DATASETS.get(name)
+    monkeypatch.setitem(DATASETS._items, name, lambda cfg: reads.append(1) or loader(cfg))
+    return reads
+
+
+@pytest.fixture(scope="session")
+def every_format(trained_students, tmp_path_factory):
+    """One export of every format this machine can make, from the shared small CNN (the dataset read once):
+    (ExportResult, the formats it could not make -> why, the number of dataset reads). Shared by the registry's
+    per-format tests and the on-device formats' tests; a test that writes into it writes only bench.json."""
+    from kdforge.export.artifacts import export_run, unbuildable_here
+    from kdforge.formats import FORMATS
+
+    unavailable = unbuildable_here(list(FORMATS))
+    with pytest.MonkeyPatch.context() as patch:
+        reads = count_reads(patch, "synthetic")
+        result = export_run(trained_students["cnn"], [n for n in FORMATS if n not in unavailable],
+                            exports_dir=tmp_path_factory.mktemp("every-format"))
+    return result, unavailable, len(reads)
+
+
 @pytest.fixture(scope="session")
 def served_export(trained_students, tmp_path_factory):
     """An export folder with verified ONNX and INT8 students, and test-split images as PNG files."""

@@ -131,16 +131,15 @@ def test_the_pt2e_search_keeps_layers_in_float_until_the_held_out_drop_is_within
 
 @needs["pnnx"]
 @needs["litert_torch"]
-def test_a_cnn_on_ncnn_and_litert_is_verified_benchmarked_and_served(trained_students, tmp_path, monkeypatch):
+def test_a_cnn_on_ncnn_and_litert_is_verified_benchmarked_and_served(every_format, monkeypatch):
     import numpy as np
 
     from kdforge.bench import BenchSettings, bench_export
     from kdforge.errors import ServingError
-    from kdforge.export.artifacts import export_run
     from kdforge.fileio import read_metadata
     from kdforge.serve.model import ServedModel
 
-    result = export_run(trained_students["cnn"], ["ncnn", "litert", "litert_int8"], exports_dir=tmp_path)
+    result = every_format[0]  # the small CNN exported to every format, ncnn, litert and litert_int8 among them
     report = result.reports["ncnn"]  # weights stored in FP16: the fp16 tolerance
     assert report.passed and report.agreement >= 0.99 and report.max_abs_diff < 1e-2, report
     assert result.reports["litert"].passed and result.reports["litert"].agreement == 1.0
@@ -152,7 +151,8 @@ def test_a_cnn_on_ncnn_and_litert_is_verified_benchmarked_and_served(trained_stu
     # LiteRT's converter fails on this ConvNeXt at batch 1 (a channels-last linear on its 1x1 last map): converted at
     # 2, run in chunks of 2 (the last padded), and verified like any file
     assert meta["litert"]["converted_batch"] == 2 and meta["litert"]["batch_axis"] is False
-    rows = {row.format: row for row in bench_export(result.export_dir, BenchSettings(8, 5, 1)).rows}
+    measured = BenchSettings(8, 5, 1, formats=("ncnn", "litert"))
+    rows = {row.format: row for row in bench_export(result.export_dir, measured).rows}
     assert rows["ncnn"].runtime.startswith("ncnn 1.") and rows["ncnn"].latency_p50_ms > 0
     assert rows["litert"].runtime.startswith("litert 2.") and rows["litert"].throughput > 0
 

@@ -19,7 +19,7 @@ from kdforge.distill.losses import METHODS
 from kdforge.formats import FORMATS
 from kdforge.recipe import DATASET_NAMES, METHOD_NAMES, DistillConfig, load_recipe
 
-from .conftest import SYNTH, TINY_MODELS, synth_data_section
+from .conftest import SYNTH, TINY_MODELS, count_reads, synth_data_section
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])  # student logits
 T = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, -1.0]])  # teacher logits
@@ -127,14 +127,6 @@ DATA_SECTIONS = {"cifar100": _cifar100, "synthetic": _synthetic, "imagefolder": 
                  "webdataset": _webdataset}
 
 
-def count_reads(monkeypatch, name: str) -> list[int]:
-    """Every read of dataset `name` (through any import of load_dataset) appends to the returned list."""
-    reads: list[int] = []
-    loader = DATASETS.get(name)
-    monkeypatch.setitem(DATASETS._items, name, lambda cfg: reads.append(1) or loader(cfg))
-    return reads
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_every_dataset_trains_exports_and_verifies_reading_the_data_once_per_export(dataset, tmp_path, synth_root,
@@ -160,19 +152,6 @@ def test_every_dataset_trains_exports_and_verifies_reading_the_data_once_per_exp
 
 # ----------------------------------------------------------------------------------------------------------
 # every format: made, verified, opened by its runner (and by the server when it is served)
-
-
-@pytest.fixture(scope="module")
-def every_format(trained_students, tmp_path_factory):
-    """One export of every format this machine can make, from the shared small CNN; the dataset is read once."""
-    from kdforge.export.artifacts import export_run, unbuildable_here
-
-    unavailable = unbuildable_here(list(FORMATS))
-    with pytest.MonkeyPatch.context() as patch:
-        reads = count_reads(patch, "synthetic")
-        result = export_run(trained_students["cnn"], [n for n in FORMATS if n not in unavailable],
-                            exports_dir=tmp_path_factory.mktemp("every-format"))
-    return result, unavailable, len(reads)
 
 
 @pytest.mark.slow
