@@ -249,6 +249,33 @@ def test_ofa_distills_the_stages_and_exports_exactly_the_plain_student(make_reci
     assert sorted(tuple(t.dims) for t in exported.initializer) == sorted(tuple(t.dims) for t in reference.initializer)
 
 
+@pytest.mark.slow
+def test_an_interrupted_ofa_student_resumes_its_projectors_and_ends_as_an_uninterrupted_one(make_recipe, tmp_path):
+    """The projectors' gradients reach the student's stages, so the student's final weights equal an uninterrupted
+    run's only if --resume restored the projectors (and their optimizer state) too."""
+    from safetensors.torch import load_file
+
+    from kdforge.train.stages import train_stage
+
+    recipe = load_recipe(make_recipe(TINY_MODELS + '\n[distill]\nmethod = "ofa"\n'),
+                         ["train.max_steps=4", "train.checkpoint_every=2", "train.limit_eval_batches=1"])
+    for runs in ("a", "b"):
+        train_stage(recipe, "teacher", runs_dir=tmp_path / runs, consumers=[])
+    train_stage(recipe, "student", runs_dir=tmp_path / "a", consumers=[])
+
+    def stop_after_the_step_2_checkpoint(event):
+        if event.get("event") == "step" and event["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(recipe, "student", runs_dir=tmp_path / "b", consumers=[stop_after_the_step_2_checkpoint])
+    assert not (tmp_path / "b" / "tiny" / "student" / "result.json").exists()
+    assert train_stage(recipe, "student", runs_dir=tmp_path / "b", resume=True, consumers=[]).steps == 4
+    expected, actual = (load_file(tmp_path / runs / "tiny" / "student" / "last" / "model.safetensors")
+                        for runs in ("a", "b"))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
 def test_objective_weights_named_terms_and_returns_each_part():
     teacher = FrozenTeacher(torch.nn.Identity(), InputSpec(2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     student_logits = torch.randn(4, 12, requires_grad=True)
