@@ -50,18 +50,25 @@ def test_reference_recipe_trains_two_steps_offline(name, synth_root, tmp_path):
     assert (tmp_path / name / stage / "last" / "model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory) -> Path:
+    """One runs folder for the five reference distillations: as on a user's machine, the three with a ViT-B
+    teacher train it once and the two with a ResNet-152 teacher likewise (the teacher store adopts it)."""
+    return tmp_path_factory.mktemp("reference-runs")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DISTILL)
-def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_path):
+def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_path, reference_runs):
     recipe = load_recipe(RECIPES / f"{name}.toml", [
         *offline_smoke(synth_root, ["teacher", "student"]), 'export.formats=["onnx"]',
         f"export.dir={tmp_path / 'exports'}", "verify.batch_size=4", "verify.limit_batches=2",
     ])
     assert (recipe.distill.method, recipe.distill.temperature, recipe.distill.alpha) == ("kd", 4.0, 0.5)
-    summary = run_distill(recipe, runs_dir=tmp_path, consumers=[])
+    summary = run_distill(recipe, runs_dir=reference_runs, consumers=[])
     assert summary.teacher["input_size"] == summary.student["input_size"] == 224
     assert summary.compression > 1
-    assert (tmp_path / name / "summary.json").is_file()
+    assert (reference_runs / name / "summary.json").is_file()
     onnx = summary.exports["onnx"]
     assert onnx["passed"] and onnx["agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3, onnx
 
