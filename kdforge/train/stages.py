@@ -260,6 +260,7 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
         distillation_token = stage == "student" and hasattr(model, "set_distilled_training")
         if distillation_token:  # DeiT: its distillation token's head learns from the teacher (objective.heads)
             model.set_distilled_training(True)
+        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes)  # a student without stages: here
         teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
             if teacher_weights is not None else None
         if main:
@@ -270,7 +271,6 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
                                     "skipped": True, "adopted_from": str(plan.donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
-        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes)
         objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
                                               consumers, projectors)
         if projectors is not None and main:
