@@ -276,11 +276,11 @@ def test_mixup_mixes_what_the_teacher_and_the_student_both_see(photos, tmp_path)
 
     real = objective_module.create_distill_objective
 
-    def spying(cfg, teacher, label_smoothing=0.0):
+    def spying(cfg, teacher, label_smoothing=0.0, projectors=None):
         def wrapped(images, *args, **kwargs):
             seen.append(images)
             return teacher(images, *args, **kwargs)
-        inner = real(cfg, wrapped if teacher is not None else None, label_smoothing)
+        inner = real(cfg, wrapped if teacher is not None else None, label_smoothing, projectors)
         return inner
 
     with pytest.MonkeyPatch.context() as patch:
