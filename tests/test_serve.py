@@ -218,24 +218,39 @@ def test_with_an_api_key_every_path_but_healthz_needs_it(served_export, tmp_path
         read_api_key(tmp_path / "missing")
 
 
+def start_server(export_dir: Path, *options: str, output=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+    """`python -m kdforge.serve EXPORT_DIR OPTIONS` on a free port, as a server runs: (the process, its port), once it
+    accepts connections."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port), *options],
+                              stdout=output, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, port
+
+
 @pytest.mark.slow
 def test_sigterm_under_load_answers_every_accepted_request_with_json_and_exits_0(served_export):
     """20 requests of large images on 2 workers, SIGTERM while they queue: each gets its prediction or a 503 JSON
     refusal (none a plain-text 500 or a dropped connection), and the server exits 0."""
     import http.client
     import signal
-    import socket
     import threading
     import time
 
     export_dir, _ = served_export
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)).save(big, "PNG")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(export_dir, output=subprocess.PIPE)
     answers: list[tuple[int, dict]] = []
 
     def post() -> None:
@@ -245,12 +260,6 @@ def test_sigterm_under_load_answers_every_accepted_request_with_json_and_exits_0
         answers.append((response.status, json.loads(response.read())))
 
     try:
-        for _ in range(100):  # until it listens
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         clients = [threading.Thread(target=post) for _ in range(20)]
         for client in clients:
             client.start()
@@ -276,19 +285,9 @@ def test_a_body_that_trickles_past_the_timeout_gets_408_json(served_export):
     import time
 
     export_dir, _ = served_export
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port),
-                               "--body-timeout", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = start_server(export_dir, "--body-timeout", "1")
     try:
-        for _ in range(100):
-            try:
-                client = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
-            except OSError:
-                time.sleep(0.1)
-        with client:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                            b"Content-Length: 1000\r\n\r\n" + b"\x89PNG" * 3)
             started = time.perf_counter()
@@ -319,26 +318,13 @@ def self_signed(folder: Path, name: str = "server") -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_with_a_certificate_the_server_speaks_https_only(served_export, tmp_path):
     import http.client
-    import socket
     import ssl
-    import time
 
     export_dir, pngs = served_export
     cert, key = self_signed(tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port),
-                               "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = start_server(export_dir, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
     trusted = ssl.create_default_context(cafile=str(cert))
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         connection = http.client.HTTPSConnection("127.0.0.1", port, context=trusted, timeout=30)
         connection.request("POST", "/predict", pngs[0].read_bytes(), {"Content-Type": "image/png"})
         answer = connection.getresponse()
