@@ -555,6 +555,91 @@ def bench_table(result):
 
 
 @app.command()
+def students(
+    recipe: RecipeArg,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="The format the student ships as (default: "
+                                            "\\[student.search] format, else onnx).", show_default=False)] = None,
+    budget_ms: Annotated[float | None, typer.Option("--budget-ms", help="p50 latency per call the student must "
+                                                    "meet (default: \\[student.search] budget_ms).",
+                                                    show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(help="Images per call (default 1).", min=1, show_default=False)] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of the runtime while timing (default 2).", min=1,
+                                                show_default=False)] = None,
+    candidates: Annotated[str | None, typer.Option(
+        metavar="A,B,...", help="timm models to compare (default: \\[student.search] candidates, else the curated "
+        "edge list).", show_default=False)] = None,
+    race_steps: Annotated[int | None, typer.Option(help="Steps of the race's first round (default 100).", min=1,
+                                                   show_default=False)] = None,
+    device_profile: Annotated[Path | None, typer.Option(
+        help="latency.json from `python -m kdforge.serve.probe` on the device: rank by its timings.",
+        show_default=False)] = None,
+    race: Annotated[bool, typer.Option("--race/--no-race", help="Race the candidates within budget on the "
+                                       "validation split (distils from the recipe's teacher).")] = True,
+    write_recipe: Annotated[Path | None, typer.Option(help="Write the recipe with the winner as its student here.",
+                                                      show_default=False)] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Which student fits a latency budget: export each candidate to the format, time it here (or read a device's
+    timings), then race the ones within budget on the validation split. Prints the table sorted by latency and
+    writes runs/NAME/students/students.json; `\\[student] model = "auto"` in a recipe runs the same search inside
+    `kdforge distill`.
+
+    Example:  kdforge students recipes/quickstart.toml --format int8 --budget-ms 2
+              kdforge students recipes/quickstart.toml --budget-ms 2 --candidates resnet10t,mobilenetv3_small_050
+    """
+    from kdforge.recipe import load_recipe
+    from kdforge.students import choose_student, no_fit_message, search_settings
+
+    with user_errors():
+        loaded = load_recipe(recipe, set_ or [])
+        names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates is not None else None
+        settings = search_settings(loaded, format=fmt, budget_ms=budget_ms, batch=batch, threads=threads,
+                                   candidates=names, race_steps=race_steps,
+                                   device_profile=str(device_profile) if device_profile else None)
+        result = choose_student(loaded, settings, runs_dir, race, write_recipe, device)
+    out.print(candidates_table(result))
+    for model, why in result.skipped.items():
+        err.print(f"note: {model} not compared: {escape(why)}", highlight=False, soft_wrap=True)
+    for entry in result.race:
+        ranked = sorted(entry["val_top1"].items(), key=lambda kv: -kv[1])
+        out.print(f"race round {entry['round']} ({entry['steps']} steps, validation top-1): " + ", ".join(
+            f"{model} {top1:.2%}{'' if model in entry['kept'] else ' (out)'}" for model, top1 in ranked),
+            highlight=False)
+    record = runs_dir / loaded.name / "students" / "students.json"
+    if result.winner is None:
+        _error_lines(no_fit_message(result))
+        out.print(f"-> {record}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"chosen: {result.winner['model']} (p50 {result.winner['latency_p50_ms']:.2f} ms within "
+              f"{settings.budget_ms:g} ms) -> {record}", highlight=False)
+    if write_recipe is not None:
+        out.print(f"recipe with this student: {write_recipe} (kdforge distill {write_recipe})", highlight=False)
+
+
+def candidates_table(result):
+    from rich.table import Table
+
+    where = result.rows[0]["measured_on"] if result.rows else "here"
+    table = Table(title=f"candidates at {result.input_size}x{result.input_size}: {result.settings['format']}, batch "
+                        f"{result.settings['batch']}, timed {where}; budget {result.settings['budget_ms']:g} ms")
+    for column in ("model", "params M", "MMACs", "size MB", "p50 ms", "p95 ms", "budget", "race val top-1"):
+        table.add_column(column, justify="left" if column in ("model", "budget") else "right", no_wrap=True)
+    reached = {}
+    for entry in result.race:  # each candidate's score in the last round it ran
+        reached.update(entry["val_top1"])
+    for row in result.rows:
+        mark = "fits" if row["fits"] else "over"
+        if result.winner and row["model"] == result.winner["model"]:
+            mark = "[bold green]chosen[/bold green]"
+        table.add_row(row["model"], f"{row['params'] / 1e6:.2f}", f"{row['macs'] / 1e6:.1f}",
+                      f"{row['bytes'] / 1e6:.2f}", f"{row['latency_p50_ms']:.2f}", f"{row['latency_p95_ms']:.2f}",
+                      mark, f"{reached[row['model']]:.2%}" if row["model"] in reached else "-")
+    return table
+
+
+@app.command()
 def report(
     run: Annotated[Path | None, typer.Argument(
         help="A run (runs/NAME) or its recipe file; default: the most recent run.", show_default=False)] = None,

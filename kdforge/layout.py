@@ -46,8 +46,16 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 SEEDS_MD = "seeds.md"
 SEEDS_HTML = "seeds.html"
-PLOTS = {"curves": "curves.png", "accuracy_latency": "accuracy_latency.png", "size": "size.png", "seeds": "seeds.png"}
+PLOTS = {"curves": "curves.png", "accuracy_latency": "accuracy_latency.png", "size": "size.png", "seeds": "seeds.png",
+         "race": "race.png"}
 # an export folder
+# the student search (kdforge/students.py): runs/<recipe>/students/ holds its record, its candidates' exports
+# (exports/<model>-<size>/, what the probe times on a device), the race's runs (race/) and the chain's budget check
+STUDENTS = "students"
+STUDENTS_RECORD = "students.json"
+STUDENTS_PLOT = "latency_size.png"
+BUDGET = "budget.json"
+
 METADATA = "metadata.json"
 VERIFY = "verify.json"
 BENCH = "bench.json"

@@ -26,7 +26,8 @@ from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import check_can_create, folder_lock, read_json, write_json
-from kdforge.recipe import Recipe, recipe_hash
+from kdforge.formats import with_sources
+from kdforge.recipe import AUTO, Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
 from kdforge.tracking import check_tracking, track_summary
@@ -42,7 +43,7 @@ def plan_stages(recipe: Recipe) -> list[str]:
     if recipe.distill.baseline:
         stages.append("baseline")
     stages.append("student")
-    if recipe_formats(recipe):
+    if recipe_formats(recipe) or recipe.student.model == AUTO:  # an "auto" student ships in its search's format
         stages.append("export")
     return stages
 
@@ -98,6 +99,9 @@ class DistillSummary:
     val_images: int = 0
     wall_s: float | None = None  # this command's wall time (reused stages cost nothing)
     machine: dict[str, Any] = field(default_factory=dict)  # CPU model, its vector extension, threads, GPU
+    # a student chosen by the search ([student.search]): its final file in the search's format, timed, against the
+    # budget (students.check_budget)
+    budget: dict[str, Any] | None = None
 
 
 def _row(result: StageResult) -> dict[str, Any]:
@@ -155,11 +159,17 @@ def describe_plan(recipe: Recipe) -> str:
             cfg = recipe.model_for(stage)
             what = {"teacher": "teacher", "baseline": "baseline (labels only)",
                     "student": f"distilled student ({recipe.distill.method} from the teacher)"}[stage]
-            parts.append(f"{what} {cfg.model} {cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}")
+            model = cfg.model
+            if model == AUTO:
+                model = f"(chosen by the search: {cfg.search.format} p50 <= {cfg.search.budget_ms:g} ms)"
+            parts.append(f"{what} {model} {cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}")
         elif stage == "teacher_eval":
             parts.append(f"evaluate the teacher {recipe.teacher.checkpoint}")
         elif stage == "export":
-            parts.append("export " + ", ".join(recipe_formats(recipe))
+            formats = recipe_formats(recipe)
+            if recipe.student.model == AUTO and recipe.student.search.format not in formats:
+                formats.append(recipe.student.search.format)
+            parts.append("export " + ", ".join(formats)
                          + (" + verification on the test split" if recipe.export.verify else ""))
     return f"{recipe.name}: " + " -> ".join(parts)
 
@@ -168,14 +178,47 @@ def announce(recipe: Recipe, ctx: ChainContext) -> None:
     """Say what the chain will do and, when it trains for long enough to be worth measuring, how long its
     training should take here (not under torchrun: an estimate needs the machine to itself)."""
     notes = [describe_plan(recipe), *filter(None, [describe_data(recipe.data)])]
-    pending = [stage for stage in plan_stages(recipe)
-               if stage in STAGES and not stage_is_finished(recipe, stage, ctx.runs_dir)]
+    pending = [stage for stage in plan_stages(recipe)  # an "auto" student is not known yet: the teacher's alone
+               if stage in STAGES and not stage_is_finished(recipe, stage, ctx.runs_dir)
+               and (stage == "teacher" or recipe.student.model != AUTO)]
     if pending and not torch.distributed.is_initialized():
         estimate = estimate_training(recipe, pending, ctx.device)
         if estimate is not None:
             notes.append(estimate.line())
     for message in notes:
         notify(ctx.consumers, message)
+
+
+def resolve_student(recipe: Recipe, ctx: ChainContext) -> Recipe:
+    """The recipe with `[student] model = "auto"` replaced by the search's choice (`kdforge.students`): the one
+    recorded in runs/<name>/students/students.json when nothing it depends on changed, else a new search (the
+    teacher is finished by now: the race distils from it). The search's format joins the export, so the chain
+    ends by checking the budget on its own file."""
+    from kdforge.students import earlier_choice, no_fit_message, search_students
+
+    if torch.distributed.is_initialized():
+        raise RecipeError('[student] model = "auto" is resolved on one process: run `kdforge students RECIPE '
+                          '--write-recipe PATH` first, then distil the written recipe with --nproc')
+    search = recipe.student.search
+    found = earlier_choice(recipe, search, ctx.runs_dir)
+    if found is None:
+        notify(ctx.consumers, f"student: searching the candidates for {search.format} within {search.budget_ms:g} ms "
+                              f"(p50, batch {search.batch})")
+        found = search_students(recipe, search, ctx.runs_dir, device=ctx.device, consumers=ctx.consumers)
+    if found.winner is None:
+        raise RecipeError(no_fit_message(found))
+    winner = found.winner
+    raced = f", validation top-1 {winner['val_top1']:.2%} in the race" if winner.get("val_top1") is not None else ""
+    notify(ctx.consumers, f"student: {winner['model']} ({'chosen earlier, reused' if found.reused else 'chosen'}: "
+                          f"p50 {winner['latency_p50_ms']:.2f} ms within {search.budget_ms:g} ms{raced}; "
+                          f"{ctx.runs_dir / recipe.name / layout.STUDENTS / layout.STUDENTS_RECORD})")
+    resolved = found.resolved(recipe)
+    if search.format not in with_sources(recipe_formats(resolved)):
+        notify(ctx.consumers, f"export: {search.format} added, the format the student was chosen for (its budget is "
+                              f"checked on the chain's own file)")
+        resolved = resolved.model_copy(update={"export": resolved.export.model_copy(
+            update={"formats": [*resolved.export.formats, search.format]})})
+    return resolved
 
 
 def write_summary(path: Path, summary: DistillSummary) -> None:
@@ -215,12 +258,21 @@ def run_distill(
         for stage in plan_stages(recipe):
             if stage == "export" and not main:
                 continue
+            if stage in ("baseline", "student") and recipe.student.model == AUTO:  # the teacher is trained now
+                recipe = resolve_student(recipe, ctx)
             results[stage] = STAGE_RUNNERS[stage](recipe, ctx)
             if getattr(results[stage], "skipped", False) and not getattr(results[stage], "adopted_from", None) \
                     and main:  # (train_stage says where it adopted from)
                 notify(ctx.consumers, f"{stage}: finished earlier with these settings, reused")
         summary = replace(summarize(recipe, results), wall_s=round(time.perf_counter() - started, 1),
                           machine=machine())
+        if main and recipe.student.search is not None and results.get("export") is not None \
+                and recipe.student.search.format in results["export"].artifacts:
+            from kdforge.students import check_budget, describe_budget
+
+            summary = replace(summary, budget=check_budget(recipe.student.search, results["export"].export_dir,
+                                                           ctx.runs_dir / recipe.name))
+            notify(ctx.consumers, describe_budget(summary.budget))
         if main:  # written also when an export failed verification: the finished stages and the failure are in it
             summary = replace(summary, report=str(write_report(ctx.runs_dir / recipe.name).markdown))
             write_summary(ctx.runs_dir / recipe.name / layout.SUMMARY, summary)

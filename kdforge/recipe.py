@@ -250,6 +250,76 @@ class TeacherConfig(ModelConfig):
         return path
 
 
+AUTO = "auto"  # [student] model = "auto": chosen by the student search ([student.search], kdforge/students.py)
+
+
+class SearchConfig(Strict):
+    """[student.search]: how `model = "auto"` is resolved (`kdforge students` takes the same settings as options).
+    Every candidate is exported to `format` (random weights: latency does not depend on them) and timed on its
+    runner here (or read from a probe's `device_profile`); the ones within `budget_ms` race, and the best on the
+    validation split becomes the student."""
+
+    format: str = "onnx"  # the file the student ships as (INT8 formats are calibrated on the training split)
+    budget_ms: Annotated[float, Field(gt=0)]  # p50 latency per call at `batch` on the target
+    batch: PositiveInt = 1  # images per call
+    threads: PositiveInt = 2  # CPU threads of the runtime while timing here
+    repeats: PositiveInt = 30  # timed calls per candidate (after 5 untimed)
+    # timm model names; empty: the curated edge-friendly list (kdforge.students.DEFAULT_CANDIDATES) this timm has
+    candidates: list[str] = []
+    race_steps: PositiveInt = 100  # training steps of the race's first round; each later round doubles them
+    race_size: PositiveInt = 8  # at most this many candidates within budget race (the fastest first)
+    device_profile: str | None = None  # latency.json written by `python -m kdforge.serve.probe` on the device
+
+    @field_validator("format")
+    @classmethod
+    def _measurable_format(cls, name: str) -> str:
+        if name not in FORMATS:
+            raise ValueError(f"unknown export format {name!r}{suggest(name, FORMATS)}; known: {', '.join(FORMATS)}")
+        if FORMATS.get(name).bench_skip:
+            raise ValueError(f"{name} is not timed on its own ({FORMATS.get(name).bench_skip}): search with "
+                             f"{FORMATS.get(name).source}")
+        return name
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, names: list[str]) -> list[str]:
+        import timm
+
+        for name in names:
+            if not timm.is_model(name.split(".", 1)[0]):
+                raise ValueError(f"unknown timm model {name!r}{suggest(name, timm.list_models())}")
+        if len(set(names)) != len(names):
+            raise ValueError("candidates lists a model twice")
+        return names
+
+    @field_validator("device_profile")
+    @classmethod
+    def _profile_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"device profile not found: {path} (python -m kdforge.serve.probe writes latency.json)")
+        return path
+
+
+class StudentConfig(ModelConfig):
+    # how model = "auto" is chosen; kept in the run's recipe beside the model it chose (read only when model is auto)
+    search: SearchConfig | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_timm_model(cls, name: str) -> str:
+        return name if name == AUTO else ModelConfig._known_timm_model(name)
+
+    @model_validator(mode="after")
+    def _auto_needs_search(self) -> StudentConfig:
+        if self.model == AUTO and self.weights is not None:
+            raise ValueError('model = "auto" with weights: a weights file fits one model; set pretrained = true for '
+                             "timm's weights of whichever model is chosen, or name the model")
+        if self.model == AUTO and self.search is None:
+            raise ValueError('model = "auto" needs a [student.search] section with at least budget_ms (the p50 '
+                             'latency the student must meet) and format')
+        return self
+
+
 class TeacherCacheConfig(Strict):
     """Offline teacher answers: K augmented views of every training image, the teacher run once per view, its
     logits stored next to the run; training draws one stored view per image per epoch instead of running the
@@ -478,7 +548,7 @@ class Recipe(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig | None = None
-    student: ModelConfig | None = None
+    student: StudentConfig | None = None
     distill: DistillConfig = DistillConfig()
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
@@ -503,6 +573,13 @@ class Recipe(Strict):
         if self.experiment.seeds and not self.distill.baseline:
             raise ValueError("experiment.seeds needs distill.baseline = true: each seed's gain is measured against "
                              "the baseline of the same seed")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_student_once(self) -> Recipe:
+        if self.student is not None and self.student.model == AUTO and self.experiment.seeds:
+            raise ValueError('experiment.seeds with [student] model = "auto": choose the student once, then compare '
+                             'it over seeds: `kdforge students RECIPE --write-recipe PATH`, and --seeds on PATH')
         return self
 
     @model_validator(mode="after")

@@ -28,12 +28,12 @@ import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdforge.errors import KdforgeError, OutOfMemoryError, UnavailableError
+from kdforge.host import cpu_model
 from kdforge.recipe import RuntimeConfig, check_device_name
 
 
@@ -280,17 +280,6 @@ def distributed_session() -> Iterator[int]:
 
 # ----------------------------------------------------------------------------------------------------------
 # the machine a number was measured on
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, the platform's answer elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine(device: torch.device | None = None) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""Timing a runner: `kdforge bench`'s measurement, also used by the INT8 latency check (and the student search).
+"""Timing a runner: `kdforge bench`'s measurement, also used by the INT8 latency check and the student search
+(`time_calls` and `percentile` need no torch: the serving image's probe times with them too).
 
     p50_ms, p95_ms, images_per_s = measure(runner, size=224, batch_size=64, repeats=50, warmup=5)
 """
@@ -9,10 +10,6 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import torch
-
-from kdforge.rng import rng_stream
 
 if TYPE_CHECKING:
     from kdforge.runners import Runner
@@ -39,8 +36,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def latency_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
+    """(p50 ms, p95 ms) of `fn`'s calls, `repeats` timed after `warmup` untimed."""
+    times = time_calls(fn, warmup, repeats)
+    return percentile(times, 50) * 1e3, percentile(times, 95) * 1e3
+
+
 def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
     """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
+    import torch
+
+    from kdforge.rng import rng_stream
+
     generator = rng_stream(0, "bench_images")
     one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
     many = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)

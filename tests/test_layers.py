@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdforge"
 LAYERS = [
     ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
-                    "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions"]),
+                    "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions", "kdforge.host"]),
     ("recipe", ["kdforge.recipe"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("lookups", ["kdforge.locate"]),
@@ -27,7 +27,7 @@ LAYERS = [
     ("verification", ["kdforge.judge"]),
     ("export", ["kdforge.export", "kdforge.export.*"]),
     ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report"]),
-    ("chain", ["kdforge.pipeline", "kdforge.seeds"]),
+    ("chain", ["kdforge.pipeline", "kdforge.seeds", "kdforge.students"]),
     ("interfaces", ["kdforge.cli", "kdforge.__main__", "kdforge.serve", "kdforge.serve.*"]),
 ]
 
@@ -138,7 +138,8 @@ def test_the_layer_checker_sees_lazy_upward_imports():
 
 def test_serving_imports_no_torch():
     """The serving image has no torch: the server, `kdforge predict`'s model and the format table load without it."""
-    code = ("import sys, kdforge.serve.app, kdforge.serve.model, kdforge.serve.__main__, kdforge.formats; "
+    code = ("import sys, kdforge.serve.app, kdforge.serve.model, kdforge.serve.__main__, kdforge.serve.probe, "
+            "kdforge.formats; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -97,10 +97,12 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
 
 
 def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache: Path | None,
-                 entry: dict[str, Any] | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+                 entry: dict[str, Any] | None = None,
+                 threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """A function from a float32 batch to logits, and the runtime that computes them: ONNX Runtime on the first
     installed of `providers`, OpenVINO's CPU plugin in FP32 arithmetic (as verification ran it), or the torch-free
-    LiteRT / NCNN sessions verification ran (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis)."""
+    LiteRT / NCNN sessions verification ran (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis;
+    `threads`: the runtime's CPU threads, default: its own)."""
     missing = runtime_missing(fmt)
     if missing:
         raise ServingError(f"{path.name} cannot be served here: {missing}")
@@ -110,15 +112,16 @@ def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache:
 
         try:
             if runner == "litert":
-                return litert_session(path, batch_axis=bool((entry or {}).get("batch_axis", False)))
-            return ncnn_session(path)
+                return litert_session(path, threads, batch_axis=bool((entry or {}).get("batch_axis", False)))
+            return ncnn_session(path, threads)
         except KdforgeError as exc:
             raise ServingError(str(exc)) from None
     if runner == "openvino":
         import openvino as ov
 
         try:
-            compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
         except RuntimeError as exc:  # OpenVINO reports parse errors as RuntimeError
             raise ServingError(f"{path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
                                f"again") from None
@@ -134,7 +137,10 @@ def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache:
 
     chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
     try:
-        session = ort.InferenceSession(str(path), providers=chosen)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise ServingError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}); export it "
                            f"again") from None

@@ -96,7 +96,8 @@ def stage_fingerprints(recipe: Recipe, stage: str, teacher_weights: Path | None 
         "stage": stage,
         "seed": recipe.seed,
         "data": data_fingerprint(recipe.data),
-        "model": recipe.model_for(stage).model_dump(mode="json"),
+        # how an "auto" student was chosen is not what its weights depend on: the model it chose is
+        "model": recipe.model_for(stage).model_dump(mode="json", exclude={"search"}),
     }
     if stage == "student":
         # keys added later are left out at their default, so runs finished before they existed stay reused
