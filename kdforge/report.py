@@ -291,10 +291,45 @@ def write_report(run_dir: Path) -> ReportPaths:
         plots.append(plot_sizes(sizes, out / layout.PLOTS["size"]))
         doc.image(plots[-1], "file size per format")
 
+    search = read_json(run_dir / layout.STUDENTS / layout.STUDENTS_RECORD)
+    if search:
+        plots += student_search_section(doc, search, read_json(run_dir / layout.STUDENTS / layout.BUDGET), out)
+
     markdown, page = out / layout.REPORT_MD, out / layout.REPORT_HTML
     atomic_write_text(markdown, "\n".join(doc.md))
     atomic_write_text(page, doc.render_html())
     return ReportPaths(markdown, page, plots)
+
+
+def student_search_section(doc: Document, search: dict[str, Any], budget: dict[str, Any], out: Path) -> list[Path]:
+    """How the student was chosen (students.json): the candidates, the race, the budget on the chain's own file."""
+    settings, winner = search["settings"], (search.get("winner") or {}).get("model")
+    doc.heading("Student search")
+    measured = (search.get("profile") or {}).get("cpu") or search.get("machine", {}).get("cpu", "this machine")
+    doc.paragraph(f"Candidates at {search['input_size']}x{search['input_size']}, exported to {settings['format']} "
+                  f"and timed at batch {settings['batch']} on {measured}; budget {settings['budget_ms']:g} ms (p50).")
+    reached = {model: top1 for entry in search.get("race", []) for model, top1 in entry["val_top1"].items()}
+    doc.table(["model", "params (M)", "MMACs", "size (MB)", "p50 ms", "p95 ms", "within budget",
+               "race validation top-1"],
+              [[row["model"] + (" (chosen)" if row["model"] == winner else ""), f"{row['params'] / 1e6:.2f}",
+                f"{row['macs'] / 1e6:.1f}", f"{row['bytes'] / 1e6:.2f}", f"{row['latency_p50_ms']:.2f}",
+                f"{row['latency_p95_ms']:.2f}", "yes" if row["fits"] else "no",
+                _pct(reached.get(row["model"]))] for row in search["rows"]])
+    plots = []
+    if search.get("race"):
+        doc.paragraph("The race (successive halving on the validation split; each round trains its survivors from "
+                      "their initial weights for twice the previous round's steps): " + "; ".join(
+                          f"round {entry['round']}, {entry['steps']} steps: kept {', '.join(entry['kept'])}"
+                          for entry in search["race"]) + ".")
+        plots.append(plot_race(search, out / layout.PLOTS["race"]))
+        doc.image(plots[-1], "validation top-1 against latency on the target, first round of the race")
+    if budget:
+        verdict = "met" if budget["met"] else "MISSED"
+        doc.paragraph(f"Budget {verdict} by the chain's own file: {budget['model']} {budget['file']} p50 "
+                      f"{budget['latency_p50_ms']:.2f} ms (p95 {budget['latency_p95_ms']:.2f}) against "
+                      f"{budget['budget_ms']:g} ms, {budget['runtime']} on {budget['measured_on']}."
+                      + (f" {budget['note']}." if budget.get("note") else ""))
+    return plots
 
 
 def plot_seeds(per_seed: list[dict[str, Any]], path: Path) -> Path:

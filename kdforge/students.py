@@ -95,7 +95,7 @@ def search_settings(recipe: Recipe, **overrides: Any) -> SearchConfig:
 
 def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
     """The [student] section that trains candidate `name` at `size` (its training settings, normalization and
-    `pretrained` from the recipe's [student]); a model whose patch grid is fixed (ViTs) gets img_size = size.
+    `pretrained` from the recipe's [student]); a model that takes img_size (ViTs) is built for `size`.
     Raises KdforgeError naming the model when it cannot take `size` inputs."""
     from kdforge.models import create_model
     from kdforge.train.stages import check_input_size
@@ -103,14 +103,20 @@ def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
     base = recipe.student or StudentConfig(model=name)
     cfg = StudentConfig(model=name, pretrained=base.pretrained, input_size=size, mean=base.mean, std=base.std,
                         train=base.train, search=base.search)
-    for kwargs in ({}, {"img_size": size}):
+    why = ""
+    # img_size first: a ViT built for another size may still run by resampling its position embeddings on every
+    # call (slower, and not exportable to ONNX); models without the argument refuse it and are built plainly
+    for kwargs in ({"img_size": size}, {}):
         candidate = cfg.model_copy(update={"model_kwargs": kwargs, "pretrained": False})
         try:
             check_input_size(create_model(candidate, num_classes=2), _spec(candidate), name)
             return cfg.model_copy(update={"model_kwargs": kwargs})
-        except (KdforgeError, TypeError, ValueError, AssertionError, RuntimeError) as exc:
-            why = str(exc).splitlines()[0][:160]
-    raise KdforgeError(f"{name} does not build for {size}x{size} inputs ({why})")
+        except KdforgeError as exc:  # says which model and why (the plain build's reason is the one kept)
+            why = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of a third-party model's constructor means "not this one"
+            why = f"{name} does not build for {size}x{size} inputs ({type(exc).__name__}: " \
+                  f"{(str(exc).splitlines() or [''])[0][:160]})"
+    raise KdforgeError(why)
 
 
 def _spec(cfg: ModelConfig):
@@ -270,7 +276,7 @@ def rank(rows: list[CandidateRow], budget_ms: float) -> list[CandidateRow]:
 def race_recipe(recipe: Recipe, cfg: StudentConfig, teacher_weights: Path, steps: int) -> Recipe:
     """A short distillation of candidate `cfg` from the recipe's (finished) teacher: `steps` steps, its own
     schedule, nothing exported."""
-    train = cfg.train.model_copy(update={"max_steps": steps})
+    train = cfg.train.model_copy(update={"max_steps": steps, "epochs": steps})  # enough epochs for `steps`
     return recipe.model_copy(update={
         "name": f"{cfg.model}-{steps}steps",
         "teacher": recipe.model_for("teacher").model_copy(update={"checkpoint": str(teacher_weights)}),

@@ -160,6 +160,20 @@ def post_png(port: int, path: Path) -> dict:
         return json.loads(response.read())
 
 
+def assert_probe_times(container: str, export_dir: Path, arch: str, *options: str) -> None:
+    """`python -m kdforge.serve.probe` inside the running container (torch-free, as the image is) times every file
+    of the baked-in export on that machine: latency.json names the machine's architecture and each file's sha256."""
+    script = f"python -m kdforge.serve.probe /models --output /tmp/latency.json {' '.join(options)} >/dev/null " \
+             f"&& cat /tmp/latency.json"
+    profile = json.loads(podman("exec", container, "/bin/sh", "-c", script.replace("python", "/opt/venv/bin/python",
+                                                                                    1)).stdout)
+    recorded = json.loads((export_dir / "metadata.json").read_text())["formats"]
+    assert profile["machine"]["arch"] == arch
+    assert {row["format"]: row["sha256"] for row in profile["rows"]} == \
+        {name: entry["sha256"] for name, entry in recorded.items()}
+    assert all(row["latency_p50_ms"] > 0 for row in profile["rows"])
+
+
 def test_serving_image_builds_runs_answers_like_kdforge_predict_and_stops_fast(served_export, tmp_path):
     export_dir, pngs = served_export
     ROOT.mkdir(parents=True, exist_ok=True)
@@ -187,6 +201,8 @@ def test_serving_image_builds_runs_answers_like_kdforge_predict_and_stops_fast(s
 
         # answers equal `kdforge predict` on the same test-split files
         assert [post_png(port, p)["predictions"] for p in pngs] == local_predictions(export_dir, pngs)
+        # the device probe of the student search runs in the image and times the very files it serves
+        assert_probe_times(name, export_dir, "x86_64")
 
         started = time.perf_counter()
         podman("stop", "-t", "10", name)
@@ -236,6 +252,7 @@ def test_serving_image_builds_for_arm64_and_answers_like_amd64(served_export, tm
         wait_healthy(name, port, 300)  # emulated: python, numpy and ONNX Runtime start several times slower
         assert podman("exec", name, "uname", "-m").stdout.strip() == "aarch64"
         served = [post_png(port, p)["predictions"] for p in pngs[:4]]
+        assert_probe_times(name, export_dir, "aarch64", "--repeats", "3", "--warmup", "1")
     finally:
         podman("rm", "-f", name, check=False)
         prune_old_layers()
