@@ -291,18 +291,19 @@ def write_report(run_dir: Path) -> ReportPaths:
         plots.append(plot_sizes(sizes, out / layout.PLOTS["size"]))
         doc.image(plots[-1], "file size per format")
 
-    search = read_json(run_dir / layout.STUDENTS / layout.STUDENTS_RECORD)
-    if search:
-        plots += student_search_section(doc, search, read_json(run_dir / layout.STUDENTS / layout.BUDGET), out)
-
+    plots += student_search_section(doc, run_dir / layout.STUDENTS, out)
     markdown, page = out / layout.REPORT_MD, out / layout.REPORT_HTML
     atomic_write_text(markdown, "\n".join(doc.md))
     atomic_write_text(page, doc.render_html())
     return ReportPaths(markdown, page, plots)
 
 
-def student_search_section(doc: Document, search: dict[str, Any], budget: dict[str, Any], out: Path) -> list[Path]:
-    """How the student was chosen (students.json): the candidates, the race, the budget on the chain's own file."""
+def student_search_section(doc: Document, students: Path, out: Path) -> list[Path]:
+    """How the student was chosen (runs/NAME/students/students.json, when the run has one): the candidates, the
+    race, the budget on the chain's own file (budget.json)."""
+    search, budget = read_json(students / layout.STUDENTS_RECORD), read_json(students / layout.BUDGET)
+    if not search:
+        return []
     settings, winner = search["settings"], (search.get("winner") or {}).get("model")
     doc.heading("Student search")
     measured = (search.get("profile") or {}).get("cpu") or search.get("machine", {}).get("cpu", "this machine")

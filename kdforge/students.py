@@ -438,6 +438,9 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
     rows = rank(rows, settings.budget_ms)
     latency = {row.model: row.latency_p50_ms for row in rows}
     fitting = [row.model for row in rows if row.fits][: settings.race_size]
+    say(f"{sum(row.fits for row in rows)} of {len(rows)} candidates within {settings.budget_ms:g} ms: " + ", ".join(
+        f"{row.model} {row.latency_p50_ms:.2f} ms" for row in rows if row.fits)
+        + (f"; racing the fastest {len(fitting)}" if race_on and len(fitting) > 1 else ""))
     rounds: list[dict[str, Any]] = []
     if len(fitting) > 1 and race_on:
         rounds = race(recipe, {name: configs[name] for name in fitting}, latency, settings, teacher_weights,

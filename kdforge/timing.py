@@ -9,10 +9,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kdforge.runners import Runner
+
+class Predicts(Protocol):  # a runner (kdforge.runners): what `measure` calls
+    def predict(self, images: Any) -> Any: ...
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
@@ -42,7 +43,7 @@ def latency_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float,
     return percentile(times, 50) * 1e3, percentile(times, 95) * 1e3
 
 
-def measure(runner: Runner, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
+def measure(runner: Predicts, size: int, batch_size: int, repeats: int, warmup: int) -> tuple[float, float, float]:
     """(p50 ms, p95 ms) at batch 1 and images/s at `batch_size` for one runner, on fixed random uint8 images."""
     import torch
 
