@@ -30,6 +30,7 @@ VARIANTS = {  # name -> [distill] settings on top of the recipe's (its temperatu
     "dkd": ["distill.method=dkd"],
     "dkd+ls": ["distill.method=dkd", "distill.logit_standardization=true", "distill.temperature=2.0"],
     "ofa": ["distill.method=ofa"],
+    "fitnet": ["distill.method=fitnet"],
 }
 
 

@@ -29,7 +29,7 @@ from kdforge.registry import suggest
 # names them here; kdforge.data.DATASETS and kdforge.distill.losses.METHODS register their loaders and losses under
 # the same names (tests/test_registries.py checks that the two agree).
 DATASET_NAMES = ("cifar100", "synthetic", "imagefolder", "webdataset")
-METHOD_NAMES = ("kd", "hard", "dkd", "dist", "ofa")
+METHOD_NAMES = ("kd", "hard", "dkd", "dist", "ofa", "fitnet")
 # the methods `[distill] logit_standardization` applies to (hard reads the teacher's argmax only, which
 # standardizing does not change; DIST is left as its paper has it)
 STANDARDIZABLE_METHODS = ("kd", "dkd")
@@ -331,7 +331,9 @@ class TeacherCacheConfig(Strict):
 
 
 class DistillConfig(Strict):
-    method: str = "kd"  # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD) | dist (DIST) | ofa (OFA-KD)
+    # kd (Hinton) | hard (DeiT hard-label) | dkd (decoupled KD) | dist (DIST) | ofa (OFA-KD) | fitnet (KD + FitNets
+    # hints: the student's stages regressed onto the teacher's through learned adapters; the teacher runs online)
+    method: str = "kd"
     temperature: Annotated[float, Field(gt=0)] = 4.0
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5  # kd/hard: weight of the teacher term; labels get 1 - alpha
     # kd/dkd: z-score each logit vector before the temperature (Sun et al., 2024); its paper pairs it with T = 2
@@ -343,6 +345,7 @@ class DistillConfig(Strict):
     ofa_eps: Annotated[float, Field(gt=0)] = 1.0
     ofa_temperature: Annotated[float, Field(gt=0)] = 1.0
     ofa_weight: Annotated[float, Field(ge=0)] = 1.0
+    hint_weight: Annotated[float, Field(ge=0)] = 1.0  # fitnet: weight of the feature hints (mean squared error)
     dkd_alpha: Annotated[float, Field(ge=0)] = 1.0  # dkd: weight of the target-class part (TCKD)
     dkd_beta: Annotated[float, Field(ge=0)] = 8.0  # dkd: weight of the non-target part (NCKD)
     # dkd: the distillation terms' weight grows linearly over the first epochs, min(epoch / warmup, 1) with epoch
@@ -358,6 +361,13 @@ class DistillConfig(Strict):
             known = ", ".join(sorted(METHOD_NAMES))
             raise ValueError(f"unknown distillation method {name!r}{suggest(name, METHOD_NAMES)}; known: {known}")
         return name
+
+    @model_validator(mode="after")
+    def _hints_need_the_teacher(self) -> DistillConfig:
+        if self.method == "fitnet" and self.teacher_cache.views:
+            raise ValueError("method = \"fitnet\" regresses the student's features onto the teacher's, and the teacher "
+                             "cache holds its logits only: distil with the teacher online (teacher_cache.views = 0)")
+        return self
 
     @model_validator(mode="after")
     def _standardizable(self) -> DistillConfig:

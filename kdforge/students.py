@@ -158,10 +158,11 @@ class CandidateRow:
 
 
 def candidate_recipe(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path) -> Recipe:
-    """The recipe a candidate is exported with: the user's, the candidate as student, only the target format."""
+    """The recipe a candidate is exported with: the user's, the candidate as student (formats are named by the
+    search, so one export folder per candidate holds every format searched so far, each reused)."""
     return recipe.model_copy(update={
         "name": f"{cfg.model}-{cfg.input_size}", "student": cfg,
-        "export": recipe.export.model_copy(update={"formats": [settings.format], "dir": str(students_dir / "exports"),
+        "export": recipe.export.model_copy(update={"formats": [], "dir": str(students_dir / "exports"),
                                                    "verify": False}),
         "quantize": recipe.quantize.model_copy(update={"enabled": False}),
     })

@@ -211,6 +211,35 @@ def test_each_chosen_stage_of_a_cnn_or_a_vit_gets_logits_of_its_own(model, kwarg
     assert all(not module._forward_hooks for module in student.modules())
 
 
+def test_fitnet_hints_pair_the_last_stages_and_teach_the_student_not_the_teacher():
+    """Each student stage is adapted to its teacher stage's channels and resolution; the hint's gradient reaches the
+    student and the adapters, never the teacher; with the teacher cache the method is refused (it reads features)."""
+    import timm
+
+    from kdforge.distill.features import FeatureHints
+
+    student = timm.create_model("test_convnext", num_classes=10)
+    teacher = timm.create_model("test_resnet", num_classes=10).requires_grad_(False)
+    spec = InputSpec(size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    hints = FeatureHints(student, spec, teacher, InputSpec(size=64, mean=(0.5,) * 3, std=(0.5,) * 3))
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        teacher(torch.nn.functional.interpolate(images, size=64))
+    student(images)
+    pairs = hints()
+    teacher_stages = [info for info in teacher.feature_info if info["reduction"] >= 4]
+    assert len(pairs) == min(len(student.feature_info), 4, len(teacher_stages)) > 1
+    assert all(adapted.shape == target.shape for adapted, target in pairs)
+    loss = hints.terms(None, None, DistillConfig(method="fitnet"))["hint"][1]
+    loss.backward()
+    assert all(p.grad is not None for p in hints.adapters.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    hints.remove()
+    with pytest.raises(ValueError, match="teacher cache holds its logits only"):
+        DistillConfig(method="fitnet", teacher_cache={"views": 2})
+
+
 def test_a_student_without_stages_is_refused_by_name():
     from kdforge.distill.features import StageProjectors
     from kdforge.errors import ModelError
@@ -220,25 +249,30 @@ def test_a_student_without_stages_is_refused_by_name():
 
 
 @pytest.mark.slow
-def test_ofa_distills_the_stages_and_exports_exactly_the_plain_student(make_recipe, tmp_path):
-    """Projectors train beside the student (their terms logged, their state in the checkpoint for --resume) and
-    never reach it: the exported graph is the graph of the plain model."""
+@pytest.mark.parametrize(("method", "terms", "modules"), [
+    ("ofa", ("ce", "ofa", "ofa1", "ofa2", "ofa3", "ofa4"), "heads."),
+    ("fitnet", ("ce", "kd", "hint"), "adapters."),
+])
+def test_feature_methods_distil_the_stages_and_export_exactly_the_plain_student(make_recipe, tmp_path, method, terms,
+                                                                                 modules):
+    """OFA's projectors and FitNets' adapters train beside the student (their terms logged, their state in the
+    checkpoint for --resume) and never reach it: the exported graph is the graph of the plain model."""
     import onnx
 
     from kdforge.checkpoint import load_state, load_weights
     from kdforge.export.converters import torch_to_onnx
     from kdforge.models import create_model
 
-    path = make_recipe(TINY_MODELS + '\n[distill]\nmethod = "ofa"\nbaseline = false\n\n[export]\nformats = ["onnx"]\n'
-                       f'dir = "{tmp_path / "exports"}"\n')
+    path = make_recipe(TINY_MODELS + f'\n[distill]\nmethod = "{method}"\nbaseline = false\n\n[export]\n'
+                       f'formats = ["onnx"]\ndir = "{tmp_path / "exports"}"\n')
     recipe = load_recipe(path, ["train.max_steps=4", "train.log_every=2", "train.limit_eval_batches=1",
                                 "verify.limit_batches=1"])
     summary = run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
     stage = tmp_path / "runs" / "tiny" / "student"
     events = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    logged = next(event for event in events if "loss_ofa" in event)
-    assert all(math.isfinite(logged[f"loss_{term}"]) for term in ("ce", "ofa", "ofa1", "ofa2", "ofa3", "ofa4"))
-    assert any(key.startswith("heads.") for key in load_state(stage / "last")["extra"])
+    logged = next(event for event in events if f"loss_{terms[-1]}" in event)
+    assert all(math.isfinite(logged[f"loss_{term}"]) for term in terms)
+    assert any(key.startswith(modules) for key in load_state(stage / "last")["extra"])
     row = summary.exports["onnx"]
     assert row["verified"] and row["passed"], row
     plain = tmp_path / "plain.onnx"

@@ -37,6 +37,8 @@ GOLDEN = {
     # ofa_eps 1, ofa_temperature 1: the soft cross-entropy -sum softmax(t) log softmax(s), batch mean (the student's
     # intermediate stages add one such term each: tests/test_distill.py)
     "ofa": (1.0, {"ofa": (1.0, 2.2934716)}),
+    # Hinton KD on the logits as "kd" (the feature hints are added by the objective: tests/test_distill.py)
+    "fitnet": (0.5, {"kd": (0.5, 1.6361172)}),
 }
 
 

@@ -65,6 +65,12 @@ def test_candidates_are_timm_models_or_refused_with_a_suggestion(tmp_path, synth
         load_recipe(auto_recipe(tmp_path, synth_root, ""))
     with pytest.raises(RecipeError, match="timed on its own"):  # a format without a file of its own
         load_recipe(auto_recipe(tmp_path, synth_root, '[student.search]\nbudget_ms = 5\nformat = "triton"\n'))
+    auto_only = load_recipe(auto_recipe(tmp_path, synth_root, "[student.search]\nbudget_ms = 5\n"))
+    from kdforge.train.stages import train_stage
+
+    with pytest.raises(RecipeError, match='the baseline stage needs a model: \\[student\\] model = "auto" is chosen'):
+        train_stage(auto_only, "baseline", runs_dir=tmp_path / "runs", consumers=[])
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(RecipeError, match="choose the student once"):
         load_recipe(auto_recipe(tmp_path, synth_root, "[student.search]\nbudget_ms = 5\n"),
                     ["experiment.seeds=[0,1]"])

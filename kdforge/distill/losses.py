@@ -156,7 +156,20 @@ def _ofa(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg
     return {"ofa": (1.0, ofa_loss(student, teacher, labels, cfg.ofa_eps, cfg.ofa_temperature))}
 
 
+@METHODS.register("fitnet")
+def _fitnet(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+            epoch: int = 1) -> Terms:
+    # Hinton KD on the logits; the objective adds the feature hints (distill/features.py, `hint_loss`)
+    return {"kd": (cfg.alpha, kd_loss(student, teacher, cfg.temperature))}
+
+
+def hint_loss(adapted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint (Romero et al., ICLR 2015): the mean squared error between the student's adapted feature map
+    and the teacher's, both (N, C, H, W) of the same shape."""
+    return F.mse_loss(adapted.float(), target.float())
+
+
 def ce_weight(cfg: DistillConfig) -> float:
-    """Cross-entropy on labels gets 1 - alpha for kd/hard (Hinton's and DeiT's mix), 1 for dkd, dist and ofa (as
-    in their papers)."""
+    """Cross-entropy on labels gets 1 - alpha for kd/hard/fitnet (Hinton's and DeiT's mix), 1 for dkd, dist and ofa
+    (as in their papers)."""
     return 1.0 if cfg.method in ("dkd", "dist", "ofa") else 1.0 - cfg.alpha

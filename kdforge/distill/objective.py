@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from kdforge.distill.features import StageProjectors
-from kdforge.distill.losses import METHODS, Terms, ce_weight, ofa_loss
+from kdforge.distill.features import FeatureHints, StageProjectors
+from kdforge.distill.losses import METHODS, Terms, ce_weight
 from kdforge.distill.teacher import FrozenTeacher
 
 if TYPE_CHECKING:
@@ -64,10 +64,12 @@ def cross_entropy_objective(label_smoothing: float = 0.0) -> Objective:
 
 
 def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,
-                             label_smoothing: float = 0.0, projectors: StageProjectors | None = None) -> Objective:
+                             label_smoothing: float = 0.0,
+                             projectors: StageProjectors | FeatureHints | None = None) -> Objective:
     """The objective; the teacher answers each batch unless the loop passes its cached `teacher_logits`
-    (then `teacher` may be None). `projectors` (method ofa): the student's intermediate stages, each distilled
-    as its own logits (`ofa1`, `ofa2`, ... weighted by `ofa_weight`)."""
+    (then `teacher` may be None). `projectors`: the student's intermediate stages (method ofa: each distilled as
+    its own logits, `ofa1`, `ofa2`, ... weighted by `ofa_weight`; method fitnet: regressed onto the teacher's
+    stages, `hint`, weighted by `hint_weight`; see distill/features.py)."""
     terms_of = METHODS.get(cfg.method)
 
     def objective(logits: Logits, labels: torch.Tensor, images: torch.Tensor,
@@ -80,9 +82,8 @@ def create_distill_objective(cfg: DistillConfig, teacher: FrozenTeacher | None,
         ce = F.cross_entropy(class_head.float(), labels, label_smoothing=label_smoothing)
         terms: Terms = {"ce": (ce_weight(cfg), ce)}
         terms.update(terms_of(distillation_head, teacher_logits, hard_labels(labels), cfg, epoch=epoch))
-        for stage, stage_logits in enumerate(projectors() if projectors is not None else [], start=1):
-            terms[f"ofa{stage}"] = (cfg.ofa_weight, ofa_loss(stage_logits, teacher_logits, hard_labels(labels),
-                                                             cfg.ofa_eps, cfg.ofa_temperature))
+        if projectors is not None:  # ofa: one term per student stage; fitnet: the feature hints
+            terms.update(projectors.terms(teacher_logits, hard_labels(labels), cfg))
         total = sum(weight * value for weight, value in terms.values() if weight)
         return total, {name: value.detach() for name, (_, value) in terms.items()}
 

@@ -28,10 +28,10 @@ from kdforge.checkpoint import checkpoint_metadata, final_weights, resolve_weigh
 from kdforge.data import load_dataset
 from kdforge.data.transforms import InputSpec
 from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
-from kdforge.distill.features import StageProjectors
+from kdforge.distill.features import FeatureHints, StageProjectors
 from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
-from kdforge.distill.teacher import load_frozen_teacher
-from kdforge.errors import CheckpointError, KdforgeError, ModelError
+from kdforge.distill.teacher import FrozenTeacher, load_frozen_teacher
+from kdforge.errors import CheckpointError, KdforgeError, ModelError, RecipeError
 from kdforge.fileio import (
     atomic_path,
     atomic_write_text,
@@ -43,7 +43,7 @@ from kdforge.fileio import (
     write_json,
 )
 from kdforge.models import count_parameters, create_model, resolve_input_spec
-from kdforge.recipe import ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
+from kdforge.recipe import AUTO, ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay, notify
@@ -80,7 +80,7 @@ class StageResult:
 
 # [distill] keys newer than finished runs, with their defaults
 LATER_DISTILL_KEYS = {"dkd_warmup_epochs": 0, "logit_standardization": False, "dist_beta": 1.0, "dist_gamma": 1.0,
-                      "ofa_eps": 1.0, "ofa_temperature": 1.0, "ofa_weight": 1.0}
+                      "ofa_eps": 1.0, "ofa_temperature": 1.0, "ofa_weight": 1.0, "hint_weight": 1.0}
 # [*.train] keys that cannot change the final weights (how often to log, checkpoint, and how much of the validation
 # split to evaluate): the fingerprint holds them at their defaults, so changing one does not retrain a finished stage
 # (and a run finished with the defaults keeps its fingerprint)
@@ -224,6 +224,9 @@ def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resum
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     cfg = recipe.model_for(stage)
+    if cfg.model == AUTO:
+        raise RecipeError(f'the {stage} stage needs a model: [student] model = "auto" is chosen by `kdforge distill` '
+                          f'(after the teacher) or by `kdforge students RECIPE --write-recipe PATH`')
     check_tracking(recipe.tracking)
     main = current_rank() == 0  # with torchrun: only rank 0 writes files, logs and shows progress
     consumers = (consumers if consumers is not None else [ProgressDisplay()]) if main else []
@@ -261,9 +264,10 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
         distillation_token = stage == "student" and hasattr(model, "set_distilled_training")
         if distillation_token:  # DeiT: its distillation token's head learns from the teacher (objective.heads)
             model.set_distilled_training(True)
-        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes)  # a student without stages: here
         teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
             if teacher_weights is not None else None
+        # a student (or, for hints, a teacher) without stages is refused here
+        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes, teacher)
         if main:
             prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
         sync()
@@ -275,8 +279,7 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
         objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
                                               consumers, projectors)
         if projectors is not None and main:
-            notify(consumers, f"student {cfg.model}: {len(projectors.heads)} stages ({', '.join(projectors.names)}) "
-                              f"distilled through training-only projectors (not part of the exported student)")
+            notify(consumers, f"student {cfg.model}: {projectors.describe()}")
         if distillation_token and main:
             notify(consumers, f"student {cfg.model}: the labels train its class head, the teacher its distillation "
                               f"head ({recipe.distill.method}); evaluation, export and serving average the two")
@@ -330,10 +333,11 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, recipe: Recipe, metrics:
 
 
 def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | None, data, runtime, runs_dir: Path,
-                       consumers, projectors: StageProjectors | None = None) -> tuple[Any, TeacherCache | None]:
+                       consumers, projectors: StageProjectors | FeatureHints | None = None,
+                       ) -> tuple[Any, TeacherCache | None]:
     """What a student learns from: the [distill] objective against `teacher` (moved to the runtime's device; its
     answers read from the teacher cache when the recipe has one), or labels alone when there is no teacher.
-    `projectors`: the student's stages to distill too (method ofa, `stage_projectors`)."""
+    `projectors`: the student's stages to distill too (methods ofa and fitnet, `stage_projectors`)."""
     if teacher is None:
         return cross_entropy_objective(cfg.train.label_smoothing), None
     teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
@@ -344,11 +348,16 @@ def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | Non
     return create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing, projectors), cache
 
 
-def stage_projectors(recipe: Recipe, stage: str, model, spec, num_classes: int) -> StageProjectors | None:
-    """Method ofa, distilled student: the training-only projectors of the student's intermediate stages."""
-    if stage != "student" or recipe.distill.method != "ofa":
+def stage_projectors(recipe: Recipe, stage: str, model, spec, num_classes: int,
+                     teacher: FrozenTeacher | None = None) -> StageProjectors | FeatureHints | None:
+    """The distilled student's training-only modules beside it: method ofa, the projectors of its intermediate
+    stages; method fitnet, the adapters of its stages onto the teacher's (hooks on both)."""
+    if stage != "student" or recipe.distill.method not in ("ofa", "fitnet"):
         return None
-    return StageProjectors(model, spec, num_classes, recipe.model_for(stage).model)
+    if recipe.distill.method == "ofa":
+        return StageProjectors(model, spec, num_classes, recipe.model_for(stage).model)
+    return FeatureHints(model, spec, teacher.model, teacher.spec,
+                        (recipe.model_for(stage).model, recipe.model_for("teacher").model))
 
 
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
