@@ -26,7 +26,6 @@ from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
 from kdforge.fileio import check_can_create, folder_lock, read_json, write_json
-from kdforge.formats import with_sources
 from kdforge.recipe import AUTO, Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
@@ -194,7 +193,7 @@ def resolve_student(recipe: Recipe, ctx: ChainContext) -> Recipe:
     recorded in runs/<name>/students/students.json when nothing it depends on changed, else a new search (the
     teacher is finished by now: the race distils from it). The search's format joins the export, so the chain
     ends by checking the budget on its own file."""
-    from kdforge.students import earlier_choice, no_fit_message, search_students
+    from kdforge.students import earlier_choice, no_fit_message, search_students, with_search_format
 
     if torch.distributed.is_initialized():
         raise RecipeError('[student] model = "auto" is resolved on one process: run `kdforge students RECIPE '
@@ -212,12 +211,10 @@ def resolve_student(recipe: Recipe, ctx: ChainContext) -> Recipe:
     notify(ctx.consumers, f"student: {winner['model']} ({'chosen earlier, reused' if found.reused else 'chosen'}: "
                           f"p50 {winner['latency_p50_ms']:.2f} ms within {search.budget_ms:g} ms{raced}; "
                           f"{ctx.runs_dir / recipe.name / layout.STUDENTS / layout.STUDENTS_RECORD})")
-    resolved = found.resolved(recipe)
-    if search.format not in with_sources(recipe_formats(resolved)):
+    resolved, added = with_search_format(found.resolved(recipe))
+    if added:
         notify(ctx.consumers, f"export: {search.format} added, the format the student was chosen for (its budget is "
                               f"checked on the chain's own file)")
-        resolved = resolved.model_copy(update={"export": resolved.export.model_copy(
-            update={"formats": [*resolved.export.formats, search.format]})})
     return resolved
 
 

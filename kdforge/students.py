@@ -365,6 +365,19 @@ class SearchResult:
         return recipe.model_copy(update={"student": chosen})
 
 
+def with_search_format(recipe: Recipe) -> tuple[Recipe, bool]:
+    """The recipe exporting its [student.search] format too (the chain checks the budget on that file), and
+    whether it was added."""
+    from kdforge.export.artifacts import recipe_formats
+    from kdforge.formats import with_sources
+
+    search = recipe.student.search
+    if search is None or search.format in with_sources(recipe_formats(recipe)):
+        return recipe, False
+    export = recipe.export.model_copy(update={"formats": [*recipe.export.formats, search.format]})
+    return recipe.model_copy(update={"export": export}), True
+
+
 def no_fit_message(result: SearchResult) -> str:
     budget, fmt = result.settings["budget_ms"], result.settings["format"]
     if not result.rows:
@@ -534,8 +547,8 @@ def choose_student(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Path
         train_stage(recipe, "teacher", runs_dir=runs_dir, retrain_stale=True, device=device, consumers=consumers)
     result = search_students(recipe, settings, runs_dir, race_on, device, consumers)
     if write_recipe is not None and result.winner is not None:
-        chosen = result.resolved(recipe.model_copy(update={"student": (recipe.student or StudentConfig(
-            model=result.winner["model"])).model_copy(update={"search": settings})}))
+        chosen, _ = with_search_format(result.resolved(recipe.model_copy(update={"student": (
+            recipe.student or StudentConfig(model=result.winner["model"])).model_copy(update={"search": settings})})))
         atomic_write_text(write_recipe, f"# {recipe.name} with the student chosen by `kdforge students` "
                                         f"({settings.format}, p50 <= {settings.budget_ms:g} ms)\n"
                           + recipe_to_toml(chosen))

@@ -241,3 +241,4 @@ def test_a_budget_nothing_meets_stops_the_chain_naming_the_fastest(auto_chain):
 
     chosen = load_recipe(path.parent / "chosen.toml")
     assert chosen.student.model in ("test_convnext", "test_efficientnet") and chosen.student.search.budget_ms == 1000
+    assert chosen.export.formats == ["onnx"]  # the searched format, so its chain checks the budget too
