@@ -27,13 +27,14 @@ choice whose key matches instead of searching again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from typing import Any
 from kdforge import layout
 from kdforge.errors import KdforgeError, RecipeError
 from kdforge.fileio import atomic_write_text, file_hash, read_json, read_metadata, write_json
-from kdforge.recipe import AUTO, ModelConfig, Recipe, SearchConfig, StudentConfig, recipe_to_toml
+from kdforge.recipe import AUTO, Recipe, SearchConfig, StudentConfig, recipe_to_toml
 from kdforge.report import plot_candidates
 from kdforge.train.events import Consumer, notify
 
@@ -77,16 +78,14 @@ def search_settings(recipe: Recipe, **overrides: Any) -> SearchConfig:
     given = {key: value for key, value in overrides.items() if value is not None}
     if base is None and "budget_ms" not in given:
         raise RecipeError(f"recipe {recipe.name!r} has no [student.search] section: give --budget-ms (and --format)")
+    from pydantic import ValidationError
+
+    from kdforge.recipe import format_validation_error
+
     try:
         return SearchConfig.model_validate({**(base.model_dump() if base else {}), **given})
-    except Exception as exc:  # pydantic's ValidationError: one line per problem
-        from pydantic import ValidationError
-
-        from kdforge.recipe import format_validation_error
-
-        if isinstance(exc, ValidationError):
-            raise RecipeError(format_validation_error(exc, "kdforge students options")) from None
-        raise
+    except ValidationError as exc:  # one line per problem, as a recipe's
+        raise RecipeError(format_validation_error(exc, "kdforge students options")) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
     """The [student] section that trains candidate `name` at `size` (its training settings, normalization and
     `pretrained` from the recipe's [student]); a model that takes img_size (ViTs) is built for `size`.
     Raises KdforgeError naming the model when it cannot take `size` inputs."""
-    from kdforge.models import create_model
+    from kdforge.models import create_model, resolve_input_spec
     from kdforge.train.stages import check_input_size
 
     base = recipe.student or StudentConfig(model=name)
@@ -109,7 +108,7 @@ def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
     for kwargs in ({"img_size": size}, {}):
         candidate = cfg.model_copy(update={"model_kwargs": kwargs, "pretrained": False})
         try:
-            check_input_size(create_model(candidate, num_classes=2), _spec(candidate), name)
+            check_input_size(create_model(candidate, num_classes=2), resolve_input_spec(candidate), name)
             return cfg.model_copy(update={"model_kwargs": kwargs})
         except KdforgeError as exc:  # says which model and why (the plain build's reason is the one kept)
             why = str(exc)
@@ -117,12 +116,6 @@ def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
             why = f"{name} does not build for {size}x{size} inputs ({type(exc).__name__}: " \
                   f"{(str(exc).splitlines() or [''])[0][:160]})"
     raise KdforgeError(why)
-
-
-def _spec(cfg: ModelConfig):
-    from kdforge.models import resolve_input_spec
-
-    return resolve_input_spec(cfg)
 
 
 def count_macs(model, size: int) -> int:
@@ -207,7 +200,7 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
     runner, entry = open_export(export_dir, settings.format, meta, threads=settings.threads)
     images = torch.randint(0, 256, (settings.batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with _torch_threads(settings.threads):
+    with torch_threads(settings.threads):
         p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, settings.repeats)
         model = load_stage_model(stage_dir, num_classes, recipe=settings_recipe)
         macs = count_macs(model, cfg.input_size)
@@ -217,22 +210,17 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
                         sha256=entry["sha256"])
 
 
-class _torch_threads:
-    """torch's CPU threads set for a block (the runners that compute in torch, e.g. ExecuTorch's preprocessing)."""
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set for a block (the runners' preprocessing runs in torch, ExecuTorch's model too)."""
+    import torch
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.before)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
@@ -303,6 +291,13 @@ def _share_cache(race_dir: Path, run_dir: Path, into_run: bool) -> None:
             shutil.copy2(source, target)
 
 
+def check_race(recipe: Recipe) -> None:
+    """The race chooses on the validation split: a recipe without one cannot race."""
+    if recipe.data.val_fraction == 0:
+        raise RecipeError("the race chooses on the validation split, and data.val_fraction is 0: hold some training "
+                          "images out (data.val_fraction = 0.1) or search without the race (--no-race)")
+
+
 def race(recipe: Recipe, configs: dict[str, StudentConfig], latency: dict[str, float], settings: SearchConfig,
          teacher_weights: Path, race_dir: Path, device: str | None = None,
          consumers: list[Consumer] | None = None) -> list[dict[str, Any]]:
@@ -311,9 +306,7 @@ def race(recipe: Recipe, configs: dict[str, StudentConfig], latency: dict[str, f
     steps, per candidate the validation top-1, its wall time, and who went on."""
     from kdforge.train.stages import train_stage
 
-    if recipe.data.val_fraction == 0:
-        raise RecipeError("the race chooses on the validation split, and data.val_fraction is 0: hold some training "
-                          "images out (data.val_fraction = 0.1) or search without the race")
+    check_race(recipe)
     consumers = consumers or []
     survivors, steps, rounds = list(configs), settings.race_steps, []
     while len(survivors) > 1:
@@ -432,6 +425,8 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
     consumers = consumers or []
     say = progress or (lambda line: notify(consumers, line))
     started = time.perf_counter()
+    if race_on:
+        check_race(recipe)
     students_dir = runs_dir / recipe.name / layout.STUDENTS
     teacher_weights = teacher_weights_for(recipe, runs_dir) if race_on else None
     profile = read_profile(Path(settings.device_profile), settings) if settings.device_profile else None
@@ -506,7 +501,7 @@ def check_budget(search: SearchConfig, export_dir: Path, run_dir: Path) -> dict[
     size = int(meta["input_size"])
     images = torch.randint(0, 256, (search.batch, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with _torch_threads(search.threads):
+    with torch_threads(search.threads):
         p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, search.repeats)
     check = {**same, "model": meta["model"], "file": entry["file"], "sha256": entry["sha256"],
              "latency_p50_ms": round(p50, 3), "latency_p95_ms": round(p95, 3), "met": p50 <= search.budget_ms,
@@ -536,6 +531,8 @@ def choose_student(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Path
     from kdforge.train.stages import stage_is_finished, train_stage
 
     consumers = [ProgressDisplay()] if consumers is None else consumers
+    if race_on:
+        check_race(recipe)
     if write_recipe is not None:
         check_can_create(write_recipe.parent, "folder for the written recipe")
         if write_recipe.is_dir():

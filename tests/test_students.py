@@ -86,6 +86,10 @@ def test_candidates_are_timm_models_or_refused_with_a_suggestion(tmp_path, synth
     assert not runs.exists()
     result = runner.invoke(cli, ["students", str(recipe), "--runs-dir", str(runs)])
     assert result.exit_code == 2 and "give --budget-ms" in result.output
+    result = runner.invoke(cli, ["students", str(recipe), "--budget-ms", "5", "--set", "data.val_fraction=0",
+                                 "--runs-dir", str(runs)])  # refused before the teacher would train
+    assert result.exit_code == 2 and "the race chooses on the validation split" in result.output
+    assert not runs.exists()
 
     # a model that cannot take the input size is named with why (ViTs get img_size when they need it)
     loaded = load_recipe(recipe)
