@@ -5,7 +5,8 @@ teacher, baseline and distilled student for a bounded number of steps with evalu
 and INT8 exports verified against the PyTorch student (true FP32 on the GPU: TF32 off); TensorRT engines when
 TensorRT imports; then `pytest -m gpu` when TensorRT imports. Prints one table and writes gpu_check.json: per
 recipe and stage images/s and peak GPU memory (torch.cuda.max_memory_allocated), verification results,
-pass/fail, versions.
+pass/fail, versions; and per recipe's pair, each distillation method's training images/s and peak memory
+(`--method-steps`, online teacher; informational, never fails the check).
 
     make gpu-check                                         # = python benchmarks/gpu_check.py (about 5 min, H100)
     python benchmarks/gpu_check.py --recipes vit_to_vit --steps 50
@@ -103,6 +104,43 @@ def check_recipe(name: str, args, work: Path, data_root: Path, formats: list[str
     return row
 
 
+def method_throughput(name: str, args) -> dict:
+    """Each distillation method's training images/s and peak memory on this recipe's pair at its input size
+    (online: the teacher answers every step; random weights, bf16 + channels_last on a GPU; `--method-steps`
+    steps after 2 of warm-up), from benchmarks/gpu_distill_throughput.py."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_distill_throughput import METHODS, method_rates
+
+    from kdforge.data.dataset import ImageDataset
+    from kdforge.data.transforms import augment_batch
+    from kdforge.distill.teacher import FrozenTeacher
+    from kdforge.models import create_model, resolve_input_spec
+    from kdforge.recipe import RuntimeConfig, load_recipe
+    from kdforge.runtime import runtime_scope
+
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.toml", [*(TINY if args.tiny else []), "teacher.pretrained=false",
+                                                            "student.pretrained=false"])
+    teacher_cfg, student_cfg = recipe.model_for("teacher"), recipe.model_for("student")
+    with runtime_scope(RuntimeConfig(device=args.device, precision="bf16")) as runtime:
+        images = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=runtime.device)
+        labels = torch.randint(0, 100, (args.batch,), device=runtime.device)
+        train = ImageDataset(images, labels, tuple(map(str, range(100))))
+        teacher_model = create_model(teacher_cfg, 100)
+        teacher = FrozenTeacher(teacher_model, resolve_input_spec(teacher_cfg))
+        teacher.to(runtime.device, runtime.uses_channels_last(teacher_model))
+
+        def batch(i):
+            return augment_batch(train.images, 4, True, torch.Generator().manual_seed(i)), None
+
+        rates = method_rates(runtime, teacher, student_cfg, METHODS, batch, labels, args.method_steps, 2)
+        del teacher, teacher_model
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rates
+
+
 def tensorrt_tests() -> dict:
     try:
         import tensorrt  # noqa: F401
@@ -110,6 +148,23 @@ def tensorrt_tests() -> dict:
         return {"ran": False, "why": "TensorRT is not installed here: engines and `pytest -m gpu` were skipped"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", str(ROOT / "tests")], cwd=ROOT)
     return {"ran": True, "exit_code": done.returncode}
+
+
+def print_methods(methods: dict) -> None:
+    """Training images/s (peak GPU GiB) per recipe and distillation method, and each against kd."""
+    if not methods:
+        return
+    names = sorted({m for rates in methods.values() for m in rates if m != "error"})
+    print("\n| recipe | " + " | ".join(f"{m} img/s (GiB)" for m in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for recipe, rates in methods.items():
+        if "error" in rates:
+            print(f"| {recipe} | ERROR {rates['error']} |")
+            continue
+        kd = rates.get("kd", {}).get("images_per_s") or 1.0
+        cells = [f"{rates[m]['images_per_s']:.0f} ({rates[m]['peak_gib']}) {rates[m]['images_per_s'] / kd:.2f}x"
+                 for m in names]
+        print(f"| {recipe} | " + " | ".join(cells) + " |")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -146,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=2560)
     parser.add_argument("--test-images", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true", help="test-size models at 32x32 (a CPU smoke run)")
+    parser.add_argument("--method-steps", type=int, default=10,
+                        help="steps per distillation method in the method throughput table (0: skip it)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
     if args.tiny:
@@ -180,12 +237,21 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(check_recipe(name, args, work, work / "data", formats))
             print(f"== {name}: {'PASS' if rows[-1]['passed'] else 'FAIL'} in {rows[-1]['seconds']} s", flush=True)
             args.out.write_text(json.dumps({"partial": True, "machine": machine, "recipes": rows}, indent=2))
+        methods = {}
+        for name in args.recipes if args.method_steps else []:
+            try:
+                methods[name] = method_throughput(name, args)
+            except Exception as exc:  # a method's failure is reported, not fatal to the acceptance check
+                methods[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                traceback.print_exc()
     trt_tests = tensorrt_tests() if cuda else {"ran": False, "why": "not a GPU run"}
     passed = all(r["passed"] for r in rows) and trt_tests.get("exit_code", 0) == 0
     print_table(rows)
+    print_methods(methods)
     print(f"\ntensorrt tests: {trt_tests}")
     result = {"passed": passed, "seconds": round(time.perf_counter() - started, 1), "machine": machine,
-              "settings": {k: str(v) for k, v in vars(args).items()}, "recipes": rows, "tensorrt_tests": trt_tests}
+              "settings": {k: str(v) for k, v in vars(args).items()}, "recipes": rows, "tensorrt_tests": trt_tests,
+              "methods": methods}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{'PASS' if passed else 'FAIL'} in {result['seconds']} s -> {args.out}")
     return 0 if passed else 1

@@ -3,6 +3,7 @@ distillation from the teacher output cache, bf16 autocast + channels_last (as kd
 
     .venv/bin/python benchmarks/gpu_distill_throughput.py                 # resnet152 -> resnet18, vit_base -> vit_tiny
     .venv/bin/python benchmarks/gpu_distill_throughput.py --batch 128 --steps 30
+    .venv/bin/python benchmarks/gpu_distill_throughput.py --methods kd dist dkd ofa fitnet   # per method, online
     .venv/bin/python benchmarks/gpu_distill_throughput.py --device cpu --pair test_resnet test_convnext \
         --size 64 --batch 8 --steps 2        # a smoke run of the script itself, on CPU
 
@@ -47,12 +48,19 @@ def cached_batches(cache, train, batch: int):
     return next_batch
 
 
-def images_per_s(runtime, cfg, objective, next_batch, labels, steps: int, warmup: int) -> float:
+def images_per_s(runtime, cfg, objective, next_batch, labels, steps: int, warmup: int, extra=None) -> float:
+    """Training images/s of student `cfg` under `objective` (a function of the student when it needs the model:
+    OFA's projectors and FitNets' adapters hook it; then `extra(model)` gives them, trained beside it)."""
     torch.manual_seed(0)
     model = runtime.place(create_model(cfg, 100).train())
     forward = runtime.for_training(model)
     spec = resolve_input_spec(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    trained = extra(model) if extra is not None else None
+    if trained is not None:
+        trained.to(runtime.device).train()
+        objective = objective(trained)
+    parameters = [*model.parameters(), *(trained.parameters() if trained is not None else [])]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-4)
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(runtime)
@@ -65,7 +73,35 @@ def images_per_s(runtime, cfg, objective, next_batch, labels, steps: int, warmup
         loss.backward()
         optimizer.step()
     synchronize(runtime)
-    return steps * len(labels) / (time.perf_counter() - started)
+    rate = steps * len(labels) / (time.perf_counter() - started)
+    if trained is not None:
+        trained.remove()
+    return rate
+
+
+METHODS = ("kd", "dist", "dkd", "ofa", "fitnet")
+
+
+def method_rates(runtime, teacher, student_cfg, methods, next_batch, labels, steps: int, warmup: int) -> dict:
+    """Per distillation method, online (the teacher answers each step): training images/s and peak GPU memory
+    (GiB; None on CPU) of the student, its projectors or adapters included."""
+    from kdforge.distill.features import FeatureHints, StageProjectors
+
+    spec = resolve_input_spec(student_cfg)
+    rates = {}
+    for method in methods:
+        cfg = DistillConfig(method=method)
+        extra = {"ofa": lambda model: StageProjectors(model, spec, 100, student_cfg.model),
+                 "fitnet": lambda model: FeatureHints(model, spec, teacher.model, teacher.spec)}.get(method)
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rate = images_per_s(runtime, student_cfg,
+                            (lambda trained, cfg=cfg: create_distill_objective(cfg, teacher, projectors=trained))
+                            if extra else create_distill_objective(cfg, teacher), next_batch, labels, steps, warmup,
+                            extra)
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if runtime.device.type == "cuda" else None
+        rates[method] = {"images_per_s": round(rate, 1), "peak_gib": peak}
+    return rates
 
 
 def main() -> None:
@@ -77,6 +113,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--pair", nargs=2, metavar=("TEACHER", "STUDENT"), help="one pair instead of the two")
+    parser.add_argument("--methods", nargs="*", default=[], choices=METHODS,
+                        help="also each of these methods online: images/s and peak memory")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu for a smoke run)")
@@ -118,6 +156,10 @@ def main() -> None:
                   f"{rates['online']:.0f} img/s, cached KD {rates['cached']:.0f} img/s "
                   f"(cached/online {rates['cached'] / rates['online']:.2f}x, cached/plain "
                   f"{rates['cached'] / rates['plain']:.2f}); cache build {build:.0f} teacher img/s", flush=True)
+            if args.methods:
+                for method, rate in method_rates(runtime, teacher, student_cfg, args.methods, online, labels,
+                                                 args.steps, args.warmup).items():
+                    print(f"    {method}: {rate['images_per_s']:.0f} img/s, peak {rate['peak_gib']} GiB", flush=True)
             del teacher, teacher_model, cache, cached
             if runtime.device.type == "cuda":
                 torch.cuda.empty_cache()

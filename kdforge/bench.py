@@ -11,6 +11,7 @@ TensorRT and a GPU are present and listed as skipped elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import read_json, read_metadata, record_or_note, write_json
 from kdforge.formats import FORMATS
 from kdforge.layout import BENCH, RECIPE, VERIFY
-from kdforge.timing import measure
+from kdforge.timing import measure, torch_threads
 
 PYTORCH = "pytorch"
 
@@ -120,7 +121,11 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
                 precision, size = entry["precision"], entry["bytes"]
                 report = verified.get(name, {})
                 top1, agreement, passed = report.get("candidate_top1"), report.get("agreement"), report.get("passed")
-            p50, p95, throughput = measure(runner, spec.size, settings.batch_size, settings.repeats, settings.warmup)
+            # another runtime is timed with torch at 1 thread (it only prepares the images): torch's idle threads
+            # would spin on the cores that runtime's threads need (timing.torch_threads)
+            with torch_threads(1) if name != PYTORCH else contextlib.nullcontext():
+                p50, p95, throughput = measure(runner, spec.size, settings.batch_size, settings.repeats,
+                                               settings.warmup)
             rows.append(BenchRow(name, runner.name, precision, size, round(p50, 3), round(p95, 3),
                                  round(throughput, 1), top1, agreement, passed))
         measured_on = machine(rt.device)

@@ -27,14 +27,13 @@ choice whose key matches instead of searching again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +187,7 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
     from kdforge.export.artifacts import export_run
     from kdforge.models import count_parameters, load_stage_model
     from kdforge.runners import open_export
-    from kdforge.timing import latency_ms
+    from kdforge.timing import latency_ms, torch_threads
 
     settings_recipe = candidate_recipe(recipe, cfg, settings, students_dir)
     stage_dir = students_dir / "candidates" / settings_recipe.name / "student"
@@ -200,27 +199,14 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
     runner, entry = open_export(export_dir, settings.format, meta, threads=settings.threads)
     images = torch.randint(0, 256, (settings.batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with torch_threads(settings.threads):
+    with torch_threads(1):  # the runtime's own threads do the work (timing.torch_threads)
         p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, settings.repeats)
-        model = load_stage_model(stage_dir, num_classes, recipe=settings_recipe)
-        macs = count_macs(model, cfg.input_size)
+    model = load_stage_model(stage_dir, num_classes, recipe=settings_recipe)
+    macs = count_macs(model, cfg.input_size)
     return CandidateRow(cfg.model, count_parameters(model), macs, entry["bytes"], round(p50, 3), round(p95, 3),
                         runner.name, "here", model_kwargs=dict(cfg.model_kwargs),
                         export_s=None if result.skipped else round(sum(result.seconds.values()), 1),
                         sha256=entry["sha256"])
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's CPU threads set for a block (the runners' preprocessing runs in torch, ExecuTorch's model too)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
@@ -486,7 +472,7 @@ def check_budget(search: SearchConfig, export_dir: Path, run_dir: Path) -> dict[
 
     from kdforge.runners import open_export
     from kdforge.runtime import describe_machine, machine
-    from kdforge.timing import latency_ms
+    from kdforge.timing import latency_ms, torch_threads
 
     meta = read_metadata(export_dir)
     if search.format not in meta.get("formats", {}):
@@ -501,7 +487,7 @@ def check_budget(search: SearchConfig, export_dir: Path, run_dir: Path) -> dict[
     size = int(meta["input_size"])
     images = torch.randint(0, 256, (search.batch, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    with torch_threads(search.threads):
+    with torch_threads(1):  # as the search timed the candidates
         p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, search.repeats)
     check = {**same, "model": meta["model"], "file": entry["file"], "sha256": entry["sha256"],
              "latency_p50_ms": round(p50, 3), "latency_p95_ms": round(p95, 3), "met": p50 <= search.budget_ms,

@@ -217,10 +217,12 @@ def int8_speed(fp32_path: Path, int8_path: Path, size: int, batch_size: int = 8)
     """A short timing on this machine with `kdforge bench`'s measurement: INT8 latency as a multiple of the FP32
     ONNX's at batch 1 (p50) and batch N (median); above 1 means INT8 is slower."""
     from kdforge.runners import OnnxRunner
-    from kdforge.timing import measure
+    from kdforge.timing import measure, torch_threads
 
-    (fp32_p50, _, fp32_rate), (int8_p50, _, int8_rate) = (
-        measure(OnnxRunner(path), size, batch_size=batch_size, repeats=15, warmup=3) for path in (fp32_path, int8_path))
+    with torch_threads(1):  # as `kdforge bench` times ONNX Runtime
+        (fp32_p50, _, fp32_rate), (int8_p50, _, int8_rate) = [
+            measure(OnnxRunner(path), size, batch_size=batch_size, repeats=15, warmup=3)
+            for path in (fp32_path, int8_path)]
     return {"batch1": round(int8_p50 / fp32_p50, 3), "batchN": round(fp32_rate / int8_rate, 3),
             "batch_size": batch_size}
 
