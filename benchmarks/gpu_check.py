@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.batch, args.train_images, args.test_images = min(args.batch, 50), 1000, 300
         args.verify_batch, args.calibration = min(args.verify_batch, 100), min(args.calibration, 64)
+        args.method_steps = min(args.method_steps, 2)
 
     import torch
 

@@ -254,5 +254,10 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path, capsys):
         assert set(row["stages"]) == {"teacher", "baseline", "student"}, row
         assert all(s["images_per_s"] > 0 for s in row["stages"].values())
         assert {name for name, e in row["exports"].items() if e["passed"]} == {"onnx", "fp16", "int8"}, row
+    # each distillation method's training rate on each recipe's pair (informational on a GPU; here: it runs)
+    assert sorted(result["methods"]) == sorted(gpu_check.RECIPES)
+    assert all(set(rates) == {"kd", "dist", "dkd", "ofa", "fitnet"} and all(r["images_per_s"] > 0 for r in
+               rates.values()) for rates in result["methods"].values()), result["methods"]
     printed = capsys.readouterr().out
     assert "| vit_to_mobilevit | teacher |" in printed and "| resnet_to_resnet | int8 |" in printed
+    assert "fitnet img/s (GiB)" in printed
