@@ -120,25 +120,34 @@ def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _named_points(ax, points: list[tuple[str, float, float, str]]) -> None:
+    """One labelled dot per (name, x, y, color)."""
+    for name, x, y, color in points:
+        ax.scatter(x, y, color=color, s=45)
+        ax.annotate(name, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
+
+
+def _finished(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+    return path
+
+
 def plot_candidates(search: dict[str, Any], path: Path) -> Path:
     """The student search's candidates (students.json): latency against file size, the budget as a line, those
     within it green, the chosen one red."""
     fig = _figure()
     ax = fig.subplots()
     settings, winner = search["settings"], (search.get("winner") or {}).get("model")
-    for row in search["rows"]:
-        color = "tab:red" if row["model"] == winner else "tab:green" if row["fits"] else "tab:gray"
-        ax.scatter(row["bytes"] / 1e6, row["latency_p50_ms"], color=color, s=40)
-        ax.annotate(row["model"], (row["bytes"] / 1e6, row["latency_p50_ms"]), fontsize=7, textcoords="offset points",
-                    xytext=(4, 3))
+    _named_points(ax, [(row["model"], row["bytes"] / 1e6, row["latency_p50_ms"],
+                        "tab:red" if row["model"] == winner else "tab:green" if row["fits"] else "tab:gray")
+                       for row in search["rows"]])
     ax.axhline(settings["budget_ms"], color="tab:red", linestyle="--", linewidth=1, label="budget")
     ax.set(xlabel=f"{settings['format']} file (MB)", ylabel=f"p50 latency at batch {settings['batch']} (ms)",
            title=f"student candidates at {search['input_size']}x{search['input_size']}")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    save_figure(fig, path)
-    return path
+    return _finished(fig, ax, path)
 
 
 def plot_race(search: dict[str, Any], path: Path) -> Path:
@@ -148,17 +157,13 @@ def plot_race(search: dict[str, Any], path: Path) -> Path:
     ax = fig.subplots()
     first, winner = search["race"][0], (search.get("winner") or {}).get("model")
     latency = {row["model"]: row["latency_p50_ms"] for row in search["rows"]}
-    for model, top1 in first["val_top1"].items():
-        ax.scatter(latency[model], top1 * 100, color="tab:red" if model == winner else "tab:blue", s=50)
-        ax.annotate(model, (latency[model], top1 * 100), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    _named_points(ax, [(model, latency[model], top1 * 100, "tab:red" if model == winner else "tab:blue")
+                       for model, top1 in first["val_top1"].items()])
     ax.axvline(search["settings"]["budget_ms"], color="tab:red", linestyle="--", linewidth=1, label="budget")
     ax.set(xlabel=f"p50 latency on the target ({search['settings']['format']}, ms)",
            ylabel=f"validation top-1 after {first['steps']} steps (%)", title="the race: accuracy vs latency")
     ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    save_figure(fig, path)
-    return path
+    return _finished(fig, ax, path)
 
 
 def plot_sizes(sizes: dict[str, int], path: Path) -> Path:
