@@ -1,7 +1,8 @@
 """The student search (`kdforge students`, `[student] model = "auto"`): candidates are timm models or refused with a
 suggestion, each is exported and timed on the target format (a second search reuses the exports), a device profile
 written by the torch-free probe replaces this machine's timings, the race keeps the candidate that learns, and the
-chain distils the winner, checks its own file against the budget and reuses the choice when run again."""
+chain distils the winner, checks its own file against the budget and reuses the choice when run again. All but the
+first export or train (marked slow: `make test-fast` leaves them out)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def test_candidates_are_timm_models_or_refused_with_a_suggestion(tmp_path, synth
         candidate_config(loaded, "test_vit", 8)
 
 
+@pytest.mark.slow  # exports and trains
 def test_the_latency_table_ranks_three_candidates_and_a_second_search_reuses_their_exports(searched):
     import timm
 
@@ -127,6 +129,7 @@ def test_the_latency_table_ranks_three_candidates_and_a_second_search_reuses_the
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
 
 
+@pytest.mark.slow  # exports and trains
 def test_the_device_profile_replaces_this_machines_timings(searched, tmp_path):
     from kdforge.students import search_students
 
@@ -184,6 +187,7 @@ def auto_chain(tmp_path_factory, synth_root):
     return path, runs, result.output
 
 
+@pytest.mark.slow  # exports and trains
 def test_an_auto_student_is_chosen_distilled_checked_against_its_budget_and_reused(auto_chain):
     path, runs, output = auto_chain
     run = runs / "auto"
@@ -212,6 +216,7 @@ def test_an_auto_student_is_chosen_distilled_checked_against_its_budget_and_reus
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing searched, raced or re-timed
 
 
+@pytest.mark.slow  # exports and trains
 def test_the_race_keeps_the_candidate_that_learns(auto_chain):
     """Two candidates, one of which cannot learn (its learning rate is 1e-12) and is the faster one: the race
     chooses on validation accuracy, so the learner wins."""
@@ -232,6 +237,7 @@ def test_the_race_keeps_the_candidate_that_learns(auto_chain):
     assert scores["test_resnet"] > scores["test_byobnet"] + 0.03, scores
 
 
+@pytest.mark.slow  # exports and trains
 def test_a_budget_nothing_meets_stops_the_chain_naming_the_fastest(auto_chain):
     path, runs, _ = auto_chain
     result = runner.invoke(cli, ["distill", str(path), "--runs-dir", str(runs), "--set",
