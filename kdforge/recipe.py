@@ -197,6 +197,17 @@ class TrainConfig(Strict):
     log_every: PositiveInt = 20  # steps between metric lines
 
 
+def known_timm_model(name: str) -> str:
+    """`name` when timm has its architecture (a pretrained tag after a dot is allowed), else a ValueError naming the
+    closest ones."""
+    import timm
+
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r}{suggest(arch, timm.list_models())}")
+    return name
+
+
 class ModelConfig(Strict):
     model: str  # a timm model name, optionally with a pretrained tag: "vit_base_patch16_224.augreg_in21k"
     pretrained: bool = False  # timm's own download of ImageNet weights
@@ -212,12 +223,7 @@ class ModelConfig(Strict):
     @field_validator("model")
     @classmethod
     def _known_timm_model(cls, name: str) -> str:
-        import timm
-
-        arch = name.split(".", 1)[0]
-        if not timm.is_model(arch):
-            raise ValueError(f"unknown timm model {arch!r}{suggest(arch, timm.list_models())}")
-        return name
+        return known_timm_model(name)
 
     @field_validator("weights")
     @classmethod
@@ -283,11 +289,8 @@ class SearchConfig(Strict):
     @field_validator("candidates")
     @classmethod
     def _known_candidates(cls, names: list[str]) -> list[str]:
-        import timm
-
         for name in names:
-            if not timm.is_model(name.split(".", 1)[0]):
-                raise ValueError(f"unknown timm model {name!r}{suggest(name, timm.list_models())}")
+            known_timm_model(name)
         if len(set(names)) != len(names):
             raise ValueError("candidates lists a model twice")
         return names
@@ -307,7 +310,7 @@ class StudentConfig(ModelConfig):
     @field_validator("model")
     @classmethod
     def _known_timm_model(cls, name: str) -> str:
-        return name if name == AUTO else ModelConfig._known_timm_model(name)
+        return name if name == AUTO else known_timm_model(name)
 
     @model_validator(mode="after")
     def _auto_needs_search(self) -> StudentConfig:

@@ -182,12 +182,10 @@ def initial_stage(recipe: Recipe, cfg: StudentConfig, stage_dir: Path, num_class
 def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path,
                       num_classes: int, consumers: list[Consumer] | None = None) -> CandidateRow:
     """Export candidate `cfg` to the search's format (reused when exported before) and time it here."""
-    import torch
 
     from kdforge.export.artifacts import export_run
     from kdforge.models import count_parameters, load_stage_model
     from kdforge.runners import open_export
-    from kdforge.timing import latency_ms, torch_threads
 
     settings_recipe = candidate_recipe(recipe, cfg, settings, students_dir)
     stage_dir = students_dir / "candidates" / settings_recipe.name / "student"
@@ -197,16 +195,26 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
     export_dir = result.export_dir
     meta = read_metadata(export_dir)
     runner, entry = open_export(export_dir, settings.format, meta, threads=settings.threads)
-    images = torch.randint(0, 256, (settings.batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    with torch_threads(1):  # the runtime's own threads do the work (timing.torch_threads)
-        p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, settings.repeats)
+    p50, p95 = time_runner(runner, cfg.input_size, settings)
     model = load_stage_model(stage_dir, num_classes, recipe=settings_recipe)
     macs = count_macs(model, cfg.input_size)
     return CandidateRow(cfg.model, count_parameters(model), macs, entry["bytes"], round(p50, 3), round(p95, 3),
                         runner.name, "here", model_kwargs=dict(cfg.model_kwargs),
                         export_s=None if result.skipped else round(sum(result.seconds.values()), 1),
                         sha256=entry["sha256"])
+
+
+def time_runner(runner, size: int, settings: SearchConfig) -> tuple[float, float]:
+    """(p50, p95) ms per call of `runner` on fixed random uint8 images at the search's batch, after warm-up, with
+    torch at 1 thread: the runtime's own threads do the work (`timing.torch_threads`)."""
+    import torch
+
+    from kdforge.timing import latency_ms, torch_threads
+
+    images = torch.randint(0, 256, (settings.batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch_threads(1):
+        return latency_ms(lambda: runner.predict(images), WARMUP, settings.repeats)
 
 
 def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
@@ -468,11 +476,9 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
 def check_budget(search: SearchConfig, export_dir: Path, run_dir: Path) -> dict[str, Any]:
     """Time the chain's final file in the search's format as the search timed the candidates, and say whether it
     met the budget (runs/<name>/students/budget.json). Kept when the file is the one already checked."""
-    import torch
 
     from kdforge.runners import open_export
     from kdforge.runtime import describe_machine, machine
-    from kdforge.timing import latency_ms, torch_threads
 
     meta = read_metadata(export_dir)
     if search.format not in meta.get("formats", {}):
@@ -484,11 +490,7 @@ def check_budget(search: SearchConfig, export_dir: Path, run_dir: Path) -> dict[
     if earlier.get("sha256") == entry["sha256"] and {key: earlier.get(key) for key in same} == same:
         return earlier
     runner, entry = open_export(export_dir, search.format, meta, threads=search.threads)
-    size = int(meta["input_size"])
-    images = torch.randint(0, 256, (search.batch, 3, size, size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    with torch_threads(1):  # as the search timed the candidates
-        p50, p95 = latency_ms(lambda: runner.predict(images), WARMUP, search.repeats)
+    p50, p95 = time_runner(runner, int(meta["input_size"]), search)  # as the search timed the candidates
     check = {**same, "model": meta["model"], "file": entry["file"], "sha256": entry["sha256"],
              "latency_p50_ms": round(p50, 3), "latency_p95_ms": round(p95, 3), "met": p50 <= search.budget_ms,
              "margin_ms": round(search.budget_ms - p50, 3), "runtime": runner.name,
