@@ -7,6 +7,7 @@ Heavy imports (torch, timm) happen inside the commands, so `kdforge --help` is i
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -244,20 +245,26 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
               kdforge distill recipes/vit_to_vit.toml --nproc 8
               kdforge distill recipes/vit_to_vit.toml --nproc 8 --nnodes 2 --rdzv-endpoint node0:29400   # on both
     """
-    from kdforge.estimate import minutes
+    from kdforge.plan import describe_plan
     from kdforge.recipe import load_recipe
-    from kdforge.runtime import describe_machine, distributed_session
-    from kdforge.seeds import run_recipe
 
     if seeds is not None:
         set_ = [*(set_ or []), f"experiment.seeds=[{_parse_seeds(seeds)}]"]
     if nproc > 1 or nnodes > 1:
         _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)], nnodes,
                          rdzv_endpoint, recipe.stem)
-    with user_errors(), distributed_session():
+    with user_errors():  # the recipe is checked and the plan said before torch is imported (about 3 s)
         loaded = load_recipe(recipe, set_ or [])
+        plan_shown = os.environ.get("RANK", "0") == "0"  # torchrun's rank of this process, read before torch
+        if plan_shown:
+            out.print(describe_plan(loaded), highlight=False, soft_wrap=True)
+    from kdforge.estimate import minutes
+    from kdforge.runtime import describe_machine, distributed_session
+    from kdforge.seeds import run_recipe
+
+    with user_errors(), distributed_session():
         main = _is_main()
-        summary = run_recipe(loaded, runs_dir=runs_dir, resume=resume, device=device,
+        summary = run_recipe(loaded, runs_dir=runs_dir, resume=resume, device=device, plan_shown=plan_shown,
                              warn=lambda line: err.print(f"note: {line}", highlight=False))
     if not main:
         return

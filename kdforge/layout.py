@@ -24,8 +24,14 @@ a finished stage is `models.load_stage_model`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
+
+# the user's cache ($KDFORGE_CACHE_DIR, else ~/.cache/kdforge): what kdforge derives once and reuses across runs
+CACHE_ENV = "KDFORGE_CACHE_DIR"
+DECODED = "decoded"  # the decode cache of ImageFolder/WebDataset images (data/imagefolder.py)
+MODEL_NAMES = "timm-models"  # the index of timm's model names, one file per timm version (model_names.py)
 
 # a stage folder
 RECIPE = "recipe.toml"
@@ -71,6 +77,11 @@ TRAINING_STAGES = ("teacher", "baseline", "student")  # in the order the chain t
 QAD = "qad"  # the stage of quantization-aware distillation (train/qad.py): its output is an ONNX file
 QAD_ONNX = "student.qad.onnx"  # runs/<recipe>/qad/student.qad.onnx
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student is exported, else the baseline student
+
+
+def user_cache_dir() -> Path:
+    """The user's kdforge cache: $KDFORGE_CACHE_DIR, else ~/.cache/kdforge."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdforge")
 
 
 def seed_run_name(name: str, seed: int) -> str:

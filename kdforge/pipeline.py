@@ -24,27 +24,15 @@ from kdforge import layout
 from kdforge.data import describe_data
 from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
-from kdforge.export.artifacts import ExportResult, export_run, recipe_formats
+from kdforge.export.artifacts import ExportResult, export_run
 from kdforge.fileio import check_can_create, folder_lock, read_json, write_json
+from kdforge.plan import describe_plan, plan_stages, recipe_formats
 from kdforge.recipe import AUTO, Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
 from kdforge.tracking import check_tracking, track_summary
 from kdforge.train.events import Consumer, ProgressDisplay, notify
 from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
-
-
-def plan_stages(recipe: Recipe) -> list[str]:
-    if recipe.teacher is None or recipe.student is None:
-        missing = "[teacher]" if recipe.teacher is None else "[student]"
-        raise RecipeError(f"recipe {recipe.name!r} has no {missing} section; distillation needs both")
-    stages = ["teacher_eval" if recipe.teacher.checkpoint else "teacher"]
-    if recipe.distill.baseline:
-        stages.append("baseline")
-    stages.append("student")
-    if recipe_formats(recipe) or recipe.student.model == AUTO:  # an "auto" student ships in its search's format
-        stages.append("export")
-    return stages
 
 
 @dataclass
@@ -150,34 +138,12 @@ def tracked_files(recipe: Recipe, runs_dir: Path) -> list[Path]:
             *layout.export_files(layout.export_dir(recipe.export.dir, recipe.name))]
 
 
-def describe_plan(recipe: Recipe) -> str:
-    """One line saying what the chain will do, before it starts."""
-    parts = []
-    for stage in plan_stages(recipe):
-        if stage in STAGES:
-            cfg = recipe.model_for(stage)
-            what = {"teacher": "teacher", "baseline": "baseline (labels only)",
-                    "student": f"distilled student ({recipe.distill.method} from the teacher)"}[stage]
-            model = cfg.model
-            if model == AUTO:
-                model = f"(chosen by the search: {cfg.search.format} p50 <= {cfg.search.budget_ms:g} ms)"
-            parts.append(f"{what} {model} {cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}")
-        elif stage == "teacher_eval":
-            parts.append(f"evaluate the teacher {recipe.teacher.checkpoint}")
-        elif stage == "export":
-            formats = recipe_formats(recipe)
-            if recipe.student.model == AUTO and recipe.student.search.format not in formats:
-                formats.append(recipe.student.search.format)
-            parts.append("export " + ", ".join(formats)
-                         + (" + verification on the test split" if recipe.export.verify else ""))
-    return f"{recipe.name}: " + " -> ".join(parts)
-
-
-def announce(recipe: Recipe, ctx: ChainContext) -> None:
-    """Say what the chain will do and, when it trains for long enough to be worth measuring, how long its
-    training should take here (not under torchrun: an estimate needs the machine to itself)."""
-    notes = [describe_plan(recipe), *filter(None, [describe_data(recipe.data)])]
-    pending = [stage for stage in plan_stages(recipe)  # an "auto" student is not known yet: the teacher's alone
+def announce(recipe: Recipe, stages: list[str], ctx: ChainContext, plan_shown: bool = False) -> None:
+    """Say what the chain will do (unless the caller said it already: the CLI prints the plan before torch is
+    imported) and, when it trains for long enough to be worth measuring, how long its training should take here
+    (not under torchrun: an estimate needs the machine to itself)."""
+    notes = [*([] if plan_shown else [describe_plan(recipe, stages)]), *filter(None, [describe_data(recipe.data)])]
+    pending = [stage for stage in stages  # an "auto" student is not known yet: the teacher's alone
                if stage in STAGES and not stage_is_finished(recipe, stage, ctx.runs_dir)
                and (stage == "teacher" or recipe.student.model != AUTO)]
     if pending and not torch.distributed.is_initialized():
@@ -230,14 +196,16 @@ def write_summary(path: Path, summary: DistillSummary) -> None:
 
 def run_distill(
     recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
-    consumers: list[Consumer] | None = None,
+    consumers: list[Consumer] | None = None, plan_shown: bool = False,
 ) -> DistillSummary:
     """Run the recipe's stages. Under torchrun every process trains (each its share of every batch); only
-    rank 0 exports, writes summary.json and the report, and its summary is the one to print."""
+    rank 0 exports, writes summary.json and the report, and its summary is the one to print. `plan_shown`: the
+    caller printed `describe_plan` already."""
     # what can be checked for the whole chain is checked before its first stage: a machine without the device,
     # or a file where the runs or exports folder goes, fails here and not after hours of training
+    stages = plan_stages(recipe)
     check_can_create(Path(runs_dir) / recipe.name, "run folder")
-    if "export" in plan_stages(recipe):
+    if "export" in stages:
         check_can_create(Path(recipe.export.dir) / recipe.name, "export folder")
     resolve_device(device or recipe.runtime.device)
     check_tracking(recipe.tracking)
@@ -250,9 +218,9 @@ def run_distill(
     # one kdforge process at a time on a run, from its first stage to its summary (rank 0 holds it for all ranks)
     with folder_lock(ctx.runs_dir / recipe.name, "run") if main else contextlib.nullcontext():
         if main:
-            announce(recipe, ctx)
+            announce(recipe, stages, ctx, plan_shown)
         results = {}
-        for stage in plan_stages(recipe):
+        for stage in stages:
             if stage == "export" and not main:
                 continue
             if stage in ("baseline", "student") and recipe.student.model == AUTO:  # the teacher is trained now

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdforge.errors import RecipeError
 from kdforge.formats import FORMATS
+from kdforge.model_names import check_timm_model
 from kdforge.registry import suggest
 
 # The names `[data] dataset` and `[distill] method` accept. The recipe sits below the data and the losses, so it
@@ -197,17 +198,6 @@ class TrainConfig(Strict):
     log_every: PositiveInt = 20  # steps between metric lines
 
 
-def known_timm_model(name: str) -> str:
-    """`name` when timm has its architecture (a pretrained tag after a dot is allowed), else a ValueError naming the
-    closest ones."""
-    import timm
-
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown timm model {arch!r}{suggest(arch, timm.list_models())}")
-    return name
-
-
 class ModelConfig(Strict):
     model: str  # a timm model name, optionally with a pretrained tag: "vit_base_patch16_224.augreg_in21k"
     pretrained: bool = False  # timm's own download of ImageNet weights
@@ -223,7 +213,7 @@ class ModelConfig(Strict):
     @field_validator("model")
     @classmethod
     def _known_timm_model(cls, name: str) -> str:
-        return known_timm_model(name)
+        return check_timm_model(name)
 
     @field_validator("weights")
     @classmethod
@@ -290,7 +280,7 @@ class SearchConfig(Strict):
     @classmethod
     def _known_candidates(cls, names: list[str]) -> list[str]:
         for name in names:
-            known_timm_model(name)
+            check_timm_model(name)
         if len(set(names)) != len(names):
             raise ValueError("candidates lists a model twice")
         return names
@@ -310,7 +300,7 @@ class StudentConfig(ModelConfig):
     @field_validator("model")
     @classmethod
     def _known_timm_model(cls, name: str) -> str:
-        return name if name == AUTO else known_timm_model(name)
+        return name if name == AUTO else check_timm_model(name)
 
     @model_validator(mode="after")
     def _auto_needs_search(self) -> StudentConfig:

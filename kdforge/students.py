@@ -355,8 +355,8 @@ class SearchResult:
 def with_search_format(recipe: Recipe) -> tuple[Recipe, bool]:
     """The recipe exporting its [student.search] format too (the chain checks the budget on that file), and
     whether it was added."""
-    from kdforge.export.artifacts import recipe_formats
     from kdforge.formats import with_sources
+    from kdforge.plan import recipe_formats
 
     search = recipe.student.search
     if search is None or search.format in with_sources(recipe_formats(recipe)):

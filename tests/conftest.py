@@ -142,3 +142,39 @@ def export_copy(served_export, tmp_path):
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("bench.json"))
     return copy
+
+
+# A sitecustomize module that makes torch, torchvision and timm unimportable in a subprocess: what a command that
+# promises not to need them is run under. With KDFORGE_REPORT_IMPORTS set it lets the import through instead and
+# first prints one line, "importing <name>", so a test can see what the command said before it needed torch.
+_BLOCKER = '''
+import os, sys
+
+HEAVY = ("torch", "torchvision", "timm")
+
+
+class _Heavy:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in HEAVY:
+            return None
+        if os.environ.get("KDFORGE_REPORT_IMPORTS"):
+            print(f"importing {name}", flush=True)
+            sys.meta_path.remove(self)
+            return None
+        raise ImportError(f"{name} is made unimportable by this test")
+
+
+sys.meta_path.insert(0, _Heavy())
+'''
+
+
+def without_torch_env(folder: Path, report: bool = False) -> dict[str, str]:
+    """The environment of a subprocess in which torch, torchvision and timm cannot be imported (`report`: they can,
+    after the line "importing <name>"); the index of timm's model names is already in the session's cache."""
+    from kdforge.model_names import timm_model_names
+
+    timm_model_names()  # writes the index for this timm into $KDFORGE_CACHE_DIR (the session's) when missing
+    (folder / "sitecustomize.py").write_text(_BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+    env.pop("KDFORGE_REPORT_IMPORTS", None)
+    return {**env, "KDFORGE_REPORT_IMPORTS": "1"} if report else env

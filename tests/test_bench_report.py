@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from kdforge.errors import ExportError, KdforgeError
 from kdforge.report import epoch_curves, write_report
 from kdforge.timing import percentile
 
-from .conftest import TINY_MODELS
+from .conftest import TINY_MODELS, without_torch_env
 from .test_export import trained_student
 
 pytestmark = pytest.mark.slow  # a distilled chain with exports, then bench and report
@@ -89,6 +91,16 @@ def test_bench_then_report_show_accuracy_latency_and_size_per_format(distilled_r
         assert f"| {name} | {rows[name]['bytes'] / 1e6:.2f} |" in markdown
     for plot in ("curves.png", "accuracy_latency.png", "size.png"):
         assert_real_plot(report / plot)
+
+
+def test_report_runs_without_torch_or_timm(distilled_run, tmp_path):
+    """ARCHITECTURE.md: `kdforge report` never loads torch; run where torch and timm cannot be imported."""
+    run_dir, _, _ = distilled_run
+    (run_dir / "report" / "report.md").unlink()
+    result = subprocess.run([sys.executable, "-m", "kdforge", "report", str(run_dir)], capture_output=True, text=True,
+                            env=without_torch_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| onnx |" in (run_dir / "report" / "report.md").read_text()
 
 
 def test_bench_refuses_formats_the_export_does_not_have(distilled_run):

@@ -30,6 +30,7 @@ from kdforge.data.loader import prefetch
 from kdforge.data.stream import FileImages, SampleRef
 from kdforge.errors import DataError
 from kdforge.fileio import atomic_path, remove_leftovers
+from kdforge.layout import DECODED, user_cache_dir
 
 if TYPE_CHECKING:
     from kdforge.recipe import DataConfig
@@ -154,8 +155,8 @@ def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int) -> Da
 
 
 def cache_root() -> Path:
-    """Where decoded datasets are kept: $KDFORGE_CACHE_DIR, else ~/.cache/kdforge."""
-    return Path(os.environ.get("KDFORGE_CACHE_DIR") or Path.home() / ".cache" / "kdforge") / "decoded"
+    """Where decoded datasets are kept: $KDFORGE_CACHE_DIR/decoded, else ~/.cache/kdforge/decoded."""
+    return user_cache_dir() / DECODED
 
 
 def decode_key(refs: list[SampleRef], size: int) -> str:

@@ -30,6 +30,7 @@ from kdforge.formats import FORMATS, with_sources
 from kdforge.layout import METADATA
 from kdforge.locate import resolve_export_source
 from kdforge.phases import Phases
+from kdforge.plan import recipe_formats
 from kdforge.recipe import (
     QuantizeConfig,
     Recipe,
@@ -90,14 +91,6 @@ def build_metadata(recipe: Recipe, stage_dir: Path, classes: tuple[str, ...], sp
         "kdforge_version": __version__, "torch_version": torch.__version__, "timm_version": timm.__version__,
         "opset": opset,
     }
-
-
-def recipe_formats(recipe: Recipe) -> list[str]:
-    """The formats a recipe asks for: [export] formats, plus int8 when [quantize] is enabled."""
-    formats = list(recipe.export.formats)
-    if recipe.quantize.enabled and "int8" not in formats:
-        formats.append("int8")
-    return formats
 
 
 def unbuildable_here(formats: list[str]) -> dict[str, str]:
