@@ -17,6 +17,54 @@ def synth_data_section(root: Path) -> str:
             f"synthetic = {{ train = {SYNTH['train']}, test = {SYNTH['test']}, seed = {SYNTH['seed']} }}\n")
 
 
+# Fixtures that train (once per session or module): a test that asks for one, directly or through another fixture,
+# is slow whatever its own marks say, and `make test-fast` leaves it out.
+TRAINED_FIXTURES = frozenset({"trained_students", "every_format", "served_export", "export_copy",  # conftest
+                              "chain", "distilled_run", "auto_chain", "searched", "method_runs"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def refuse_training(patch: pytest.MonkeyPatch, why: str) -> None:
+    """Make the training loop (`fit`, wherever it is imported) raise AssertionError(`why`)."""
+    import kdforge.estimate
+    import kdforge.train.qad
+    import kdforge.train.stages
+    from kdforge.train import loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(why)
+
+    real = loop.fit
+    for module in (loop, kdforge.train.stages, kdforge.train.qad, kdforge.estimate):
+        if getattr(module, "fit", None) is real:
+            patch.setattr(module, "fit", refuse)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_lane_trains_nothing(request):
+    """In the lane without slow tests (`make test-fast`), nothing trains, fixtures included."""
+    if "not slow" not in (request.config.getoption("markexpr") or ""):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        refuse_training(patch, "a test or fixture of the fast lane trains a model: mark the test slow (a fixture "
+                               "that trains: add it to TRAINED_FIXTURES in tests/conftest.py)")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def unmarked_tests_train_nothing(request, monkeypatch):
+    """In any lane: a test without the slow or heavy mark that trains fails, naming itself."""
+    if not (request.node.get_closest_marker("slow") or request.node.get_closest_marker("heavy")):
+        refuse_training(monkeypatch, f"{request.node.nodeid} trains a model: mark it slow, or use a shared trained "
+                                     "fixture")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def decode_cache(tmp_path_factory) -> Path:
     """The decode cache of ImageFolder/WebDataset data lives in the session's temporary folder, not ~/.cache."""

@@ -368,6 +368,7 @@ RUN_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RUN_CASES), ids=list(RUN_CASES))
 def test_damaged_run(case, copy, tmp_path):
     recipe, runs, exports, args = copy
@@ -455,6 +456,7 @@ def test_a_damaged_bench_json_falls_back_to_the_verified_choice(copy):
     assert "bench.json" in served.info["chosen_because"]
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_checkpoint_write_are_removed_and_resume_finishes(copy):
     recipe, runs, _, args = copy
     stage = runs / "tiny" / "student"
@@ -467,6 +469,7 @@ def test_leftovers_of_a_killed_checkpoint_write_are_removed_and_resume_finishes(
     assert not leftover.exists() and (stage / "result.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_damaged_teacher_cache_is_rebuilt_not_trusted(copy):
     recipe, runs, _, args = copy
     cached = ["--set", "distill.teacher_cache.views=1"]
@@ -657,6 +660,10 @@ def test_commands_that_only_read_work_on_a_read_only_run_and_export(case, copy, 
     make_args, record = READ_ONLY_COMMANDS[case]
     done = invoke("distill", copy[0], *copy[3])  # brings the copied chain's records up to date at their new path
     assert done.exit_code == 0, done.output
+    recorded = copy[2] / "tiny" / str(record)
+    if record and recorded.is_file():  # an outdated record, so the command has something to update (a record that
+        # came out byte for byte the same, timings included, would rightly be left alone without a warning)
+        recorded.write_text(recorded.read_text().replace('"seconds": ', '"seconds": 1000'))
     before = snapshot(copy[0].parent)
     real = Path.replace
 
@@ -692,6 +699,7 @@ def test_a_chain_run_again_reuses_its_export_only_while_nothing_it_holds_changed
     assert again.exit_code == 0 and reused not in again.output and not onnx.read_bytes().endswith(b"\0")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_resumable(copy, tmp_path, monkeypatch):
     """torch reports a failed write as RuntimeError ("unexpected pos"); on a full disk it is the full-disk line."""
     import kdforge.checkpoint as checkpoint

@@ -29,6 +29,7 @@ IMAGE = "localhost/kdforge-serve-test"
 
 pytestmark = [
     pytest.mark.container,
+    pytest.mark.heavy,
     pytest.mark.skipif(not (shutil.which("podman") and shutil.which("debootstrap")),
                        reason="needs podman and debootstrap (apt-get install podman runc debootstrap; .ci/run does)"),
 ]

@@ -384,6 +384,7 @@ class Recorder(torch.nn.Module):
         return self.model(x)
 
 
+@pytest.mark.slow
 def test_teacher_sees_the_same_augmented_batch_with_its_own_size_and_normalization(make_recipe, tmp_path):
     """A teacher with another input size and mean/std than the student sees exactly what it sees at evaluation."""
     from kdforge.data import load_dataset
@@ -576,6 +577,7 @@ def test_the_estimate_is_near_the_stages_real_time(make_recipe, tmp_path, monkey
     assert real / 2.5 < estimate < real * 2.5, (estimate, real)
 
 
+@pytest.mark.slow
 def test_a_stage_counts_as_finished_exactly_when_the_chain_would_reuse_it(make_recipe, tmp_path):
     from kdforge.train.stages import stage_is_finished, train_stage
 

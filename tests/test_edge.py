@@ -13,13 +13,15 @@ from typer.testing import CliRunner
 from kdforge.cli import app
 from kdforge.errors import ExportError
 
-pytestmark = pytest.mark.slow  # ExecuTorch's lowering takes 10-30 s a program on 2 cores
+pytestmark = pytest.mark.slow
+heavy = pytest.mark.heavy  # ExecuTorch's lowering takes 10-30 s a program on 2 cores
 runner = CliRunner()
 needs = {module: pytest.mark.skipif(importlib.util.find_spec(module) is None,
                                     reason=f"{module} is part of the dev install (make test)")
          for module in ("executorch", "pnnx", "litert_torch")}
 
 
+@heavy
 @needs["executorch"]
 @needs["pnnx"]
 @needs["litert_torch"]
@@ -75,6 +77,7 @@ def test_a_vit_student_on_executorch_litert_and_ncnn_is_verified_and_benchmarked
     assert all(rows[name].latency_p50_ms > 0 and rows[name].throughput > 0 for name in rows)
 
 
+@heavy
 @needs["executorch"]
 def test_a_failing_pt2e_int8_escalates_to_the_accuracy_aware_search(make_recipe, tmp_path):
     """The escalation rule of the ONNX INT8 on a PT2E format: when PTQ fails verification, the accuracy-aware step
@@ -101,6 +104,7 @@ def test_a_failing_pt2e_int8_escalates_to_the_accuracy_aware_search(make_recipe,
                for note in result.notes), result.notes
 
 
+@heavy
 @needs["executorch"]
 def test_the_pt2e_search_keeps_layers_in_float_until_the_held_out_drop_is_within_bounds():
     """Calibrated on black images, INT8 clamps every activation and answers one class: the search keeps 1, 2, 4, ...
@@ -129,6 +133,7 @@ def test_the_pt2e_search_keeps_layers_in_float_until_the_held_out_drop_is_within
     assert set(search.sensitivity) == set(layers) and all(v >= 0 for v in search.sensitivity.values())
 
 
+@heavy
 @needs["pnnx"]
 @needs["litert_torch"]
 def test_a_cnn_on_ncnn_and_litert_is_verified_benchmarked_and_served(every_format, monkeypatch):
@@ -179,6 +184,7 @@ def test_without_its_runtime_a_format_exits_3_naming_the_extra(trained_students,
     assert (tmp_path / "cnn" / "student.onnx").is_file()  # the other formats were still made and verified
 
 
+@heavy
 @needs["executorch"]
 def test_a_model_executorch_cannot_lower_is_one_error_naming_the_fix(trained_students, tmp_path):
     """The shared ViT is built with timm's dynamic_img_size: its export names the setting that makes it lowerable."""

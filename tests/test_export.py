@@ -44,6 +44,7 @@ def test_reference_students_export_and_verify(make_recipe, tmp_path, model, size
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
 
 
+@pytest.mark.slow
 def test_artifacts_carry_their_metadata(make_recipe, tmp_path):
     stage = trained_student(make_recipe, tmp_path)
     result = export_run(stage, ["onnx"])
@@ -62,6 +63,7 @@ def test_artifacts_carry_their_metadata(make_recipe, tmp_path):
     assert json.loads((export_dir / "verify.json").read_text())["onnx"]["passed"] is True
 
 
+@pytest.mark.slow
 def test_tampered_and_truncated_onnx_are_refused_cleanly(make_recipe, tmp_path):
     stage = trained_student(make_recipe, tmp_path)
     export_run(stage, ["onnx"], verify=False)
@@ -82,6 +84,7 @@ def test_tampered_and_truncated_onnx_are_refused_cleanly(make_recipe, tmp_path):
         verify_export(artifact.parent, "onnx")
 
 
+@pytest.mark.slow
 def test_failed_verification_exits_non_zero_and_is_recorded_as_failed(make_recipe, tmp_path):
     stage = trained_student(make_recipe, tmp_path)
     export_run(stage, ["onnx"], verify=False)
@@ -121,6 +124,7 @@ def test_wrong_input_size_is_a_clear_error_on_the_command_line(make_recipe, tmp_
     assert "does not accept 32x32 inputs" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_export_command_uses_the_most_recent_run_and_says_which(make_recipe, tmp_path):
     trained_student(make_recipe, tmp_path)
     result = runner.invoke(app, ["export", "--runs-dir", str(tmp_path / "runs")])
@@ -130,6 +134,7 @@ def test_export_command_uses_the_most_recent_run_and_says_which(make_recipe, tmp
     assert result.exit_code == 0 and "verifying the most recent export" in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_format_is_rejected_before_work_starts(make_recipe, tmp_path):
     stage = trained_student(make_recipe, tmp_path)
     result = runner.invoke(app, ["export", str(stage), "--format", "onxx"])
@@ -137,6 +142,7 @@ def test_unknown_format_is_rejected_before_work_starts(make_recipe, tmp_path):
     assert not (tmp_path / "exports").exists()
 
 
+@pytest.mark.slow
 def test_distill_chain_ends_with_verified_onnx_and_int8_students(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     result = runner.invoke(app, ["distill", str(path), "--set", "train.max_steps=2", "--set", "export.formats=['onnx']",
@@ -161,6 +167,7 @@ def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch, tmp_path):
         OnnxRunner(tmp_path / "student.onnx")
 
 
+@pytest.mark.slow
 def test_triton_model_repository_is_valid_for_triton(make_recipe, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2

@@ -167,6 +167,7 @@ def _inject(monkeypatch, error: Exception, when_training: bool, after: int) -> N
     monkeypatch.setattr(stages, "create_model", create)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB in use)"),
     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes"),
@@ -193,6 +194,7 @@ def test_out_of_memory_in_training_is_one_error_line_and_resume_continues(make_r
     assert json.loads((stage_dir / "result.json").read_text())["steps"] == 36
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_evaluation_names_evaluation_and_what_to_change(make_recipe, tmp_path, monkeypatch):
     recipe = make_recipe(TINY_MODELS)
     _inject(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), when_training=False, after=1)
@@ -203,6 +205,7 @@ def test_out_of_memory_in_evaluation_names_evaluation_and_what_to_change(make_re
     assert "train.limit_eval_batches" in message
 
 
+@pytest.mark.slow
 def test_other_runtime_errors_are_not_disguised_as_out_of_memory(make_recipe, tmp_path, monkeypatch):
     from kdforge.recipe import load_recipe
     from kdforge.train.stages import train_stage

@@ -38,7 +38,7 @@ def test_every_recipe_is_covered():
     assert {p.stem for p in RECIPES.glob("*.toml")} == {*SINGLE_STAGE, *DISTILL, *QUICKSTART}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the reference models at 224
 @pytest.mark.parametrize("name", sorted(SINGLE_STAGE))
 def test_reference_recipe_trains_two_steps_offline(name, synth_root, tmp_path):
     stage, section = SINGLE_STAGE[name]
@@ -57,7 +57,7 @@ def reference_runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("reference-runs")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the reference models at 224
 @pytest.mark.parametrize("name", DISTILL)
 def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_path, reference_runs):
     recipe = load_recipe(RECIPES / f"{name}.toml", [
@@ -73,7 +73,7 @@ def test_reference_distillation_runs_end_to_end_offline(name, synth_root, tmp_pa
     assert onnx["passed"] and onnx["agreement"] == 1.0 and onnx["max_abs_diff"] < 1e-3, onnx
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the reference models at 224
 @needs_proc
 @pytest.mark.parametrize("model", ["vit_base_patch16_224", "resnet152", "vit_tiny_patch16_224", "resnet18",
                                    "mobilevit_s"])

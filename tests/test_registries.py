@@ -156,13 +156,13 @@ def test_every_dataset_trains_exports_and_verifies_reading_the_data_once_per_exp
 # every format: made, verified, opened by its runner (and by the server when it is served)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the on-device formats' conversions: about a minute on 2 cores
 def test_one_export_of_every_format_reads_the_data_once(every_format):
     result, unavailable, reads = every_format
     assert reads == 1 and set(result.artifacts) | set(unavailable) == set(FORMATS)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_format_is_verified_and_opened_by_its_runner(every_format, name, tmp_path):
     import numpy as np

@@ -32,6 +32,7 @@ def finished_teacher(make_recipe, tmp_path):
     (["--set", "data.dataset=cifar100", "--set", "data.root=/nonexistent/data"], 1, "/nonexistent/data"),
     (["--device", "tpu"], 1, "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
 ], ids=["no-gpu", "missing-data", "bad-device"])
+@pytest.mark.slow
 def test_a_changed_recipe_that_fails_validation_leaves_the_finished_teacher_untouched(finished_teacher, extra,
                                                                                       exit_code, message):
     import torch
@@ -48,6 +49,7 @@ def test_a_changed_recipe_that_fails_validation_leaves_the_finished_teacher_unto
     assert snapshot(stage_dir) == before  # ...but nothing was deleted or rewritten before the failure
 
 
+@pytest.mark.slow
 def test_a_retrained_stage_keeps_the_earlier_run_until_the_new_one_finishes(finished_teacher, monkeypatch):
     import kdforge.train.stages as stages
 
@@ -190,6 +192,7 @@ def test_a_phone_photo_is_decoded_upright_as_its_exif_orientation_says():
     assert open_rgb(plain.getvalue(), 64).size == (40, 20)
 
 
+@pytest.mark.slow
 def test_logging_checkpointing_and_evaluation_limits_neither_change_the_weights_nor_retrain(finished_teacher,
                                                                                             tmp_path):
     """The fingerprint leaves out what cannot change the final weights: a finished stage is reused when only

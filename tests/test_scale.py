@@ -131,7 +131,7 @@ def test_runtime_decides_channels_last_and_compile_off_on_cpu_unless_asked():
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_two_gloo_processes_match_one_process_and_two_nodes_match_one_node(tmp_path, synth_root):
     """--nproc 2 on one node trains what one process trains (same data order, averaged gradients) and writes each
     file once; two torchrun agents meeting at a c10d rendezvous (2 "nodes" on localhost, 1 process each, one
@@ -208,6 +208,7 @@ def test_multi_node_launch_command_and_its_errors():
             torchrun_command(["distill", "r.toml"], nnodes=2, rdzv_endpoint=endpoint)
 
 
+@pytest.mark.slow
 def test_loop_parity_benchmark_runs_the_real_loop_and_prints_ratios(capsys):
     """benchmarks/loop_parity.py in smoke form: kdforge's `fit` and the cache build against their hand-written
     counterparts, four rows with positive speeds (the ratios themselves are the benchmark's, not a test's)."""

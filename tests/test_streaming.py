@@ -177,6 +177,7 @@ def test_the_decode_cache_decodes_each_image_once_for_every_later_load(photos, t
 # training on streamed data
 
 
+@pytest.mark.slow
 def test_streamed_training_resumes_exactly_mid_epoch(photos, tmp_path):
     body = 'in_memory = false\naugment = { auto_augment = "rand-m9-mstd0.5", re_prob = 0.5, cutmix = 1.0 }\n'
     recipe = photo_recipe(tmp_path, photos / "folder", body=body, overrides=("train.checkpoint_every=3",))
@@ -232,7 +233,7 @@ def test_each_process_decodes_only_its_share_of_every_global_batch(photos, tmp_p
     assert sorted(read[0] + read[1]) == sorted(int(base_index[i]) for i in epoch) and len(epoch) == 40
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_two_gloo_processes_on_streamed_data_train_what_one_process_trains(photos, tmp_path):
     """Each process decodes its half of every global batch: the averaged gradients are those of the whole batch."""
     recipe = tmp_path / "ddp.toml"
@@ -254,6 +255,7 @@ def test_two_gloo_processes_on_streamed_data_train_what_one_process_trains(photo
     assert max((weights[1][k].float() - weights[2][k].float()).abs().max().item() for k in weights[1]) < 1e-3
 
 
+@pytest.mark.slow
 def test_mixup_mixes_what_the_teacher_and_the_student_both_see(photos, tmp_path):
     from kdforge.data.transforms import mix_batch
 
@@ -297,6 +299,7 @@ def test_mixup_mixes_what_the_teacher_and_the_student_both_see(photos, tmp_path)
     assert torch.equal(seen[0], expected)
 
 
+@pytest.mark.slow
 def test_the_teacher_cache_on_streamed_data_answers_for_the_view_the_student_sees(photos, tmp_path):
     body = "in_memory = false\n[distill]\nbaseline = false\nteacher_cache = { views = 2 }\n"
     recipe = photo_recipe(tmp_path, photos / "shards", "webdataset", body=body)

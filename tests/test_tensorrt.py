@@ -56,6 +56,7 @@ def test_fp16_onnx_of_the_reference_students_matches_pytorch_on_onnx_runtime(mak
         assert sensitive and all(types_of.get(n.output[0]) == fp32 for n in sensitive)
 
 
+@pytest.mark.slow
 def test_export_trt_without_tensorrt_verifies_the_fp16_onnx_then_says_what_to_install(
         make_recipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError, GPU or not
@@ -72,6 +73,7 @@ def test_export_trt_without_tensorrt_verifies_the_fp16_onnx_then_says_what_to_in
     assert "fp16" in result.stdout and "PASS" in result.stdout  # the table of what was done still prints
 
 
+@pytest.mark.slow
 def test_tensorrt_without_a_gpu_says_so(make_recipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -85,6 +87,7 @@ def test_tensorrt_without_a_gpu_says_so(make_recipe, tmp_path, monkeypatch):
     assert any("tensorrt target" in note for note in result.notes)
 
 
+@pytest.mark.slow
 def test_trt_int8_refuses_the_cpu_int8_target(make_recipe, tmp_path):
     stage = trained_student(make_recipe, tmp_path)
     with pytest.raises(ExportError, match="trt_int8 is built from the tensorrt-target INT8 ONNX"):

@@ -58,6 +58,7 @@ input_size = 32
     assert result.top1 >= 0.05, result
 
 
+@pytest.mark.slow
 def test_a_run_leaves_resolved_recipe_metrics_checkpoints_and_result(make_recipe, tmp_path):
     recipe = load_recipe(make_recipe(TINY_MODELS), ["train.limit_batches=4", "train.epochs=2"])
     runs = tmp_path / "runs"
@@ -79,6 +80,7 @@ def test_a_run_leaves_resolved_recipe_metrics_checkpoints_and_result(make_recipe
     assert not list((stage_dir / "checkpoints").glob(".tmp*"))
 
 
+@pytest.mark.slow
 def test_finished_stage_is_reused_and_a_changed_recipe_is_not_silently_mixed(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     runs = tmp_path / "runs"
@@ -92,12 +94,14 @@ def test_finished_stage_is_reused_and_a_changed_recipe_is_not_silently_mixed(mak
     assert redone.steps == 3 and not redone.skipped
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_training_split_is_a_clear_error(make_recipe, tmp_path):
     recipe = load_recipe(make_recipe(TINY_MODELS), ["train.batch_size=5000"])
     with pytest.raises(DataError, match="fewer than one batch"):
         train_stage(recipe, "teacher", runs_dir=tmp_path / "runs", consumers=QUIET)
 
 
+@pytest.mark.slow
 def test_teacher_command_trains_and_prints_accuracy(make_recipe, tmp_path):
     path = make_recipe(TINY_MODELS)
     args = ["teacher", str(path), "--set", "train.max_steps=3", "--runs-dir", str(tmp_path / "runs")]
@@ -185,6 +189,7 @@ def test_progress_lines_off_a_terminal_are_one_event_per_line_with_the_time_left
     assert lines[1].startswith(f"{title} step 100/7820") and lines[1].endswith("lr 2.10e-03  12:52 left")
 
 
+@pytest.mark.slow
 def test_a_loss_that_becomes_nan_stops_training_before_a_checkpoint_is_written(make_recipe, tmp_path, monkeypatch):
     """The NaN guard reads the loss when a line is logged or a checkpoint is due (not in every step): a loss that
     turns NaN mid-epoch is one error naming the steps, and no checkpoint holds the weights it reached."""
