@@ -2,6 +2,8 @@
 whole chain's wall time and peak memory, on a generated folder of JPEG photos.
 
     .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --workers 2
+    .venv/bin/python benchmarks/data_at_scale.py throughput --images 200 --photo-size 4032x3024 --batches 6
+    .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --max-size 320
     .venv/bin/python benchmarks/data_at_scale.py train-wait --steps 12 --workers 2
     .venv/bin/python benchmarks/data_at_scale.py chain --images 5000 [--streamed] [--src OTHER_CHECKOUT]
 
@@ -10,8 +12,11 @@ The photo folder (default data/photos-<N>: 10 classes, 80% train / 20% test, 500
 hard links to the first 5,000 under new names (same bytes, new files: what the data path's memory depends on).
 
 - throughput: training images/s at 224 (RandomResizedCrop + flip, uint8) of kdforge's streaming path
-  (`FileImages.views` in `prefetch` workers) vs torchvision's `ImageFolder` + `DataLoader`, same workers, same
-  timm transform, same batch size.
+  (`FileImages.views` in `prefetch` workers) vs torchvision's `ImageFolder` + `DataLoader` with timm's transform,
+  same workers, same images, same batch size. `--photo-size 4032x3024`: a folder of 12-megapixel photos (what
+  phones take) instead of 500x375. `--max-size N`: kdforge reads WebDataset shards written by `kdforge data shard
+  --max-size N` of the folder (written first, not timed), torchvision the folder itself. `--src`: another
+  checkout's kdforge streams (a before/after on one machine).
 - train-wait: a resnet18 trained at 224 on the streamed folder (the real loop, `train_stage`): images/s and the
   share of step time spent waiting for batches (`data_wait` of the log lines), after the first logged window.
 - chain: `kdforge distill` of a resnet10t teacher and a mobilenetv3_small_050 student at 224, 3 steps per stage,
@@ -38,15 +43,16 @@ BASE = 5000
 BOOTSTRAP = "import sys; sys.path.insert(0, {src!r}); sys.argv[0] = 'kdforge'; from kdforge.cli import app; app()"
 
 
-def photo_folder(images: int, root: Path | None = None) -> Path:
+def photo_folder(images: int, root: Path | None = None, size: tuple[int, int] = (500, 375)) -> Path:
     from kdforge.data.synthetic import write_photo_folder
 
-    root = root or Path("data") / f"photos-{images}"
+    tag = "" if size == (500, 375) else f"-{size[0]}x{size[1]}"
+    root = root or Path("data") / f"photos-{images}{tag}"
     if (root / "done").is_file():
         return root
     base = Path("data") / f"photos-{BASE}"
-    if images <= BASE:
-        write_photo_folder(root, train=images * 4 // 5, test=images // 5, classes=10)
+    if images <= BASE or tag:
+        write_photo_folder(root, train=images * 4 // 5, test=images // 5, classes=10, size=size)
     else:
         photo_folder(BASE, base)
         for split in ("train", "test"):
@@ -71,42 +77,72 @@ def cpu() -> str:
 
 def streamed_photos(args) -> dict:
     """The [data] section of the generated photo folder at 224, streamed by `args.workers` workers."""
-    return {"dataset": "imagefolder", "root": str(photo_folder(args.images)), "image_size": 224, "in_memory": False,
-            "workers": args.workers}
+    return {"dataset": "imagefolder", "root": str(photo_folder(args.images, size=photo_size(args))),
+            "image_size": 224, "in_memory": False, "workers": args.workers}
+
+
+def photo_size(args) -> tuple[int, int]:
+    width, _, height = args.photo_size.partition("x")
+    return int(width), int(height)
+
+
+# kdforge's views of a batch list, in a process of its own (so --src can run another checkout's kdforge): images/s
+STREAM = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from kdforge.data import load_dataset
+from kdforge.data.loader import prefetch
+from kdforge.recipe import validate_recipe
+data = load_dataset(validate_recipe(json.loads(sys.argv[2])).data)
+batches = [torch.tensor(b) for b in json.loads(sys.argv[3])]
+started = time.perf_counter()
+for _ in prefetch(lambda idx: data.train.images.views(idx, 0, 0), batches, int(sys.argv[4])):
+    pass
+print(sum(len(b) for b in batches) / (time.perf_counter() - started))
+"""
 
 
 def throughput(args) -> None:
+    import json
+
     import torch
     import torchvision
 
-    from kdforge.data import load_dataset
-    from kdforge.data.loader import prefetch
     from kdforge.data.stream import create_train_transform
     from kdforge.recipe import validate_recipe
 
-    recipe = validate_recipe({"name": "bench", "data": {**streamed_photos(args), "val_fraction": 0}})
-    data = load_dataset(recipe.data)
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    data = {**streamed_photos(args), "val_fraction": 0}
+    folder_root = Path(data["root"])
+    if args.max_size:  # kdforge reads shards of the folder with images stored at most max_size a side
+        from kdforge.data.shards import write_shards
+
+        data |= {"dataset": "webdataset", "root": str(folder_root.with_name(f"{folder_root.name}-max{args.max_size}"))}
+        write_shards(folder_root, data["root"], max_size=args.max_size)
+    recipe = validate_recipe({"name": "bench", "data": data})
+    train_images = len(torchvision.datasets.ImageFolder(str(folder_root / "train")))
+    order = torch.randperm(train_images, generator=torch.Generator().manual_seed(0))
     batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
     count = sum(len(b) for b in batches)
-
-    started = time.perf_counter()
-    for _ in prefetch(lambda idx: data.train.images.views(idx, 0, 0), batches, args.workers):
-        pass
-    ours = count / (time.perf_counter() - started)
+    src = str(Path(args.src or Path(__file__).parents[1]).resolve())
+    code = [sys.executable, "-c", STREAM, src, recipe.model_dump_json(), json.dumps([b.tolist() for b in batches]),
+            str(args.workers)]
+    ours = float(subprocess.run(code, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     transform, _ = create_train_transform(recipe.data.augment, 224)
-    folder = torchvision.datasets.ImageFolder(str(Path(recipe.data.root) / "train"), transform=transform)
+    folder = torchvision.datasets.ImageFolder(str(folder_root / "train"), transform=transform)
     loader = torch.utils.data.DataLoader(folder, batch_size=args.batch, num_workers=args.workers,
                                          sampler=[int(i) for b in batches for i in b])
     started = time.perf_counter()
     for _ in loader:
         pass
     peer = count / (time.perf_counter() - started)
-    print(f"{count} training views at 224 (RandomResizedCrop + flip, uint8), batch {args.batch}, "
-          f"{args.workers} workers; {cpu()}; torch {torch.__version__}")
-    print(f"| path | images/s |\n|---|---|\n| kdforge streaming (FileImages.views) | {ours:.0f} |\n"
-          f"| torchvision ImageFolder + DataLoader | {peer:.0f} |\n| ratio | {ours / peer:.2f}x |")
+    source = f"shards --max-size {args.max_size}" if args.max_size else "the folder"
+    print(f"{count} training views at 224 (RandomResizedCrop + flip, uint8) of {args.photo_size} JPEGs, batch "
+          f"{args.batch}, {args.workers} workers; {cpu()}; torch {torch.__version__}; kdforge from {src}")
+    print(f"| path | images/s |\n|---|---|\n| kdforge streaming (FileImages.views) from {source} | {ours:.0f} |\n"
+          f"| torchvision ImageFolder + DataLoader (timm's transform) from the folder | {peer:.0f} |\n"
+          f"| ratio | {ours / peer:.2f}x |")
 
 
 def train_wait(args) -> None:
@@ -191,6 +227,9 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--batch", type=int, default=32)
     sub.choices["throughput"].add_argument("--batches", type=int, default=40)
+    sub.choices["throughput"].add_argument("--photo-size", default="500x375", help="WIDTHxHEIGHT of the photos")
+    sub.choices["throughput"].add_argument("--max-size", type=int, help="read shards written with --max-size N")
+    sub.choices["throughput"].add_argument("--src", help="another checkout whose kdforge streams")
     sub.choices["train-wait"].add_argument("--steps", type=int, default=12)
     sub.choices["chain"].add_argument("--streamed", action="store_true")
     sub.choices["chain"].add_argument("--src", help="another checkout whose kdforge runs the chain")

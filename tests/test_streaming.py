@@ -1,6 +1,7 @@
 """Users' own data at real size: ImageFolder and WebDataset shards, in memory through the decode cache or
 streamed by workers with timm's augmentations; mixup; the teacher cache on streamed data; resume and processes."""
 
+import io
 import json
 import os
 import subprocess
@@ -94,8 +95,40 @@ def test_shards_are_webdataset_shards_written_whole_and_resumed(photos, tmp_path
     assert not list(copy.glob("*/.*tmp*"))
     from kdforge.errors import DataError
 
-    with pytest.raises(DataError, match="another folder, file list or --shard-size"):
+    with pytest.raises(DataError, match="another folder, file list, --shard-size or --max-size"):
         write_shards(photos / "folder", copy, shard_size=12)  # would mix two shardings
+    with pytest.raises(DataError, match="another folder, file list, --shard-size or --max-size"):
+        write_shards(photos / "folder", copy, shard_size=10, max_size=40)
+
+
+def test_max_size_stores_large_images_resized_upright_and_small_ones_as_they_are(tmp_path):
+    import webdataset
+    from PIL import Image, ImageOps
+
+    from kdforge.data.synthetic import write_photo_folder
+    from kdforge.errors import DataError
+
+    folder = write_photo_folder(tmp_path / "folder", train=6, test=2, classes=2, size=(120, 90))
+    small = sorted((folder / "train").rglob("*.jpg"))[0]
+    stream = io.BytesIO()
+    ImageOps.fit(Image.open(small), (50, 30)).save(stream, "JPEG")
+    small.write_bytes(stream.getvalue())  # below --max-size: stored as it is
+    rotated = sorted((folder / "train").rglob("*.jpg"))[1]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 90 x 120 upright
+    Image.open(rotated).save(rotated, exif=exif)
+    with pytest.raises(DataError, match="--max-size must be at least 32"):
+        write_shards(folder, tmp_path / "bad", max_size=16)
+    assert not (tmp_path / "bad").exists()
+
+    write_shards(folder, tmp_path / "shards", max_size=60)
+    samples = list(webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "shards" / "train").glob("*.tar")),
+                                         shardshuffle=False))
+    sizes = [Image.open(io.BytesIO(sample["jpg"])).size for sample in samples]
+    assert sizes.count((50, 30)) == 1 and sizes.count((45, 60)) == 1 and sizes.count((60, 45)) == 4, sizes
+    assert small.read_bytes() in [sample["jpg"] for sample in samples]  # its own bytes
+    data = load_dataset(photo_recipe(tmp_path, tmp_path / "shards", "webdataset", "in_memory = false\n").data)
+    assert data.train.images.views(torch.arange(3), 0, 0).shape == (3, 3, 32, 32)
 
 
 def test_a_damaged_shard_is_one_clear_error(photos, tmp_path):

@@ -6,7 +6,9 @@ from; one sequential read per shard on network file systems and object stores).
 
 Layout: `DIR/classes.txt` (one class name a line, in label order) and `DIR/<split>/shard-NNNNNN.tar` for the
 splits `train` and `test`. A sample is two tar members sharing a key, WebDataset's convention:
-`<key>.<ext>` (the image file's own bytes, not re-encoded) and `<key>.cls` (the label as decimal text), so
+`<key>.<ext>` (the image file's own bytes, not re-encoded; with `max_size`, an image whose longer side is above it
+is stored upright as a JPEG of that longer side instead, FFCV's way of making data cheap to decode) and
+`<key>.cls` (the label as decimal text), so
 `webdataset.WebDataset` reads the shards too. Shards are written with WebDataset's `TarWriter`, each to a
 temporary file renamed when complete: a killed run leaves whole shards only, and running it again writes only
 the missing ones (the assignment of images to shards is a pure function of the sorted file list).
@@ -17,6 +19,7 @@ bytes directly, so shuffling, resuming and splitting across processes work as fo
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ CLASSES = "classes.txt"
 PLAN = ".kdforge-shards.json"  # which images, in which order, at which shard size (for resuming)
 SHARD = "shard-{:06d}.tar"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MIN_MAX_SIZE = 32  # --max-size below this would leave less than the smallest model input
+RESIZED_QUALITY = 90  # JPEG quality of the images --max-size re-encodes
 
 
 @dataclass(frozen=True)
@@ -42,22 +47,28 @@ class ShardResult:
 
 
 def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 1000,
-                 progress: Callable[[str], None] | None = None) -> ShardResult:
-    """Write the ImageFolder `imagefolder` as WebDataset shards of `shard_size` images into `out` (see above)."""
+                 progress: Callable[[str], None] | None = None, max_size: int | None = None) -> ShardResult:
+    """Write the ImageFolder `imagefolder` as WebDataset shards of `shard_size` images into `out` (see above);
+    with `max_size`, images larger than that (longer side) are stored resized to it."""
     from kdforge.optional import require
 
     TarWriter = require("webdataset").TarWriter
 
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1 (got {shard_size})")
+    if max_size is not None and max_size < MIN_MAX_SIZE:
+        raise DataError(f"--max-size must be at least {MIN_MAX_SIZE} pixels (got {max_size}); it should be at least "
+                        f"the input size the recipe trains at")
     index = scan_imagefolder(imagefolder)  # every input is checked before anything is written
     out = Path(out)
     plan = {"shard_size": shard_size, "classes": list(index.classes),
             "images": {split: [str(Path(ref.path).relative_to(imagefolder)) for ref in data.refs]
                        for split, data in index.splits.items()}}
+    if max_size is not None:
+        plan["max_size"] = max_size
     if (out / PLAN).is_file() and read_json(out / PLAN) != plan:
-        raise DataError(f"{out} holds shards of another folder, file list or --shard-size; remove it or choose "
-                        f"another --out")
+        raise DataError(f"{out} holds shards of another folder, file list, --shard-size or --max-size; remove it or "
+                        f"choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / PLAN, plan)  # what the shards hold: a second run resumes only the same plan
@@ -77,9 +88,8 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
             try:
                 with atomic_path(path) as tmp, open(tmp, "wb") as stream, TarWriter(stream, mtime=0) as sink:
                     for position in range(start, min(start + shard_size, len(data.refs))):
-                        image = Path(data.refs[position].path)
-                        ext = image.suffix.lower().lstrip(".")
-                        sink.write({"__key__": f"{position:08d}", ext: image.read_bytes(),
+                        ext, payload = _member(Path(data.refs[position].path), max_size)
+                        sink.write({"__key__": f"{position:08d}", ext: payload,
                                     "cls": str(data.labels[position]).encode()})
             except OSError as exc:
                 raise DataError(f"writing {path}: {exc.strerror or exc}") from None
@@ -87,6 +97,33 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
             if progress:
                 progress(f"{split}: {path.name} ({min(start + shard_size, len(data.refs)):,}/{len(data.refs):,})")
     return ShardResult(out, written, kept, {split: len(data.refs) for split, data in index.splits.items()})
+
+
+def _member(image: Path, max_size: int | None) -> tuple[str, bytes]:
+    """(extension, bytes) of one image as a shard stores it: the file's own bytes, or with `max_size` and a longer
+    side above it, the upright image resized to that longer side (antialiased) as a JPEG."""
+    from PIL import Image
+
+    from kdforge.images import ImageError, open_rgb
+
+    data = image.read_bytes()
+    ext = image.suffix.lower().lstrip(".")
+    if max_size is None:
+        return ext, data
+    try:
+        with Image.open(image) as header:
+            if max(header.size) <= max_size:
+                return ext, data
+        upright = open_rgb(data, max_size)  # a JPEG decoded reduced while it stays >= max_size a side
+    except (ImageError, OSError) as exc:
+        raise DataError(f"{image}: {exc}; remove or replace this image") from None
+    scale = max_size / max(upright.size)
+    if scale < 1:
+        size = (max(1, round(upright.width * scale)), max(1, round(upright.height * scale)))
+        upright = upright.resize(size, Image.Resampling.LANCZOS)
+    stream = io.BytesIO()
+    upright.save(stream, "JPEG", quality=RESIZED_QUALITY)
+    return "jpg", stream.getvalue()
 
 
 def scan_shards(root: str | Path) -> FolderIndex:

@@ -2,18 +2,20 @@
 
     images = FileImages(refs, size=224, augment=recipe.data.augment)
     images[idx]                        # evaluation: decoded and resized to 224x224 as the server does (uint8)
-    images.views(idx, seed, epoch)     # training: timm's augmentation of each image at its source resolution
+    images.views(idx, seed, epoch)     # training: augmented views of each image, cropped from its source resolution
 
 A `SampleRef` says where one image's bytes are: a file, or a member of a tar shard (its offset and size, found
 once by `tarfile` when the shards are listed), so any image is read on its own, in any order, by any worker.
 
-Training views come from timm's transforms (`timm.data.create_transform(is_training=True, use_prefetcher=True)`:
-RandomResizedCrop at the source resolution, flip, RandAugment / AutoAugment, colour jitter) ending in a uint8
-tensor, then timm's `RandomErasing` (on the image normalized with ImageNet's statistics, then back to uint8).
+Training views: RandomResizedCrop + flip alone (the default) are `kdforge.data.crops.crop_view`, which draws the
+crop from the file's header and decodes only the resolution the crop needs (libjpeg-turbo, DCT-scaled where it can),
+from a `random.Random` of the view's own seed. With RandAugment / AutoAugment or colour jitter, timm's transforms
+(`timm.data.create_transform(is_training=True, use_prefetcher=True)`) make the view from the whole decoded image,
+with the random modules they use (`random`, numpy, torch) seeded per image inside a scope that restores them. Then
+timm's `RandomErasing` (on the image normalized with ImageNet's statistics, then back to uint8), seeded the same way.
 The models normalize that uint8 crop each its own way (`InputSpec.prepare`), so the teacher sees exactly the
-student's crop. Each view is a pure function of (seed, epoch, image index): the random modules timm uses
-(`random`, numpy, torch) are seeded per image inside a scope that restores them, so a view never depends on
-the worker that made it, the batch it fell in, or a resume.
+student's crop. Each view is a pure function of (seed, epoch, image index): it never depends on the worker that
+made it, the batch it fell in, or a resume.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kdforge.data.crops import crop_view
 from kdforge.data.dataset import LazyImages
 from kdforge.errors import DataError
 from kdforge.images import ImageError, decode_rgb, open_rgb
@@ -109,14 +112,21 @@ class FileImages(LazyImages):
     def view(self, index: int, seed: int, number: int, purpose: str = "image_view") -> torch.Tensor:
         if self._transform is None:
             self._transform = create_train_transform(self.augment, self.size)
-        ref = self.refs[index]
+        transform, erase = self._transform
+        cfg, ref, view_seed = self.augment, self.refs[index], stream_seed(seed, purpose, number * 2**32 + index)
+        crop_only = cfg.auto_augment is None and not cfg.color_jitter  # RandomResizedCrop + flip: kdforge.data.crops
         try:
-            image = open_rgb(ref.read(), self.size)
+            if crop_only:  # the box drawn from the header, the image decoded at the resolution the box needs
+                view = crop_view(ref.read(), random.Random(view_seed), self.size, tuple(cfg.scale), tuple(cfg.ratio),
+                                 cfg.hflip, cfg.interpolation)
+            else:
+                image = open_rgb(ref.read(), self.size)
         except (ImageError, OSError) as exc:
             raise DataError(f"{ref}: {exc}; remove or replace this image") from None
-        transform, erase = self._transform
-        with seeded(stream_seed(seed, purpose, number * 2**32 + index), numpy=self.augment.auto_augment is not None):
-            view = transform(image)
+        if crop_only and erase is None:
+            return view
+        with seeded(view_seed, numpy=cfg.auto_augment is not None):  # timm's policies draw from the global modules
+            view = view if crop_only else transform(image)
             return erase(view) if erase is not None else view
 
 
