@@ -96,6 +96,7 @@ from kdforge.data.loader import prefetch
 from kdforge.recipe import validate_recipe
 data = load_dataset(validate_recipe(json.loads(sys.argv[2])).data)
 batches = [torch.tensor(b) for b in json.loads(sys.argv[3])]
+data.train.images.views(batches[0][:1], 0, 0)  # imports (timm, the decoders) before the workers fork, as the peer's
 started = time.perf_counter()
 for _ in prefetch(lambda idx: data.train.images.views(idx, 0, 0), batches, int(sys.argv[4])):
     pass
