@@ -175,3 +175,14 @@ def test_no_function_is_longer_than_80_lines():
                 if node.end_lineno - start + 1 > 80:
                     long.append(f"{module}.{node.name}: {node.end_lineno - start + 1} lines")
     assert long == []
+
+
+def test_the_torch_free_runtimes_are_opened_in_one_place():
+    """Verification and `kdforge bench` (runners/), the server and the device probe (serve/) open ONNX Runtime,
+    OpenVINO, LiteRT and NCNN through kdforge/sessions.py alone: what is verified is opened as it is served."""
+    openers = ("InferenceSession(", "compile_model(", "Interpreter(", "ncnn.Net(")
+    for module, path in MODULES.items():
+        if module.startswith(("kdforge.runners", "kdforge.serve")):
+            assert not [opener for opener in openers if opener in path.read_text()], module
+    text = MODULES["kdforge.sessions"].read_text()
+    assert all(opener in text for opener in openers)

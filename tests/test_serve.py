@@ -118,7 +118,8 @@ def test_predict_command_prints_what_the_server_answers(served_export):
 
 
 def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path):
-    from kdforge.serve.model import ServingError, session_providers
+    from kdforge.errors import ExportError
+    from kdforge.sessions import onnxruntime_providers as session_providers
 
     everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     chosen = session_providers(("tensorrt", "cuda", "cpu"), everything, tmp_path / "engines")
@@ -128,9 +129,9 @@ def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path
     assert (tmp_path / "engines").is_dir()
     # on a CPU-only machine the GPU image's provider list falls back to the CPU
     assert session_providers(("tensorrt", "cuda", "cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    with pytest.raises(ServingError, match="unknown execution providers"):
+    with pytest.raises(ExportError, match="unknown execution providers"):
         session_providers(("tensorrtt",), everything)
-    with pytest.raises(ServingError, match="none of the execution providers"):
+    with pytest.raises(ExportError, match="none of the execution providers"):
         session_providers(("cuda",), ["CPUExecutionProvider"])
 
 

@@ -18,18 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from kdforge.data.transforms import InputSpec, spec_from_metadata
 from kdforge.errors import ExportError
 from kdforge.fileio import check_artifact
-from kdforge.formats import FORMATS, INPUT_NAME
+from kdforge.formats import FORMATS
 from kdforge.layout import METADATA
-from kdforge.optional import require
 from kdforge.runtime import Runtime, exact_fp32
-
-# ONNX Runtime execution providers in order of preference; the first one installed wins
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+from kdforge.sessions import onnxruntime_session, openvino_session
 
 
 class Runner(Protocol):
@@ -56,80 +54,42 @@ class TorchRunner:
             return self.model(self.spec.prepare(images.to(self.runtime.device))).float().cpu()
 
 
-def choose_providers(requested: list[str] | None = None) -> list[str]:
-    ort = require("onnxruntime")
+class SessionRunner:
+    """A torch-free session (kdforge/sessions.py: ONNX Runtime, OpenVINO, LiteRT, NCNN: what the server opens too)
+    wrapped for verification and benchmarks: uint8 images -> `InputSpec.prepare` -> the session -> logits."""
 
-    available = ort.get_available_providers()
-    if requested:
-        missing = [p for p in requested if p not in available]
-        if missing:
-            raise ExportError(f"ONNX Runtime providers not installed: {missing}; available: {available}")
-        return requested
-    return [p for p in PREFERRED_PROVIDERS if p in available]
-
-
-class OnnxRunner:
-    """An ONNX file through ONNX Runtime. Input size and mean/std come from the file's own metadata."""
-
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 many_batches: bool = False) -> None:
-        ort = require("onnxruntime")
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportError(f"ONNX file not found: {self.path}")
-        options = ort.SessionOptions()
-        if threads:  # default: ONNX Runtime's (one per physical core)
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        if many_batches:  # verification: ORT's memory pattern grew a session by ~1.1 GB over 50 batches at 224
-            options.enable_mem_pattern = False
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=choose_providers(providers))
-        except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise ExportError(
-                f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}); "
-                f"the file is truncated, tampered with or not an ONNX model: export it again"
-            ) from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.spec = spec_from_metadata(meta)
-        except (KeyError, ValueError) as exc:
-            raise ExportError(f"{self.path}: not a kdforge export (metadata lacks {exc})") from None
-        self.metadata = meta
-        self.provider = self.session.get_providers()[0]
-        self.name = f"onnxruntime ({self.provider.removesuffix('ExecutionProvider')})"
+    def __init__(self, path: Path, run, spec: InputSpec, name: str) -> None:
+        self.path, self.run, self.spec, self.name = Path(path), run, spec, name
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.spec.prepare(images.cpu()).numpy()
-        return torch.from_numpy(self.session.run(None, {INPUT_NAME: x})[0]).float()
+        x = np.ascontiguousarray(self.spec.prepare(images.cpu()).numpy(), np.float32)
+        return torch.from_numpy(np.asarray(self.run(x))).float()
 
 
-class OpenVinoRunner:
-    """An OpenVINO IR (.xml + .bin) on OpenVINO's CPU plugin, in FP32 arithmetic (the FP16-stored weights are
-    widened). Input size and mean/std come from the model's rt_info (written by `onnx_to_openvino`)."""
+def _spec_of(path: Path, metadata: dict[str, str]) -> InputSpec:
+    try:
+        return spec_from_metadata(metadata)
+    except (KeyError, ValueError) as exc:
+        raise ExportError(f"{path}: not a kdforge export (metadata lacks {exc})") from None
+
+
+class OnnxRunner(SessionRunner):
+    """An ONNX file through ONNX Runtime (`sessions.onnxruntime_session`, on the first installed of TensorRT, CUDA
+    and the CPU). Input size and mean/std come from the file's own metadata."""
+
+    def __init__(self, path: Path, threads: int | None = None, many_batches: bool = False) -> None:
+        run, self.provider, self.metadata = onnxruntime_session(path, threads=threads, many_batches=many_batches)
+        super().__init__(path, run, _spec_of(path, self.metadata),
+                         f"onnxruntime ({self.provider.removesuffix('ExecutionProvider')})")
+
+
+class OpenVinoRunner(SessionRunner):
+    """An OpenVINO IR (.xml + .bin) on OpenVINO's CPU plugin in FP32 arithmetic (`sessions.openvino_session`).
+    Input size and mean/std come from the model's rt_info (written by `onnx_to_openvino`)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        ov = require("openvino")
-
-        self.path = Path(path)
-        if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
-            raise ExportError(f"OpenVINO model not found: {self.path} and its .bin are needed")
-        core = ov.Core()
-        try:
-            model = core.read_model(str(self.path))
-            meta = {key: model.get_rt_info(["kdforge", key]).astype(str) for key in ("input_size", "mean", "std")}
-            config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-            self.compiled = core.compile_model(model, "CPU", config)
-        except RuntimeError as exc:  # OpenVINO reports parse and missing-key errors as RuntimeError
-            raise ExportError(f"{self.path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
-                              f"again") from None
-        self.spec = spec_from_metadata(meta)
-        self.output = self.compiled.output(0)
-        self.name = f"openvino {ov.__version__.split('-')[0]} (CPU)"
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.spec.prepare(images.cpu()).numpy()
-        return torch.from_numpy(self.compiled(x)[self.output].copy()).float()
+        run, name, metadata = openvino_session(path, threads)
+        super().__init__(path, run, _spec_of(path, metadata), name)
 
 
 def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,
@@ -145,9 +105,9 @@ def open_runner(path: Path, kind: str, device: str | None = None, threads: int |
     if kind == "openvino":
         return OpenVinoRunner(path, threads)
     if kind in ("executorch", "litert", "ncnn"):
-        from kdforge.runners.edge import ExecuTorchRunner, SessionRunner
+        from kdforge.runners.edge import EdgeRunner, ExecuTorchRunner
 
-        return ExecuTorchRunner(path) if kind == "executorch" else SessionRunner(path, kind, threads)
+        return ExecuTorchRunner(path) if kind == "executorch" else EdgeRunner(path, kind, threads)
     return OnnxRunner(path, threads=threads, many_batches=many_batches)
 
 

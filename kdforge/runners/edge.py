@@ -19,6 +19,7 @@ from kdforge.data.transforms import spec_from_metadata
 from kdforge.errors import ExportError
 from kdforge.fileio import read_json
 from kdforge.optional import require
+from kdforge.runners import SessionRunner
 from kdforge.sessions import litert_session, ncnn_session
 
 
@@ -54,19 +55,15 @@ class ExecuTorchRunner:
                           for chunk in x.split(self.max_batch)])
 
 
-class SessionRunner:
-    """A runtime that runs without torch (kdforge/sessions.py: LiteRT's interpreter, NCNN), wrapped for
-    verification and benchmarks: the same session the server opens."""
+class EdgeRunner(SessionRunner):
+    """LiteRT's interpreter or NCNN (kdforge/sessions.py) on a file whose input spec is in its sidecar JSON."""
 
     def __init__(self, path: Path, kind: str, threads: int | None = None) -> None:
-        self.path = Path(path)
         what = {"litert": "LiteRT model", "ncnn": "NCNN model"}[kind]
-        meta = _sidecar(self.path, what)
-        self.spec, self.metadata = spec_from_metadata(meta), meta
+        meta = _sidecar(Path(path), what)
         if kind == "litert":
-            self.run, self.name = litert_session(self.path, threads, batch_axis=bool(meta.get("batch_axis", False)))
+            run, name = litert_session(Path(path), threads, batch_axis=bool(meta.get("batch_axis", False)))
         else:
-            self.run, self.name = ncnn_session(self.path, threads)
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(self.spec.prepare(images.cpu()).numpy()))
+            run, name = ncnn_session(Path(path), threads)
+        super().__init__(path, run, spec_from_metadata(meta), name)
+        self.metadata = meta

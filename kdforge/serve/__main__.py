@@ -15,7 +15,8 @@ from kdforge.errors import KdforgeError
 from kdforge.images import MAX_PIXELS
 from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
 from kdforge.serve.app import DEFAULT_MAX_BATCH, check_limits
-from kdforge.serve.model import DEFAULT_PROVIDERS, PROVIDERS, SERVABLE, ServingError
+from kdforge.serve.model import DEFAULT_PROVIDERS, SERVABLE, ServingError
+from kdforge.sessions import ORT_PROVIDERS
 
 GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: the fastest verified format in bench.json, else a verified INT8, else the "
                              "FP32 ONNX (default: $KDFORGE_FORMAT, else auto)")
     parser.add_argument("--providers", default=os.environ.get("KDFORGE_PROVIDERS", ",".join(DEFAULT_PROVIDERS)),
-                        help=f"ONNX Runtime providers in order of preference, from {', '.join(PROVIDERS)} "
+                        help=f"ONNX Runtime providers in order of preference, from {', '.join(ORT_PROVIDERS)} "
                              f"(default: $KDFORGE_PROVIDERS, else {','.join(DEFAULT_PROVIDERS)})")
     parser.add_argument("--engine-cache", type=Path, default=os.environ.get("KDFORGE_ENGINE_CACHE") or None,
                         help="TensorRT provider: where engines built on this GPU are kept for the next start "

@@ -44,35 +44,11 @@ def runtime_missing(fmt: str) -> str | None:
             f"build --build-arg EXTRAS=serve,{extra} ...)")
 
 
-# ONNX Runtime execution providers by short name; the first installed one of the requested list runs the model
-PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-DEFAULT_PROVIDERS = ("cuda", "cpu")
+DEFAULT_PROVIDERS = ("cuda", "cpu")  # ONNX Runtime's (kdforge.sessions.ORT_PROVIDERS); TensorRT when asked for
 # what /metadata says about how an image reaches the model, and how that relates to what verification measured
 PREPROCESSING = ("decoded, resized to {size}x{size} with Pillow (bilinear, antialiased when reducing), normalized "
                  "with the export's mean/std: the arithmetic verification used on the test split, exactly for "
                  "{size}x{size} images; a resized image is within one uint8 step of verification's (torch) resize")
-
-
-def session_providers(names: list[str] | tuple[str, ...], available: list[str],
-                      engine_cache: Path | None = None) -> list[Any]:
-    """ONNX Runtime providers for the requested short names that are installed here, in order. TensorRT gets an
-    engine cache (built on this GPU at the first start, reused by later ones) when `engine_cache` is given."""
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise ServingError(f"unknown execution providers {unknown}; known: {', '.join(PROVIDERS)}")
-    chosen: list[Any] = []
-    for name in names:
-        provider = PROVIDERS[name]
-        if provider not in available:
-            continue
-        if name == "tensorrt" and engine_cache is not None:
-            engine_cache.mkdir(parents=True, exist_ok=True)
-            provider = (provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
-                                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engine_cache)})
-        chosen.append(provider)
-    if not chosen:
-        raise ServingError(f"none of the execution providers {list(names)} is installed; available: {available}")
-    return chosen
 
 
 def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
@@ -99,57 +75,26 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
 def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache: Path | None,
                  entry: dict[str, Any] | None = None,
                  threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """A function from a float32 batch to logits, and the runtime that computes them: ONNX Runtime on the first
-    installed of `providers`, OpenVINO's CPU plugin in FP32 arithmetic (as verification ran it), or the torch-free
-    LiteRT / NCNN sessions verification ran (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis;
-    `threads`: the runtime's CPU threads, default: its own)."""
+    """A function from a float32 batch to logits, and the runtime that computes them: the session verification
+    opened (kdforge/sessions.py): ONNX Runtime on the first installed of `providers`, OpenVINO's CPU plugin in FP32
+    arithmetic, LiteRT or NCNN (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis; `threads`: the
+    runtime's CPU threads, default: its own)."""
+    from kdforge import sessions
+
     missing = runtime_missing(fmt)
     if missing:
         raise ServingError(f"{path.name} cannot be served here: {missing}")
     runner = FORMATS.get(fmt).runner
-    if runner in ("litert", "ncnn"):
-        from kdforge.sessions import litert_session, ncnn_session
-
-        try:
-            if runner == "litert":
-                return litert_session(path, threads, batch_axis=bool((entry or {}).get("batch_axis", False)))
-            return ncnn_session(path, threads)
-        except KdforgeError as exc:
-            raise ServingError(str(exc)) from None
-    if runner == "openvino":
-        import openvino as ov
-
-        try:
-            config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
-        except RuntimeError as exc:  # OpenVINO reports parse errors as RuntimeError
-            raise ServingError(f"{path}: OpenVINO cannot load it ({str(exc).splitlines()[0][:200]}); export it "
-                               f"again") from None
-        output = compiled.output(0)
-
-        def run_openvino(batch: np.ndarray) -> np.ndarray:
-            # one infer request per call: requests run concurrently, and a request is not thread-safe
-            return compiled.create_infer_request().infer({0: batch})[output]
-
-        return run_openvino, f"openvino {ov.__version__.split('-')[0]} (CPU)"
-
-    import onnxruntime as ort
-
-    chosen = session_providers(providers, ort.get_available_providers(), engine_cache)
     try:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(str(path), options, providers=chosen)
-    except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise ServingError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}); export it "
-                           f"again") from None
-    input_name = session.get_inputs()[0].name
-
-    def run_onnx(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: batch})[0]
-
-    return run_onnx, session.get_providers()[0]
+        if runner == "litert":
+            return sessions.litert_session(path, threads, batch_axis=bool((entry or {}).get("batch_axis", False)))
+        if runner == "ncnn":
+            return sessions.ncnn_session(path, threads)
+        if runner == "openvino":
+            return sessions.openvino_session(path, threads)[:2]
+        return sessions.onnxruntime_session(path, providers, threads, engine_cache=engine_cache)[:2]
+    except KdforgeError as exc:
+        raise ServingError(str(exc)) from None
 
 
 @dataclass
