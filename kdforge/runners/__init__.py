@@ -18,14 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from kdforge.data.transforms import InputSpec, spec_from_metadata
+from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
 from kdforge.fileio import check_artifact
 from kdforge.formats import FORMATS
 from kdforge.layout import METADATA
+from kdforge.runners.session import SessionRunner, spec_of
 from kdforge.runtime import Runtime, exact_fp32
 from kdforge.sessions import onnxruntime_session, openvino_session
 
@@ -54,32 +54,13 @@ class TorchRunner:
             return self.model(self.spec.prepare(images.to(self.runtime.device))).float().cpu()
 
 
-class SessionRunner:
-    """A torch-free session (kdforge/sessions.py: ONNX Runtime, OpenVINO, LiteRT, NCNN: what the server opens too)
-    wrapped for verification and benchmarks: uint8 images -> `InputSpec.prepare` -> the session -> logits."""
-
-    def __init__(self, path: Path, run, spec: InputSpec, name: str) -> None:
-        self.path, self.run, self.spec, self.name = Path(path), run, spec, name
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(self.spec.prepare(images.cpu()).numpy(), np.float32)
-        return torch.from_numpy(np.asarray(self.run(x))).float()
-
-
-def _spec_of(path: Path, metadata: dict[str, str]) -> InputSpec:
-    try:
-        return spec_from_metadata(metadata)
-    except (KeyError, ValueError) as exc:
-        raise ExportError(f"{path}: not a kdforge export (metadata lacks {exc})") from None
-
-
 class OnnxRunner(SessionRunner):
     """An ONNX file through ONNX Runtime (`sessions.onnxruntime_session`, on the first installed of TensorRT, CUDA
     and the CPU). Input size and mean/std come from the file's own metadata."""
 
     def __init__(self, path: Path, threads: int | None = None, many_batches: bool = False) -> None:
         run, self.provider, self.metadata = onnxruntime_session(path, threads=threads, many_batches=many_batches)
-        super().__init__(path, run, _spec_of(path, self.metadata),
+        super().__init__(path, run, spec_of(path, self.metadata),
                          f"onnxruntime ({self.provider.removesuffix('ExecutionProvider')})")
 
 
@@ -89,7 +70,7 @@ class OpenVinoRunner(SessionRunner):
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         run, name, metadata = openvino_session(path, threads)
-        super().__init__(path, run, _spec_of(path, metadata), name)
+        super().__init__(path, run, spec_of(path, metadata), name)
 
 
 def open_runner(path: Path, kind: str, device: str | None = None, threads: int | None = None,

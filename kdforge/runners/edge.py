@@ -19,7 +19,7 @@ from kdforge.data.transforms import spec_from_metadata
 from kdforge.errors import ExportError
 from kdforge.fileio import read_json
 from kdforge.optional import require
-from kdforge.runners import SessionRunner
+from kdforge.runners.session import SessionRunner
 from kdforge.sessions import litert_session, ncnn_session
 
 
