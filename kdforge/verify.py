@@ -3,7 +3,8 @@ came from. The export job verifies each file as it makes it (export/job.py); thi
 copy, a move or an edit, reading what the job held from the folder: metadata.json, the stage's recipe, the data.
 
     report = verify_export(Path("exports/quickstart"), "onnx")   # writes verify.json, raises if it fails
-    reports = verify_formats(Path("exports/quickstart"))         # every format, the PyTorch student run once
+    reports = verify_formats(Path("exports/quickstart"))         # every format: the data loaded, the student's
+                                                                 # weights hashed and its logits computed once
 
 The judging itself is `judge.verify_runner`, the same call the export job makes.
 """
@@ -11,11 +12,13 @@ The judging itself is `judge.verify_runner`, the same call the export job makes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
-from kdforge.errors import CheckpointError
+from kdforge.errors import CheckpointError, ExportError
 from kdforge.fileio import file_hash, read_metadata, record_or_note
 from kdforge.judge import (
     VerifyReport,
@@ -24,31 +27,48 @@ from kdforge.judge import (
     verification_failed,
     verify_runner,
 )
-from kdforge.layout import RECIPE, VERIFY
+from kdforge.layout import METADATA, RECIPE, VERIFY
 from kdforge.models import load_stage_model
-from kdforge.recipe import VerifyConfig, load_recipe
+from kdforge.recipe import Recipe, VerifyConfig, load_recipe
 from kdforge.runners import open_export
 from kdforge.runtime import runtime_scope
 
 
-def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
-                  references: dict | None = None, data: DataSplits | None = None,
-                  notes: list[str] | None = None) -> VerifyReport:
-    """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
-    and raises VerificationError (saying by how much) when it fails.
+@dataclass(frozen=True)
+class ExportSource:
+    """What every artifact of one export is verified against, read once: metadata.json, the stage the student
+    came from (its weights checked against the recorded sha256), its recipe and the [verify] checks of the export."""
 
-    `references` (a dict the caller keeps between calls of one export) holds the PyTorch student's logits once
-    computed; `data` is a dataset the caller already holds, read from the recipe when None. With `notes` (a list),
-    an export folder this process may not write (read-only) is verified all the same and a note says verify.json
-    was not updated."""
+    meta: dict[str, Any]
+    stage_dir: Path
+    recipe: Recipe
+    checks: VerifyConfig
+
+
+def read_export_source(export_dir: Path) -> ExportSource:
     meta = read_metadata(export_dir)
     stage_dir = Path(meta["run"])
     weights = final_weights(stage_dir)
     if not weights.is_file() or file_hash(weights) != meta["checkpoint_sha256"]:
         raise CheckpointError(f"the PyTorch student {weights} is missing or changed since export; export again")
     recipe = load_recipe(stage_dir / RECIPE)
-    cfg = recipe.model_for(stage_dir.name)
     checks = VerifyConfig.model_validate(meta["settings"]["verify"]) if "settings" in meta else recipe.verify
+    return ExportSource(meta, stage_dir, recipe, checks)
+
+
+def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
+                  references: dict | None = None, data: DataSplits | None = None,
+                  notes: list[str] | None = None, source: ExportSource | None = None) -> VerifyReport:
+    """Verify one artifact of an export against the PyTorch student it came from; writes verify.json either way
+    and raises VerificationError (saying by how much) when it fails.
+
+    `references` (a dict the caller keeps between calls of one export) holds the PyTorch student's logits once
+    computed; `data` is a dataset the caller already holds, read from the recipe when None; `source` what
+    `read_export_source` read, read here when None. With `notes` (a list), an export folder this process may not
+    write (read-only) is verified all the same and a note says verify.json was not updated."""
+    source = source or read_export_source(export_dir)
+    meta, stage_dir, recipe, checks = source.meta, source.stage_dir, source.recipe, source.checks
+    cfg = recipe.model_for(stage_dir.name)
     references = {} if references is None else references
     started = time.perf_counter()
     with runtime_scope(recipe.runtime, device) as runtime:
@@ -68,9 +88,16 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
 
 def verify_formats(export_dir: Path, names: list[str] | None = None, device: str | None = None,
                    notes: list[str] | None = None) -> dict[str, VerifyReport]:
-    """Verify `names` (default: every format the export recorded), the PyTorch reference computed once; raises
-    at the first failure, after writing its report. `notes`: see `verify_export`."""
-    names = names or list(read_metadata(export_dir)["formats"])
+    """Verify `names` (default: every format the export recorded): the export's source read and the student's
+    weights hashed once, the dataset loaded once, the PyTorch reference computed once; raises at the first failure,
+    after writing its report. `notes`: see `verify_export`."""
+    source = read_export_source(export_dir)
+    names = names or list(source.meta["formats"])
+    unknown = [name for name in names if name not in source.meta["formats"]]
+    if unknown:  # before the data is read (open_export says the same, later)
+        raise ExportError(f"{export_dir}: no {unknown[0]} export recorded in {METADATA}; run `kdforge export` first")
     references: dict = {}
-    return {name: verify_export(export_dir, name, device=device, references=references, notes=notes)
+    data = load_dataset(source.recipe.data, source.recipe.seed) if names else None
+    return {name: verify_export(export_dir, name, device=device, references=references, data=data, notes=notes,
+                                source=source)
             for name in names}

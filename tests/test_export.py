@@ -189,3 +189,21 @@ def test_triton_model_repository_is_valid_for_triton(make_recipe, tmp_path):
     assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
     result = runner.invoke(app, ["verify", str(model_dir / "1" / "model.onnx")])
     assert result.exit_code == 0, result.output
+
+
+def test_verifying_every_format_reads_the_data_and_hashes_the_weights_once(export_copy, monkeypatch):
+    import kdforge.verify
+    from kdforge.verify import verify_formats
+
+    from .conftest import count_reads
+
+    hashed = []
+    real_hash = kdforge.verify.file_hash
+    monkeypatch.setattr(kdforge.verify, "file_hash", lambda path: hashed.append(path) or real_hash(path))
+    reads = count_reads(monkeypatch, "synthetic")
+    reports = verify_formats(export_copy)
+    assert set(reports) == {"onnx", "int8"} and all(report.passed for report in reports.values())
+    assert len(reads) == 1 and len(hashed) == 1
+    with pytest.raises(ExportError, match="no openvino export recorded"):
+        verify_formats(export_copy, ["onnx", "openvino"])
+    assert len(reads) == 1  # refused before the data is read
