@@ -5,18 +5,17 @@ the runner on the file it just made), `kdforge verify` (verify.py) with what it 
     report = verify_runner(candidate, lambda: student, data.test, recipe.verify, "fp32", runtime, references={},
                            batch_size=20, what="onnx of resnet18")
     ref, labels = predict_all(TorchRunner(...), data.test, batch_size=256)    # the pieces
-    report = judge("pytorch", "onnxruntime", ref, cand, labels, tolerance=recipe.verify.fp32)
+    report = compare("pytorch", "onnxruntime", ref.numpy(), cand.numpy(), labels.numpy(), recipe.verify.fp32)
 
-Reports top-1/top-5 of each runner, the top-1 delta, argmax agreement and max/mean absolute logit difference,
-and passes or fails against the recipe's [verify] tolerance for the artifact's precision.
+This module runs the PyTorch side; the arithmetic (top-1/top-5 of each runner, the top-1 delta, argmax agreement,
+max/mean absolute logit difference, McNemar, pass or fail against the recipe's [verify] tolerance for the
+artifact's precision) is `kdforge.parity`, torch-free.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,45 +26,13 @@ from kdforge.data.loader import read_batches
 from kdforge.errors import VerificationError
 from kdforge.fileio import read_json, write_json
 from kdforge.layout import VERIFY
-from kdforge.metrics import topk_accuracy
 from kdforge.models import resolve_input_spec
+from kdforge.parity import VerifyReport, compare
 from kdforge.runners import Runner, TorchRunner
 from kdforge.runtime import Runtime, out_of_memory_as_error
 
 if TYPE_CHECKING:
-    from kdforge.recipe import ModelConfig, Tolerance, VerifyConfig
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    reference: str
-    candidate: str
-    count: int
-    reference_top1: float
-    reference_top5: float
-    candidate_top1: float
-    candidate_top5: float
-    top1_delta_points: float  # candidate - reference, in percentage points
-    agreement: float  # share of images with the same top-1 class
-    max_abs_diff: float  # largest absolute logit difference
-    mean_abs_diff: float
-    tolerance: dict
-    passed: bool
-    failures: list[str] = field(default_factory=list)
-    # paired view of the top-1 change: images the candidate got wrong that the reference got right (lost) and
-    # the reverse (gained), and McNemar's exact test on them: a large p-value means the change is within noise
-    lost: int = 0
-    gained: int = 0
-    mcnemar_p: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def row(self) -> dict[str, Any]:
-        """What a results table (and summary.json's export rows) shows of a verification."""
-        return {"verified": True, "pytorch_top1": self.reference_top1, "exported_top1": self.candidate_top1,
-                "agreement": self.agreement, "max_abs_diff": self.max_abs_diff, "passed": self.passed,
-                "top1_delta_points": self.top1_delta_points, "mcnemar_p": self.mcnemar_p}
+    from kdforge.recipe import ModelConfig, VerifyConfig
 
 
 def predict_all(
@@ -79,43 +46,6 @@ def predict_all(
         logits.append(runner.predict(images))
         labels.append(dataset.labels[idx])
     return torch.cat(logits), torch.cat(labels)
-
-
-def judge(
-    reference: str, candidate: str, ref: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor,
-    tolerance: Tolerance,
-) -> VerifyReport:
-    """Compare a reference's and a candidate's logits on the same images (runner names for the report)."""
-    diff = (ref - cand).abs()
-    ref_acc, cand_acc = topk_accuracy(ref, labels), topk_accuracy(cand, labels)
-    agreement = (ref.argmax(1) == cand.argmax(1)).float().mean().item()
-    delta = (cand_acc["top1"] - ref_acc["top1"]) * 100
-    ref_right, cand_right = ref.argmax(1) == labels, cand.argmax(1) == labels
-    lost, gained = int((ref_right & ~cand_right).sum()), int((~ref_right & cand_right).sum())
-    failures = []
-    if agreement < tolerance.min_agreement:
-        failures.append(f"top-1 agreement {agreement:.2%} is below the required {tolerance.min_agreement:.2%}")
-    if abs(delta) > tolerance.max_top1_delta:
-        failures.append(f"top-1 changed by {delta:+.2f} points, more than the allowed {tolerance.max_top1_delta:.2f}")
-    return VerifyReport(
-        reference=reference, candidate=candidate, count=len(labels),
-        reference_top1=ref_acc["top1"], reference_top5=ref_acc["top5"],
-        candidate_top1=cand_acc["top1"], candidate_top5=cand_acc["top5"],
-        top1_delta_points=delta, agreement=agreement,
-        max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item(),
-        tolerance=tolerance.model_dump(), passed=not failures, failures=failures,
-        lost=lost, gained=gained, mcnemar_p=mcnemar_exact_p(lost, gained),
-    )
-
-
-def mcnemar_exact_p(lost: int, gained: int) -> float:
-    """Two-sided exact McNemar test: the probability, if both models were equally accurate, of a split of the
-    `lost + gained` discordant images at least as uneven as this one (binomial, p = 1/2)."""
-    n = lost + gained
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1))
-    return min(1.0, 2 * tail / 2**n)
 
 
 def resolve_verify_batch(batch_size: int | None, cfg: ModelConfig) -> int:
@@ -146,7 +76,8 @@ def verify_runner(candidate: Runner, student: Callable[[], torch.nn.Module], dat
             references[key] = (reference.name, *predict_all(reference, data, batch_size, limit))
         reference_name, ref, labels = references[key]
         cand, _ = predict_all(candidate, data, batch_size, limit)
-    return judge(reference_name, candidate.name, ref, cand, labels, getattr(checks, precision))
+    return compare(reference_name, candidate.name, ref.numpy(), cand.numpy(), labels.numpy(),
+                   getattr(checks, precision))
 
 
 def record_verification(export_dir: Path, name: str, entry: dict[str, Any], report: VerifyReport,

@@ -20,15 +20,10 @@ from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
 from kdforge.errors import CheckpointError, ExportError
 from kdforge.fileio import file_hash, read_metadata, record_or_note
-from kdforge.judge import (
-    VerifyReport,
-    record_verification,
-    resolve_verify_batch,
-    verification_failed,
-    verify_runner,
-)
+from kdforge.judge import record_verification, resolve_verify_batch, verification_failed, verify_runner
 from kdforge.layout import METADATA, RECIPE, VERIFY
 from kdforge.models import load_stage_model
+from kdforge.parity import VerifyReport
 from kdforge.recipe import Recipe, VerifyConfig, load_recipe
 from kdforge.runners import open_export
 from kdforge.runtime import runtime_scope

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdforge.cli import app
-from kdforge.judge import mcnemar_exact_p
+from kdforge.parity import mcnemar_exact_p
 from kdforge.pipeline import run_distill
 from kdforge.recipe import load_recipe
 

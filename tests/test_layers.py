@@ -17,7 +17,7 @@ LAYERS = [
     ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
                     "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions", "kdforge.host",
-                    "kdforge.timing", "kdforge.model_names"]),
+                    "kdforge.timing", "kdforge.model_names", "kdforge.parity"]),
     ("recipe", ["kdforge.recipe", "kdforge.plan"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("lookups", ["kdforge.locate"]),
@@ -142,6 +142,13 @@ def test_serving_imports_no_torch():
     code = ("import sys, kdforge.serve.app, kdforge.serve.model, kdforge.serve.__main__, kdforge.serve.probe, "
             "kdforge.formats; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_the_judges_arithmetic_imports_no_torch():
+    """kdforge.parity judges logits where torch is not installed (the serving image, a device)."""
+    code = "import sys, kdforge.parity; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 

@@ -277,7 +277,7 @@ def finished_export(export_dir: Path, formats: list[str], common: dict[str, Any]
     again on a read-only folder)."""
     from kdforge.errors import KdforgeError
     from kdforge.fileio import check_artifact
-    from kdforge.judge import VerifyReport
+    from kdforge.parity import VerifyReport
 
     meta = read_json(export_dir / METADATA)
     wanted = json.loads(json.dumps({**common, "settings": settings}))  # as JSON holds it (tuples become lists)
