@@ -1,5 +1,11 @@
-"""Named phases of a long job, each announced and timed, so a user sees what is running and how long it took.
+"""What a long job says while it runs: events to consumers, notes, and named phases, each announced and timed.
 
+The one channel everything long-running reports through (training stages, the chain, the export's phases, QAD,
+the student search): plain dicts, {"event": "start" | "step" | "log" | "eval" | "end" | "note", ...}, to
+consumers, any callables taking one event (the progress display and the metrics log: `train/events.py`; a test's
+list). It lives in the foundation so that every layer may speak without importing the training code.
+
+    notify(consumers, "export: onnx added")     # a note (one line for the user) to every consumer
     phases = Phases(report=print)               # report: where the lines go (a console, an event consumer)
     with phases("int8: calibration"):
         ...
@@ -10,7 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+Event = dict[str, Any]
+Consumer = Callable[[Event], None]
+
+
+def notify(consumers: Iterable[Consumer], message: str) -> None:
+    """A note (one line for the user) to every consumer."""
+    for consume in consumers:
+        consume({"event": "note", "message": message})
 
 
 class Phases:

@@ -26,12 +26,13 @@ from kdforge.errors import RecipeError
 from kdforge.estimate import estimate_training
 from kdforge.export.artifacts import ExportResult, export_run
 from kdforge.fileio import check_can_create, folder_lock, read_json, write_json
+from kdforge.phases import Consumer, notify
 from kdforge.plan import describe_plan, plan_stages, recipe_formats
 from kdforge.recipe import AUTO, Recipe, recipe_hash
 from kdforge.report import write_report
 from kdforge.runtime import current_rank, machine, resolve_device, sync
 from kdforge.tracking import check_tracking, track_summary
-from kdforge.train.events import Consumer, ProgressDisplay, notify
+from kdforge.train.events import ProgressDisplay
 from kdforge.train.stages import STAGES, StageResult, evaluate_teacher_checkpoint, stage_is_finished, train_stage
 
 

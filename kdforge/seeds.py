@@ -22,11 +22,12 @@ from typing import Any
 
 from kdforge.fileio import write_json
 from kdforge.layout import SEEDS, TRAINING_STAGES, seed_run_name, stage_dir
+from kdforge.phases import Consumer, notify
 from kdforge.pipeline import DistillSummary, run_distill
 from kdforge.recipe import Recipe
 from kdforge.report import write_seeds_report
 from kdforge.runtime import current_rank
-from kdforge.train.events import Consumer, ProgressDisplay, notify
+from kdforge.train.events import ProgressDisplay
 
 ROLES = TRAINING_STAGES  # the roles compared over seeds
 

@@ -41,9 +41,9 @@ from typing import Any
 from kdforge import layout
 from kdforge.errors import KdforgeError, RecipeError
 from kdforge.fileio import atomic_write_text, file_hash, read_json, read_metadata, write_json
+from kdforge.phases import Consumer, notify
 from kdforge.recipe import AUTO, Recipe, SearchConfig, StudentConfig, recipe_to_toml
 from kdforge.report import plot_candidates
-from kdforge.train.events import Consumer, notify
 
 WARMUP = 5
 # Edge-friendly timm families, small to medium (the ones this timm lacks are left out): mobile CNNs, efficient

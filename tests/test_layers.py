@@ -193,3 +193,11 @@ def test_the_torch_free_runtimes_are_opened_in_one_place():
             assert not [opener for opener in openers if opener in path.read_text()], module
     text = MODULES["kdforge.sessions"].read_text()
     assert all(opener in text for opener in openers)
+
+
+def test_export_reaches_training_only_through_the_qad_stage():
+    """Export speaks through the foundation's note channel (kdforge.phases); of the training code it runs only the
+    QAD stage (INT8's escalation)."""
+    reached = {(module, target) for module in MODULES if module.startswith("kdforge.export")
+               for target in GRAPH[module] if target == "kdforge.train" or target.startswith("kdforge.train.")}
+    assert reached <= {("kdforge.export.int8", "kdforge.train"), ("kdforge.export.int8", "kdforge.train.qad")}, reached

@@ -29,7 +29,7 @@ from kdforge.fileio import file_hash as sha256
 from kdforge.formats import FORMATS, with_sources
 from kdforge.layout import METADATA
 from kdforge.locate import resolve_export_source
-from kdforge.phases import Phases
+from kdforge.phases import Consumer, Phases, notify
 from kdforge.plan import recipe_formats
 from kdforge.recipe import (
     QuantizeConfig,
@@ -39,7 +39,6 @@ from kdforge.recipe import (
     load_recipe,
     recipe_hash,
 )
-from kdforge.train.events import Consumer, notify
 
 # ----------------------------------------------------------------------------------------------------------
 # export

@@ -24,11 +24,10 @@ from kdforge.formats import FORMATS
 from kdforge.judge import record_verification, resolve_verify_batch, verification_failed, verify_runner
 from kdforge.layout import METADATA, VERIFY
 from kdforge.models import load_stage_model
-from kdforge.phases import Phases
+from kdforge.phases import Consumer, Phases
 from kdforge.recipe import QuantizeConfig, Recipe, TensorRTConfig
 from kdforge.runners import open_runner
 from kdforge.runtime import runtime_scope
-from kdforge.train.events import Consumer
 
 
 @dataclass

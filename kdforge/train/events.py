@@ -1,31 +1,19 @@
-"""Consumers of the training loop's events: progress display and the metrics log.
-
-The loop emits plain dicts: {"event": "start" | "step" | "log" | "eval" | "end" | "note", ...}. A consumer is any
-callable taking one event; the loop knows nothing about terminals or files. This is the one channel everything
-long-running reports through: training stages, the chain (`notify`), the export's phases and QAD.
+"""Consumers of the events long jobs emit (kdforge/phases.py: `Event`, `Consumer`, `notify`): the progress
+display and the metrics log. The loop emits plain dicts and knows nothing about terminals or files.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdforge.fileio import atomic_write_text
-
-Event = dict[str, Any]
-Consumer = Callable[[Event], None]
-
-
-def notify(consumers: Iterable[Consumer], message: str) -> None:
-    """A note (one line for the user) to every consumer."""
-    for consume in consumers:
-        consume({"event": "note", "message": message})
+from kdforge.phases import Event
 
 
 def format_metrics(event: Event) -> str:

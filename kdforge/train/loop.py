@@ -33,10 +33,10 @@ from kdforge.distill.cache import view_choice
 from kdforge.distill.objective import Objective, hard_labels, prediction
 from kdforge.errors import DataError, KdforgeError
 from kdforge.metrics import topk_hits
+from kdforge.phases import Consumer
 from kdforge.recipe import AugmentConfig, TrainConfig
 from kdforge.rng import rng_stream, stream_seed
 from kdforge.runtime import Runtime, out_of_memory_as_error
-from kdforge.train.events import Consumer
 
 if TYPE_CHECKING:
     from kdforge.distill.cache import TeacherCache

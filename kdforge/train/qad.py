@@ -51,10 +51,11 @@ from kdforge.errors import ExportError
 from kdforge.fileio import file_hash, write_json
 from kdforge.models import load_stage_model, resolve_input_spec
 from kdforge.optional import require
+from kdforge.phases import Consumer
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe, data_fingerprint
 from kdforge.rng import rng_stream
 from kdforge.runtime import runtime_scope
-from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay
+from kdforge.train.events import MetricsLog, ProgressDisplay
 from kdforge.train.loop import BatchSource, evaluate, fit
 from kdforge.train.stages import (
     StagePlan,

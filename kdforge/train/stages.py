@@ -43,10 +43,11 @@ from kdforge.fileio import (
     write_json,
 )
 from kdforge.models import count_parameters, create_model, resolve_input_spec
+from kdforge.phases import Consumer, notify
 from kdforge.recipe import AUTO, ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
 from kdforge.tracking import check_tracking, stage_trackers
-from kdforge.train.events import Consumer, MetricsLog, ProgressDisplay, notify
+from kdforge.train.events import MetricsLog, ProgressDisplay
 from kdforge.train.loop import BatchSource, evaluate, fit
 
 STAGES = layout.TRAINING_STAGES
