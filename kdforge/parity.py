@@ -1,12 +1,13 @@
 """Parity, the arithmetic: a reference's and a candidate's logits on the same images -> top-1/top-5 of each, the
 top-1 delta, argmax agreement, max/mean |logit difference|, the paired lost/gained images with McNemar's exact
 test, and pass or fail against a tolerance. Numpy only (torch-free): the judge (judge.py, which runs the PyTorch
-student) and what runs without torch (the server's image, the device probe) judge with the same arithmetic.
+student) uses it, and what runs without torch (the serving image, a device) can judge with the same arithmetic.
 
     report = compare("pytorch (cpu, fp32)", "onnxruntime (CPU)", ref, cand, labels, tolerance)
 
 Ties go to the lower class index, as in `metrics.topk_hits` and the server's ranking; accuracies and agreement are
-float32 means, as torch computes them (verify.json records the same values as before this module existed).
+float32 means, as torch computed them before this module existed (the same values in verify.json); the mean
+|logit difference| is a float64 mean (it differs from torch's float32 one in the 8th digit).
 """
 
 from __future__ import annotations
