@@ -131,10 +131,23 @@ def test_flip_mirrors_the_crop():
     assert torch.equal(flipped, plain.flip(-1))
 
 
-def test_without_torchcodec_torchvisions_decoder_gives_the_same_view(monkeypatch):
+@pytest.mark.parametrize("fails", ["missing", "built-for-another-torch"])
+def test_without_torchcodec_torchvisions_decoder_gives_the_same_view(monkeypatch, fails):
     import sys
+    import types
 
     data = photo(500, 375)
     with_torchcodec = crop_view(data, random.Random(3), 224, SCALE, RATIO)
-    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `from torchcodec.decoders import` now fails
-    assert torch.equal(crop_view(data, random.Random(3), 224, SCALE, RATIO), with_torchcodec)
+    assert crops.jpeg_decoder().__name__ == "decode_with_torchcodec"  # the dev install has it: it decoded that view
+    if fails == "missing":
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `from torchcodec.decoders import` fails
+    else:  # importing it raises what a native library of another torch raises
+        broken = types.ModuleType("torchcodec.decoders")
+        broken.__getattr__ = lambda name: (_ for _ in ()).throw(OSError("undefined symbol: _ZN3c10..."))
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", broken)
+    crops.jpeg_decoder.cache_clear()
+    try:
+        assert crops.jpeg_decoder().__name__ == "decode_with_torchvision"
+        assert torch.equal(crop_view(data, random.Random(3), 224, SCALE, RATIO), with_torchcodec)
+    finally:
+        crops.jpeg_decoder.cache_clear()

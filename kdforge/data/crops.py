@@ -21,9 +21,12 @@ seeded, saved or restored, and a view depends on nothing else.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,26 +111,39 @@ def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
         return None
 
 
-def _decode_jpeg(data: bytes) -> torch.Tensor | None:
-    """uint8 (3, H, W) by libjpeg-turbo: TorchCodec's decoder where it is installed (the `data` extra; PyTorch's
-    image decoders since torchvision 0.29 deprecated its own), else torchvision's; None where neither decodes it."""
+@functools.cache
+def jpeg_decoder() -> Callable[[bytes], torch.Tensor] | None:
+    """bytes -> uint8 (3, H, W) by libjpeg-turbo: TorchCodec's decoder where it loads (the `data` extra; PyTorch's
+    image decoders since torchvision 0.29 deprecated its own), else torchvision's; None without either."""
     try:
-        from torchcodec.decoders import decode_jpeg
+        from torchcodec.decoders import decode_jpeg as torchcodec_jpeg
 
-        return decode_jpeg(data, mode="RGB")
-    except ImportError:
+        def decode_with_torchcodec(data: bytes) -> torch.Tensor:
+            return torchcodec_jpeg(data, mode="RGB")
+
+        return decode_with_torchcodec
+    except Exception:  # not installed, or built for another torch (it loads its native library on import)
         pass
-    except (RuntimeError, ValueError):
-        return None
     try:
-        import warnings
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as torchvision_jpeg
+    except ImportError:
+        return None
 
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        with warnings.catch_warnings():  # its deprecation, once per worker and call; the decoder itself is fine
+    def decode_with_torchvision(data: bytes) -> torch.Tensor:
+        with warnings.catch_warnings():  # its deprecation, on every call; the decoder itself is fine
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (ImportError, RuntimeError, ValueError):
+            return torchvision_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    return decode_with_torchvision
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor | None:
+    """The photo decoded whole (`jpeg_decoder`), or None where it cannot (Pillow decodes it then)."""
+    decode = jpeg_decoder()
+    try:
+        return decode(data) if decode is not None else None
+    except (RuntimeError, ValueError):
         return None
 
 
