@@ -119,20 +119,20 @@ def test_predict_command_prints_what_the_server_answers(served_export):
 
 def test_gpu_providers_are_chosen_in_order_with_a_tensorrt_engine_cache(tmp_path):
     from kdforge.errors import ExportError
-    from kdforge.sessions import onnxruntime_providers as session_providers
+    from kdforge.sessions import onnxruntime_providers
 
     everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    chosen = session_providers(("tensorrt", "cuda", "cpu"), everything, tmp_path / "engines")
+    chosen = onnxruntime_providers(("tensorrt", "cuda", "cpu"), everything, tmp_path / "engines")
     assert chosen[0][0] == "TensorrtExecutionProvider" and chosen[1:] == everything[1:]
     options = chosen[0][1]
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(tmp_path / "engines")
     assert (tmp_path / "engines").is_dir()
     # on a CPU-only machine the GPU image's provider list falls back to the CPU
-    assert session_providers(("tensorrt", "cuda", "cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnxruntime_providers(("tensorrt", "cuda", "cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(ExportError, match="unknown execution providers"):
-        session_providers(("tensorrtt",), everything)
+        onnxruntime_providers(("tensorrtt",), everything)
     with pytest.raises(ExportError, match="none of the execution providers"):
-        session_providers(("cuda",), ["CPUExecutionProvider"])
+        onnxruntime_providers(("cuda",), ["CPUExecutionProvider"])
 
 
 # Debian 12 (the serving image's base) has glibc 2.36: wheels tagged manylinux_2_17 .. manylinux_2_36 install there
