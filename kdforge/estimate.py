@@ -65,26 +65,32 @@ class _Timer:
 
 def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
     """Estimated seconds of `stage`, from a few real steps of it."""
-    from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
     from kdforge.distill.teacher import FrozenTeacher
     from kdforge.train.loop import BatchSource, Plan, fit
+    from kdforge.train.stages import stage_projectors, training_objective
 
     cfg = recipe.model_for(stage)
     model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
     spec = resolve_input_spec(cfg)
-    objective = cross_entropy_objective(cfg.train.label_smoothing)
+    teacher = projectors = None
     if stage == "student" and not recipe.distill.teacher_cache.views:  # the teacher answers on every step
         teacher_cfg = recipe.model_for("teacher")
         teacher = FrozenTeacher(create_model(teacher_cfg.model_copy(update={"pretrained": False, "weights": None}),
                                              data.num_classes), resolve_input_spec(teacher_cfg))
-        teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
-        objective = create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing)
+        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes, teacher)
+    # the stage's own objective (labels alone without a teacher; a stage reading a teacher cache costs about that),
+    # with what it trains beside the student: OFA's projectors, FitNets' adapters
+    objective, _ = training_objective(recipe, cfg, teacher, None, data, runtime, Path(), [], projectors)
     probe = cfg.train.model_copy(update={"max_steps": PROBE_STEPS, "log_every": PROBE_STEPS // 2,
                                          "limit_eval_batches": 1, "checkpoint_every": 0})
     timer = _Timer()
-    with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
-        fit(model, spec, objective, data, probe, runtime, BatchSource(recipe.data.augment, recipe.seed), Path(folder),
-            title=f"estimate {stage}", consumers=[timer])
+    try:
+        with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
+            fit(model, spec, objective, data, probe, runtime, BatchSource(recipe.data.augment, recipe.seed),
+                Path(folder), title=f"estimate {stage}", consumers=[timer], extra=projectors)
+    finally:
+        if projectors is not None:
+            projectors.remove()
     plan = Plan.create(len(data.train), cfg.train)
     step_s = cfg.train.batch_size / timer.images_per_s
     eval_s = timer.evals[0]

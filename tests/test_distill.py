@@ -589,3 +589,36 @@ def test_a_stage_counts_as_finished_exactly_when_the_chain_would_reuse_it(make_r
     assert not stage_is_finished(load_recipe(path, ["train.max_steps=3"]), "teacher", tmp_path)  # other settings
     # the teacher store: another recipe with the same teacher section finds it finished
     assert stage_is_finished(load_recipe(path, ["train.max_steps=2", "name=other"]), "teacher", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "ofa", "fitnet"])
+def test_the_estimate_trains_what_the_stage_trains(make_recipe, tmp_path, monkeypatch, method):
+    """The estimate times a few steps of the distilled student with the stage's own objective and the modules the
+    stage trains beside it (OFA's projectors, FitNets' adapters): the same loss terms on the same batch."""
+    import kdforge.train.loop as loop
+    import kdforge.train.stages as stages
+    from kdforge.estimate import estimate_training
+
+    seen = {}
+
+    def spy(where):
+        def fit(model, spec, objective, data, train, runtime, *args, extra=None, **kwargs):
+            images = spec.prepare(data.train.images[:4].to(runtime.device))
+            with torch.no_grad():
+                logits = model(images)  # the hooks of projectors and adapters see this forward
+                _, terms = objective(logits, data.train.labels[:4], images)
+            seen[where] = (type(extra).__name__, sorted(terms))  # the last call: the student (teacher, baseline first)
+            return real(model, spec, objective, data, train.model_copy(update={"max_steps": 2}), runtime, *args,
+                        extra=extra, **kwargs)
+        return fit
+
+    real = loop.fit
+    monkeypatch.setattr("kdforge.estimate.MIN_STEPS", 0)
+    recipe = load_recipe(make_recipe(TINY_MODELS), [f"distill.method={method}", "train.max_steps=4"])
+    monkeypatch.setattr(loop, "fit", spy("estimate"))
+    estimate_training(recipe, ["student"])
+    monkeypatch.setattr(stages, "fit", spy("stage"))
+    run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
+    assert seen["estimate"] == seen["stage"], seen
+    assert seen["stage"][0] == {"kd": "NoneType", "ofa": "StageProjectors", "fitnet": "FeatureHints"}[method]
