@@ -413,6 +413,10 @@ def export(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override an export setting of the run's recipe ([export], [quantize], [verify]), e.g. "
         "--set quantize.max_top1_drop=0.5 (repeatable).", show_default=False)] = None,
+    bundle: Annotated[bool, typer.Option("--bundle", help="Then write the device bundle of the export (see "
+                                         "`kdforge bundle`) to bundles/NAME and bundles/NAME.tar.")] = False,
+    bundle_images: Annotated[int, typer.Option(help="Test images in the bundle (stratified by class).", min=1)]
+    = 1000,
 ) -> None:
     """Export a trained student (the distilled one, else the baseline) and verify it against PyTorch.
 
@@ -443,7 +447,47 @@ def export(
                                consumers=[ProgressDisplay()])
     _print_export(result)
     _exit_if_failed(result.failures)
+    if bundle:
+        _make_bundle(result.export_dir, Path("bundles") / result.export_dir.name, bundle_images, None)
     _exit_if_unavailable(result.unavailable)
+
+
+def _make_bundle(export_dir: Path, folder: Path, images: int, formats: list[str] | None) -> None:
+    from kdforge.bundle import make_bundle
+    from kdforge.train.events import ProgressDisplay
+
+    with user_errors():
+        result = make_bundle(export_dir, folder, images, formats, consumers=[ProgressDisplay()])
+    for name, why in result.skipped.items():
+        err.print(f"note: {name} not bundled: {escape(why)}", highlight=False, soft_wrap=True)
+    out.print(f"bundle: {result.images} test images, {', '.join(result.formats)} -> {result.folder} and {result.tar} "
+              f"({result.bytes / 1e6:.1f} MB)", highlight=False)
+    out.print(f"on the device: python -m kdforge.serve.probe {result.tar.name} --verify; then here: kdforge verify "
+              f"{export_dir} --device-report device-report.json", highlight=False)
+
+
+@app.command("bundle")
+def bundle_command(
+    export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
+    images: Annotated[int, typer.Option("--images", help="Test images in the bundle (stratified by class).", min=1)]
+    = 1000,
+    formats: Annotated[list[str] | None, typer.Option(
+        "--format", "-f", help="Format to bundle (repeatable); default: every verified format a device runs without "
+        "torch (ONNX, OpenVINO, LiteRT, NCNN).", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="The bundle folder (its .tar beside it); default: "
+                                                 "bundles/NAME.", show_default=False)] = None,
+) -> None:
+    """Write a device bundle: the export's servable files, test images with their labels, the PyTorch student's
+    logits on them, the host's run of each file and the [verify] tolerances, as a folder and a .tar (torch-free).
+
+    Copy the .tar to the device and run the probe there; it judges each file with the arithmetic of `kdforge
+    verify` and writes device-report.json, which `kdforge verify --device-report`, `kdforge serve --device-report`
+    and `kdforge students --device-profile` read back.
+
+    Example:  kdforge bundle exports/quickstart --images 1000
+              python -m kdforge.serve.probe quickstart.tar --verify --seconds 60     (on the device)
+    """
+    _make_bundle(export_dir, out_dir or Path("bundles") / export_dir.resolve().name, images, formats)
 
 
 def _print_export(result) -> None:
@@ -485,25 +529,71 @@ def verify(
     exports_dir: Annotated[Path, typer.Option("--exports-dir", help="Where to look for the most recent export.")]
     = Path("exports"),
     device: DeviceOpt = None,
+    device_report: Annotated[Path | None, typer.Option(
+        help="Record the verdicts of a device-report.json (from `python -m kdforge.serve.probe BUNDLE --verify` on "
+             "the device) in verify.json beside this machine's, instead of verifying here.", show_default=False)]
+    = None,
 ) -> None:
     """Verify exported artifacts against the PyTorch student on the test split; writes verify.json.
 
-    Exits non-zero when an artifact is outside the recipe's [verify] tolerance.
+    Exits non-zero when an artifact is outside the recipe's [verify] tolerance (with --device-report: when a
+    file failed on that device).
 
     Example:  kdforge verify exports/quickstart/student.onnx
+              kdforge verify exports/quickstart --device-report device-report.json
     """
     from kdforge.locate import resolve_export_dir
-    from kdforge.verify import verify_formats
 
     with user_errors():
         export_dir, fmt = resolve_export_dir(target, exports_dir)
         if target is None:
             err.print(f"verifying the most recent export: {export_dir}", highlight=False)
+        if device_report is not None:
+            _import_device_report(export_dir, device_report)
+            return
+        from kdforge.verify import verify_formats
+
         notes: list[str] = []  # a read-only export folder: verified all the same, verify.json not updated
         reports = verify_formats(export_dir, [fmt] if fmt else None, device=device, notes=notes)
     out.print(exports_table({name: {"artifact": str(export_dir / name), **report.row()}
                              for name, report in reports.items()}))
     warn(notes)
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _import_device_report(export_dir: Path, path: Path) -> None:
+    """`kdforge verify --device-report`: the device's verdicts into verify.json, a table, exit 1 if one failed."""
+    from rich.table import Table
+
+    from kdforge.device import device_name, import_device_report, read_device_report
+
+    report = read_device_report(path)
+    recorded, ignored = import_device_report(export_dir, report)
+    table = Table(title=f"{export_dir} on {device_name(report)}")
+    for column in ("format", "top-1 there", "PyTorch", "agreement", "max |Δ|", "changed vs host", "p95 ms",
+                   "MB", "verdict"):
+        table.add_column(column, justify="left" if column in ("format", "verdict") else "right",
+                         no_wrap=column in ("format", "verdict"))
+    for name, record in recorded.items():
+        cells = [_cell(record.get(key), spec) for key, spec in (
+            ("candidate_top1", ".2%"), ("reference_top1", ".2%"), ("agreement", ".2%"), ("max_abs_diff", ".2e"),
+            ("top1_changed_vs_host", "d"), ("latency_sustained_p95_ms", ".2f"), ("memory_mb", ".0f"))]
+        table.add_row(name, *cells, "PASS" if record["passed"] else "[red]FAILED[/red]")
+    out.print(table)
+    for file, why in ignored.items():
+        err.print(f"note: {escape(file)} not recorded: {escape(why)}", highlight=False, soft_wrap=True)
+    if not recorded:
+        raise KdforgeError(f"{path} judged no file of {export_dir}: bundle this export (`kdforge bundle "
+                           f"{export_dir}`) and probe it on the device")
+    out.print(f"-> {export_dir / 'verify.json'} (devices)", highlight=False)
+    failed = {name: record for name, record in recorded.items() if not record["passed"]}
+    for name, record in failed.items():
+        _error_lines(f"{name} FAILED on {device_name(report)}: {'; '.join(record['failures'])}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -694,6 +784,9 @@ def serve(
         help="Serve HTTPS with this certificate (PEM).", envvar="KDFORGE_SSL_CERTFILE")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(
         help="The certificate's private key (PEM, unencrypted).", envvar="KDFORGE_SSL_KEYFILE")] = None,
+    device_report: Annotated[Path | None, typer.Option(
+        help="Serve only a format that passed on the device of this device-report.json (`python -m "
+             "kdforge.serve.probe BUNDLE --verify` there).", envvar="KDFORGE_DEVICE_REPORT")] = None,
 ) -> None:
     """Serve an exported student over HTTP (or HTTPS with --ssl-certfile/--ssl-keyfile): POST /predict,
     /predict/batch; GET /healthz, /metadata. SIGTERM or Ctrl-C stops it cleanly (exit 0): running requests
@@ -707,7 +800,7 @@ def serve(
     with user_errors(interrupted="stopped"):
         run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels, api_key_file=api_key_file,
             body_timeout_s=body_timeout, max_connections=max_connections, ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile)
+            ssl_keyfile=ssl_keyfile, device_report=device_report)
 
 
 @app.command()

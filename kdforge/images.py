@@ -42,9 +42,18 @@ class ImageTooLarge(ImageError):
 
 def decode_rgb(source: bytes | Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes or file -> uint8 array (size, size, 3). Raises ImageError (ImageTooLarge over the budget)."""
+
+    return resize_rgb(open_rgb(source, size, max_pixels), size)
+
+
+def resize_rgb(image, size: int) -> np.ndarray:
+    """A Pillow RGB image (or a uint8 (H, W, 3) array) -> uint8 (size, size, 3), resized as the server resizes
+    every decoded image: Pillow's bilinear filter, antialiased when reducing."""
     from PIL import Image
 
-    rgb = open_rgb(source, size, max_pixels).resize((size, size), Image.Resampling.BILINEAR)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    rgb = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(rgb, dtype=np.uint8)  # owned and writable (torch.from_numpy needs that)
 
 
@@ -87,10 +96,15 @@ def _upright(image):
 def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (3, H, W): scaled to [0, 1], minus `mean`, over `std` (per channel), the same
     arithmetic as `InputSpec.prepare` (data/transforms.py), which verification and training use."""
-    x = pixels.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
-    mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(std, np.float32).reshape(3, 1, 1)
-    return (x - mean) / std
+    return normalize_batch(pixels[None], mean, std)[0]
+
+
+def normalize_batch(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), each image as `normalize` does it (the device bundle's images)."""
+    x = pixels.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std)
 
 
 def _to_rgb(image):

@@ -54,6 +54,24 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def sustained_ms(fn: Callable[[], Any], seconds: float, windows: int = 6) -> list[dict[str, float]]:
+    """Call `fn` back to back for `seconds` and report each of `windows` equal time windows: calls, p50 and p95 ms.
+    What a fanless board or a phone does after a minute is not what it does in the first second (thermal
+    throttling, boosts running out); the first and last windows say whether the speed held."""
+    span = seconds / windows
+    rows = []
+    start = time.perf_counter()
+    for index in range(windows):
+        end, times = start + span * (index + 1), []
+        while time.perf_counter() < end or not times:
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        rows.append({"window": index + 1, "ends_at_s": round(time.perf_counter() - start, 2), "calls": len(times),
+                     "p50_ms": round(percentile(times, 50) * 1e3, 3), "p95_ms": round(percentile(times, 95) * 1e3, 3)})
+    return rows
+
+
 def latency_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
     """(p50 ms, p95 ms) of `fn`'s calls, `repeats` timed after `warmup` untimed."""
     times = time_calls(fn, warmup, repeats)

@@ -17,7 +17,7 @@ LAYERS = [
     ("foundation", ["kdforge", "kdforge.errors", "kdforge.registry", "kdforge.optional", "kdforge.layout",
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
                     "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions", "kdforge.host",
-                    "kdforge.timing", "kdforge.model_names", "kdforge.parity"]),
+                    "kdforge.timing", "kdforge.model_names", "kdforge.parity", "kdforge.device"]),
     ("recipe", ["kdforge.recipe", "kdforge.plan"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("lookups", ["kdforge.locate"]),
@@ -27,7 +27,7 @@ LAYERS = [
     ("runners", ["kdforge.runners", "kdforge.runners.*"]),
     ("verification", ["kdforge.judge"]),
     ("export", ["kdforge.export", "kdforge.export.*"]),
-    ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report"]),
+    ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report", "kdforge.bundle"]),
     ("chain", ["kdforge.pipeline", "kdforge.seeds", "kdforge.students"]),
     ("interfaces", ["kdforge.cli", "kdforge.__main__", "kdforge.serve", "kdforge.serve.*"]),
 ]

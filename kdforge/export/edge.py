@@ -238,12 +238,12 @@ def _check_litert(path: Path, input_size: int) -> bool:
     from kdforge.sessions import litert_session
 
     images = np.random.default_rng(0).standard_normal((3, 3, input_size, input_size)).astype(np.float32)
-    single, _ = litert_session(path, batch_axis=False)
+    single = litert_session(path, batch_axis=False).run
     one_by_one = single(images)
     if one_by_one.shape[0] != 3 or not np.isfinite(one_by_one).all():
         raise ExportError(f"the LiteRT model returned {one_by_one.shape} for 3 images, or non-finite logits")
     try:
-        batched, _ = litert_session(path, batch_axis=True)
+        batched = litert_session(path, batch_axis=True).run
         return bool(np.allclose(batched(images), one_by_one, rtol=1e-4, atol=1e-4))
     except (ValueError, RuntimeError):  # XNNPACK cannot reshape the graph for another batch
         return False

@@ -59,7 +59,8 @@ class OnnxRunner(SessionRunner):
     and the CPU). Input size and mean/std come from the file's own metadata."""
 
     def __init__(self, path: Path, threads: int | None = None, many_batches: bool = False) -> None:
-        run, self.provider, self.metadata = onnxruntime_session(path, threads=threads, many_batches=many_batches)
+        run, self.provider, self.metadata, _ = onnxruntime_session(path, threads=threads,
+                                                                      many_batches=many_batches)
         super().__init__(path, run, spec_of(path, self.metadata),
                          f"onnxruntime ({self.provider.removesuffix('ExecutionProvider')})")
 
@@ -69,7 +70,7 @@ class OpenVinoRunner(SessionRunner):
     Input size and mean/std come from the model's rt_info (written by `onnx_to_openvino`)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        run, name, metadata = openvino_session(path, threads)
+        run, name, metadata, _ = openvino_session(path, threads)
         super().__init__(path, run, spec_of(path, metadata), name)
 
 

@@ -62,8 +62,8 @@ class EdgeRunner(SessionRunner):
         what = {"litert": "LiteRT model", "ncnn": "NCNN model"}[kind]
         meta = _sidecar(Path(path), what)
         if kind == "litert":
-            run, name = litert_session(Path(path), threads, batch_axis=bool(meta.get("batch_axis", False)))
+            run, name, _, _ = litert_session(Path(path), threads, batch_axis=bool(meta.get("batch_axis", False)))
         else:
-            run, name = ncnn_session(Path(path), threads)
+            run, name, _, _ = ncnn_session(Path(path), threads)
         super().__init__(path, run, spec_from_metadata(meta), name)
         self.metadata = meta

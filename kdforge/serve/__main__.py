@@ -26,7 +26,8 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
         providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
         max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None) -> None:
+        ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
+        device_report: Path | None = None) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
@@ -40,7 +41,7 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     check_tls(ssl_certfile, ssl_keyfile)
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
                      providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key,
-                     body_timeout_s=body_timeout_s)
+                     body_timeout_s=body_timeout_s, device_report=device_report)
     listening = bind(host, port)
     return_freed_memory()
     if "warning" in app.state.info:
@@ -171,11 +172,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve HTTPS with this certificate (PEM; default: $KDFORGE_SSL_CERTFILE)")
     parser.add_argument("--ssl-keyfile", type=Path, default=os.environ.get("KDFORGE_SSL_KEYFILE") or None,
                         help="the certificate's private key (PEM, unencrypted; default: $KDFORGE_SSL_KEYFILE)")
+    parser.add_argument("--device-report", type=Path, default=os.environ.get("KDFORGE_DEVICE_REPORT") or None,
+                        help="serve only a format that passed on the device of this device-report.json (python -m "
+                             "kdforge.serve.probe BUNDLE --verify; default: $KDFORGE_DEVICE_REPORT)")
     args = parser.parse_args(argv)
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
-            args.api_key_file, args.body_timeout, args.max_connections, args.ssl_certfile, args.ssl_keyfile)
+            args.api_key_file, args.body_timeout, args.max_connections, args.ssl_certfile, args.ssl_keyfile,
+            args.device_report)
     except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 

@@ -96,11 +96,11 @@ def create_app(
     export_dir: Path, fmt: str = "auto", max_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
     top_k: int = 5, providers: tuple[str, ...] = DEFAULT_PROVIDERS, engine_cache: Path | None = None,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT, max_pixels: int = MAX_PIXELS, api_key: str | None = None,
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, device_report: Path | None = None,
 ) -> FastAPI:
     check_limits(top_k=top_k, max_bytes=max_bytes, max_batch=max_batch, max_pixels=max_pixels,
                  max_concurrent=max_concurrent)
-    model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache, max_pixels)
+    model = ServedModel.load(Path(export_dir), fmt, providers, engine_cache, max_pixels, device_report)
     workers = CapacityLimiter(max_concurrent)
     stopping = threading.Event()  # set by the server on SIGTERM (serve/__main__.py)
 

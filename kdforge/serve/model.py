@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from kdforge import device, sessions
 from kdforge.errors import KdforgeError, ServingError
 from kdforge.fileio import check_artifact, read_json, read_metadata
 from kdforge.formats import FORMATS, servable
 from kdforge.images import MAX_PIXELS, ImageError, decode_rgb, normalize
 from kdforge.layout import BENCH, VERIFY
+from kdforge.sessions import Opened
 
 # export formats a server can load (the formats table's `serve_rank`). "auto" serves the fastest verified one
 # that `kdforge bench` measured (`choose_format`); without a bench.json, in this order of preference: INT8
@@ -51,12 +53,20 @@ PREPROCESSING = ("decoded, resized to {size}x{size} with Pillow (bilinear, antia
                  "{size}x{size} images; a resized image is within one uint8 step of verification's (torch) resize")
 
 
-def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
+def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, Any],
+                  on_device: dict[str, str] | None = None) -> tuple[str, str]:
     """The format `--format auto` serves, and why: the fastest format that passed verification as `kdforge bench`
-    measured it on this export (batch-1 p50 latency), else a verified INT8, else the verified FP32 ONNX."""
+    measured it on this export (batch-1 p50 latency), else a verified INT8, else the verified FP32 ONNX. With
+    `on_device` (format -> why not, for the formats a device report did not pass: `device_refusals`), only the
+    formats that passed on that device are candidates."""
     candidates = [f for f in SERVABLE if (export_dir / SERVABLE[f]).is_file() and runtime_missing(f) is None]
     if not candidates:
         raise ServingError(f"{export_dir} holds no {' or '.join(SERVABLE.values())}")
+    if on_device is not None:
+        candidates = [f for f in candidates if f not in on_device]
+        if not candidates:
+            raise ServingError("no format of this export passed on the device report's device: " + "; ".join(
+                f"{name}: {why}" for name, why in on_device.items()))
     passed = [f for f in candidates if verified.get(f, {}).get("passed")]
     measured = {row["format"]: row["latency_p50_ms"] for row in bench.get("rows", []) if row["format"] in passed}
     if measured:
@@ -68,31 +78,44 @@ def choose_format(export_dir: Path, verified: dict[str, Any], bench: dict[str, A
     if passed:
         return passed[0], (f"verified; no bench.json to compare speeds, so {' before '.join(SERVABLE)} "
                            f"is the order of preference")
+    if on_device is not None:  # passed on the device, though not verified on this host
+        return candidates[0], "passed on the device report's device (not verified on this host)"
     fallback = "onnx" if "onnx" in candidates else candidates[0]  # FP32 is exact by construction
     return fallback, f"no format passed verification: serving {fallback} unverified"
 
 
-def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache: Path | None,
-                 entry: dict[str, Any] | None = None,
-                 threads: int | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """A function from a float32 batch to logits, and the runtime that computes them: the session verification
-    opened (kdforge/sessions.py): ONNX Runtime on the first installed of `providers`, OpenVINO's CPU plugin in FP32
-    arithmetic, LiteRT or NCNN (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis; `threads`: the
-    runtime's CPU threads, default: its own)."""
-    from kdforge import sessions
+def device_refusals(meta: dict[str, Any], report: dict[str, Any]) -> dict[str, str]:
+    """format -> why it may not be served under a device report: it failed there, or that device never judged
+    this very file (its sha256). The formats not named passed on the report's device."""
+    passed, failed = device.passed_on_device(report), device.failed_on_device(report)
+    where = device.device_name(report)
+    refusals = {}
+    for name in SERVABLE:
+        entry = meta["formats"].get(name)
+        if entry is None or entry["sha256"] in passed:
+            continue
+        if entry["sha256"] in failed:
+            refusals[name] = f"FAILED on {where}: {'; '.join(failed[entry['sha256']].get('failures', []))}"
+        else:
+            refusals[name] = f"not judged on {where} (the report holds no verdict on this file)"
+    return refusals
 
+
+def open_session(path: Path, fmt: str, providers: tuple[str, ...], engine_cache: Path | None,
+                 entry: dict[str, Any] | None = None, threads: int | None = None,
+                 precision: str = "fp32") -> Opened:
+    """The session verification opened (kdforge/sessions.py: a function from a float32 batch to logits, the
+    runtime computing it, the settings it uses): ONNX Runtime on the first installed of `providers`, OpenVINO's CPU
+    plugin in FP32 arithmetic, LiteRT or NCNN (`entry`: the format's metadata.json entry, e.g. LiteRT's batch_axis;
+    `threads`: the runtime's CPU threads, default: its own; `precision`: "fp32", the verified arithmetic, or
+    "default", the runtime's own choice on this CPU)."""
     missing = runtime_missing(fmt)
     if missing:
         raise ServingError(f"{path.name} cannot be served here: {missing}")
-    runner = FORMATS.get(fmt).runner
     try:
-        if runner == "litert":
-            return sessions.litert_session(path, threads, batch_axis=bool((entry or {}).get("batch_axis", False)))
-        if runner == "ncnn":
-            return sessions.ncnn_session(path, threads)
-        if runner == "openvino":
-            return sessions.openvino_session(path, threads)[:2]
-        return sessions.onnxruntime_session(path, providers, threads, engine_cache=engine_cache)[:2]
+        return sessions.open_session(path, FORMATS.get(fmt).runner, providers, threads, precision,
+                                     batch_axis=bool((entry or {}).get("batch_axis", False)),
+                                     engine_cache=engine_cache)
     except KdforgeError as exc:
         raise ServingError(str(exc)) from None
 
@@ -109,22 +132,29 @@ class ServedModel:
 
     @classmethod
     def load(cls, export_dir: Path, fmt: str = "auto", providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-             engine_cache: Path | None = None, max_pixels: int = MAX_PIXELS) -> ServedModel:
+             engine_cache: Path | None = None, max_pixels: int = MAX_PIXELS,
+             device_report: Path | None = None) -> ServedModel:
+        """The export's `fmt` ("auto": `choose_format`); with `device_report` (a probe's device-report.json), only
+        a format that passed on that device (`device_refusals`)."""
         try:
             meta = read_metadata(export_dir)
             verified = read_json(export_dir / VERIFY)
+            report = device.read_device_report(device_report) if device_report else None
         except KdforgeError as exc:  # missing, damaged or incomplete
             raise ServingError(str(exc)) from None
+        refusals = device_refusals(meta, report) if report else None
         why = "asked for with --format"
         if fmt == "auto":
             try:
                 bench, damaged = read_json(export_dir / BENCH), ""
             except KdforgeError:  # speeds are a preference, not a requirement: choose without them
                 bench, damaged = {}, " (bench.json is damaged: ignored; `kdforge bench` writes it again)"
-            fmt, why = choose_format(export_dir, verified, bench)
+            fmt, why = choose_format(export_dir, verified, bench, refusals)
             why += damaged
         if fmt not in SERVABLE:
             raise ServingError(f"unknown format {fmt!r}: serve auto, {', '.join(SERVABLE)}")
+        if refusals and fmt in refusals:
+            raise ServingError(f"{fmt} is not served under {device_report}: {refusals[fmt]}")
         if fmt not in meta["formats"] or not (export_dir / SERVABLE[fmt]).is_file():
             raise ServingError(f"{export_dir} holds no {fmt} export ({SERVABLE[fmt]}); export it, or serve another "
                                f"--format")
@@ -133,7 +163,8 @@ class ServedModel:
         except KdforgeError as exc:
             raise ServingError(str(exc)) from None
         digest = meta["formats"][fmt]["sha256"]
-        run, runtime = open_session(export_dir / SERVABLE[fmt], fmt, providers, engine_cache, meta["formats"][fmt])
+        run, runtime, _, _ = open_session(export_dir / SERVABLE[fmt], fmt, providers, engine_cache,
+                                          meta["formats"][fmt])
         size = int(meta["input_size"])
         # one inference before the server says it is healthy: the TensorRT provider builds its engine here
         run(np.zeros((1, 3, size, size), np.float32))
@@ -148,6 +179,9 @@ class ServedModel:
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
             "preprocessing": PREPROCESSING.format(size=size),
         }
+        if report:
+            info["device"] = {"name": device.device_name(report), "passed": True,
+                              "report_measured_at": report.get("measured_at")}
         if not info["verified"]:
             # what /metadata tells any client: no path of this host (the start-up line adds the folder)
             info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "
