@@ -672,8 +672,12 @@ def students(
     race_steps: Annotated[int | None, typer.Option(help="Steps of the race's first round (default 100).", min=1,
                                                    show_default=False)] = None,
     device_profile: Annotated[Path | None, typer.Option(
-        help="latency.json from `python -m kdforge.serve.probe` on the device: rank by its timings.",
-        show_default=False)] = None,
+        help="latency.json from `python -m kdforge.serve.probe` on the device (or its device-report.json): rank by "
+             "its timings, the budget on its sustained p95 where it timed them sustained; files that failed there "
+             "are dropped.", show_default=False)] = None,
+    max_memory_mb: Annotated[float | None, typer.Option(
+        help="Memory a candidate's session may add on the device, as the device profile measured it (default: "
+             "\\[student.search] max_memory_mb).", min=0, show_default=False)] = None,
     race: Annotated[bool, typer.Option("--race/--no-race", help="Race the candidates within budget on the "
                                        "validation split (distils from the recipe's teacher).")] = True,
     write_recipe: Annotated[Path | None, typer.Option(help="Write the recipe with the winner as its student here.",
@@ -698,7 +702,8 @@ def students(
         names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates is not None else None
         settings = search_settings(loaded, format=fmt, budget_ms=budget_ms, batch=batch, threads=threads,
                                    candidates=names, race_steps=race_steps,
-                                   device_profile=str(device_profile) if device_profile else None)
+                                   device_profile=str(device_profile) if device_profile else None,
+                                   max_memory_mb=max_memory_mb)
         result = choose_student(loaded, settings, runs_dir, race, write_recipe, device)
     out.print(candidates_table(result))
     for model, why in result.skipped.items():
@@ -723,8 +728,11 @@ def candidates_table(result):
     from rich.table import Table
 
     where = result.rows[0]["measured_on"] if result.rows else "here"
+    sustained = bool(result.rows) and result.rows[0].get("sustained")
+    on = "the sustained p95" if sustained else "p50"
     table = Table(title=f"candidates at {result.input_size}x{result.input_size}: {result.settings['format']}, batch "
-                        f"{result.settings['batch']}, timed {where}; budget {result.settings['budget_ms']:g} ms")
+                        f"{result.settings['batch']}, timed {where}{' sustained' if sustained else ''}; budget "
+                        f"{result.settings['budget_ms']:g} ms on {on}")
     for column in ("model", "params M", "MMACs", "size MB", "p50 ms", "p95 ms", "budget", "race val top-1"):
         table.add_column(column, justify="left" if column in ("model", "budget") else "right", no_wrap=True)
     reached = {}

@@ -264,7 +264,17 @@ class SearchConfig(Strict):
     candidates: list[str] = []
     race_steps: PositiveInt = 100  # training steps of the race's first round; each later round doubles them
     race_size: PositiveInt = 8  # at most this many candidates within budget race (the fastest first)
-    device_profile: str | None = None  # latency.json written by `python -m kdforge.serve.probe` on the device
+    # latency.json written by `python -m kdforge.serve.probe` on the device, or its device-report.json (--verify):
+    # with sustained timings (--seconds), the budget is checked on the sustained p95
+    device_profile: str | None = None
+    max_memory_mb: Annotated[float, Field(gt=0)] | None = None  # what a candidate's session may add on the device
+
+    @model_validator(mode="after")
+    def _memory_is_measured_on_the_device(self):
+        if self.max_memory_mb is not None and self.device_profile is None:
+            raise ValueError("max_memory_mb is checked against the memory a device profile measured: give "
+                             "device_profile too (python -m kdforge.serve.probe ... --seconds S on the device)")
+        return self
 
     @field_validator("format")
     @classmethod

@@ -25,6 +25,7 @@ from kdforge.errors import CheckpointError
 from kdforge.fileio import atomic_write_text, read_json, write_bytes
 from kdforge.formats import FORMATS
 from kdforge.layout import TRAINING_STAGES
+from kdforge.device import device_verdicts
 from kdforge.locate import export_dir_of_run
 
 LABELS = {"teacher": "teacher", "baseline": "baseline", "student": "distilled"}
@@ -295,12 +296,46 @@ def write_report(run_dir: Path) -> ReportPaths:
             doc.paragraph("Latency not measured yet: run `kdforge bench` and then `kdforge report` again.")
         plots.append(plot_sizes(sizes, out / layout.PLOTS["size"]))
         doc.image(plots[-1], "file size per format")
+        device_section(doc, meta, verified, measured)
 
     plots += student_search_section(doc, run_dir / layout.STUDENTS, out)
     markdown, page = out / layout.REPORT_MD, out / layout.REPORT_HTML
     atomic_write_text(markdown, "\n".join(doc.md))
     atomic_write_text(page, doc.render_html())
     return ReportPaths(markdown, page, plots)
+
+
+def device_section(doc: Document, meta: dict[str, Any], verified: dict[str, Any],
+                   measured: dict[str, dict[str, Any]]) -> None:
+    """Per device (`kdforge verify --device-report`): this host's and the device's verdict on the same file side by
+    side, cold and sustained latency there, the memory the session added."""
+    rows = []
+    for name, entry in meta.get("formats", {}).items():
+        host = verified.get(name, {})
+        for where, there in device_verdicts(verified, name, entry["sha256"]).items():
+            timing = measured.get(name, {})
+            rows.append([where, name, _pct(host.get("candidate_top1")), _pct(there.get("candidate_top1")),
+                         _pct(host.get("agreement")), _pct(there.get("agreement")),
+                         "-" if there.get("top1_changed_vs_host") is None else str(there["top1_changed_vs_host"]),
+                         f"{timing['latency_p50_ms']:.2f}" if timing else "-",
+                         _ms(there.get("latency_cold_p50_ms")), _ms(there.get("latency_sustained_p50_ms")),
+                         _ms(there.get("latency_sustained_p95_ms")),
+                         "-" if there.get("memory_mb") is None else f"{there['memory_mb']:.0f}",
+                         "PASS" if there.get("passed") else "FAIL"])
+    if not rows:
+        return
+    doc.heading("On devices")
+    doc.paragraph("Each file judged on the device by the torch-free probe (`python -m kdforge.serve.probe BUNDLE "
+                  "--verify`) against the PyTorch student's logits on the bundle's test images, beside this host's "
+                  "verdict on the whole test split; latency on the device at batch 1, cold (the first calls) and "
+                  "sustained (the last window of its timed run).")
+    doc.table(["device", "format", "top-1 host", "top-1 device", "agreement host", "agreement device",
+               "top-1 changed vs host", "p50 ms host", "p50 ms cold", "p50 ms sustained", "p95 ms sustained",
+               "memory MB", "on device"], rows)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def student_search_section(doc: Document, students: Path, out: Path) -> list[Path]:

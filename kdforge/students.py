@@ -143,10 +143,12 @@ class CandidateRow:
     latency_p95_ms: float
     runtime: str  # what ran it
     measured_on: str  # "here" or the device profile's CPU
-    fits: bool = False  # p50 within the budget
+    fits: bool = False  # within the budget: p50, or the sustained p95 where the device profile timed it sustained
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     export_s: float | None = None  # what exporting it cost (None: reused)
     sha256: str = ""
+    sustained: bool = False  # the latencies are the device's sustained ones (its last window)
+    memory_mb: float | None = None  # what its session added on the device (the device profile's)
 
 
 def candidate_recipe(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path) -> Recipe:
@@ -218,10 +220,16 @@ def time_runner(runner, size: int, settings: SearchConfig) -> tuple[float, float
 
 
 def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
-    """A probe's latency.json, checked to be one at the search's batch."""
+    """A probe's latency.json or device-report.json, checked to be one at the search's batch (a device report's
+    "device" read as a profile's "machine")."""
     profile = read_json(path)
     if not profile or "rows" not in profile:
         raise KdforgeError(f"{path}: not a device profile (python -m kdforge.serve.probe writes one)")
+    if "machine" not in profile and "device" in profile:
+        profile = {**profile, "machine": profile["device"]}
+    if settings.max_memory_mb is not None and not any("memory_mb" in row for row in profile["rows"]):
+        raise KdforgeError(f"{path} measured no memory (an older probe): probe the exports again to check "
+                           f"max_memory_mb")
     batch = profile.get("settings", {}).get("batch")
     if batch != settings.batch:
         raise KdforgeError(f"{path} was measured at batch {batch}; the search asks batch {settings.batch}: probe "
@@ -230,9 +238,10 @@ def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
 
 
 def apply_profile(rows: list[CandidateRow], profile: dict[str, Any]) -> tuple[list[CandidateRow], dict[str, str]]:
-    """The rows with the device's timings of the very same files (by sha256); rows the profile did not time are
-    dropped, with why."""
-    timed = {row["sha256"]: row for row in profile["rows"]}
+    """The rows with the device's timings of the very same files (by sha256): its sustained p50/p95 where it timed
+    them sustained, and the memory the session added there. Rows the profile did not time, and files that failed
+    their verdict on the device (a device report), are dropped, with why."""
+    timed = {row["sha256"]: row for row in profile["rows"] if row.get("setting", "fp32") == "fp32"}
     cpu = profile.get("machine", {}).get("cpu", "the device")
     kept, missing = [], {}
     for row in rows:
@@ -240,16 +249,31 @@ def apply_profile(rows: list[CandidateRow], profile: dict[str, Any]) -> tuple[li
         if on_device is None:
             missing[row.model] = "not in the device profile (this file was not probed there: probe the exports again)"
             continue
-        kept.append(CandidateRow(**{**asdict(row), "latency_p50_ms": on_device["latency_p50_ms"],
-                                    "latency_p95_ms": on_device["latency_p95_ms"], "runtime": on_device["runtime"],
-                                    "measured_on": cpu}))
+        if on_device.get("passed") is False:
+            missing[row.model] = f"FAILED on {cpu}: {'; '.join(on_device.get('failures', []))}"
+            continue
+        sustained = "latency_sustained_p95_ms" in on_device
+        p50, p95 = (("latency_sustained_p50_ms", "latency_sustained_p95_ms") if sustained
+                    else ("latency_p50_ms", "latency_p95_ms"))
+        kept.append(CandidateRow(**{**asdict(row), "latency_p50_ms": on_device[p50], "latency_p95_ms": on_device[p95],
+                                    "runtime": on_device["runtime"], "measured_on": cpu, "sustained": sustained,
+                                    "memory_mb": on_device.get("memory_mb")}))
     return kept, missing
 
 
-def rank(rows: list[CandidateRow], budget_ms: float) -> list[CandidateRow]:
-    """Fastest first, each marked whether its p50 is within the budget."""
-    return [CandidateRow(**{**asdict(row), "fits": row.latency_p50_ms <= budget_ms})
-            for row in sorted(rows, key=lambda row: (row.latency_p50_ms, row.bytes))]
+def budget_latency(row: CandidateRow) -> float:
+    """What the budget is checked on: the sustained p95 where the device timed it sustained, else the p50."""
+    return row.latency_p95_ms if row.sustained else row.latency_p50_ms
+
+
+def rank(rows: list[CandidateRow], budget_ms: float, max_memory_mb: float | None = None) -> list[CandidateRow]:
+    """Fastest first (by `budget_latency`), each marked whether it is within the budget (and `max_memory_mb`)."""
+    def fits(row: CandidateRow) -> bool:
+        small = max_memory_mb is None or (row.memory_mb is not None and row.memory_mb <= max_memory_mb)
+        return budget_latency(row) <= budget_ms and small
+
+    return [CandidateRow(**{**asdict(row), "fits": fits(row)})
+            for row in sorted(rows, key=lambda row: (budget_latency(row), row.bytes))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,8 +462,8 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
     if profile is not None:
         rows, missing = apply_profile(rows, profile)
         skipped.update(missing)
-    rows = rank(rows, settings.budget_ms)
-    latency = {row.model: row.latency_p50_ms for row in rows}
+    rows = rank(rows, settings.budget_ms, settings.max_memory_mb)
+    latency = {row.model: budget_latency(row) for row in rows}
     fitting = [row.model for row in rows if row.fits][: settings.race_size]
     say(f"{sum(row.fits for row in rows)} of {len(rows)} candidates within {settings.budget_ms:g} ms: " + ", ".join(
         f"{row.model} {row.latency_p50_ms:.2f} ms" for row in rows if row.fits)
