@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kdforge import layout
+from kdforge.device import device_verdicts
 from kdforge.errors import CheckpointError
 from kdforge.fileio import atomic_write_text, read_json, write_bytes
 from kdforge.formats import FORMATS
 from kdforge.layout import TRAINING_STAGES
-from kdforge.device import device_verdicts
 from kdforge.locate import export_dir_of_run
 
 LABELS = {"teacher": "teacher", "baseline": "baseline", "student": "distilled"}
