@@ -564,13 +564,13 @@ def _cell(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _import_device_report(export_dir: Path, path: Path) -> None:
+def _import_device_report(export_dir: Path, report_path: Path) -> None:
     """`kdforge verify --device-report`: the device's verdicts into verify.json, a table, exit 1 if one failed."""
     from rich.table import Table
 
     from kdforge.device import device_name, import_device_report, read_device_report
 
-    report = read_device_report(path)
+    report = read_device_report(report_path)
     recorded, ignored = import_device_report(export_dir, report)
     table = Table(title=f"{export_dir} on {device_name(report)}")
     for column in ("format", "top-1 there", "PyTorch", "agreement", "max |Δ|", "changed vs host", "p95 ms",
@@ -586,7 +586,7 @@ def _import_device_report(export_dir: Path, path: Path) -> None:
     for file, why in ignored.items():
         err.print(f"note: {escape(file)} not recorded: {escape(why)}", highlight=False, soft_wrap=True)
     if not recorded:
-        raise KdforgeError(f"{path} judged no file of {export_dir}: bundle this export (`kdforge bundle "
+        raise KdforgeError(f"{report_path} judged no file of {export_dir}: bundle this export (`kdforge bundle "
                            f"{export_dir}`) and probe it on the device")
     out.print(f"-> {export_dir / 'verify.json'} (devices)", highlight=False)
     failed = {name: record for name, record in recorded.items() if not record["passed"]}
@@ -594,6 +594,76 @@ def _import_device_report(export_dir: Path, path: Path) -> None:
         _error_lines(f"{name} FAILED on {device_name(report)}: {'; '.join(record['failures'])}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def probe(
+    bundle: Annotated[Path, typer.Argument(help="A device bundle's .tar (kdforge bundle), or its folder without "
+                                          "--ssh.", show_default=False)],
+    ssh: Annotated[str | None, typer.Option("--ssh", metavar="USER@HOST", help="Run the probe on this device over "
+                                            "SSH (scp and ssh of this system; keys, never a password prompt).",
+                                            show_default=False)] = None,
+    image: Annotated[str | None, typer.Option(help="Run the probe there inside this serving image (podman or "
+                                              "docker); default: the probe installed there.",
+                                              show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="SSH port.", min=1, max=65535, show_default=False)] = None,
+    ssh_option: Annotated[list[str] | None, typer.Option(
+        "--ssh-option", "-o", help="An ssh option for ssh and scp, e.g. -o IdentityFile=~/.ssh/board (repeatable).",
+        show_default=False)] = None,
+    python: Annotated[str, typer.Option(help="The Python there that has kdforge[serve,...] installed.")]
+    = "python3",
+    seconds: Annotated[float, typer.Option(help="Sustained timing per file, in seconds.", min=0.1)] = 60,
+    precision: Annotated[str, typer.Option(help="fp32 (kdforge's verified settings), default (the runtime's own "
+                                           "on that CPU) or both.")] = "fp32",
+    device_name: Annotated[str | None, typer.Option(help="How the report names the device (default: its host "
+                                                    "name).", show_default=False)] = None,
+    export: Annotated[Path | None, typer.Option(help="The export folder to record the verdicts in (default: the "
+                                                "one the bundle was made from, when it is here).",
+                                                show_default=False)] = None,
+    output: Annotated[Path, typer.Option(help="Where the device report is written here.")]
+    = Path("device-report.json"),
+) -> None:
+    """Verify a device bundle on a device: copy it there over SSH, run the torch-free probe (judged as `kdforge
+    verify` judges, timed sustained), bring device-report.json back and record it in the export's verify.json.
+    Without --ssh it runs the probe on this machine. Exits 1 when a file failed on the device.
+
+    Example:  kdforge probe bundles/quickstart.tar --ssh pi@raspberrypi.local --seconds 60
+              kdforge probe bundles/quickstart.tar --ssh pi@board --image ghcr.io/me/kdforge-serve:arm64
+    """
+    from kdforge import device
+
+    if precision not in ("fp32", "default", "both"):
+        _error_lines(f"--precision must be fp32, default or both, not {precision!r}")
+        raise typer.Exit(2)
+    with user_errors():
+        if ssh is None:
+            from kdforge.serve.probe import main as probe_main
+
+            args = [str(bundle), "--verify", "--seconds", f"{seconds:g}", "--precision", precision, "--output",
+                    str(output), *(["--device-name", device_name] if device_name else [])]
+            try:
+                probe_main(args)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                if not output.is_file() or isinstance(exc.code, str):
+                    raise
+        else:
+            from kdforge.remote import probe_over_ssh
+
+            _, code = probe_over_ssh(bundle, ssh, output, seconds, precision, image, port, ssh_option or [], python,
+                                     device_name)
+        report = device.read_device_report(output)
+        out.print(f"device report: {output} ({device.device_name(report)})", highlight=False)
+        target = export
+        if target is None:
+            with device.open_bundle(bundle) as opened:
+                made_from = Path(opened.manifest.get("export", ""))
+            target = made_from if (made_from / "metadata.json").is_file() else None
+        if target is not None:
+            _import_device_report(target, report_path=output)
+        elif code:
+            raise typer.Exit(code)
 
 
 @app.command()

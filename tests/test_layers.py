@@ -27,7 +27,8 @@ LAYERS = [
     ("runners", ["kdforge.runners", "kdforge.runners.*"]),
     ("verification", ["kdforge.judge"]),
     ("export", ["kdforge.export", "kdforge.export.*"]),
-    ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report", "kdforge.bundle"]),
+    ("analysis", ["kdforge.verify", "kdforge.bench", "kdforge.report", "kdforge.bundle",
+                  "kdforge.remote"]),
     ("chain", ["kdforge.pipeline", "kdforge.seeds", "kdforge.students"]),
     ("interfaces", ["kdforge.cli", "kdforge.__main__", "kdforge.serve", "kdforge.serve.*"]),
 ]
