@@ -20,6 +20,7 @@ def synth_data_section(root: Path) -> str:
 # Fixtures that train (once per session or module): a test that asks for one, directly or through another fixture,
 # is slow whatever its own marks say, and `make test-fast` leaves it out.
 TRAINED_FIXTURES = frozenset({"trained_students", "every_format", "served_export", "export_copy",  # conftest
+                              "vit_export", "device_bundles",
                               "chain", "distilled_run", "auto_chain", "searched", "method_runs"})
 
 
@@ -179,6 +180,79 @@ def served_export(trained_students, tmp_path_factory):
         Image.fromarray(data.test.images[i].permute(1, 2, 0).numpy()).save(path)
         pngs.append(path)
     return result.export_dir, pngs
+
+
+@pytest.fixture(scope="session")
+def vit_export(tmp_path_factory, synth_root):
+    """A small ViT at a fixed input size (20 steps; timm's dynamic_img_size resamples the position embedding with an
+    operator LiteRT's converter lacks) exported to ONNX, INT8 ONNX and, where litert-torch is installed, LiteRT (a
+    ViT's LiteRT file runs one image per call): the export folder."""
+    from kdforge.export.artifacts import export_run, unbuildable_here
+    from kdforge.recipe import load_recipe
+    from kdforge.train.stages import train_stage
+
+    root = tmp_path_factory.mktemp("vit-export")
+    path = root / "vit.toml"
+    path.write_text(synth_data_section(synth_root) + TINY_MODELS.replace('model = "test_convnext"',
+                                                                         'model = "test_vit"'))
+    recipe = load_recipe(path, ["student.model_kwargs.img_size=32", "student.model_kwargs.patch_size=4",
+                                "student.model_kwargs.dynamic_img_size=false", "student.model_kwargs.depth=2",
+                                "train.max_steps=20", "verify.batch_size=100", "quantize.calibration=200"])
+    stage = train_stage(recipe, "baseline", runs_dir=root / "runs", consumers=[]).stage_dir
+    formats = [name for name in ("onnx", "int8", "litert") if name not in unbuildable_here([name])]
+    return export_run(Path(stage), formats, exports_dir=root / "exports").export_dir
+
+
+@pytest.fixture(scope="session")
+def device_bundles(every_format, vit_export, trained_students, tmp_path_factory):
+    """Device bundles (kdforge bundle) of 100 test images: "cnn" (every servable format of the shared small CNN),
+    "vit" (the small ViT's) and "bad": the CNN's with its INT8 ONNX changed after bundling (tampered: its sha256 no
+    longer matches) and its FP32 ONNX replaced, manifest and all, by one exported for BGR input (the wrong channel
+    layout: hashes match, answers do not). {name: bundle folder}; each has its .tar beside it."""
+    from kdforge.bundle import make_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    bundles = {"cnn": make_bundle(every_format[0].export_dir, root / "cnn", images=100).folder,
+               "vit": make_bundle(vit_export, root / "vit", images=100).folder}
+    bundles["bad"] = spoil_bundle(bundles["cnn"], trained_students["cnn"], root / "bad")
+    return bundles
+
+
+def spoil_bundle(bundle: Path, stage_dir: Path, out: Path) -> Path:
+    """A copy of `bundle` with student.int8.onnx tampered with and student.onnx exported for BGR input (see
+    `device_bundles`), packed as out.tar too."""
+    import json
+    import shutil
+    import tarfile
+
+    import torch
+
+    from kdforge.export.converters import torch_to_onnx
+    from kdforge.fileio import file_hash
+    from kdforge.models import load_stage_model
+
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "bundle.json").read_text())
+    with (out / "student.int8.onnx").open("ab") as f:  # changed on the way to the device
+        f.write(b"\0" * 64)
+    student = load_stage_model(stage_dir, manifest["num_classes"])
+
+    class ExpectsBGR(torch.nn.Module):  # a file exported for the other channel order
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = student
+
+        def forward(self, x):
+            return self.student(x.flip(1))
+
+    torch_to_onnx(ExpectsBGR(), manifest["input_size"], out / "student.onnx", 17, {})
+    entry = manifest["formats"]["onnx"]
+    entry["sha256"], entry["bytes"] = file_hash(out / "student.onnx"), (out / "student.onnx").stat().st_size
+    manifest["files"]["student.onnx"] = entry["sha256"]
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    with tarfile.open(out.with_suffix(".tar"), "w") as archive:
+        archive.add(out, arcname=out.name)
+    return out
 
 
 @pytest.fixture

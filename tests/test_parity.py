@@ -38,3 +38,14 @@ def test_agreement_lost_gained_and_the_verdict():
     assert not report.passed and report.failures == ["top-1 agreement 50.00% is below the required 90.00%"]
     assert report.mcnemar_p == mcnemar_exact_p(1, 1) == 1.0
     assert report.tolerance == {"min_agreement": 0.9, "max_top1_delta": 1.0}
+
+
+def test_a_change_of_exactly_the_allowed_points_passes():
+    """One image of 100 gained is a change of exactly 1 point (1.0000001 in float32 shares): within a tolerance of
+    1.0 point, as the recipe says; two images are not."""
+    labels = np.arange(100) % 10
+    ref = np.eye(10, dtype=np.float32)[(labels + 1) % 10]  # every image wrong
+    one, two = ref.copy(), ref.copy()
+    one[0], two[:2] = np.eye(10, dtype=np.float32)[labels[0]], np.eye(10, dtype=np.float32)[labels[:2]]
+    assert compare("a", "b", ref, one, labels, Tolerance(min_agreement=0, max_top1_delta=1.0)).passed
+    assert not compare("a", "b", ref, two, labels, Tolerance(min_agreement=0, max_top1_delta=1.0)).passed

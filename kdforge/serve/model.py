@@ -139,10 +139,10 @@ class ServedModel:
         try:
             meta = read_metadata(export_dir)
             verified = read_json(export_dir / VERIFY)
-            report = device.read_device_report(device_report) if device_report else None
+            judged = device.read_device_report(device_report) if device_report else None
         except KdforgeError as exc:  # missing, damaged or incomplete
             raise ServingError(str(exc)) from None
-        refusals = device_refusals(meta, report) if report else None
+        refusals = device_refusals(meta, judged) if judged else None
         why = "asked for with --format"
         if fmt == "auto":
             try:
@@ -179,9 +179,9 @@ class ServedModel:
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
             "preprocessing": PREPROCESSING.format(size=size),
         }
-        if report:
-            info["device"] = {"name": device.device_name(report), "passed": True,
-                              "report_measured_at": report.get("measured_at")}
+        if judged:
+            info["device"] = {"name": device.device_name(judged), "passed": True,
+                              "report_measured_at": judged.get("measured_at")}
         if not info["verified"]:
             # what /metadata tells any client: no path of this host (the start-up line adds the folder)
             info["warning"] = (f"{SERVABLE[fmt]} has not passed verification against the PyTorch student: its "
