@@ -270,3 +270,64 @@ def test_serving_image_builds_for_arm64_and_answers_like_amd64(served_export, tm
           f"{max(differences):.1e} over {len(differences)} shared top-5 entries")
     assert max(differences) < 1e-4 and len(differences) >= 4 * len(served)
     assert int(size) < 400e6, f"arm64 image is {int(size) / 1e6:.0f} MB, over the 400 MB target"
+
+
+DEVICE_EXTRAS = "serve,serve-litert,serve-ncnn"  # the runtimes a board runs: ONNX Runtime, LiteRT, NCNN
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_device_bundles_are_judged_inside_the_serving_image(device_bundles, every_format, tmp_path, arch):
+    """The serving image built with the on-device runtimes (ONNX Runtime, LiteRT, NCNN; no torch) verifies the
+    bundles of the small CNN and the small ViT with the probe; for arm64 under qemu: the aarch64 builds of those
+    runtimes, real Arm kernels, emulated. A tampered file and a file exported for BGR input are caught there (exit
+    1, each named)."""
+    if arch == "arm64" and (reason := arm64_emulation()):
+        pytest.skip(f"arm64 image not built: {reason}")
+    ROOT.mkdir(parents=True, exist_ok=True)
+    base = ensure_base_image(arch)
+    image = f"{IMAGE}-device-{arch}"
+    podman("build", "--format", "docker", "--pull=never", "--network=host", "--platform", f"linux/{arch}",
+           "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"EXTRAS={DEVICE_EXTRAS}", "--build-arg",
+           "EXPORT_DIR=exports/model", "-t", image, str(build_context(tmp_path, every_format[0].export_dir)),
+           timeout=2400)
+    shared = tmp_path / "bundles"
+    shared.mkdir()
+    shared.chmod(0o777)  # the image's user (10001) writes the reports here
+    # under qemu-user the container sees this x86 machine's /sys/devices (see the arm64 serving test)
+    masked = ["--security-opt", "mask=/sys/devices"] if arch == "arm64" else []
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}[arch]
+
+    def probe_there(name: str) -> tuple[subprocess.CompletedProcess, dict]:
+        shutil.copy(device_bundles[name].with_suffix(".tar"), shared / f"{name}.tar")
+        done = podman("run", "--rm", "--network", "none", *masked, "-v", f"{shared}:/bundle", "--entrypoint",
+                      "/opt/venv/bin/python", image, "-m", "kdforge.serve.probe", f"/bundle/{name}.tar", "--verify",
+                      "--seconds", "1", "--device-name", f"{arch}-container", "--output",
+                      f"/bundle/{name}-report.json", check=False, timeout=1500)
+        report = shared / f"{name}-report.json"
+        return done, json.loads(report.read_text()) if report.is_file() else {}
+
+    try:
+        assert podman("run", "--rm", "--network", "none", *masked, "--entrypoint", "/opt/venv/bin/python", image,
+                      "-c", "import importlib.util as u; print(u.find_spec('torch'))").stdout.strip() == "None"
+        lines = []
+        for name in ("cnn", "vit"):
+            done, report = probe_there(name)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert report["device"]["arch"] == machine
+            judged = {row["format"] for row in report["rows"]}
+            expected = {"onnx", "int8", "litert"} | ({"fp16", "litert_int8", "ncnn"} if name == "cnn" else set())
+            assert expected <= judged, (name, judged, report["skipped"])
+            for row in report["rows"]:
+                assert row["passed"] and len(row["windows"]) == 6, (name, row["format"], row["failures"])
+                lines.append(f"{arch} {name:<4} {row['format']:<12} top-1 {row['verdict']['candidate_top1']:.2%} "
+                             f"(host {row['host_verdict']['candidate_top1']:.2%}) agreement with PyTorch "
+                             f"{row['verdict']['agreement']:.2%} (host {row['host_verdict']['agreement']:.2%}), "
+                             f"top-1 changed vs host {row['host']['top1_changed']}, max |Δlogit| vs host "
+                             f"{row['host']['max_abs_diff']:.1e}, {row['memory_mb']:.0f} MB")
+        done, report = probe_there("bad")
+    finally:
+        podman("rmi", "-f", image, check=False)
+        prune_old_layers()
+    assert done.returncode == 1
+    assert "student.int8.onnx (int8) FAILED" in done.stderr and "student.onnx (onnx) FAILED" in done.stderr
+    print("\n" + "\n".join(lines))
