@@ -115,7 +115,7 @@ def check_bundle(root: Path) -> Bundle:
 def open_bundle(path: Path) -> Iterator[Bundle]:
     """The bundle at `path` (its folder, or the .tar `kdforge bundle` packed), checked; a .tar is extracted into a
     temporary folder removed when the block ends. Members that are not plain files or folders, or that would
-    land outside that folder, are refused (tarfile's "data" filter)."""
+    land outside that folder, are refused (`safe_members`)."""
     path = Path(path)
     if path.is_dir():
         yield check_bundle(path)
@@ -125,10 +125,10 @@ def open_bundle(path: Path) -> Iterator[Bundle]:
     with tempfile.TemporaryDirectory(prefix="kdforge-bundle-") as tmp:
         try:
             with tarfile.open(path) as archive:
-                members = archive.getmembers()
-                if sum(member.size for member in members) > MAX_TAR_BYTES:
-                    raise BundleError(f"{path}: unpacks to more than {MAX_TAR_BYTES >> 30} GB; not a kdforge bundle")
-                archive.extractall(tmp, filter="data")
+                checked = safe_members(path, archive.getmembers())
+                # and tarfile's own "data" filter where this Python has it (3.11.4 and later)
+                archive.extractall(tmp, members=checked, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                                            else {}))
         except (tarfile.TarError, OSError) as exc:
             raise BundleError(f"{path}: not a readable bundle .tar ({exc})") from None
         folders = [p for p in Path(tmp).iterdir() if (p / MANIFEST).is_file()]
@@ -136,6 +136,24 @@ def open_bundle(path: Path) -> Iterator[Bundle]:
         if root is None:
             raise BundleError(f"{path}: no {MANIFEST} inside; not a kdforge bundle")
         yield check_bundle(root)
+
+
+def safe_members(path: Path, members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """The members of a bundle .tar, refused as a whole when one is not a plain file or folder (a link, a device),
+    has an absolute path or `..` in it, or when they unpack to more than MAX_TAR_BYTES (what tarfile's "data"
+    filter does, on the Pythons older than 3.11.4 that lack it: Debian 12's 3.11.2 in the serving image)."""
+    for member in members:
+        parts = Path(member.name).parts
+        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in parts:
+            raise BundleError(f"{path}: member {member.name!r} is not a plain file inside the bundle; not a kdforge "
+                              f"bundle")
+    if sum(member.size for member in members) > MAX_TAR_BYTES:
+        raise BundleError(f"{path}: unpacks to more than {MAX_TAR_BYTES >> 30} GB; not a kdforge bundle")
+    for member in members:  # no owner, setuid bits or odd modes carried over from the .tar
+        member.mode = 0o755 if member.isdir() else 0o644
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+    return members
 
 
 def bundle_digest(bundle: Bundle) -> str:

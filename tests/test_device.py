@@ -69,6 +69,12 @@ def test_a_tar_that_is_not_a_bundle_is_refused(tmp_path):
         archive.add(tmp_path / "x.txt", arcname="x.txt")
     with pytest.raises(KdforgeError, match="not a kdforge bundle"), open_bundle(tmp_path / "not.tar"):
         pass
+    with tarfile.open(tmp_path / "link.tar", "w") as archive:  # a member that would write outside the folder
+        link = tarfile.TarInfo("bundle/evil")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    with pytest.raises(KdforgeError, match="not a plain file"), open_bundle(tmp_path / "link.tar"):
+        pass
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 10)
     with pytest.raises(KdforgeError, match="not a readable bundle"), open_bundle(tmp_path / "junk.tar"):
         pass
