@@ -52,7 +52,18 @@ def describe_device() -> dict[str, Any]:
 
 def reset_peak_memory() -> bool:
     """Start a new peak-memory window for this process (Linux: writing 5 to /proc/self/clear_refs resets VmHWM);
-    False where the peak cannot be reset (then `peak_memory_mb` is the process's peak since it started)."""
+    False where the peak cannot be reset (then `peak_memory_mb` is the process's peak since it started). What
+    earlier objects freed is first given back to the system (glibc's malloc_trim), or a new session would reuse
+    it without the resident memory growing, and measure as if it needed nothing."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
