@@ -267,3 +267,42 @@ def test_kdforge_probe_over_ssh_verifies_on_the_host_and_imports_the_report(devi
     assert all(any(name.startswith("over-ssh") for name in verified[row["format"]]["devices"])
                for row in report["rows"])
     assert not list(Path("/tmp").glob("kdforge-probe.*"))  # the folder there was removed
+
+
+def test_verification_fails_a_file_that_answers_one_image_per_call_unlike_its_batches():
+    """The server's /predict runs one image per call; verification runs batches. A runtime whose batch-of-one path
+    answers otherwise (OpenVINO 2026.4's INT8 CPU kernels did, on an AVX-512/AMX Xeon) fails verification, saying
+    so, though its batched answers are the student's."""
+    import torch
+
+    from kdforge.data.dataset import ImageDataset
+    from kdforge.data.transforms import InputSpec
+    from kdforge.judge import verify_runner
+    from kdforge.recipe import RuntimeConfig, VerifyConfig
+    from kdforge.runners import TorchRunner
+    from kdforge.runtime import runtime_scope
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    spec = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    data = ImageDataset(torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8), torch.arange(100) % 10,
+                        tuple("abcdefghij"))
+
+    class OddWhenAlone:  # the student in batches; a shifted answer when called with one image
+        name = "odd"
+
+        def __init__(self, runtime):
+            self.spec, self.inner = spec, TorchRunner(student, spec, runtime)
+
+        def predict(self, images):
+            logits = self.inner.predict(images)
+            return logits.roll(1, dims=1) if len(images) == 1 else logits
+
+    with runtime_scope(RuntimeConfig(device="cpu")) as runtime:
+        fine = verify_runner(TorchRunner(student, spec, runtime), lambda: student, data, VerifyConfig(), "fp32",
+                             runtime, {}, 50, "same")
+        odd = verify_runner(OddWhenAlone(runtime), lambda: student, data, VerifyConfig(), "fp32", runtime, {}, 50,
+                            "odd")
+    assert fine.passed and fine.one_per_call_agreement == 1.0
+    assert odd.agreement == 1.0 and not odd.passed and odd.one_per_call_agreement < 0.9
+    assert "one image per call" in odd.failures[0]
