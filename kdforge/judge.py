@@ -77,30 +77,36 @@ def verify_runner(candidate: Runner, student: Callable[[], torch.nn.Module], dat
             references[key] = (reference.name, *predict_all(reference, data, batch_size, limit))
         reference_name, ref, labels = references[key]
         cand, _ = predict_all(candidate, data, batch_size, limit)
-        single = one_per_call_agreement(candidate, data, cand)
+        single, batched = one_per_call_agreement(candidate, data, cand, ref)
     report = compare(reference_name, candidate.name, ref.numpy(), cand.numpy(), labels.numpy(),
                      getattr(checks, precision))
-    if single >= MIN_ONE_PER_CALL_AGREEMENT:
+    if single >= batched - MAX_ONE_PER_CALL_DROP:
         return replace(report, one_per_call_agreement=single)
-    why = (f"one image per call (as the server's /predict runs it) answers unlike batches of {batch_size}: top-1 "
-           f"agreement {single:.2%} on the first {min(ONE_PER_CALL, len(cand))} test images")
+    count = min(ONE_PER_CALL, len(cand))
+    why = (f"one image per call (as the server's /predict runs it) answers unlike batches of {batch_size}: on the "
+           f"first {count} test images, top-1 agreement with PyTorch {single:.2%} one per call, {batched:.2%} in "
+           f"batches")
     return replace(report, one_per_call_agreement=single, passed=False, failures=[*report.failures, why])
 
 
-# a file is also run one image per call on the first test images, as a server runs /predict, and must give the
-# top-1 it gave in batches: OpenVINO 2026.4's INT8 CPU kernels answered a quickstart student's batches of one unlike
-# its batches of two or more (15.8% vs 82.1% top-1 agreement with PyTorch, on an AVX-512/AMX Xeon)
+# a file is also run one image per call on the first test images, as a server runs /predict: its top-1 agreement
+# with PyTorch there may not fall more than MAX_ONE_PER_CALL_DROP below its agreement on the same images in batches
+# (INT8 kernels for one image and for batches round differently: a few low-margin images flip). OpenVINO 2026.4's
+# dynamic-batch INT8 CPU kernels fell from 82.1% to 15.8% on an AVX-512/AMX Xeon (kdforge/sessions.py)
 ONE_PER_CALL = 64
-MIN_ONE_PER_CALL_AGREEMENT = 0.9
+MAX_ONE_PER_CALL_DROP = 0.1
 
 
-def one_per_call_agreement(candidate: Runner, data: ImageDataset, batched: torch.Tensor) -> float:
-    """The share of the first ONE_PER_CALL test images whose top-1, run one per call, is the top-1 they got in
-    batches (`batched`: the candidate's logits on the split, in order)."""
+def one_per_call_agreement(candidate: Runner, data: ImageDataset, batched: torch.Tensor,
+                           reference: torch.Tensor) -> tuple[float, float]:
+    """On the first ONE_PER_CALL test images: the candidate's top-1 agreement with `reference` run one image per
+    call, and in batches (`batched`: its logits on the split, in order)."""
     count = min(ONE_PER_CALL, len(batched))
     images = next(iter(read_batches(data.images, [torch.arange(count)])))
     single = torch.cat([candidate.predict(images[i:i + 1]) for i in range(count)])
-    return float((single.argmax(1) == batched[:count].argmax(1)).float().mean())
+    expected = reference[:count].argmax(1)
+    return (float((single.argmax(1) == expected).float().mean()),
+            float((batched[:count].argmax(1) == expected).float().mean()))
 
 
 def record_verification(export_dir: Path, name: str, entry: dict[str, Any], report: VerifyReport,
