@@ -50,6 +50,23 @@ def describe_device() -> dict[str, Any]:
             "features": [name for name in KERNEL_FEATURES if name in flags]}
 
 
+# the runtimes a device runs exported files with (and numpy), by their package names
+RUNTIME_PACKAGES = ("onnxruntime", "openvino", "ai-edge-litert", "ncnn", "numpy")
+
+
+def runtime_versions() -> dict[str, str]:
+    """The installed versions of RUNTIME_PACKAGES (read from package metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in RUNTIME_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def reset_peak_memory() -> bool:
     """Start a new peak-memory window for this process (Linux: writing 5 to /proc/self/clear_refs resets VmHWM);
     False where the peak cannot be reset (then `peak_memory_mb` is the process's peak since it started). What

@@ -23,7 +23,6 @@ import platform
 import sys
 from datetime import datetime, timezone
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,12 @@ import numpy as np
 from kdforge import device
 from kdforge.errors import KdforgeError
 from kdforge.fileio import check_artifact, read_metadata, write_json
-from kdforge.host import cpu_model, peak_memory_mb, reset_peak_memory, resident_memory_mb
+from kdforge.host import cpu_model, peak_memory_mb, reset_peak_memory, resident_memory_mb, runtime_versions
 from kdforge.layout import METADATA
 from kdforge.serve.model import SERVABLE, open_session, runtime_missing
 from kdforge.timing import latency_ms, sustained_ms
 
 PROFILE = "latency.json"
-RUNTIME_PACKAGES = ("onnxruntime", "openvino", "ai-edge-litert", "ncnn")
 
 
 def export_folders(root: Path) -> list[Path]:
@@ -49,15 +47,9 @@ def export_folders(root: Path) -> list[Path]:
 
 
 def this_machine(threads: int | None) -> dict[str, Any]:
-    runtimes = {}
-    for package in RUNTIME_PACKAGES:
-        try:
-            runtimes[package] = version(package)
-        except PackageNotFoundError:
-            pass
     return {"cpu": cpu_model(), "arch": platform.machine(), "platform": platform.platform(),
             "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "threads": threads, "runtimes": runtimes}
+            "threads": threads, "runtimes": runtime_versions()}
 
 
 def probe(root: Path, batch: int = 1, repeats: int = 30, warmup: int = 5, threads: int | None = None,

@@ -19,7 +19,6 @@ import socket
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -29,13 +28,12 @@ from kdforge.device import Bundle
 from kdforge.errors import KdforgeError
 from kdforge.fileio import check_artifact
 from kdforge.formats import FORMATS
-from kdforge.host import describe_device, peak_memory_mb, reset_peak_memory, resident_memory_mb
+from kdforge.host import describe_device, peak_memory_mb, reset_peak_memory, resident_memory_mb, runtime_versions
 from kdforge.images import normalize_batch
 from kdforge.parity import compare
 from kdforge.serve.model import open_session, runtime_missing
 from kdforge.timing import latency_ms, sustained_ms
 
-RUNTIME_PACKAGES = ("onnxruntime", "openvino", "ai-edge-litert", "ncnn", "numpy")
 # images per call while judging: one, as the server's /predict runs them (a runtime may answer a batch of one
 # differently from a larger batch: OpenVINO 2025's INT8 CPU kernels did, measured on an AVX-512/AMX Xeon)
 JUDGE_BATCH = 1
@@ -44,16 +42,6 @@ MAX_CHANGED = 50  # images listed per file whose top-1 changed from the host's r
 # the runtimes whose default settings are kdforge's own: nothing more to judge with --precision default
 SAME_DEFAULTS = {"onnxruntime": "ONNX Runtime's CPU defaults are the settings verified",
                  "litert": "LiteRT's XNNPACK defaults are the settings verified"}
-
-
-def runtime_versions() -> dict[str, str]:
-    found = {}
-    for package in RUNTIME_PACKAGES:
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def changed_from_host(bundle: Bundle, host: np.ndarray, here: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
