@@ -46,8 +46,9 @@ class VerifyReport:
     lost: int = 0
     gained: int = 0
     mcnemar_p: float = 1.0
-    # the top-1 of a sample run one image per call, as the server's /predict runs it, against the batched run
-    # (kdforge/judge.py); None where not measured (the device probe runs every image one per call)
+    # the top-1 agreement with the reference of a sample run one image per call, as the server's /predict runs it
+    # (kdforge/judge.py checks it against the batched run's); None where not measured (the device probe runs every
+    # image one per call)
     one_per_call_agreement: float | None = None
 
     def to_dict(self) -> dict:

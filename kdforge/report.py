@@ -251,7 +251,6 @@ def write_report(run_dir: Path) -> ReportPaths:
         doc.heading("Training")
         plots.append(plot_curves(curves, out / layout.PLOTS["curves"]))
         doc.image(plots[-1], f"loss and {evaluated_split(curves)} top-1 per epoch")
-
     export_dir = export_dir_of_run(run_dir)
     doc.heading("Export")
     if export_dir is None:
