@@ -82,11 +82,6 @@ class Tolerance:  # one precision's [verify] tolerance, as parity.compare reads 
     max_top1_delta: float
 
 
-def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
-    """Every file of the bundle but the manifest -> its sha256."""
-    return manifest["files"]
-
-
 def check_bundle(root: Path) -> Bundle:
     """The bundle in folder `root`, its manifest read and its data files (images, labels, logits) checked against
     their sha256. Model files are checked by the probe one by one: a changed one fails, named, and the others are
@@ -100,7 +95,7 @@ def check_bundle(root: Path) -> Bundle:
                           f"make the bundle again with this kdforge")
     model_files = {entry[key] for entry in manifest["formats"].values() for key in ("file", "weights_file")
                    if key in entry}
-    for name, digest in manifest_files(manifest).items():
+    for name, digest in manifest["files"].items():  # every file but the manifest
         if name in model_files:
             continue
         path = root / name
