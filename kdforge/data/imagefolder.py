@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,8 @@ def scan_imagefolder(root: str | Path) -> FolderIndex:
         refs, labels = [], []
         for label, name in enumerate(classes):
             files = sorted(p for p in (root / split / name).glob("*") if p.suffix.lower() in EXTENSIONS)
+            for file in files:
+                check_regular(file)
             if not files and split == "train":
                 raise DataError(f"ImageFolder dataset: {root / split / name} has no images ({', '.join(EXTENSIONS)}); "
                                 f"a class needs training images: add some or remove the folder")
@@ -84,6 +87,19 @@ def scan_imagefolder(root: str | Path) -> FolderIndex:
             raise DataError(f"{root / split}: no images ({', '.join(EXTENSIONS)}) in its class folders")
         splits[split] = SplitIndex(refs, labels)
     return FolderIndex(classes, splits, "ImageFolder")
+
+
+def check_regular(path: Path) -> None:
+    """An image must be a regular file (a link to one is fine): a FIFO would block the reader forever and a device
+    such as /dev/zero never ends, so they are refused by type before anything opens them."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise DataError(f"{path}: {exc.strerror} (a broken link?); remove it or fix it") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise DataError(f"{path} is {kind}, not an image file; remove it from the dataset")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,10 +180,11 @@ def decode_key(refs: list[SampleRef], size: int) -> str:
     digest = hashlib.sha256(json.dumps({"decoder": DECODER_VERSION, "size": size}).encode())
     for ref in refs:
         try:
-            stat = os.stat(ref.path)
+            info = os.stat(ref.path)
         except OSError as exc:
             raise DataError(f"{ref.path}: {exc.strerror}") from None
-        digest.update(f"{ref.path}\0{ref.offset}\0{ref.length}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{ref.path}\0{ref.offset}\0{ref.length}\0{info.st_size}\0{info.st_mtime_ns}\n"
+                      .encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
     return digest.hexdigest()[:24]
 
 

@@ -28,10 +28,12 @@ from pathlib import Path
 from kdforge.data.imagefolder import SPLITS, FolderIndex, SplitIndex, scan_imagefolder
 from kdforge.data.stream import SampleRef
 from kdforge.errors import DataError
-from kdforge.fileio import atomic_path, atomic_write_text, read_json, remove_leftovers, write_json
+from kdforge.fileio import atomic_path, atomic_write_text, file_hash, read_json, remove_leftovers, write_json
 
 CLASSES = "classes.txt"
 PLAN = ".kdforge-shards.json"  # which images, in which order, at which shard size (for resuming)
+WRITTEN = "written"  # the plan's record of the shards written whole: "split/shard-NNNNNN.tar" -> sha256
+MAX_LABEL_BYTES = 32  # a .cls member is a decimal class number; longer is not one
 SHARD = "shard-{:06d}.tar"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MIN_MAX_SIZE = 32  # --max-size below this would leave less than the smallest model input
@@ -66,12 +68,16 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
                        for split, data in index.splits.items()}}
     if max_size is not None:
         plan["max_size"] = max_size
-    if (out / PLAN).is_file() and read_json(out / PLAN) != plan:
+    earlier = read_json(out / PLAN) if (out / PLAN).is_file() else None
+    if earlier is not None and {k: v for k, v in earlier.items() if k != WRITTEN} != plan:
         raise DataError(f"{out} holds shards of another folder, file list, --shard-size or --max-size; remove it or "
                         f"choose another --out")
+    if earlier is None:
+        _check_unowned(out)
+    written_hashes: dict[str, str] = dict((earlier or {}).get(WRITTEN, {}))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / PLAN, plan)  # what the shards hold: a second run resumes only the same plan
+        write_json(out / PLAN, {**plan, WRITTEN: written_hashes})  # a second run resumes only the same plan
         atomic_write_text(out / CLASSES, "".join(f"{name}\n" for name in index.classes))
     except OSError as exc:
         raise DataError(f"cannot write shards into {out}: {exc.strerror}") from None
@@ -82,21 +88,37 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
         remove_leftovers(folder)  # shards a killed run left half-written
         for number, start in enumerate(range(0, len(data.refs), shard_size)):
             path = folder / SHARD.format(number)
-            if path.is_file():
+            name = f"{split}/{path.name}"
+            if name in written_hashes and path.is_file() and file_hash(path) == written_hashes[name]:
                 kept += 1
-                continue
+                continue  # a shard an earlier call wrote whole; anything else at this name is written again
             try:
                 with atomic_path(path) as tmp, open(tmp, "wb") as stream, TarWriter(stream, mtime=0) as sink:
                     for position in range(start, min(start + shard_size, len(data.refs))):
                         ext, payload = _member(Path(data.refs[position].path), max_size)
                         sink.write({"__key__": f"{position:08d}", ext: payload,
                                     "cls": str(data.labels[position]).encode()})
+                written_hashes[name] = file_hash(path)
+                write_json(out / PLAN, {**plan, WRITTEN: written_hashes})
             except OSError as exc:
                 raise DataError(f"writing {path}: {exc.strerror or exc}") from None
             written += 1
             if progress:
                 progress(f"{split}: {path.name} ({min(start + shard_size, len(data.refs)):,}/{len(data.refs):,})")
     return ShardResult(out, written, kept, {split: len(data.refs) for split, data in index.splits.items()})
+
+
+def _check_unowned(out: Path) -> None:
+    """A new --out may not already hold shards or a classes.txt: kdforge would take them for its own."""
+    if not out.is_dir():
+        return
+    found = [out / CLASSES] if (out / CLASSES).exists() else []
+    for split in SPLITS:
+        if (out / split).is_dir():
+            found += sorted((out / split).glob("*.tar"))
+    if found:
+        raise DataError(f"{out} already holds {found[0].relative_to(out)}, which kdforge did not write (no "
+                        f"{PLAN} plan beside it); choose an empty --out or remove what is there")
 
 
 def _member(image: Path, max_size: int | None) -> tuple[str, bytes]:
@@ -133,9 +155,7 @@ def scan_shards(root: str | Path) -> FolderIndex:
     if not (root / CLASSES).is_file():
         raise DataError(f"WebDataset dataset: {root / CLASSES} is missing (one class name a line; `kdforge data "
                         f"shard IMAGEFOLDER --out {root}` writes it with the shards)")
-    classes = tuple(line.strip() for line in (root / CLASSES).read_text().splitlines() if line.strip())
-    if not classes:
-        raise DataError(f"WebDataset dataset: {root / CLASSES} lists no classes")
+    classes = read_classes(root / CLASSES)
     splits = {}
     for split in SPLITS:
         shards = sorted((root / split).glob("*.tar")) if (root / split).is_dir() else []
@@ -143,6 +163,8 @@ def scan_shards(root: str | Path) -> FolderIndex:
             raise DataError(f"WebDataset dataset: no shards (*.tar) in {root / split}")
         refs, labels = [], []
         for shard in shards:
+            if not shard.is_file():  # a FIFO or a device would block or never end
+                raise DataError(f"WebDataset dataset: {shard} is not a regular file")
             for ref, label in _samples(shard, len(classes)):
                 refs.append(ref)
                 labels.append(label)
@@ -150,28 +172,74 @@ def scan_shards(root: str | Path) -> FolderIndex:
     return FolderIndex(classes, splits, "WebDataset")
 
 
+def read_classes(path: Path) -> tuple[str, ...]:
+    """The class names of classes.txt, one a line in label order: present, distinct, at least one."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"WebDataset dataset: cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+    classes = tuple(line.strip() for line in lines if line.strip())
+    if not classes:
+        raise DataError(f"WebDataset dataset: {path} lists no classes")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(classes):
+        if name in seen:
+            raise DataError(f"WebDataset dataset: {path} lists class {name!r} twice (labels {seen[name]} and "
+                            f"{number}); each class name once, in label order")
+        seen[name] = number
+    return classes
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member, WebDataset's way: the key is the path up to the first dot of its FILE
+    name (`./a/00000001.jpg` -> `./a/00000001`, `jpg`), so dots in folder names and GNU tar's `./` keep samples
+    whole."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext if dot else "")
+
+
 def _samples(shard: Path, num_classes: int):
-    """(SampleRef of the image, label) of each sample of one shard, in the shard's order."""
+    """(SampleRef of the image, label) of each sample of one shard, in the shard's order. Every member that is
+    an image or a label belongs to a whole sample, else the shard is refused with the member named: a shard is
+    read as written or not at all."""
     images: dict[str, SampleRef] = {}
     labels: dict[str, int] = {}
     try:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
+                key, ext = split_member(member.name)
+                if member.isdir() or ext.lower() not in (*IMAGE_EXTENSIONS, "cls"):
+                    continue  # folders, and what a sample may carry beside (.json, .txt): not read
                 if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext.lower() in IMAGE_EXTENSIONS:
+                    raise DataError(f"{shard}: member {member.name!r} is a link or special file, not the sample's "
+                                    f"bytes; write the shard again (kdforge data shard)")
+                if ext == "cls":
+                    if key in labels:
+                        raise DataError(f"{shard}: sample {key!r} has two labels")
+                    labels[key] = _label(shard, tar, member, num_classes)
+                elif key in images:
+                    raise DataError(f"{shard}: sample {key!r} has two images (the second: {member.name!r})")
+                else:
                     images[key] = SampleRef(str(shard), member.offset_data, member.size)
-                elif ext == "cls":
-                    text = tar.extractfile(member).read().decode(errors="replace").strip()
-                    if not text.isdigit() or int(text) >= num_classes:
-                        raise DataError(f"{shard}: {member.name} holds {text[:20]!r}, not a class number below "
-                                        f"{num_classes}")
-                    labels[key] = int(text)
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"{shard}: not a readable tar shard ({exc})") from None
-    unlabelled = sorted(set(images) - set(labels))
-    if unlabelled:
-        raise DataError(f"{shard}: sample {unlabelled[0]} has an image but no .cls label "
-                        f"({len(unlabelled)} such samples)")
+    for missing, have, what in ((set(images) - set(labels), images, "an image but no .cls label"),
+                                (set(labels) - set(images), labels, "a .cls label but no image")):
+        if missing:
+            raise DataError(f"{shard}: sample {sorted(missing)[0]!r} has {what} ({len(missing)} such samples of "
+                            f"{len(have)})")
+    if not images:
+        raise DataError(f"{shard}: holds no samples (an image and a .cls label per key); remove it or write the "
+                        f"shards again")
     return [(images[key], labels[key]) for key in images]
+
+
+def _label(shard: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int) -> int:
+    """The class number a .cls member holds (decimal ASCII digits, below `num_classes`)."""
+    data = tar.extractfile(member).read(MAX_LABEL_BYTES + 1) if member.size <= MAX_LABEL_BYTES else b""
+    text = data.decode("ascii", errors="replace").strip()
+    if not (text.isascii() and text.isdigit()) or int(text) >= num_classes:
+        shown = text[:20] if data else f"{member.size:,} bytes"
+        raise DataError(f"{shard}: {member.name} holds {shown!r}, not a class number below {num_classes}")
+    return int(text)

@@ -1,0 +1,178 @@
+"""The hostile battery, round 4: what round 3 added (shards, the decode cache, locks, the server's limits, the
+student search's profiles, recipe overrides), tried as a hostile user would. Each case asserts the documented
+outcome: read exactly or refused with ONE `error:` line naming the file, member, value or option; no hang; memory
+bounded; nothing earlier lost. Round 2/3 cases stay in tests/test_battery.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdforge.cli import app
+from kdforge.data.imagefolder import scan_imagefolder
+from kdforge.data.shards import PLAN, scan_shards, write_shards
+from kdforge.errors import DataError
+
+from .test_battery import one_error_line, write_png
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def within(seconds: float, call):
+    """call() in a thread: its result, or a failed test (not a hung suite) when it does not return in time."""
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(_outcome(call)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert done, f"did not finish within {seconds} s (blocked?)"
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    return done[0]
+
+
+def _outcome(call):
+    try:
+        return call()
+    except BaseException as exc:  # handed to the test's thread
+        return exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shards read exactly as written, or refused with the member named
+
+
+def png_bytes(color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    stream = io.BytesIO()
+    Image.new("RGB", (12, 12), color).save(stream, "PNG")
+    return stream.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def shard_dataset(root: Path, train: list[tuple[str, bytes]], classes: str = "a\nb\n") -> Path:
+    """A WebDataset folder whose train shard holds `train` (the test shard: two ordinary samples)."""
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text(classes)
+    write_tar(root / "train" / "shard-000000.tar", train)
+    write_tar(root / "test" / "shard-000000.tar", [("t0.png", png_bytes()), ("t0.cls", b"0"),
+                                                   ("t1.png", png_bytes()), ("t1.cls", b"1")])
+    return root
+
+
+def samples(prefix: str, count: int = 4) -> list[tuple[str, bytes]]:
+    members = []
+    for i in range(count):
+        members += [(f"{prefix}{i:08d}.png", png_bytes()), (f"{prefix}{i:08d}.cls", str(i % 2).encode())]
+    return members
+
+
+@pytest.mark.parametrize("prefix", ["./", "dir.v2/", "../", "a/b.c/./"], ids=["gnu-tar-dot-slash", "dotted-folder",
+                                                                         "dot-dot", "nested-dots"])
+def test_every_sample_of_a_shard_is_read_whatever_its_member_path(prefix, tmp_path):
+    index = scan_shards(shard_dataset(tmp_path / "ds", samples(prefix)))
+    assert len(index.splits["train"].refs) == 4 and index.splits["train"].labels == [0, 1, 0, 1]
+
+
+SHARD_CASES = {
+    "label-without-image": (samples("") + [("00000009.cls", b"1")], "a .cls label but no image"),
+    "image-without-label": (samples("") + [("00000009.png", png_bytes())], "an image but no .cls label"),
+    "superscript-digit-label": ([("x.png", png_bytes()), ("x.cls", "²".encode())], "not a class number"),
+    "huge-label": ([("x.png", png_bytes()), ("x.cls", b"1" * 100_000)], "100,000 bytes"),
+    "label-out-of-range": ([("x.png", png_bytes()), ("x.cls", b"7")], "below 2"),
+    "empty-shard": ([], "holds no samples"),
+    "two-images-one-key": ([("x.png", png_bytes()), ("x.jpg", png_bytes()), ("x.cls", b"0")], "two images"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_CASES), ids=list(SHARD_CASES))
+def test_a_shard_that_cannot_be_read_exactly_is_refused_naming_it(case, tmp_path):
+    members, words = SHARD_CASES[case]
+    root = shard_dataset(tmp_path / "ds", members)
+    with pytest.raises(DataError, match=words) as caught:
+        scan_shards(root)
+    assert "shard-000000.tar" in str(caught.value)
+
+
+def test_a_link_member_in_a_shard_is_refused(tmp_path):
+    root = shard_dataset(tmp_path / "ds", samples(""))
+    with tarfile.open(root / "train" / "shard-000000.tar", "a") as tar:
+        link = tarfile.TarInfo("00000009.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        tar.addfile(tarfile.TarInfo("00000009.cls"), io.BytesIO(b""))
+    with pytest.raises(DataError, match="'00000009.png' is a link"):
+        scan_shards(root)
+
+
+def test_duplicate_class_names_are_refused(tmp_path):
+    with pytest.raises(DataError, match="lists class 'a' twice"):
+        scan_shards(shard_dataset(tmp_path / "ds", samples(""), classes="a\nb\na\n"))
+
+
+def test_a_fifo_in_place_of_a_shard_is_refused_not_waited_on(tmp_path):
+    root = shard_dataset(tmp_path / "ds", samples(""))
+    os.mkfifo(root / "train" / "shard-000001.tar")
+    with pytest.raises(DataError, match="not a regular file"):
+        within(60, lambda: scan_shards(root))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            for i in range(2):
+                write_png(tmp_path / "photos" / split / name / f"{i}.png")
+    return tmp_path / "photos"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_a_fifo_or_device_among_the_images_is_refused_by_type_before_it_is_opened(kind, folder, tmp_path):
+    odd = folder / "train" / "cat" / "odd.jpg"
+    os.mkfifo(odd) if kind == "fifo" else odd.symlink_to("/dev/zero")
+    result = within(60, lambda: invoke("data", "shard", folder, "--out", tmp_path / "shards"))
+    one_error_line(result, 1, "odd.jpg", "a FIFO" if kind == "fifo" else "a device", "not an image file")
+    assert not (tmp_path / "shards").exists()
+    with pytest.raises(DataError, match="not an image file"):  # training lists the folder the same way
+        within(60, lambda: scan_imagefolder(folder))
+
+
+def test_data_shard_does_not_take_a_foreign_shard_for_its_own(folder, tmp_path):
+    out = tmp_path / "shards"
+    write_tar(out / "train" / "shard-000000.tar", samples(""))
+    foreign = (out / "train" / "shard-000000.tar").read_bytes()
+    result = invoke("data", "shard", folder, "--out", out)
+    one_error_line(result, 1, "train/shard-000000.tar", "kdforge did not write")
+    assert (out / "train" / "shard-000000.tar").read_bytes() == foreign and not (out / PLAN).exists()
+
+
+def test_data_shard_writes_again_a_shard_changed_since_it_wrote_it(folder, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(folder, out, shard_size=2)
+    shard = out / "train" / "shard-000001.tar"
+    original = shard.read_bytes()
+    damaged = bytearray(original)
+    damaged[600] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    again = write_shards(folder, out, shard_size=2)
+    assert shard.read_bytes() == original and (again.written, again.kept) == (1, 3)
+    assert json.loads((out / PLAN).read_text())["written"]["train/shard-000001.tar"]
