@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdforge import __version__
-from kdforge.errors import KdforgeError, describe_os_error
+from kdforge.errors import KdforgeError, describe_os_error, shorten
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
 from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
@@ -157,8 +157,7 @@ def warn(lines: list[str]) -> None:
 
 def _error_lines(message: str) -> None:
     for line in message.splitlines():
-        if len(line) > LONGEST_LINE:
-            line = f"{line[:LONGEST_LINE // 2]} ... [{len(line) - LONGEST_LINE // 2:,} more characters]"
+        line = shorten(line, LONGEST_LINE)
         err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
@@ -923,8 +922,7 @@ def recipe_check(
             recipe = load_recipe(path, set_ or [])
         except KdforgeError as exc:
             failed += 1
-            for line in str(exc).splitlines():
-                err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+            _error_lines(str(exc))  # shortened as every command's error lines are
             continue
         out.print(f"ok: {path} ({recipe.name})", highlight=False)
         if show:

@@ -15,6 +15,13 @@ OS_ADVICE = {
 }
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, saying how much was left out (a huge value echoed in a message)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]} ... [{len(text) - limit // 2:,} more characters]"
+
+
 class KdforgeError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in kdforge."""
 

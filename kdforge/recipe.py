@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdforge.errors import RecipeError
+from kdforge.errors import RecipeError, shorten
 from kdforge.formats import FORMATS
 from kdforge.model_names import check_timm_model
 from kdforge.registry import suggest
@@ -42,11 +42,13 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 PositiveInt = Annotated[int, Field(ge=1)]
 MAX_INPUT_SIZE = 2048  # pixels per side for images and models
+MAX_DEPTH = 16  # tables and arrays in a recipe nest at most this deep (its own keys go 3 deep)
 Triple = tuple[float, float, float]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan: no setting takes them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Strict):
@@ -635,6 +637,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                           f"save the recipe as UTF-8") from None
     except ValueError as exc:  # TOMLDecodeError, or a number too long for Python's int (over 4,300 digits)
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise RecipeError(f"{path}: nested deeper than a recipe goes (at most {MAX_DEPTH} levels)") from None
     for override in overrides:
         apply_override(raw, override)
     raw.setdefault("name", path.stem)
@@ -642,6 +646,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    check_depth(raw, source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -654,10 +659,20 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise RecipeError(f"--set {override!r}: expected dotted.key=value, e.g. --set train.epochs=1")
+    if len(parts) > MAX_DEPTH:
+        raise RecipeError(f"--set {shorten(override, 80)}: a key of {len(parts):,} levels; a recipe goes at most "
+                          f"{MAX_DEPTH} deep")
     try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
+        document = tomllib.loads(f"v = {text.strip()}")
     except ValueError:  # TOMLDecodeError, or a number too long for Python's int
-        value = text.strip()  # bare words like resnet18 need no quotes
+        document = {"v": text.strip()}  # bare words like resnet18 need no quotes
+    except RecursionError:
+        raise RecipeError(f"--set {parts[0]}...: the value is nested deeper than a recipe goes") from None
+    if len(document) != 1 or (isinstance(document["v"], str) and "\n" in document["v"] and "\n" in text.strip()
+                               and not text.strip().startswith(('"""', "'''"))):
+        raise RecipeError(f"--set {key.strip()}: one value per --set, and this one goes on past its first value "
+                          f"({shorten(text.strip(), 60)!r}); give each key its own --set")
+    value = document["v"]
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -665,6 +680,26 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise RecipeError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a table")
         node = child
     node[parts[-1]] = value
+
+
+def check_depth(raw: dict[str, Any], source: str) -> None:
+    """Tables and arrays nest at most MAX_DEPTH levels (every later step, from validation to hashing, walks them
+    recursively: a 10,000-level value would end in a RecursionError instead of a message)."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(raw, ())]
+    while stack:
+        node, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            shown = ".".join(where[:4]) + "..."
+            raise RecipeError(f"{source}: {shorten(show_key(shown), 80)}: nested {MAX_DEPTH}+ levels deep; a recipe "
+                              f"goes at most {MAX_DEPTH} deep")
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack += [(child, (*where, str(name))) for name, child in children]
+
+
+def show_key(key: str) -> str:
+    """A key as it is spelt: invisible or control characters (a zero-width space) shown escaped, so that an error
+    about `tr\\u200bain` does not read as one about `train`."""
+    return key if key.isprintable() else ascii(key)[1:-1]
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
@@ -711,7 +746,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if len(loc) > 2 and loc[0] in ("teacher", "student") and loc[1] == "train":
             if any(tuple(e["loc"]) == ("train", *loc[2:]) for e in exc.errors()):
                 continue
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = show_key(".".join(str(p) for p in loc)) or "(top level)"
         lines.append(f"{source}: {key}: {_describe(err, loc)}")
     return "\n".join(dict.fromkeys(lines))
 

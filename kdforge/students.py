@@ -36,7 +36,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdforge import layout
 from kdforge.errors import KdforgeError, RecipeError
@@ -219,18 +221,65 @@ def time_runner(runner, size: int, settings: SearchConfig) -> tuple[float, float
         return latency_ms(lambda: runner.predict(images), WARMUP, settings.repeats)
 
 
+MAX_PROFILE_BYTES = 16 << 20  # a probe's report of a few dozen files is kilobytes; more is not one
+Timing = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # milliseconds per call: finite and positive
+
+
+class ProfileRow(BaseModel):
+    """One file a probe timed (latency.json) or judged (device-report.json): what the search reads of it."""
+
+    model_config = ConfigDict(extra="allow")
+    sha256: str
+    setting: str = "fp32"
+    passed: bool | None = None  # a device report's verdict
+    failures: list[str] = []
+    runtime: str | None = None
+    latency_p50_ms: Timing | None = None
+    latency_p95_ms: Timing | None = None
+    latency_sustained_p50_ms: Timing | None = None
+    latency_sustained_p95_ms: Timing | None = None
+    memory_mb: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _timed_unless_failed(self) -> ProfileRow:
+        if self.passed is not False and (self.latency_p50_ms is None or self.latency_p95_ms is None
+                                         or self.runtime is None):
+            raise ValueError("a file that did not fail needs runtime, latency_p50_ms and latency_p95_ms")
+        return self
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    rows: list[ProfileRow]
+    settings: dict[str, Any] = {}
+    machine: dict[str, Any] = {}
+
+
 def read_profile(path: Path, settings: SearchConfig) -> dict[str, Any]:
     """A probe's latency.json or device-report.json, checked to be one at the search's batch (a device report's
-    "device" read as a profile's "machine")."""
-    profile = read_json(path)
-    if not profile or "rows" not in profile:
-        raise KdforgeError(f"{path}: not a device profile (python -m kdforge.serve.probe writes one)")
-    if "machine" not in profile and "device" in profile:
-        profile = {**profile, "machine": profile["device"]}
-    if settings.max_memory_mb is not None and not any("memory_mb" in row for row in profile["rows"]):
+    "device" read as a profile's "machine"), its timings finite and positive (checked as data: a damaged or
+    hand-edited profile is one error naming the value, and one larger than MAX_PROFILE_BYTES is not read)."""
+    from pydantic import ValidationError
+
+    from kdforge.recipe import format_validation_error
+
+    if path.is_file() and path.stat().st_size > MAX_PROFILE_BYTES:
+        raise KdforgeError(f"{path}: {path.stat().st_size:,} bytes is not a device profile (those are kilobytes; "
+                           f"python -m kdforge.serve.probe writes one)")
+    raw = read_json(path)
+    if "machine" not in raw and isinstance(raw.get("device"), dict):
+        raw = {**raw, "machine": raw["device"]}
+    try:
+        profile = Profile.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        problems = format_validation_error(exc, str(path)).splitlines()
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise KdforgeError(f"not a device profile: {problems[0]}{more}; probe the exports again (python -m "
+                           f"kdforge.serve.probe) rather than editing the file") from None
+    if settings.max_memory_mb is not None and not any(row["memory_mb"] is not None for row in profile["rows"]):
         raise KdforgeError(f"{path} measured no memory (an older probe): probe the exports again to check "
                            f"max_memory_mb")
-    batch = profile.get("settings", {}).get("batch")
+    batch = profile["settings"].get("batch")
     if batch != settings.batch:
         raise KdforgeError(f"{path} was measured at batch {batch}; the search asks batch {settings.batch}: probe "
                            f"again with --batch {settings.batch}")
@@ -252,7 +301,7 @@ def apply_profile(rows: list[CandidateRow], profile: dict[str, Any]) -> tuple[li
         if on_device.get("passed") is False:
             missing[row.model] = f"FAILED on {cpu}: {'; '.join(on_device.get('failures', []))}"
             continue
-        sustained = "latency_sustained_p95_ms" in on_device
+        sustained = on_device.get("latency_sustained_p95_ms") is not None
         p50, p95 = (("latency_sustained_p50_ms", "latency_sustained_p95_ms") if sustained
                     else ("latency_p50_ms", "latency_p95_ms"))
         kept.append(CandidateRow(**{**asdict(row), "latency_p50_ms": on_device[p50], "latency_p95_ms": on_device[p95],

@@ -176,3 +176,122 @@ def test_data_shard_writes_again_a_shard_changed_since_it_wrote_it(folder, tmp_p
     again = write_shards(folder, out, shard_size=2)
     assert shard.read_bytes() == original and (again.written, again.kept) == (1, 3)
     assert json.loads((out / PLAN).read_text())["written"]["train/shard-000001.tar"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the student search's budgets and device profiles, validated as data
+
+
+def search_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "search.toml"
+    recipe.write_text('[data]\ndataset = "synthetic"\n[student]\nmodel = "resnet18"\n')
+    return recipe
+
+
+@pytest.mark.parametrize("budget", ["inf", "nan", "-3", "0"])
+def test_a_budget_that_is_not_a_finite_positive_number_is_refused(budget, tmp_path):
+    result = invoke("students", search_recipe(tmp_path), "--budget-ms", budget, "--runs-dir", tmp_path / "runs")
+    one_error_line(result, 2, "budget_ms")
+    assert not (tmp_path / "runs").exists()
+
+
+def profile_row(**change) -> dict:
+    return {"format": "onnx", "model": "resnet18", "sha256": "ab" * 32, "runtime": "onnxruntime",
+            "latency_p50_ms": 4.0, "latency_p95_ms": 5.0, **change}
+
+
+PROFILE_CASES = {
+    "rows-not-a-list": ({"rows": {"a": 1}, "settings": {"batch": 1}}, "rows"),
+    "row-not-an-object": ({"rows": [3], "settings": {"batch": 1}}, "rows.0"),
+    "row-without-timing": ({"rows": [profile_row(latency_p50_ms=None)], "settings": {"batch": 1}}, "latency_p50_ms"),
+    "negative-latency": ({"rows": [profile_row(latency_p50_ms=-1.0)], "settings": {"batch": 1}}, "greater than 0"),
+    "nan-latency": ({"rows": [profile_row(latency_p95_ms=float("nan"))], "settings": {"batch": 1}}, "finite"),
+    "memory-a-string": ({"rows": [profile_row(memory_mb="lots")], "settings": {"batch": 1}}, "memory_mb"),
+    "settings-a-list": ({"rows": [profile_row()], "settings": [1]}, "settings"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROFILE_CASES), ids=list(PROFILE_CASES))
+def test_a_device_profile_of_the_wrong_shape_is_one_error_naming_the_value(case, tmp_path):
+    from kdforge.errors import KdforgeError
+    from kdforge.recipe import SearchConfig
+    from kdforge.students import read_profile
+
+    profile, words = PROFILE_CASES[case]
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(KdforgeError, match="not a device profile") as caught:
+        read_profile(path, SearchConfig(budget_ms=10))
+    assert words in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_huge_device_profile_is_refused_unread(tmp_path, monkeypatch):
+    from kdforge import fileio
+    from kdforge.errors import KdforgeError
+    from kdforge.recipe import SearchConfig
+    from kdforge.students import read_profile
+
+    path = tmp_path / "latency.json"
+    with open(path, "wb") as f:
+        f.truncate(300 << 20)  # sparse: 300 MB that takes no disk
+    monkeypatch.setattr(fileio, "read_json", lambda *_: pytest.fail("read"))
+    with pytest.raises(KdforgeError, match="314,572,800 bytes is not a device profile"):
+        read_profile(path, SearchConfig(budget_ms=10))
+
+
+def test_a_device_profile_with_good_rows_still_reads(tmp_path):
+    from kdforge.recipe import SearchConfig
+    from kdforge.students import read_profile
+
+    path = tmp_path / "device-report.json"
+    failed = {"format": "fp16", "sha256": "cd" * 32, "passed": False, "failures": ["it does not run here"]}
+    path.write_text(json.dumps({"rows": [profile_row(memory_mb=12.5), failed], "settings": {"batch": 1},
+                                "device": {"cpu": "Cortex-A76"}}))
+    profile = read_profile(path, SearchConfig(budget_ms=10))
+    assert profile["machine"]["cpu"] == "Cortex-A76" and profile["rows"][0]["latency_p50_ms"] == 4.0
+    assert profile["rows"][1]["passed"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing what a user types: bounded in depth, nothing silently dropped, keys shown as spelt
+
+
+def quick_recipe(tmp_path: Path, extra: str = "") -> Path:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\ndataset = "synthetic"\n[student]\nmodel = "resnet18"\n' + extra)
+    return recipe
+
+
+PARSE_CASES = {
+    "nested-arrays-in-file": (lambda t: [quick_recipe(t, "x = " + "[" * 5000 + "]" * 5000 + "\n")], "nested deeper"),
+    "nested-tables-in-file": (lambda t: [quick_recipe(t, "x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n")],
+                              "nested deeper"),
+    "deep-key-in-file": (lambda t: [quick_recipe(t, "[student.model_kwargs]\n" + ".".join(["a"] * 10_000) + " = 1\n")],
+                         "levels deep"),
+    "nested-arrays-in-set": (lambda t: [quick_recipe(t), "--set", "train.lr=" + "[" * 5000 + "]" * 5000],
+                             "nested deeper"),
+    "deep-key-in-set": (lambda t: [quick_recipe(t), "--set", "student.model_kwargs." + ".".join(["a"] * 10_000) + "=1"],
+                        "levels"),
+    "set-with-more-after-its-value": (lambda t: [quick_recipe(t), "--set", 'name="x"\n[train]\nlr=1'],
+                                      "one value per --set"),
+    "zero-width-space-in-key": (lambda t: [quick_recipe(t), "--set", "tr\u200bain.lr=1"], "tr\\u200bain"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSE_CASES), ids=list(PARSE_CASES))
+def test_what_a_user_types_is_parsed_within_bounds_or_refused_in_one_line(case, tmp_path):
+    make, words = PARSE_CASES[case]
+    result = invoke("recipe", "check", *make(tmp_path))
+    one_error_line(result, 2, words)
+    assert len(result.stderr) < 3000, len(result.stderr)
+
+
+def test_recipe_check_shortens_a_huge_invalid_value(tmp_path):
+    result = invoke("recipe", "check", quick_recipe(tmp_path), "--set", "train.lr=" + "x" * 10_000_000)
+    one_error_line(result, 2, "train.lr", "more characters")
+    assert len(result.stderr) < 5000, len(result.stderr)
+
+
+def test_a_multiline_string_is_still_one_value(tmp_path):
+    result = invoke("recipe", "check", quick_recipe(tmp_path), "--set", 'name="""x"""')
+    assert result.exit_code == 0, result.output
