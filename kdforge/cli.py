@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from kdforge.errors import KdforgeError, describe_os_error, shorten
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
 from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
+
+if TYPE_CHECKING:
+    from kdforge.recipe import Recipe
 
 app = typer.Typer(
     name="kdforge",
@@ -71,14 +74,19 @@ RdzvOpt = Annotated[str | None, typer.Option(
     "rendezvous), an address of one of them, e.g. node0:29400.")]
 
 
-def _launch_torchrun(nproc: int, args: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+def _launch_torchrun(nproc: int, args: list[str], recipe: Recipe, nnodes: int = 1, rdzv_endpoint: str | None = None,
                      rdzv_id: str = "kdforge") -> None:
-    """Run `kdforge ARGS` again as N processes (per node) under torchrun, and exit with its exit code."""
+    """Run `kdforge ARGS` again as N processes (per node) under torchrun, and exit with its exit code; the
+    recipe's batches are checked to split over them first (one error here, not one per process)."""
     import subprocess
 
+    from kdforge.recipe import check_processes
     from kdforge.runtime import torchrun_command
 
     with user_errors():
+        for section in (recipe.teacher, recipe.student):
+            if section is not None:
+                check_processes(section.train.batch_size, nproc * nnodes, recipe.data.augment.mixes)
         command = torchrun_command(args, nproc, nnodes, rdzv_endpoint, rdzv_id)
     where = f" on this node, one of {nnodes} meeting at {rdzv_endpoint}" if nnodes > 1 else ""
     err.print(f"launching {nproc} processes{where}: {' '.join(command[2:])}", highlight=False, soft_wrap=True)
@@ -185,11 +193,13 @@ def _train(stage: str, recipe_path: Path, overrides, resume, overwrite, device, 
     from kdforge.runtime import distributed_session
     from kdforge.train.stages import train_stage
 
+    with user_errors():
+        recipe = load_recipe(recipe_path, overrides or [])
     if nproc > 1 or nnodes > 1:
         _launch_torchrun(nproc, [stage, *_common_args(recipe_path, overrides, resume, device, runs_dir),
-                                 *(["--overwrite"] if overwrite else [])], nnodes, rdzv_endpoint, recipe_path.stem)
+                                 *(["--overwrite"] if overwrite else [])], recipe, nnodes, rdzv_endpoint,
+                         recipe_path.stem)
     with user_errors(), distributed_session():
-        recipe = load_recipe(recipe_path, overrides or [])
         result = train_stage(recipe, stage, runs_dir=runs_dir, resume=resume, overwrite=overwrite, device=device)
         main = _is_main()
     if not main:
@@ -253,11 +263,12 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
 
     if seeds is not None:
         set_ = [*(set_ or []), f"experiment.seeds=[{_parse_seeds(seeds)}]"]
-    if nproc > 1 or nnodes > 1:
-        _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)], nnodes,
-                         rdzv_endpoint, recipe.stem)
     with user_errors():  # the recipe is checked and the plan said before torch is imported (about 3 s)
         loaded = load_recipe(recipe, set_ or [])
+    if nproc > 1 or nnodes > 1:
+        _launch_torchrun(nproc, ["distill", *_common_args(recipe, set_, resume, device, runs_dir)], loaded, nnodes,
+                         rdzv_endpoint, recipe.stem)
+    with user_errors():
         plan_shown = os.environ.get("RANK", "0") == "0"  # torchrun's rank of this process, read before torch
         if plan_shown:
             out.print(describe_plan(loaded), highlight=False, soft_wrap=True)

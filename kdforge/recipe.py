@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
@@ -680,6 +681,19 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise RecipeError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is a value, not a table")
         node = child
     node[parts[-1]] = value
+
+
+def check_processes(batch_size: int, processes: int, mixes: bool) -> None:
+    """A global batch of `batch_size` split over `processes` (torchrun): evenly, and with mixup/cutmix into even
+    shares (each image is mixed with another of its own process's share; timm's Mixup asserts an even batch)."""
+    share, left = divmod(batch_size, processes)
+    if left:
+        raise RecipeError(f"train.batch_size {batch_size} (the global batch) is not divisible by the {processes} "
+                          f"processes")
+    if mixes and share % 2:
+        raise RecipeError(f"data.augment mixup/cutmix pairs images within each process's share of the batch: "
+                          f"train.batch_size {batch_size} over {processes} processes is {share} each, an odd number; "
+                          f"use a batch_size that gives an even share (e.g. {2 * processes * math.ceil(share / 2)})")
 
 
 def check_depth(raw: dict[str, Any], source: str) -> None:

@@ -295,3 +295,14 @@ def test_recipe_check_shortens_a_huge_invalid_value(tmp_path):
 def test_a_multiline_string_is_still_one_value(tmp_path):
     result = invoke("recipe", "check", quick_recipe(tmp_path), "--set", 'name="""x"""')
     assert result.exit_code == 0, result.output
+
+
+def test_mixup_with_an_odd_share_per_process_is_refused_before_any_process_starts(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "call", lambda *_: pytest.fail("torchrun was started"))
+    recipe = quick_recipe(tmp_path)
+    result = invoke("distill", recipe, "--nproc", "2", "--runs-dir", tmp_path / "runs", "--set", "train.batch_size=6",
+                    "--set", "data.augment.mixup=0.8")
+    one_error_line(result, 2, "3 each, an odd number", "batch_size that gives an even share (e.g. 8)")
+    assert not (tmp_path / "runs").exists()

@@ -34,7 +34,7 @@ from kdforge.distill.objective import Objective, hard_labels, prediction
 from kdforge.errors import DataError, KdforgeError
 from kdforge.metrics import topk_hits
 from kdforge.phases import Consumer
-from kdforge.recipe import AugmentConfig, TrainConfig
+from kdforge.recipe import AugmentConfig, TrainConfig, check_processes
 from kdforge.rng import rng_stream, stream_seed
 from kdforge.runtime import Runtime, out_of_memory_as_error
 
@@ -418,9 +418,7 @@ def fit(model: torch.nn.Module, spec: InputSpec, objective: Objective, data: Dat
     augmentation a single process would use), gradients are averaged by DistributedDataParallel, metrics are
     reduced, and only the main process checkpoints."""
     plan = Plan.create(len(data.train), cfg)
-    if cfg.batch_size % runtime.world_size:
-        raise DataError(f"train.batch_size {cfg.batch_size} (the global batch) is not divisible by the "
-                        f"{runtime.world_size} processes")
+    check_processes(cfg.batch_size, runtime.world_size, batches.augment.mixes)
     runtime.place(model).train()
     if extra is not None:
         extra.to(runtime.device).train()
