@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 
@@ -25,7 +26,39 @@ from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX
 if TYPE_CHECKING:
     from kdforge.recipe import Recipe
 
+class Commands(TyperGroup):
+    """kdforge's command group: a bad option or argument (a value out of range, an unknown option, a missing
+    argument) is ONE `error:` line naming it and exit code 2 (a bad recipe's), as every other refusal, instead of
+    Click's boxed usage panel."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+# Click's UsageError, found through typer's public BadParameter: typer 0.2x vendors Click (typer._click), older
+# typers use Click itself, and the errors are that Click's classes
+UsageError = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `kdforge` alone prints its help
+            raise
+        where = exc.ctx.command_path if exc.ctx else "kdforge"
+        _error_lines(f"{where}: {exc.format_message()} (`{where} --help` lists what it takes)")
+        raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=Commands,
     name="kdforge",
     help="Compress big vision models for small devices: teacher -> distilled student -> INT8 -> ONNX/TensorRT.",
     no_args_is_help=True,

@@ -306,3 +306,25 @@ def test_mixup_with_an_odd_share_per_process_is_refused_before_any_process_start
                     "--set", "data.augment.mixup=0.8")
     one_error_line(result, 2, "3 each, an odd number", "batch_size that gives an even share (e.g. 8)")
     assert not (tmp_path / "runs").exists()
+
+
+OPTION_CASES = {
+    "port-out-of-range": (["serve", "exports/x", "--port", "70000"], "'--port'", "65535"),
+    "unknown-option": (["distill", "r.toml", "--bogus", "1"], "--bogus", "kdforge distill --help"),
+    "missing-argument": (["recipe", "check"], "Missing argument", "kdforge recipe check --help"),
+    "misspelt-command": (["recipe", "chek"], "'chek'", "Did you mean 'check'"),
+    "not-a-number": (["students", "r.toml", "--budget-ms", "fast"], "'--budget-ms'", "valid number"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES), ids=list(OPTION_CASES))
+def test_a_bad_option_is_one_error_line_like_every_other_refusal(case):
+    args, *words = OPTION_CASES[case]
+    result = invoke(*args)
+    one_error_line(result, 2, *words)
+    assert "╭" not in result.output and "Usage:" not in result.output
+
+
+def test_kdforge_alone_still_prints_its_help():
+    result = invoke()
+    assert "Usage" in result.output and "error:" not in result.output
