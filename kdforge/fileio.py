@@ -9,14 +9,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kdforge.errors import KdforgeError
-from kdforge.layout import METADATA
+from kdforge.layout import LOCKS, METADATA, user_cache_dir
 
 _HELD: dict[str, list[Any]] = {}  # the folder locks this process holds: key -> [open lock file, depth]
 
@@ -181,13 +181,47 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
+def lock_folder() -> Path:
+    """Where kdforge's locks live: `locks/` in the user's kdforge cache (~/.cache/kdforge/locks, or
+    $KDFORGE_CACHE_DIR/locks), created 0700 and checked, without following links, to be a folder of this user's
+    that no one else can write. Not the shared temporary directory: there another local user could plant the
+    folder (or a link in it) first, and a full $TMPDIR would make Python pick another one, where a second kdforge
+    would not see the first's lock. A folder that fails the check is an error, never silently replaced."""
+    folder = user_cache_dir() / LOCKS
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise KdforgeError(f"cannot create kdforge's lock folder {folder}: {exc.strerror}; set KDFORGE_CACHE_DIR to "
+                           f"a folder of yours that is writable") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        what = ("a link" if stat.S_ISLNK(info.st_mode) else "not a folder" if not stat.S_ISDIR(info.st_mode)
+                else "owned by another user" if info.st_uid != os.getuid() else "writable by others")
+        raise KdforgeError(f"kdforge's lock folder {folder} is {what}: another user could take or block its locks; "
+                           f"remove it (it is recreated) or set KDFORGE_CACHE_DIR to a folder only you can write")
+    return folder
+
+
+def _open_lock_file(path: Path):
+    """The lock file, opened without following a link planted at its name, and checked to be a regular file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        hint = "a link was planted there; remove it" if exc.errno == errno.ELOOP else exc.strerror
+        raise KdforgeError(f"cannot open the lock file {path}: {hint}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise KdforgeError(f"the lock file {path} is not a regular file; remove it")
+    return os.fdopen(fd, "a+")
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold the lock on `folder` (a run or an export folder) while the block runs: a second kdforge process that
     asks for it fails at once with one line naming the first one (its pid and command), instead of training or
-    exporting the same thing beside it. The lock is the operating system's (`flock`) on a file in the temporary
-    directory keyed by the folder's resolved path, so nothing is written into the folder itself (a read-only runs
-    folder stays usable) and a process that dies releases it: a stale lock is simply taken over. Re-entrant within a
+    exporting the same thing beside it. The lock is the operating system's (`flock`) on a file in `lock_folder()`
+    keyed by the folder's resolved path, so nothing is written into the folder itself (a read-only runs folder
+    stays usable) and a process that dies releases it: a stale lock is simply taken over. Re-entrant within a
     process (`kdforge distill` holds its run while each stage takes it again). Local to this machine: processes on
     other machines sharing the folder over a network file system are not seen. No-op where flock does not exist."""
     try:
@@ -203,9 +237,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    locks = Path(tempfile.gettempdir()) / f"kdforge-locks-{os.getuid()}"  # per user: another's folder is not ours
-    locks.mkdir(mode=0o700, exist_ok=True)
-    handle = (locks / f"{key}.lock").open("a+")
+    handle = _open_lock_file(lock_folder() / f"{key}.lock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -77,6 +77,7 @@ TRAINING_STAGES = ("teacher", "baseline", "student")  # in the order the chain t
 QAD = "qad"  # the stage of quantization-aware distillation (train/qad.py): its output is an ONNX file
 QAD_ONNX = "student.qad.onnx"  # runs/<recipe>/qad/student.qad.onnx
 EXPORTED_STAGES = ("student", "baseline")  # the distilled student is exported, else the baseline student
+LOCKS = "locks"  # in the user cache: the folder locks of running kdforge commands (fileio.lock_folder)
 
 
 def user_cache_dir() -> Path:

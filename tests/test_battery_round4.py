@@ -328,3 +328,70 @@ def test_a_bad_option_is_one_error_line_like_every_other_refusal(case):
 def test_kdforge_alone_still_prints_its_help():
     result = invoke()
     assert "Usage" in result.output and "error:" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# locks in a folder only the user can write
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("KDFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_lock_file_planted_as_a_link_cannot_make_kdforge_overwrite_the_victims_file(cache, tmp_path):
+    import hashlib
+
+    from kdforge.errors import KdforgeError
+    from kdforge.fileio import folder_lock, lock_folder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "runs" / "r"
+    key = hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:24]
+    (lock_folder() / f"{key}.lock").symlink_to(victim)
+    with pytest.raises(KdforgeError, match="a link was planted there"), folder_lock(run, "run"):
+        pass
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("plant", ["link", "open-to-others"])
+def test_a_lock_folder_someone_else_could_write_is_refused_not_used(plant, cache, tmp_path):
+    from kdforge.errors import KdforgeError
+    from kdforge.fileio import folder_lock
+
+    elsewhere = tmp_path / "planted"
+    elsewhere.mkdir(mode=0o777)
+    cache.mkdir()
+    if plant == "link":
+        (cache / "locks").symlink_to(elsewhere)
+    else:
+        (cache / "locks").mkdir()
+        os.chmod(cache / "locks", 0o777)
+    with pytest.raises(KdforgeError, match="a link" if plant == "link" else "writable by others"), \
+            folder_lock(tmp_path / "runs" / "r", "run"):
+        pass
+    assert not list(elsewhere.iterdir())
+
+
+def test_the_lock_does_not_move_when_the_temporary_directory_is_unusable(cache, tmp_path):
+    import subprocess
+    import sys
+
+    from kdforge.errors import KdforgeError
+    from kdforge.fileio import folder_lock
+
+    run = tmp_path / "runs" / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kdforge.fileio import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'run'):\n    print('held', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path / "full-or-missing")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(KdforgeError, match="in use by another kdforge process"), folder_lock(run, "run"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert oct(os.stat(cache / "locks").st_mode & 0o777) == "0o700"
