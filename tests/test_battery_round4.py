@@ -395,3 +395,75 @@ def test_the_lock_does_not_move_when_the_temporary_directory_is_unusable(cache, 
         holder.kill()
         holder.wait()
     assert oct(os.stat(cache / "locks").st_mode & 0o777) == "0o700"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a server no slow or idle client can lock out
+
+
+def get(port: int, path: str = "/healthz") -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_the_connection_limit_counts_what_it_says(served_export):
+    from .test_serve import start_server
+
+    server, port = start_server(served_export[0], "--max-connections", "1")
+    try:
+        assert [get(port) for _ in range(3)] == [200, 200, 200]  # 1 served 1 (it served 0: 503 to everything)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.mark.slow
+def test_idle_and_trickling_clients_cannot_lock_the_server_out(served_export):
+    import socket
+    import time
+
+    from .test_serve import start_server
+
+    server, port = start_server(served_export[0], "--max-connections", "8", "--header-timeout", "2")
+    held = []
+    try:
+        for _ in range(40):  # idle keep-alive clients: one request each, then silence
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(4096)
+            held.append(sock)
+        trickling = []
+        for _ in range(8):  # clients that send a header line now and then, never finishing
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            trickling.append(sock)
+        answered = []
+        for _ in range(20):
+            for sock in trickling:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            answered.append(get(port))
+        assert answered == [200] * 20, answered
+        time.sleep(3)  # past the header timeout: the tricklers' connections were closed by the server
+        closed = 0
+        for sock in trickling:
+            sock.settimeout(2)
+            try:
+                closed += sock.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(trickling)
+    finally:
+        for sock in held:
+            sock.close()
+        server.terminate()
+        server.wait(30)

@@ -19,6 +19,7 @@ from kdforge.serve.model import DEFAULT_PROVIDERS, SERVABLE, ServingError
 from kdforge.sessions import ORT_PROVIDERS
 
 GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
+HEADER_TIMEOUT_S = 10.0  # a request's headers must all arrive within this long of connecting or the last response
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
@@ -27,7 +28,7 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
         max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
         ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
-        device_report: Path | None = None) -> None:
+        device_report: Path | None = None, header_timeout_s: float = HEADER_TIMEOUT_S) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
@@ -36,8 +37,9 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
         raise ServingError(f"--port must be between 1 and 65535, got {port}")
     api_key = read_api_key(api_key_file) if api_key_file else None
     check_limits(max_connections=max_connections)
-    if not body_timeout_s > 0:
-        raise ServingError(f"--body-timeout must be a positive number of seconds, got {body_timeout_s}")
+    for name, seconds in (("--body-timeout", body_timeout_s), ("--header-timeout", header_timeout_s)):
+        if not 0 < seconds < float("inf"):
+            raise ServingError(f"{name} must be a positive number of seconds, got {seconds}")
     check_tls(ssl_certfile, ssl_keyfile)
     app = create_app(export_dir, fmt=fmt, max_bytes=max_bytes, max_batch=max_batch, top_k=top_k,
                      providers=providers, engine_cache=engine_cache, max_pixels=max_pixels, api_key=api_key,
@@ -52,8 +54,11 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
     # SIGTERM/SIGINT: stop accepting, answer what is running (up to GRACE_S), refuse what waits with 503 JSON
     # (app.state.stopping), then exit 0: a requested stop is a success, not a crash
     # limit_concurrency: connections and tasks at once; beyond it uvicorn answers 503 (its own plain-text body)
+    # uvicorn counts the asking connection in its limit: N + 1 serves N. The protocol bounds header reads in time
+    # and reclaims idle connections when the limit is reached (bounded_protocol)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=GRACE_S, log_level="info",
-                            access_log=False, limit_concurrency=max_connections,
+                            access_log=False, limit_concurrency=max_connections + 1,
+                            http=bounded_protocol(max_connections, header_timeout_s),
                             ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                             ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # what uvicorn re-raises after its graceful shutdown
@@ -64,6 +69,52 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
             super().handle_exit(sig, frame)
 
     GracefulServer(config).run(sockets=[listening])
+
+
+def bounded_protocol(max_connections: int, header_timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol (h11) with two bounds a proxy would add, so that no slow or idle client can
+    lock others out: a connection whose next request's headers have not all arrived within `header_timeout_s` of
+    connecting (or of its last response) is closed, however slowly it trickles bytes (uvicorn times only idle
+    keep-alive, and a trickle resets that); and when `max_connections` are open, a new connection makes the server
+    close the longest-idle ones between requests (keep-alive, or still sending headers), as nginx does, instead
+    of answering 503 while idle sockets hold every place."""
+    import asyncio
+    import time
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            idle = sorted((c for c in self.connections if c is not self and c.between_requests()),
+                          key=lambda c: c.idle_since)
+            for other in idle[:max(0, len(self.connections) - max_connections)]:
+                other.transport.close()
+            self.arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_header_deadline()
+
+        def between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm_header_deadline(self) -> None:
+            self.idle_since = time.monotonic()
+            if getattr(self, "header_deadline", None) is not None:
+                self.header_deadline.cancel()
+            self.header_deadline = asyncio.get_running_loop().call_later(header_timeout_s, self.headers_too_slow)
+
+        def headers_too_slow(self) -> None:
+            if self.between_requests() and not self.transport.is_closing():
+                self.transport.close()  # no request began in time: its place goes to another client
+
+        def connection_lost(self, exc) -> None:
+            if getattr(self, "header_deadline", None) is not None:
+                self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return BoundedH11Protocol
 
 
 def check_tls(certfile: Path | None, keyfile: Path | None) -> None:
@@ -165,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help=f"seconds a request body may take to arrive, else 408 (default "
                              f"{DEFAULT_BODY_TIMEOUT_S:g})")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                        help=f"seconds a request's headers may take to arrive after connecting or after the last "
+                             f"response, else the connection is closed (default {HEADER_TIMEOUT_S:g})")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help=f"connections served at once, beyond which the server answers 503 (default "
                              f"{DEFAULT_MAX_CONNECTIONS})")
@@ -180,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
             args.api_key_file, args.body_timeout, args.max_connections, args.ssl_certfile, args.ssl_keyfile,
-            args.device_report)
+            args.device_report, args.header_timeout)
     except KdforgeError as exc:  # ServingError and ImageError are KdforgeErrors
         raise SystemExit(f"error: {exc}") from None
 
