@@ -467,3 +467,35 @@ def test_idle_and_trickling_clients_cannot_lock_the_server_out(served_export):
             sock.close()
         server.terminate()
         server.wait(30)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a decode cache that cannot serve damaged pixels
+
+
+def test_flipped_bytes_in_the_decode_cache_are_refused_not_trained_on(folder, cache):
+    import torch
+
+    from kdforge.data.imagefolder import cache_root, decode_cached
+
+    refs = scan_imagefolder(folder).splits["train"].refs
+    clean = decode_cached(refs, 16, workers=0)[torch.arange(len(refs))]
+    path = next(cache_root().glob("*.npy"))
+    data = bytearray(path.read_bytes())
+    data[len(data) - 4 * len(refs) - 10] ^= 0x01  # one bit of the last image's pixels
+    path.write_bytes(bytes(data))
+    again = decode_cached(refs, 16, workers=0)
+    assert torch.equal(again[torch.arange(3)], clean[:3])  # the rows that are intact still read
+    with pytest.raises(DataError, match="changed or damaged"):
+        again[torch.arange(len(refs))]
+
+
+def test_a_file_name_that_is_not_utf8_decodes_into_the_cache(folder, cache):
+    import torch
+
+    from kdforge.data.imagefolder import decode_cached
+
+    odd = os.fsencode(folder / "train" / "cat") + b"/caf\xe9.png"
+    os.rename(folder / "train" / "cat" / "0.png", odd)
+    refs = scan_imagefolder(folder).splits["train"].refs
+    assert len(decode_cached(refs, 16, workers=0)[torch.arange(len(refs))]) == 4

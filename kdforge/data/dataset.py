@@ -9,11 +9,13 @@ the hot loops (training, evaluation, verification) read lazy images in DataLoade
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kdforge.errors import DataError
 from kdforge.rng import rng_stream
 
 
@@ -68,9 +70,11 @@ class SubsetImages(LazyImages):
 
 
 class CachedImages(LazyImages):
-    """A decode cache on disk: a `.npy` file of uint8 (N, 3, size, size). A batch reads its rows (`os.preadv`)
-    from the page cache, so stages and processes share one copy, none holds the whole set, and nothing of the
-    file is mapped into a process (a memory map's touched pages would count in its RSS, once per mapping)."""
+    """A decode cache on disk: a `.npy` file of uint8 (N, 3, size, size) followed by N CRC-32s, one per row (numpy
+    reads the array and ignores them). A batch reads its rows (`os.preadv`) from the page cache, so stages and
+    processes share one copy, none holds the whole set, and nothing of the file is mapped into a process (a memory
+    map's touched pages would count in its RSS, once per mapping). Every row read is checked against its CRC-32:
+    a damaged or edited cache is an error naming it, never pixels trained on."""
 
     def __init__(self, path: str) -> None:
         with open(path, "rb") as f:
@@ -83,6 +87,12 @@ class CachedImages(LazyImages):
             raise ValueError(f"{path}: not a decode cache (uint8 (N, 3, H, W)); got {dtype} {shape}")
         self.path, self.count, self.size = path, shape[0], shape[-1]
         self.row = 3 * self.size * self.size
+        table = self.offset + self.count * self.row
+        if os.path.getsize(path) != table + 4 * self.count:
+            raise ValueError(f"{path}: not a decode cache with a checksum per row")
+        with open(path, "rb") as f:
+            f.seek(table)
+            self.crcs = np.frombuffer(f.read(4 * self.count), dtype="<u4")
 
     def __len__(self) -> int:
         return self.count
@@ -95,6 +105,9 @@ class CachedImages(LazyImages):
             for row, position in zip(out, positions, strict=True):
                 if os.preadv(fd, [row.reshape(-1)], self.offset + position * self.row) != self.row:
                     raise OSError(f"{self.path} is shorter than its header says")
+                if zlib.crc32(row) != self.crcs[position]:
+                    raise DataError(f"the decode cache {self.path} was changed or damaged (image {position} does not "
+                                    f"match its checksum); delete the file and run again: it is decoded anew")
         finally:
             os.close(fd)
         return torch.from_numpy(out)

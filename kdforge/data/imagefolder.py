@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,8 +199,7 @@ def decode_cached(refs: list[SampleRef], size: int, workers: int, batch: int = 6
     if path.is_file():
         try:
             cached = CachedImages(str(path))
-            if (len(cached), cached.size) == (len(refs), size) and path.stat().st_size == cached.offset + \
-                    np.prod(shape):
+            if (len(cached), cached.size) == (len(refs), size):
                 return cached
         except (OSError, ValueError):  # damaged: derived data, decoded again
             pass
@@ -211,13 +211,17 @@ def decode_cached(refs: list[SampleRef], size: int, workers: int, batch: int = 6
             with open(tmp, "wb") as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
                 offset = f.tell()
+                table = offset + int(np.prod(shape))  # then a CRC-32 per row (CachedImages checks each read)
                 if hasattr(os, "posix_fallocate"):  # not on macOS: there a full disk fails while writing
-                    os.posix_fallocate(f.fileno(), 0, offset + int(np.prod(shape)))
+                    os.posix_fallocate(f.fileno(), 0, table + 4 * len(refs))
 
             def write(idx: torch.Tensor) -> int:
+                rows = files[idx].numpy()
+                crcs = np.array([zlib.crc32(row) for row in rows], dtype="<u4")
                 fd = os.open(tmp, os.O_WRONLY)
                 try:
-                    os.pwrite(fd, files[idx].numpy().tobytes(), offset + int(idx[0]) * 3 * size * size)
+                    os.pwrite(fd, rows.tobytes(), offset + int(idx[0]) * 3 * size * size)
+                    os.pwrite(fd, crcs.tobytes(), table + 4 * int(idx[0]))
                 finally:
                     os.close(fd)
                 return len(idx)
