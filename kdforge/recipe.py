@@ -666,14 +666,13 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         document = tomllib.loads(f"v = {text.strip()}")
     except ValueError:  # TOMLDecodeError, or a number too long for Python's int
-        document = {"v": text.strip()}  # bare words like resnet18 need no quotes
+        document = {"v": text.strip()}  # bare words like resnet18 need no quotes (but are one line)
     except RecursionError:
         raise RecipeError(f"--set {parts[0]}...: the value is nested deeper than a recipe goes") from None
-    if len(document) != 1 or (isinstance(document["v"], str) and "\n" in document["v"] and "\n" in text.strip()
-                               and not text.strip().startswith(('"""', "'''"))):
+    value = document["v"]
+    if len(document) != 1 or value == text.strip() and "\n" in value:  # more lines followed the value
         raise RecipeError(f"--set {key.strip()}: one value per --set, and this one goes on past its first value "
                           f"({shorten(text.strip(), 60)!r}); give each key its own --set")
-    value = document["v"]
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
