@@ -84,12 +84,17 @@ def bounded_protocol(max_connections: int, header_timeout_s: float):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11Protocol(H11Protocol):
+        header_deadline: asyncio.TimerHandle | None = None
+        idle_since = 0.0
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            idle = sorted((c for c in self.connections if c is not self and c.between_requests()),
-                          key=lambda c: c.idle_since)
-            for other in idle[:max(0, len(self.connections) - max_connections)]:
-                other.transport.close()
+            excess = len(self.connections) - max_connections
+            if excess > 0:  # only at the limit: the idle ones, longest idle first
+                idle = sorted((c for c in self.connections if c is not self and c.between_requests()),
+                              key=lambda c: c.idle_since)
+                for other in idle[:excess]:
+                    other.transport.close()
             self.arm_header_deadline()
 
         def on_response_complete(self) -> None:
@@ -101,7 +106,7 @@ def bounded_protocol(max_connections: int, header_timeout_s: float):
 
         def arm_header_deadline(self) -> None:
             self.idle_since = time.monotonic()
-            if getattr(self, "header_deadline", None) is not None:
+            if self.header_deadline is not None:
                 self.header_deadline.cancel()
             self.header_deadline = asyncio.get_running_loop().call_later(header_timeout_s, self.headers_too_slow)
 
@@ -110,7 +115,7 @@ def bounded_protocol(max_connections: int, header_timeout_s: float):
                 self.transport.close()  # no request began in time: its place goes to another client
 
         def connection_lost(self, exc) -> None:
-            if getattr(self, "header_deadline", None) is not None:
+            if self.header_deadline is not None:
                 self.header_deadline.cancel()
             super().connection_lost(exc)
 
