@@ -21,7 +21,7 @@ from kdforge import __version__
 from kdforge.errors import KdforgeError, describe_os_error, shorten
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
-from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
+from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
 
 if TYPE_CHECKING:
     from kdforge.recipe import Recipe
@@ -901,6 +901,9 @@ def serve(
     max_connections: Annotated[int, typer.Option(
         help="Connections served at once (idle keep-alive ones count); beyond it the server answers 503.",
         min=1)] = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a request's headers may take to arrive after connecting or after the last answer; a slower "
+             "connection is closed.", min=0.001)] = DEFAULT_HEADER_TIMEOUT_S,
     ssl_certfile: Annotated[Path | None, typer.Option(
         help="Serve HTTPS with this certificate (PEM).", envvar="KDFORGE_SSL_CERTFILE")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(
@@ -921,7 +924,7 @@ def serve(
     with user_errors(interrupted="stopped"):
         run(export_dir, host, port, fmt, max_bytes, top_k=top_k, max_pixels=max_pixels, api_key_file=api_key_file,
             body_timeout_s=body_timeout, max_connections=max_connections, ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile, device_report=device_report)
+            ssl_keyfile=ssl_keyfile, device_report=device_report, header_timeout_s=header_timeout)
 
 
 @app.command()

@@ -499,3 +499,56 @@ def test_a_file_name_that_is_not_utf8_decodes_into_the_cache(folder, cache):
     os.rename(folder / "train" / "cat" / "0.png", odd)
     refs = scan_imagefolder(folder).splits["train"].refs
     assert len(decode_cached(refs, 16, workers=0)[torch.arange(len(refs))]) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# certificates out of their dates
+
+
+def certificate(folder: Path, starts, ends) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 valid from `starts` to `ends` and its key (cryptography's builder:
+    openssl's req cannot date a certificate in the past)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(starts).not_valid_after(ends)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{starts:%Y%m%d}.crt", folder / f"{starts:%Y%m%d}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_expired_or_not_yet_valid_certificate_is_refused_before_the_model_loads(served_export, tmp_path):
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    expired = certificate(tmp_path, now - 30 * day, now - day)
+    early = certificate(tmp_path, now + day, now + 30 * day)
+    for (cert, key), words in ((expired, "expired on"), (early, "is not valid before")):
+        done = invoke("serve", served_export[0], "--port", "1", "--ssl-certfile", cert, "--ssl-keyfile", key)
+        one_error_line(done, 1, words, cert.name)
+
+
+def test_a_certificate_about_to_expire_is_named_at_start_but_served(tmp_path, capsys):
+    import datetime
+
+    from kdforge.serve.__main__ import check_tls
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert, key = certificate(tmp_path, now - datetime.timedelta(days=80), now + datetime.timedelta(days=3))
+    check_tls(cert, key)  # accepted
+    assert "expires on" in capsys.readouterr().err
+    cert, key = certificate(tmp_path, now - datetime.timedelta(days=1), now + datetime.timedelta(days=90))
+    check_tls(cert, key)
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ dependencies (what the container runs). `kdforge serve` calls the same `run`."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import os
 import signal
@@ -13,13 +14,14 @@ from pathlib import Path
 
 from kdforge.errors import KdforgeError
 from kdforge.images import MAX_PIXELS
-from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
+from kdforge.serve import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BYTES,
+                           DEFAULT_MAX_CONNECTIONS)
 from kdforge.serve.app import DEFAULT_MAX_BATCH, check_limits
 from kdforge.serve.model import DEFAULT_PROVIDERS, SERVABLE, ServingError
 from kdforge.sessions import ORT_PROVIDERS
 
 GRACE_S = 10  # seconds the requests being computed get to finish after SIGTERM
-HEADER_TIMEOUT_S = 10.0  # a request's headers must all arrive within this long of connecting or the last response
+EXPIRY_WARNING_DAYS = 14  # a certificate this close to its end is named at start
 
 
 def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = "auto",
@@ -28,7 +30,7 @@ def run(export_dir: Path, host: str = "127.0.0.1", port: int = 8000, fmt: str = 
         max_pixels: int = MAX_PIXELS, api_key_file: Path | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
         ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
-        device_report: Path | None = None, header_timeout_s: float = HEADER_TIMEOUT_S) -> None:
+        device_report: Path | None = None, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> None:
     import uvicorn
 
     from kdforge.serve.app import create_app
@@ -141,6 +143,29 @@ def check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     except (ssl.SSLError, OSError) as exc:
         raise ServingError(f"cannot use {certfile} with {keyfile} for HTTPS ({getattr(exc, 'reason', None) or exc}): "
                            f"the key must be the certificate's, unencrypted, both in PEM") from None
+    check_certificate_dates(Path(certfile))
+
+
+def check_certificate_dates(certfile: Path, now: datetime.datetime | None = None) -> None:
+    """Refuse a chain with a certificate that has expired or is not valid yet (every client would refuse the
+    connection; better one error line at start than a server nobody can reach); warn on stderr when one expires
+    within EXPIRY_WARNING_DAYS. Dates are read with the cryptography package (the ssl module cannot parse a leaf)."""
+    from cryptography import x509
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    for certificate in x509.load_pem_x509_certificates(Path(certfile).read_bytes()):
+        subject = certificate.subject.rfc4514_string() or "(no subject)"
+        starts, ends = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+        if now < starts:
+            raise ServingError(f"the certificate {subject} in {certfile} is not valid before {starts:%Y-%m-%d %H:%M} "
+                               f"UTC (now {now:%Y-%m-%d %H:%M} UTC): clients would refuse it; check the clock or "
+                               f"the certificate")
+        if now > ends:
+            raise ServingError(f"the certificate {subject} in {certfile} expired on {ends:%Y-%m-%d %H:%M} UTC: "
+                               f"clients would refuse it; renew it")
+        if ends - now < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+            print(f"warning: the certificate {subject} in {certfile} expires on {ends:%Y-%m-%d %H:%M} UTC; renew it",
+                  file=sys.stderr, flush=True)
 
 
 def read_api_key(path: Path) -> str:
@@ -221,9 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help=f"seconds a request body may take to arrive, else 408 (default "
                              f"{DEFAULT_BODY_TIMEOUT_S:g})")
-    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
                         help=f"seconds a request's headers may take to arrive after connecting or after the last "
-                             f"response, else the connection is closed (default {HEADER_TIMEOUT_S:g})")
+                             f"response, else the connection is closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help=f"connections served at once, beyond which the server answers 503 (default "
                              f"{DEFAULT_MAX_CONNECTIONS})")
