@@ -12,7 +12,7 @@ TensorRT and a GPU are present and listed as skipped elsewhere.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +23,7 @@ from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import read_json, read_metadata, record_or_note, write_json
 from kdforge.formats import FORMATS
 from kdforge.layout import BENCH, RECIPE, VERIFY
+from kdforge.phases import Consumer, notify
 from kdforge.timing import measure, torch_threads
 
 PYTORCH = "pytorch"
@@ -75,9 +76,10 @@ class BenchResult:
 
 
 def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
-                 progress: Callable[[str], None] | None = None, notes: list[str] | None = None) -> BenchResult:
-    """Measure the PyTorch student and every format of `export_dir`; write `bench.json` there (with `notes`, a
-    list: on a read-only export folder a note says it was not updated, see `fileio.record_or_note`)."""
+                 consumers: Iterable[Consumer] = (), notes: list[str] | None = None) -> BenchResult:
+    """Measure the PyTorch student and every format of `export_dir` (a note names each as it starts); write
+    `bench.json` there (with `notes`, a list: on a read-only export folder a note says it was not updated, see
+    `fileio.record_or_note`)."""
     from kdforge.data.transforms import spec_from_metadata
     from kdforge.models import load_stage_model
     from kdforge.recipe import load_recipe
@@ -105,8 +107,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
             if name != PYTORCH and FORMATS.get(name).needs_gpu and tensorrt_missing():
                 skipped[name] = tensorrt_missing()
                 continue
-            if progress:
-                progress(name)
+            notify(consumers, name)
             if name == PYTORCH:
                 weights = final_weights(stage_dir)
                 if not weights.is_file():

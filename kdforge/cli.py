@@ -21,6 +21,7 @@ from kdforge import __version__
 from kdforge.errors import KdforgeError, describe_os_error, shorten
 from kdforge.formats import FORMATS, servable
 from kdforge.layout import BENCH, SEEDS, SUMMARY
+from kdforge.phases import on_notes
 from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def data_shard(
 
     with user_errors():
         result = write_shards(imagefolder, out_dir, shard_size, max_size=max_size,
-                              progress=lambda line: err.print(escape(line), highlight=False))
+                              consumers=[on_notes(lambda line: err.print(escape(line), highlight=False))])
     images = " + ".join(f"{count:,} {split}" for split, count in result.images.items())
     out.print(f"wrote {result.written} shard(s) ({result.kept} kept from an earlier run) of {images} images to "
               f"{escape(str(result.out))}", highlight=False)
@@ -311,8 +312,7 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, d
 
     with user_errors(), distributed_session():
         main = _is_main()
-        summary = run_recipe(loaded, runs_dir=runs_dir, resume=resume, device=device, plan_shown=plan_shown,
-                             warn=lambda line: err.print(f"note: {line}", highlight=False))
+        summary = run_recipe(loaded, runs_dir=runs_dir, resume=resume, device=device, plan_shown=plan_shown)
     if not main:
         return
     if loaded.experiment.seeds:
@@ -738,7 +738,8 @@ def bench(
         settings = BenchSettings(batch_size, repeats, warmup, threads, tuple(formats) if formats else None, device)
         with err.status("benchmarking") as status:
             notes: list[str] = []  # a read-only export folder: measured all the same, bench.json not updated
-            result = bench_export(export_dir, settings, progress=lambda name: status.update(f"benchmarking {name}"),
+            result = bench_export(export_dir, settings,
+                                  consumers=[on_notes(lambda name: status.update(f"benchmarking {name}"))],
                                   notes=notes)
     out.print(bench_table(result))
     for name, why in result.skipped.items():

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from kdforge.data import load_dataset
-from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import Recipe
 
 PROBE_STEPS = 4  # steps 1-2 warm up, steps 3-4 are timed
@@ -65,32 +64,18 @@ class _Timer:
 
 def _probe_stage(recipe: Recipe, stage: str, data, runtime) -> float:
     """Estimated seconds of `stage`, from a few real steps of it."""
-    from kdforge.distill.teacher import FrozenTeacher
-    from kdforge.train.loop import BatchSource, Plan, fit
-    from kdforge.train.stages import stage_projectors, training_objective
+    from kdforge.train.assemble import assemble_run
+    from kdforge.train.loop import Plan
 
     cfg = recipe.model_for(stage)
-    model = create_model(cfg.model_copy(update={"pretrained": False, "weights": None}), data.num_classes)
-    spec = resolve_input_spec(cfg)
-    teacher = projectors = None
-    if stage == "student" and not recipe.distill.teacher_cache.views:  # the teacher answers on every step
-        teacher_cfg = recipe.model_for("teacher")
-        teacher = FrozenTeacher(create_model(teacher_cfg.model_copy(update={"pretrained": False, "weights": None}),
-                                             data.num_classes), resolve_input_spec(teacher_cfg))
-        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes, teacher)
-    # the stage's own objective (labels alone without a teacher; a stage reading a teacher cache costs about that),
-    # with what it trains beside the student: OFA's projectors, FitNets' adapters
-    objective, _ = training_objective(recipe, cfg, teacher, None, data, runtime, Path(), [], projectors)
+    # what the stage will train, with random weights: its objective, OFA's projectors or FitNets' adapters, a DeiT
+    # student's distillation head (a stage reading a teacher cache costs about what labels alone do)
+    run = assemble_run(recipe, stage, data.num_classes, untrained=True).learn(recipe, data, runtime)
     probe = cfg.train.model_copy(update={"max_steps": PROBE_STEPS, "log_every": PROBE_STEPS // 2,
                                          "limit_eval_batches": 1, "checkpoint_every": 0})
     timer = _Timer()
-    try:
-        with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
-            fit(model, spec, objective, data, probe, runtime, BatchSource(recipe.data.augment, recipe.seed),
-                Path(folder), title=f"estimate {stage}", consumers=[timer], extra=projectors)
-    finally:
-        if projectors is not None:
-            projectors.remove()
+    with tempfile.TemporaryDirectory(prefix="kdforge-estimate-") as folder:
+        run.fit(recipe, data, probe, runtime, Path(folder), title=f"estimate {stage}", consumers=[timer])
     plan = Plan.create(len(data.train), cfg.train)
     step_s = cfg.train.batch_size / timer.images_per_s
     eval_s = timer.evals[0]

@@ -6,6 +6,7 @@ consumers, any callables taking one event (the progress display and the metrics 
 list). It lives in the foundation so that every layer may speak without importing the training code.
 
     notify(consumers, "export: onnx added")     # a note (one line for the user) to every consumer
+    write_shards(..., consumers=[on_notes(print)])   # notes alone, to any function taking a line
     phases = Phases(report=print)               # report: where the lines go (a console, an event consumer)
     with phases("int8: calibration"):
         ...
@@ -27,6 +28,15 @@ def notify(consumers: Iterable[Consumer], message: str) -> None:
     """A note (one line for the user) to every consumer."""
     for consume in consumers:
         consume({"event": "note", "message": message})
+
+
+def on_notes(write: Callable[[str], None]) -> Consumer:
+    """A consumer that hands each note's line to `write` (a console, stderr, a status line) and ignores the
+    training loop's other events: what a command without a progress display listens with."""
+    def consume(event: Event) -> None:
+        if event["event"] == "note":
+            write(event["message"])
+    return consume
 
 
 class Phases:

@@ -15,7 +15,6 @@ the t distribution over the per-seed differences.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,17 +148,20 @@ def run_seeds(recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = Fals
 
 
 def run_recipe(recipe: Recipe, runs_dir: str | Path = "runs", resume: bool = False, device: str | None = None,
-               warn: Callable[[str], None] | None = None, plan_shown: bool = False) -> DistillSummary | SeedsSummary:
+               consumers: list[Consumer] | None = None, plan_shown: bool = False) -> DistillSummary | SeedsSummary:
     """`kdforge distill`: the chain once (`run_distill`), or once per seed when the recipe lists seeds
-    (`run_seeds`). `warn` hears first about formats this machine cannot build (the other stages still run).
+    (`run_seeds`). `consumers` (default: a progress display) hear first about formats this machine cannot build
+    (the other stages still run).
     `plan_shown`: the caller printed the recipe's `describe_plan` already (each seed's run still says its own)."""
     from kdforge.export.artifacts import unbuildable_here
     from kdforge.formats import with_sources
     from kdforge.plan import recipe_formats
 
+    if consumers is None:
+        consumers = [ProgressDisplay()] if current_rank() == 0 else []
     for name, reason in unbuildable_here(with_sources(recipe_formats(recipe))).items() if current_rank() == 0 else []:
-        if warn:
-            warn(f"{name} will not be built here ({reason}); the other stages run")
+        notify(consumers, f"note: {name} will not be built here ({reason}); the other stages run")
     if recipe.experiment.seeds:
-        return run_seeds(recipe, runs_dir=runs_dir, resume=resume, device=device)
-    return run_distill(recipe, runs_dir=runs_dir, resume=resume, device=device, plan_shown=plan_shown)
+        return run_seeds(recipe, runs_dir=runs_dir, resume=resume, device=device, consumers=consumers)
+    return run_distill(recipe, runs_dir=runs_dir, resume=resume, device=device, consumers=consumers,
+                       plan_shown=plan_shown)

@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,7 +97,7 @@ def candidate_config(recipe: Recipe, name: str, size: int) -> StudentConfig:
     `pretrained` from the recipe's [student]); a model that takes img_size (ViTs) is built for `size`.
     Raises KdforgeError naming the model when it cannot take `size` inputs."""
     from kdforge.models import create_model, resolve_input_spec
-    from kdforge.train.stages import check_input_size
+    from kdforge.train.assemble import check_input_size
 
     base = recipe.student or StudentConfig(model=name)
     cfg = StudentConfig(model=name, pretrained=base.pretrained, input_size=size, mean=base.mean, std=base.std,
@@ -480,8 +479,7 @@ def earlier_choice(recipe: Recipe, settings: SearchConfig, runs_dir: Path, race:
 
 
 def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Path("runs"), race_on: bool = True,
-                    device: str | None = None, consumers: list[Consumer] | None = None,
-                    progress: Callable[[str], None] | None = None) -> SearchResult:
+                    device: str | None = None, consumers: list[Consumer] | None = None) -> SearchResult:
     """The whole search (candidates, latency, race), recorded in runs/<name>/students/students.json. The race
     needs the recipe's teacher finished (`kdforge distill` trains it first; `kdforge students` too). Without
     `race_on`, the fastest candidate within budget wins."""
@@ -490,7 +488,10 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
     from kdforge.train.stages import teacher_weights_for
 
     consumers = consumers or []
-    say = progress or (lambda line: notify(consumers, line))
+
+    def say(line: str) -> None:
+        notify(consumers, line)
+
     started = time.perf_counter()
     if race_on:
         check_race(recipe)

@@ -32,16 +32,14 @@ def pytest_collection_modifyitems(config, items):
 
 def refuse_training(patch: pytest.MonkeyPatch, why: str) -> None:
     """Make the training loop (`fit`, wherever it is imported) raise AssertionError(`why`)."""
-    import kdforge.estimate
-    import kdforge.train.qad
-    import kdforge.train.stages
+    import kdforge.train.assemble
     from kdforge.train import loop
 
     def refuse(*args, **kwargs):
         raise AssertionError(why)
 
     real = loop.fit
-    for module in (loop, kdforge.train.stages, kdforge.train.qad, kdforge.estimate):
+    for module in (loop, kdforge.train.assemble):  # every training run is assembled there
         if getattr(module, "fit", None) is real:
             patch.setattr(module, "fit", refuse)
 

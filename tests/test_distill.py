@@ -490,7 +490,7 @@ def test_distilled_student_needs_a_finished_teacher(make_recipe, tmp_path):
 
 @pytest.mark.slow
 def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, monkeypatch):
-    import kdforge.train.stages as stages
+    import kdforge.train.assemble as assemble
     from kdforge.train.stages import train_stage
 
     runs = tmp_path / "runs"
@@ -499,8 +499,8 @@ def test_two_recipes_with_the_same_teacher_train_it_once(make_recipe, tmp_path, 
     steps = ["train.max_steps=3", "train.limit_eval_batches=1"]
     done = run_distill(load_recipe(first, steps), runs_dir=runs, consumers=[])
 
-    trained, real_fit = [], stages.fit
-    monkeypatch.setattr(stages, "fit", lambda *args, **kwargs: trained.append(kwargs["title"]) or real_fit(*args,
+    trained, real_fit = [], assemble.fit
+    monkeypatch.setattr(assemble, "fit", lambda *args, **kwargs: trained.append(kwargs["title"]) or real_fit(*args,
                                                                                                              **kwargs))
     notes = []
     again = run_distill(load_recipe(second, steps), runs_dir=runs, consumers=[notes.append])
@@ -596,8 +596,7 @@ def test_a_stage_counts_as_finished_exactly_when_the_chain_would_reuse_it(make_r
 def test_the_estimate_trains_what_the_stage_trains(make_recipe, tmp_path, monkeypatch, method):
     """The estimate times a few steps of the distilled student with the stage's own objective and the modules the
     stage trains beside it (OFA's projectors, FitNets' adapters): the same loss terms on the same batch."""
-    import kdforge.train.loop as loop
-    import kdforge.train.stages as stages
+    import kdforge.train.assemble as assemble
     from kdforge.estimate import estimate_training
 
     seen = {}
@@ -613,12 +612,12 @@ def test_the_estimate_trains_what_the_stage_trains(make_recipe, tmp_path, monkey
                         extra=extra, **kwargs)
         return fit
 
-    real = loop.fit
+    real = assemble.fit  # the one loop, which every assembled run calls
     monkeypatch.setattr("kdforge.estimate.MIN_STEPS", 0)
     recipe = load_recipe(make_recipe(TINY_MODELS), [f"distill.method={method}", "train.max_steps=4"])
-    monkeypatch.setattr(loop, "fit", spy("estimate"))
+    monkeypatch.setattr(assemble, "fit", spy("estimate"))
     estimate_training(recipe, ["student"])
-    monkeypatch.setattr(stages, "fit", spy("stage"))
+    monkeypatch.setattr(assemble, "fit", spy("stage"))
     run_distill(recipe, runs_dir=tmp_path / "runs", consumers=[])
     assert seen["estimate"] == seen["stage"], seen
     assert seen["stage"][0] == {"kd": "NoneType", "ofa": "StageProjectors", "fitnet": "FeatureHints"}[method]

@@ -5,6 +5,7 @@ format table and its builders describe the same formats."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from fnmatch import fnmatch
@@ -202,3 +203,34 @@ def test_export_reaches_training_only_through_the_qad_stage():
     reached = {(module, target) for module in MODULES if module.startswith("kdforge.export")
                for target in GRAPH[module] if target == "kdforge.train" or target.startswith("kdforge.train.")}
     assert reached <= {("kdforge.export.int8", "kdforge.train"), ("kdforge.export.int8", "kdforge.train.qad")}, reached
+
+
+def test_long_jobs_speak_through_the_note_channel_only():
+    """Every long-running entry point takes the foundation's consumers (`phases.notify`), none a `progress` or
+    `warn` callable of its own: the chain, sharding, the teacher cache, the search, bench, the probe, the verdict."""
+    import inspect
+
+    from kdforge.bench import bench_export
+    from kdforge.data.shards import write_shards
+    from kdforge.distill.cache import load_or_build_cache
+    from kdforge.pipeline import run_distill
+    from kdforge.seeds import run_recipe, run_seeds
+    from kdforge.serve.probe import probe
+    from kdforge.serve.verdict import verify_bundle
+    from kdforge.students import search_students
+    from kdforge.train.stages import train_stage
+
+    for function in (bench_export, write_shards, load_or_build_cache, run_distill, run_recipe, run_seeds, probe,
+                     verify_bundle, search_students, train_stage):
+        parameters = inspect.signature(function).parameters
+        assert "consumers" in parameters, function.__qualname__
+        assert not {"progress", "warn", "note", "say"} & set(parameters), function.__qualname__
+
+
+def test_one_function_assembles_a_training_run():
+    """The stages, QAD and the estimate train what `train.assemble.assemble_run` builds: no other module calls the
+    loop's `fit`, builds a distillation objective or a stage's projectors itself."""
+    callers = {module for module, path in MODULES.items()
+               if module != "kdforge.train.assemble" and re.search(
+                   r"(?<![.\w])fit\(|create_distill_objective\(|StageProjectors\(|FeatureHints\(", path.read_text())}
+    assert callers <= {"kdforge.train.loop", "kdforge.distill.objective", "kdforge.distill.features"}, callers

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 from kdforge.errors import ModelError
 from kdforge.models import IMAGENET_MEAN, count_parameters, create_model, resolve_input_spec
 from kdforge.recipe import ModelConfig
-from kdforge.train.stages import check_input_size
+from kdforge.train.assemble import check_input_size
 
 
 @pytest.mark.parametrize(

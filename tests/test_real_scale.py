@@ -22,8 +22,8 @@ from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import AugmentConfig, ModelConfig, TeacherCacheConfig
 from kdforge.runners import TorchRunner
 from kdforge.runtime import Runtime
+from kdforge.train.assemble import check_input_size
 from kdforge.train.loop import evaluate, predict_logits
-from kdforge.train.stages import check_input_size
 
 from .conftest import SYNTH, TINY_MODELS
 

@@ -51,7 +51,7 @@ def test_a_changed_recipe_that_fails_validation_leaves_the_finished_teacher_unto
 
 @pytest.mark.slow
 def test_a_retrained_stage_keeps_the_earlier_run_until_the_new_one_finishes(finished_teacher, monkeypatch):
-    import kdforge.train.stages as stages
+    import kdforge.train.assemble as assemble
 
     recipe, runs, stage_dir = finished_teacher
     before = snapshot(stage_dir)
@@ -60,7 +60,7 @@ def test_a_retrained_stage_keeps_the_earlier_run_until_the_new_one_finishes(fini
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the retraining is interrupted before it finishes
 
-    monkeypatch.setattr(stages, "fit", killed)
+    monkeypatch.setattr(assemble, "fit", killed)
     result = runner.invoke(app, ["distill", str(recipe), "--runs-dir", str(runs), *changed])
     assert result.exit_code == 130, result.output
     kept = list((runs / "tiny" / ".stale").glob("teacher-*"))

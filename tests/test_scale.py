@@ -15,6 +15,7 @@ from kdforge.data.transforms import apply_augment
 from kdforge.distill.cache import load_or_build_cache, view_augment
 from kdforge.distill.teacher import FrozenTeacher
 from kdforge.models import create_model, resolve_input_spec
+from kdforge.phases import on_notes
 from kdforge.pipeline import run_distill
 from kdforge.recipe import AugmentConfig, ModelConfig, RuntimeConfig, TeacherCacheConfig, load_recipe
 from kdforge.runtime import Runtime, is_cnn, runtime_scope
@@ -37,7 +38,7 @@ def build(tmp_path, teacher, data, views=3, topk=None, augment=None, key="k", no
     augment = augment or AugmentConfig()
     cfg = TeacherCacheConfig(views=views, topk=topk, batch_size=128)
     return load_or_build_cache(tmp_path / "cache.safetensors", key, teacher, data.train, cfg, augment, 0, CPU,
-                               (notes.append if notes is not None else lambda m: None))
+                               [on_notes(notes.append)] if notes is not None else ())
 
 
 def test_cached_logits_equal_a_fresh_teacher_forward_on_the_same_view(tmp_path, teacher_and_data):

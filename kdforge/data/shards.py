@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from kdforge.data.imagefolder import SPLITS, FolderIndex, SplitIndex, scan_image
 from kdforge.data.stream import SampleRef
 from kdforge.errors import DataError
 from kdforge.fileio import atomic_path, atomic_write_text, file_hash, read_json, remove_leftovers, write_json
+from kdforge.phases import Consumer, notify
 
 CLASSES = "classes.txt"
 PLAN = ".kdforge-shards.json"  # which images, in which order, at which shard size (for resuming)
@@ -49,7 +50,7 @@ class ShardResult:
 
 
 def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 1000,
-                 progress: Callable[[str], None] | None = None, max_size: int | None = None) -> ShardResult:
+                 consumers: Iterable[Consumer] = (), max_size: int | None = None) -> ShardResult:
     """Write the ImageFolder `imagefolder` as WebDataset shards of `shard_size` images into `out` (see above);
     with `max_size`, images larger than that (longer side) are stored resized to it."""
     from kdforge.optional import require
@@ -103,8 +104,7 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
             except OSError as exc:
                 raise DataError(f"writing {path}: {exc.strerror or exc}") from None
             written += 1
-            if progress:
-                progress(f"{split}: {path.name} ({min(start + shard_size, len(data.refs)):,}/{len(data.refs):,})")
+            notify(consumers, f"{split}: {path.name} ({min(start + shard_size, len(data.refs)):,}/{len(data.refs):,})")
     return ShardResult(out, written, kept, {split: len(data.refs) for split, data in index.splits.items()})
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from kdforge.data.dataset import ImageDataset, eval_batches
 from kdforge.data.loader import prefetch
 from kdforge.data.transforms import apply_augment, draw_augment
 from kdforge.fileio import atomic_path
+from kdforge.phases import Consumer, notify
 from kdforge.rng import rng_stream
 from kdforge.runtime import sync
 
@@ -143,7 +144,7 @@ DAMAGED = "<damaged>"
 
 def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig,
                         augment: AugmentConfig, seed: int, runtime: Runtime,
-                        note: Callable[[str], None] = lambda message: None) -> TeacherCache:
+                        consumers: Iterable[Consumer] = ()) -> TeacherCache:
     """The cache at `path` when its key matches; otherwise the teacher's answers are generated (by the main
     process when several train together) and written atomically. Every process then loads the file."""
     from safetensors import SafetensorError, safe_open
@@ -163,18 +164,18 @@ def load_or_build_cache(path: Path, key: str, teacher: FrozenTeacher, train: Ima
         if found != key:
             why = {None: "", DAMAGED: f"{path.name} is damaged, "}.get(found, "key changed (teacher, data or "
                                                                              "augmentation), ")
-            note(f"teacher cache: {why}running the teacher on {cfg.views} view(s) of {len(train)} images")
+            notify(consumers, f"teacher cache: {why}running the teacher on {cfg.views} view(s) of {len(train)} images")
             reported = [0]
 
             def progress(done: int, total: int) -> None:
                 if done * 10 // total > reported[0]:
                     reported[0] = done * 10 // total
-                    note(f"teacher cache: {done}/{total} batches")
+                    notify(consumers, f"teacher cache: {done}/{total} batches")
 
             tensors = build_cache_tensors(teacher, train, cfg, augment, seed, runtime, progress)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"key": key, "views": str(cfg.views), "topk": str(cfg.topk)})
         else:
-            note(f"teacher cache: reusing {path} ({cfg.views} view(s))")
+            notify(consumers, f"teacher cache: reusing {path} ({cfg.views} view(s))")
     sync()
     return TeacherCache(load_file(str(path)), len(train), seed, augment, runtime.device, train.streamed)

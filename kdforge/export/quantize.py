@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kdforge.data import ImageDataset
+from kdforge.data.calibration import draw_calibration
 from kdforge.data.transforms import InputSpec
 from kdforge.errors import ExportError
 from kdforge.export.converters import onnx_to_int8, prepare_for_int8, quantizable_nodes
@@ -64,30 +65,13 @@ def select_calibration(train: ImageDataset, spec: InputSpec, cfg: QuantizeConfig
     """Calibration batches from the training split, and held-out images for the accuracy-aware checks: from the
     validation split when there is one (images the model never trained on), else a slice of the training split
     disjoint from the calibration images; adjustments are reported."""
-    available = len(train)
-    if available == 0:
-        raise ExportError("the training split is empty: INT8 calibration needs training images")
-    notes = []
-    count = cfg.calibration
-    if count > available:
-        notes.append(f"asked for {count} calibration images, the training split has {available}: using {available}")
-        count = available
-    batch_size = cfg.batch_size
-    if count < batch_size:
-        notes.append(f"{count} calibration images are fewer than one batch of {batch_size}: "
-                     f"calibrating on a single batch of {count}")
-        batch_size = count
-    elif count % batch_size:  # histogram calibrators (entropy, percentile) need batches of one shape
-        notes.append(f"using {count - count % batch_size} of {count} calibration images: a whole number of "
-                     f"batches of {batch_size}")
-        count -= count % batch_size
-    order = torch.randperm(available, generator=rng_stream(seed, "calibration"))
-    calibration, heldout = order[:count], order[count : count + cfg.sensitivity_images]
-    batches = PreparedBatches(train.images, list(calibration.split(batch_size)), spec)
+    draw = draw_calibration(len(train), cfg, seed)
+    batches = PreparedBatches(train.images, draw.batches, spec)
     if val is not None:
         heldout = torch.randperm(len(val), generator=rng_stream(seed, "calibration"))[:cfg.sensitivity_images]
-        return CalibrationData(batches, count, val.images[heldout], val.labels[heldout], notes, "validation images")
-    return CalibrationData(batches, count, train.images[heldout], train.labels[heldout], notes)
+        return CalibrationData(batches, draw.count, val.images[heldout], val.labels[heldout], draw.notes,
+                               "validation images")
+    return CalibrationData(batches, draw.count, train.images[draw.heldout], train.labels[draw.heldout], draw.notes)
 
 
 @dataclass

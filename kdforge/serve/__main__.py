@@ -14,8 +14,7 @@ from pathlib import Path
 
 from kdforge.errors import KdforgeError
 from kdforge.images import MAX_PIXELS
-from kdforge.serve import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BYTES,
-                           DEFAULT_MAX_CONNECTIONS)
+from kdforge.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_CONNECTIONS
 from kdforge.serve.app import DEFAULT_MAX_BATCH, check_limits
 from kdforge.serve.model import DEFAULT_PROVIDERS, SERVABLE, ServingError
 from kdforge.sessions import ORT_PROVIDERS

@@ -21,6 +21,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from kdforge.errors import KdforgeError
 from kdforge.fileio import check_artifact, read_metadata, write_json
 from kdforge.host import cpu_model, peak_memory_mb, reset_peak_memory, resident_memory_mb, runtime_versions
 from kdforge.layout import METADATA
+from kdforge.phases import Consumer, notify, on_notes
 from kdforge.serve.model import SERVABLE, open_session, runtime_missing
 from kdforge.timing import latency_ms, sustained_ms
 
@@ -53,7 +55,7 @@ def this_machine(threads: int | None) -> dict[str, Any]:
 
 
 def probe(root: Path, batch: int = 1, repeats: int = 30, warmup: int = 5, threads: int | None = None,
-          progress=None, seconds: float = 0) -> dict[str, Any]:
+          consumers: Iterable[Consumer] = (), seconds: float = 0) -> dict[str, Any]:
     """Time every servable file of the export folders under `root` (and, for `seconds`, sustained): the profile
     latency.json holds."""
     folders = export_folders(root)
@@ -81,8 +83,7 @@ def probe(root: Path, batch: int = 1, repeats: int = 30, warmup: int = 5, thread
             except KdforgeError as exc:
                 skipped[where] = str(exc)
                 continue
-            if progress:
-                progress(f"{where} ({runtime})")
+            notify(consumers, f"{where} ({runtime})")
             p50, p95 = latency_ms(partial(run, batch_input), warmup, repeats)
             row = {"model": meta["model"], "format": fmt, "input_size": size, "batch": batch,
                    "file": str(path.relative_to(root)), "sha256": entry["sha256"], "bytes": entry["bytes"],
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {args.folder} is not a folder")
     try:
         profile = probe(args.folder, args.batch, args.repeats, args.warmup, args.threads,
-                        lambda line: print(f"timing {line}", file=sys.stderr), args.seconds or 0)
+                        [on_notes(lambda line: print(f"timing {line}", file=sys.stderr))], args.seconds or 0)
         output = args.output or args.folder / PROFILE
         write_json(output, profile)
     except (KdforgeError, OSError) as exc:
@@ -161,7 +162,8 @@ def verify_main(args: argparse.Namespace) -> None:
     try:
         with device.open_bundle(bundle_path) as bundle:
             report = verify_bundle(bundle, seconds, args.threads, precisions, args.device_name,
-                                   progress=lambda line: print(f"probe: {line}", file=sys.stderr, flush=True))
+                                   consumers=[on_notes(lambda line: print(f"probe: {line}", file=sys.stderr,
+                                                                          flush=True))])
         write_json(output, report)
     except (KdforgeError, OSError) as exc:
         sys.exit(f"error: {exc}")

@@ -16,7 +16,7 @@ what is verified, served and timed) decide the exit code.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
@@ -31,6 +31,7 @@ from kdforge.formats import FORMATS
 from kdforge.host import describe_device, peak_memory_mb, reset_peak_memory, resident_memory_mb, runtime_versions
 from kdforge.images import normalize_batch
 from kdforge.parity import compare
+from kdforge.phases import Consumer, notify
 from kdforge.serve.model import open_session, runtime_missing
 from kdforge.timing import latency_ms, sustained_ms
 
@@ -100,7 +101,7 @@ def judge_file(bundle: Bundle, name: str, entry: dict[str, Any], x: np.ndarray, 
 
 def verify_bundle(bundle: Bundle, seconds: float = 60, threads: int | None = None,
                   precisions: tuple[str, ...] = ("fp32",), name: str | None = None, windows: int = 6,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  consumers: Iterable[Consumer] = ()) -> dict[str, Any]:
     """Every file of `bundle` whose runtime is installed here, judged and timed (`seconds` of sustained calls at
     batch 1, in `windows` windows): the device report (kdforge/device.py)."""
     x = normalize_batch(bundle.array(device.IMAGES), bundle.manifest["mean"], bundle.manifest["std"])
@@ -115,8 +116,7 @@ def verify_bundle(bundle: Bundle, seconds: float = 60, threads: int | None = Non
             if setting == "default" and runner in SAME_DEFAULTS:
                 skipped[f"{fmt} (default settings)"] = SAME_DEFAULTS[runner]
                 continue
-            if progress:
-                progress(f"{fmt} ({setting} settings): judging {len(x)} images, then timing for {seconds:g} s")
+            notify(consumers, f"{fmt} ({setting} settings): judging {len(x)} images, then timing for {seconds:g} s")
             rows.append(judge_file(bundle, fmt, entry, x, setting, threads, seconds, windows))
     return {"kind": device.REPORT_KIND, "version": device.VERSION,
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

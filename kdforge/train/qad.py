@@ -45,7 +45,7 @@ import torch
 from kdforge import layout
 from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
-from kdforge.distill.objective import create_distill_objective
+from kdforge.data.calibration import draw_calibration
 from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import ExportError
 from kdforge.fileio import file_hash, write_json
@@ -53,18 +53,11 @@ from kdforge.models import load_stage_model, resolve_input_spec
 from kdforge.optional import require
 from kdforge.phases import Consumer
 from kdforge.recipe import DistillConfig, QuantizeConfig, Recipe, data_fingerprint
-from kdforge.rng import rng_stream
 from kdforge.runtime import runtime_scope
+from kdforge.train.assemble import assemble_run
 from kdforge.train.events import MetricsLog, ProgressDisplay
-from kdforge.train.loop import BatchSource, evaluate, fit
-from kdforge.train.stages import (
-    StagePlan,
-    drop_stale,
-    plan_stage,
-    prepare_stage_dir,
-    teacher_weights_for,
-    training_objective,
-)
+from kdforge.train.loop import evaluate
+from kdforge.train.stages import StagePlan, drop_stale, plan_stage, prepare_stage_dir, teacher_weights_for
 
 QAD_STAGE = layout.QAD
 # qad_teacher = "student": the fake-quantized student matches its own FP32 logits (KL at T = 1, no label term)
@@ -212,8 +205,7 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
         spec = resolve_input_spec(cfg)
         model = load_stage_model(source, data.num_classes, exportable=True, recipe=recipe)
         model = runtime.place(freeze_batch_norm_2d(model))
-        order = torch.randperm(len(data.train), generator=rng_stream(recipe.seed, "calibration"))
-        calibration = order[:qcfg.calibration].split(qcfg.batch_size)
+        calibration = draw_calibration(len(data.train), qcfg, recipe.seed).batches  # the PTQ export's images
 
         def forward_loop(quantized: torch.nn.Module) -> None:
             with torch.no_grad():
@@ -229,21 +221,20 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
         calibrated = evaluate(model, spec, data.test.to(runtime.device), cfg.train.batch_size, runtime,
                               cfg.train.limit_eval_batches)["top1"]
         if qcfg.qad_teacher == "student":  # the finished FP32 student, frozen, answers for itself
-            teacher = load_frozen_teacher(cfg, final_weights(source), data.num_classes)
-            teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
-            objective, cache = create_distill_objective(SELF_DISTILL, teacher), None
-        else:  # the recipe's teacher (none for a baseline: labels alone)
+            teacher, distill = load_frozen_teacher(cfg, final_weights(source), data.num_classes), SELF_DISTILL
+        else:  # the recipe's teacher with the recipe's [distill] (none for a baseline: labels alone)
             teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
                 if teacher_weights is not None else None
-            objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime,
-                                                  source.parent.parent, consumers)
+            distill = None
+        # the exported graph holds no OFA/FitNets projectors: the quantized student learns from the logits alone
+        run = assemble_run(recipe, source.name, data.num_classes, model=model, teacher=teacher, projectors=False)
+        run.learn(recipe, data, runtime, source.parent.parent, consumers, teacher_weights, distill)
         train = cfg.train.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": 0.0, "warmup_epochs": 0.0,
                                              "max_steps": None, "checkpoint_every": 0})
         prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
-        result = fit(model, spec, objective, data, train, runtime, BatchSource(recipe.data.augment, recipe.seed, cache),
-                     stage_dir, title=f"qad {cfg.model}", resume_from=plan.resume_from,
-                     consumers=[metrics, *consumers], checkpoint_metadata={"fingerprint": fingerprint,
-                                                                           "stage": QAD_STAGE})
+        result = run.fit(recipe, data, train, runtime, stage_dir, title=f"qad {cfg.model}",
+                         resume_from=plan.resume_from, consumers=[metrics, *consumers],
+                         checkpoint_metadata={"fingerprint": fingerprint, "stage": QAD_STAGE})
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
         write_onnx(model, stage_dir / layout.QAD_ONNX, {"stage": QAD_STAGE, "fingerprint": fingerprint})
     shutil.rmtree(stage_dir / layout.CHECKPOINTS, ignore_errors=True)  # the ONNX file is this stage's output

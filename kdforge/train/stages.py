@@ -21,17 +21,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kdforge import layout
 from kdforge.checkpoint import checkpoint_metadata, final_weights, resolve_weights
 from kdforge.data import load_dataset
-from kdforge.data.transforms import InputSpec
-from kdforge.distill.cache import TeacherCache, cache_key, load_or_build_cache
-from kdforge.distill.features import FeatureHints, StageProjectors
-from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
-from kdforge.distill.teacher import FrozenTeacher, load_frozen_teacher
-from kdforge.errors import CheckpointError, KdforgeError, ModelError, RecipeError
+from kdforge.distill.teacher import load_frozen_teacher
+from kdforge.errors import CheckpointError, KdforgeError, RecipeError
 from kdforge.fileio import (
     atomic_path,
     atomic_write_text,
@@ -42,13 +36,14 @@ from kdforge.fileio import (
     remove_leftovers,
     write_json,
 )
-from kdforge.models import count_parameters, create_model, resolve_input_spec
+from kdforge.models import count_parameters
 from kdforge.phases import Consumer, notify
 from kdforge.recipe import AUTO, ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
-from kdforge.runtime import current_rank, out_of_memory_as_error, runtime_scope, seed_everything, sync
+from kdforge.runtime import current_rank, runtime_scope, sync
 from kdforge.tracking import check_tracking, stage_trackers
+from kdforge.train.assemble import assemble_run
 from kdforge.train.events import MetricsLog, ProgressDisplay
-from kdforge.train.loop import BatchSource, evaluate, fit
+from kdforge.train.loop import evaluate
 
 STAGES = layout.TRAINING_STAGES
 SHARED = ("teacher",)  # stages reused across recipes when their fingerprint matches (a teacher is trained once)
@@ -201,20 +196,6 @@ def stage_is_finished(recipe: Recipe, stage: str, runs_dir: str | Path = "runs")
     return plan.action in ("reuse", "adopt")
 
 
-def check_input_size(model: torch.nn.Module, spec: InputSpec, name: str) -> None:
-    """Fail before training when the model cannot take inputs of the resolved size."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, spec.size, spec.size))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise ModelError(
-            f"{name} does not accept {spec.size}x{spec.size} inputs ({str(exc).splitlines()[0][:200]}); "
-            f"set input_size, or for ViTs model_kwargs = {{img_size = {spec.size}}}"
-        ) from None
-    finally:
-        model.train(was_training)
 
 
 def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resume: bool = False,
@@ -258,49 +239,37 @@ def _train_planned(recipe: Recipe, stage: str, runs_dir: Path, stage_dir: Path, 
         # that fails here leaves an earlier finished run exactly as it was
         check_can_create(stage_dir, "stage folder")
         data = load_dataset(recipe.data, recipe.seed)
-        seed_everything(recipe.seed)  # the baseline and the distilled student start from the same weights
-        model = create_model(cfg, num_classes=data.num_classes)
-        spec = resolve_input_spec(cfg)
-        check_input_size(model, spec, cfg.model)
-        distillation_token = stage == "student" and hasattr(model, "set_distilled_training")
-        if distillation_token:  # DeiT: its distillation token's head learns from the teacher (objective.heads)
-            model.set_distilled_training(True)
-        teacher = load_frozen_teacher(recipe.model_for("teacher"), teacher_weights, data.num_classes) \
-            if teacher_weights is not None else None
         # a student (or, for hints, a teacher) without stages is refused here
-        projectors = stage_projectors(recipe, stage, model, spec, data.num_classes, teacher)
+        run = assemble_run(recipe, stage, data.num_classes, teacher_weights)
         if main:
             prepare_stage_dir(plan, stage_dir, recipe, metrics, consumers)
         sync()
         if plan.donor is not None:  # nothing to train
+            if run.projectors is not None:
+                run.projectors.remove()
             reused = StageResult(**{**read_json(plan.donor / layout.RESULT), "stage_dir": str(stage_dir),
                                     "skipped": True, "adopted_from": str(plan.donor)})
             return _finished(reused, runs_dir / recipe.name, main)
 
-        objective, cache = training_objective(recipe, cfg, teacher, teacher_weights, data, runtime, runs_dir,
-                                              consumers, projectors)
-        if projectors is not None and main:
-            notify(consumers, f"student {cfg.model}: {projectors.describe()}")
-        if distillation_token and main:
+        run.learn(recipe, data, runtime, runs_dir, consumers, teacher_weights)
+        if run.projectors is not None and main:
+            notify(consumers, f"student {cfg.model}: {run.projectors.describe()}")
+        if run.distillation_token and main:
             notify(consumers, f"student {cfg.model}: the labels train its class head, the teacher its distillation "
                               f"head ({recipe.distill.method}); evaluation, export and serving average the two")
         trackers = stage_trackers(recipe, runs_dir, stage) if main else []  # TensorBoard, MLflow: as the recipe asks
         try:
-            result = fit(model, spec, objective, data, cfg.train, runtime,
-                         BatchSource(recipe.data.augment, recipe.seed, cache), stage_dir, title=f"{stage} {cfg.model}",
-                         resume_from=plan.resume_from, consumers=[metrics, *trackers, *consumers] if main else [],
-                         checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage},
-                         extra=projectors)
+            result = run.fit(recipe, data, cfg.train, runtime, stage_dir, title=f"{stage} {cfg.model}",
+                             resume_from=plan.resume_from, consumers=[metrics, *trackers, *consumers] if main else [],
+                             checkpoint_metadata={"fingerprint": fingerprint, "model": cfg.model, "stage": stage})
         finally:  # a run that failed before the loop's own end event is marked so (no-op after a normal end)
             for tracker in trackers:
                 tracker.close("FAILED")
-            if projectors is not None:
-                projectors.remove()
 
     outcome = StageResult(
-        stage=stage, model=cfg.model, params=count_parameters(model), top1=result.final["top1"],
+        stage=stage, model=cfg.model, params=count_parameters(run.model), top1=result.final["top1"],
         top5=result.final["top5"], best_top1=result.best.get("top1", result.final["top1"]),
-        best_epoch=int(result.best.get("epoch", 0)), steps=result.steps, input_size=spec.size,
+        best_epoch=int(result.best.get("epoch", 0)), steps=result.steps, input_size=run.spec.size,
         wall_s=round(time.perf_counter() - started, 2), train_images_per_s=round(result.train_images_per_s, 1),
         fingerprint=fingerprint, stage_dir=str(stage_dir), val_images=len(data.val) if data.val is not None else 0)
     return _finished(outcome, runs_dir / recipe.name, main)
@@ -333,32 +302,8 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, recipe: Recipe, metrics:
         metrics.path.unlink(missing_ok=True)
 
 
-def training_objective(recipe: Recipe, cfg, teacher, teacher_weights: Path | None, data, runtime, runs_dir: Path,
-                       consumers, projectors: StageProjectors | FeatureHints | None = None,
-                       ) -> tuple[Any, TeacherCache | None]:
-    """What a student learns from: the [distill] objective against `teacher` (moved to the runtime's device; its
-    answers read from the teacher cache when the recipe has one), or labels alone when there is no teacher.
-    `projectors`: the student's stages to distill too (methods ofa and fitnet, `stage_projectors`)."""
-    if teacher is None:
-        return cross_entropy_objective(cfg.train.label_smoothing), None
-    teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))
-    cache = None
-    if recipe.distill.teacher_cache.views:
-        cache = teacher_cache_for(recipe, runs_dir, teacher, teacher_weights, data, runtime, consumers)
-        teacher = None  # the cache answers for it from here on
-    return create_distill_objective(recipe.distill, teacher, cfg.train.label_smoothing, projectors), cache
 
 
-def stage_projectors(recipe: Recipe, stage: str, model, spec, num_classes: int,
-                     teacher: FrozenTeacher | None = None) -> StageProjectors | FeatureHints | None:
-    """The distilled student's training-only modules beside it: method ofa, the projectors of its intermediate
-    stages; method fitnet, the adapters of its stages onto the teacher's (hooks on both)."""
-    if stage != "student" or recipe.distill.method not in ("ofa", "fitnet"):
-        return None
-    if recipe.distill.method == "ofa":
-        return StageProjectors(model, spec, num_classes, recipe.model_for(stage).model)
-    return FeatureHints(model, spec, teacher.model, teacher.spec,
-                        (recipe.model_for(stage).model, recipe.model_for("teacher").model))
 
 
 def _finished(outcome: StageResult, run_dir: Path, main: bool) -> StageResult:
@@ -408,25 +353,6 @@ def adopt_stage(donor: Path, stage_dir: Path) -> None:
                         ignore=shutil.ignore_patterns(".*", layout.RESULT, layout.RECIPE))
 
 
-def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: Path, data, runtime,
-                      consumers) -> TeacherCache:
-    """The recipe's teacher cache (runs/<name>/teacher_cache.safetensors), generated when its key changed."""
-    cache_cfg = recipe.distill.teacher_cache
-    data_settings = data_fingerprint(recipe.data)
-    key = cache_key(
-        teacher=file_hash(teacher_weights), teacher_model=recipe.model_for("teacher").model_dump(mode="json"),
-        data={k: v for k, v in data_settings.items() if k != "augment"}, images=len(data.train),
-        augment=data_settings["augment"], seed=recipe.seed,
-        views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
-    )
-    (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)
-    with out_of_memory_as_error(
-        f"building the teacher cache ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch size "
-        f"{cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
-    ):
-        return load_or_build_cache(runs_dir / recipe.name / layout.TEACHER_CACHE, key, teacher, data.train,
-                                   cache_cfg, recipe.data.augment, recipe.seed, runtime,
-                                   lambda message: notify(consumers, message))
 
 
 def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
