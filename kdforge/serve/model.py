@@ -174,7 +174,7 @@ class ServedModel:
         info = {
             "model": meta["model"], "recipe": meta["recipe"], "format": fmt, "file": SERVABLE[fmt],
             "input_size": meta["input_size"], "num_classes": meta["num_classes"],
-            "provider": runtime, "chosen_because": why,
+            "provider": runtime, "chosen_because": why, "sha256": digest,
             "verified": bool(report.get("passed")),
             "test_top1": report.get("candidate_top1"), "pytorch_test_top1": report.get("reference_top1"),
             "preprocessing": PREPROCESSING.format(size=size),
@@ -196,7 +196,8 @@ class ServedModel:
         says, normalized by `kdforge.images.normalize` (the contract test_serve_parity.py holds verification to)."""
         return normalize(decode_rgb(data, self.size, self.max_pixels), self.mean, self.std)
 
-    def predict(self, images: list[bytes], top_k: int = 5) -> list[list[dict[str, Any]]]:
+    def prepare(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> the model's float32 batch (N, 3, size, size); a bad image is named by its number."""
         prepared = []
         for number, data in enumerate(images, 1):
             try:
@@ -205,8 +206,14 @@ class ServedModel:
                 if len(images) == 1:
                     raise
                 raise type(exc)(f"image {number} of {len(images)}: {exc}") from None
-        batch = np.stack(prepared).astype(np.float32)
-        logits = self.run(batch).astype(np.float64)
+        return np.stack(prepared).astype(np.float32)
+
+    def logits(self, images: list[bytes]) -> np.ndarray:
+        """The model's float32 logits (N, classes) for encoded images (what the Open Inference Protocol returns)."""
+        return self.run(self.prepare(images))
+
+    def predict(self, images: list[bytes], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        logits = self.logits(images).astype(np.float64)
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         k = min(top_k, probabilities.shape[1])
