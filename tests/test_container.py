@@ -175,6 +175,25 @@ def assert_probe_times(container: str, export_dir: Path, arch: str, *options: st
     assert all(row["latency_p50_ms"] > 0 for row in profile["rows"])
 
 
+def assert_protocol_answers(port: int, export_dir: Path, pngs: list[Path]) -> None:
+    """tritonclient.http against the container: ready, and the top-5 classes of an infer with encoded images are
+    /predict's; /metrics counts those requests."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    name = json.loads((export_dir / "metadata.json").read_text())["recipe"]
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    assert client.is_server_ready() and client.is_model_ready(name)
+    images = triton.InferInput("image", [len(pngs)], "BYTES")
+    images.set_data_from_numpy(np.array([p.read_bytes() for p in pngs], dtype=np.object_))
+    top = client.infer(name, [images], outputs=[triton.InferRequestedOutput("logits", class_count=5)])
+    client.close()
+    labels = [[s.decode().split(":")[2] for s in row] for row in top.as_numpy("logits")]
+    assert labels == [[p["label"] for p in post_png(port, path)["predictions"]] for path in pngs]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert 'route="/v2/models/{model_name}/infer"' in response.read().decode()
+
+
 def test_serving_image_builds_runs_answers_like_kdforge_predict_and_stops_fast(served_export, tmp_path):
     export_dir, pngs = served_export
     ROOT.mkdir(parents=True, exist_ok=True)
@@ -204,6 +223,8 @@ def test_serving_image_builds_runs_answers_like_kdforge_predict_and_stops_fast(s
         assert [post_png(port, p)["predictions"] for p in pngs] == local_predictions(export_dir, pngs)
         # the device probe of the student search runs in the image and times the very files it serves
         assert_probe_times(name, export_dir, "x86_64")
+        # Triton's client speaks the Open Inference Protocol to the container: the same classes as /predict
+        assert_protocol_answers(port, export_dir, pngs)
 
         started = time.perf_counter()
         podman("stop", "-t", "10", name)

@@ -218,7 +218,8 @@ def bind(host: str, port: int) -> socket.socket:
     return listening
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The container's command line (its ENTRYPOINT, and the args a Kubernetes manifest adds to it)."""
     parser = argparse.ArgumentParser(prog="python -m kdforge.serve", description="Serve an exported student over HTTP.")
     parser.add_argument("export_dir", type=Path, help="an export folder (exports/NAME) holding metadata.json")
     parser.add_argument("--host", default=os.environ.get("KDFORGE_HOST", "127.0.0.1"),
@@ -258,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device-report", type=Path, default=os.environ.get("KDFORGE_DEVICE_REPORT") or None,
                         help="serve only a format that passed on the device of this device-report.json (python -m "
                              "kdforge.serve.probe BUNDLE --verify; default: $KDFORGE_DEVICE_REPORT)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser().parse_args(argv)
     try:
         run(args.export_dir, args.host, args.port, args.format, args.max_bytes, args.max_batch, args.top_k,
             tuple(p.strip() for p in args.providers.split(",") if p.strip()), args.engine_cache, args.max_pixels,
