@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdforge.card import CARD, write_model_card
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, KdforgeError
 from kdforge.fileio import read_json, read_metadata, record_or_note, write_json
@@ -134,6 +135,7 @@ def bench_export(export_dir: Path, settings: BenchSettings = BenchSettings(),
     rows = _merged(read_json(export_dir / BENCH), rows, settings_record, measured_on)
     result = BenchResult(export_dir, rows, skipped, settings_record, measured_on)
     record_or_note(lambda: write_json(export_dir / BENCH, result.to_dict()), export_dir / BENCH, notes)
+    record_or_note(lambda: write_model_card(export_dir), export_dir / CARD, notes)  # its latency table
     return result
 
 

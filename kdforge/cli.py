@@ -631,6 +631,9 @@ def _import_device_report(export_dir: Path, report_path: Path) -> None:
     if not recorded:
         raise KdforgeError(f"{report_path} judged no file of {export_dir}: bundle this export (`kdforge bundle "
                            f"{export_dir}`) and probe it on the device")
+    from kdforge.card import write_model_card
+
+    write_model_card(export_dir)  # the card's device verdicts
     out.print(f"-> {export_dir / 'verify.json'} (devices)", highlight=False)
     failed = {name: record for name, record in recorded.items() if not record["passed"]}
     for name, record in failed.items():
@@ -879,6 +882,34 @@ def report(
     with user_errors():
         paths = write_report(resolve_run_dir(run, runs_dir))
     out.print(f"report: {paths.markdown} and {paths.html} ({len(paths.plots)} plots)", highlight=False)
+
+
+@app.command()
+def publish(
+    export_dir: Annotated[Path, typer.Argument(help="An export folder, e.g. exports/quickstart.", show_default=False)],
+    repo: Annotated[str, typer.Option(help="The Hugging Face model repository: ORG/NAME (created if missing).",
+                                      show_default=False)],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; upload nothing.")] = False,
+) -> None:
+    """Publish a verified export to the Hugging Face Hub in one commit: its model card (README.md, written again
+    from the export's files), metadata.json, verify.json, bench.json, each file that passed verification and the
+    run's recipe; never a file that did not pass, never the runs folder. The token: `hf auth login` or $HF_TOKEN.
+
+    Example:  kdforge publish exports/quickstart --repo my-org/quickstart-student --dry-run
+    """
+    from kdforge.card import check_repo, publish_files, write_model_card
+    from kdforge.card import publish as upload
+
+    with user_errors():
+        check_repo(repo)
+        if dry_run:
+            write_model_card(export_dir)
+            for name, path in publish_files(export_dir).items():
+                out.print(f"{name}  <-  {path}", highlight=False, soft_wrap=True)
+            return
+        url = upload(export_dir, repo, private=private)
+    out.print(f"published {export_dir} to {url}", highlight=False)
 
 
 @app.command()

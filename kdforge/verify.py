@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdforge.card import CARD, write_model_card
 from kdforge.checkpoint import final_weights
 from kdforge.data import DataSplits, load_dataset
 from kdforge.errors import CheckpointError, ExportError
@@ -76,6 +77,7 @@ def verify_export(export_dir: Path, fmt_name: str, device: str | None = None,
                                resolve_verify_batch(checks.batch_size, cfg), f"{fmt_name} of {cfg.model}")
     record_or_note(lambda: record_verification(export_dir, fmt_name, entry, report, started), export_dir / VERIFY,
                    notes)
+    record_or_note(lambda: write_model_card(export_dir), export_dir / CARD, notes)  # its verified files changed
     if not report.passed:
         raise verification_failed(export_dir / entry["file"], report)
     return report

@@ -21,7 +21,7 @@ LAYERS = [
                     "kdforge.timing", "kdforge.model_names", "kdforge.parity", "kdforge.device"]),
     ("recipe", ["kdforge.recipe", "kdforge.plan"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
-    ("lookups", ["kdforge.locate"]),
+    ("lookups", ["kdforge.locate", "kdforge.card"]),
     ("models and runtime", ["kdforge.runtime", "kdforge.models", "kdforge.tracking"]),
     ("distillation", ["kdforge.distill.*"]),
     ("training", ["kdforge.train", "kdforge.train.*", "kdforge.estimate"]),

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdforge import __version__, layout
+from kdforge.card import write_model_card
 from kdforge.checkpoint import final_weights
 from kdforge.errors import ExportError, RecipeError
 from kdforge.fileio import check_can_create, folder_lock, read_json, remove_leftovers
@@ -263,6 +264,7 @@ def export_run(source: Path, formats: list[str] | None = None, opset: int | None
             job.check(name)
             if builder.after is not None and verify:
                 builder.after(job, name, path, meta, extra)
+        write_model_card(export_dir)  # README.md: what passed verification, in the Hugging Face card format
         return ExportResult(export_dir, source, job.artifacts, seconds, job.reports, job.notes, job.quantization,
                             plan.unavailable, job.phases.seconds, job.failures, job.steps)
 
