@@ -114,6 +114,8 @@ def record_verification(export_dir: Path, name: str, entry: dict[str, Any], repo
     """Add format `name`'s report (with the artifact it judged, metadata.json's `entry`) to verify.json."""
     record = {**report.to_dict(), "format": name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
               "seconds": round(time.perf_counter() - started, 3)}
+    if "method" in entry:  # how an INT8 file was made (ptq, bias_correction, accuracy_aware, qad)
+        record["method"] = entry["method"]
     write_json(export_dir / VERIFY, {**read_json(export_dir / VERIFY), name: record})
 
 

@@ -436,10 +436,12 @@ class QuantizeConfig(Strict):
     # in op_types
     max_top1_drop: Annotated[float, Field(ge=0)] | None = None
     sensitivity_images: PositiveInt = 512  # held-out training images for the sensitivity measurement
-    # ptq: post-training quantization of the FP32 ONNX with ONNX Runtime (seconds). qad: quantization-aware
-    # distillation: the student fine-tuned as a fake-quantized INT8 model (NVIDIA Model Optimizer) for qad_epochs,
-    # learning from qad_teacher, then exported with its Q/DQ pairs (30 s for the quickstart CNN; the `qad` extra)
-    mode: Literal["ptq", "qad"] = "ptq"
+    # ptq: post-training quantization of the FP32 ONNX with ONNX Runtime (seconds). bias_correction: NNCF's
+    # post-training quantization of the ONNX graph with its fast bias correction (no training; the CPU target).
+    # qad: quantization-aware distillation: the student fine-tuned as a fake-quantized INT8 model (NVIDIA Model
+    # Optimizer) for qad_epochs, learning from qad_teacher, then exported with its Q/DQ pairs (30 s for the
+    # quickstart CNN; the `qad` extra)
+    mode: Literal["ptq", "bias_correction", "qad"] = "ptq"
     qad_epochs: PositiveInt = 1
     qad_lr: Annotated[float, Field(gt=0)] | None = None  # default: the student's train.lr / 100
     # whom the fake-quantized student learns from. student: its own FP32 weights (KL at T=1 on the logits, no
@@ -448,9 +450,16 @@ class QuantizeConfig(Strict):
     # from the FP32 student it is verified against)
     qad_teacher: Literal["student", "teacher"] = "student"
     # when the INT8 file fails its [verify] tolerance: the remedies to try, in order, before giving up.
-    # accuracy_aware: the mode above with max_top1_drop = half the INT8 tolerance; qad: quantization-aware
-    # distillation. [] forbids escalation.
-    escalate: list[Literal["accuracy_aware", "qad"]] = ["accuracy_aware", "qad"]
+    # bias_correction: NNCF's PTQ with bias correction (no training); accuracy_aware: the mode above with
+    # max_top1_drop = half the INT8 tolerance; qad: quantization-aware distillation. [] forbids escalation.
+    escalate: list[Literal["bias_correction", "accuracy_aware", "qad"]] = ["bias_correction", "accuracy_aware", "qad"]
+
+    @model_validator(mode="after")
+    def _bias_correction_for_cpu(self) -> QuantizeConfig:
+        if self.mode == "bias_correction" and self.target == "tensorrt":
+            raise ValueError('quantize.mode = "bias_correction" makes the CPU target\'s INT8 file (NNCF\'s ONNX '
+                             'quantization); for TensorRT use mode "ptq" or "qad"')
+        return self
 
     @field_validator("split")
     @classmethod

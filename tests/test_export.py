@@ -50,7 +50,7 @@ def test_artifacts_carry_their_metadata(make_recipe, tmp_path):
     result = export_run(stage, ["onnx"])
     export_dir = tmp_path / "exports" / "tiny"
     assert result.export_dir == export_dir
-    assert sorted(p.name for p in export_dir.iterdir()) == ["metadata.json", "student.onnx", "verify.json"]
+    assert sorted(p.name for p in export_dir.iterdir()) == ["README.md", "metadata.json", "student.onnx", "verify.json"]
     props = {p.key: p.value for p in onnx.load(str(export_dir / "student.onnx")).metadata_props}
     sidecar = json.loads((export_dir / "metadata.json").read_text())
     for key in ("model", "input_size", "mean", "std", "class_names", "recipe_hash", "checkpoint_sha256",

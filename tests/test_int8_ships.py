@@ -1,4 +1,5 @@
-"""INT8 that ships: a failing INT8 escalates to the accuracy-aware mode instead of ending the chain, the chain
+"""INT8 that ships: a failing INT8 escalates (bias correction, then the accuracy-aware mode) instead of ending the
+chain, the chain
 writes its summary and report even when an export fails, export settings apply to reused training, paired
 significance of the top-1 change, the serving format chosen from measured speed, bench marks and merges."""
 
@@ -67,7 +68,8 @@ def test_a_failing_ptq_in_the_chain_escalates_and_ships_the_accuracy_aware_file(
     real_quantize = quantize_module.quantize_student
     monkeypatch.setattr(quantize_module, "quantize_student",
                         lambda *a, **k: quantized.append(a[4]) or real_quantize(*a, **k))
-    summary = run_distill(chain_recipe(make_recipe, tmp_path), runs_dir=tmp_path / "runs", consumers=[])
+    summary = run_distill(chain_recipe(make_recipe, tmp_path, ['quantize.escalate=["accuracy_aware", "qad"]']),
+                          runs_dir=tmp_path / "runs", consumers=[])
 
     assert [cfg.max_top1_drop for cfg in quantized] == [None, 0.5]  # PTQ, then accuracy-aware at tolerance / 2
     assert len(calls) == 2 and summary.failures == {}
@@ -79,6 +81,38 @@ def test_a_failing_ptq_in_the_chain_escalates_and_ships_the_accuracy_aware_file(
     assert json.loads((tmp_path / "exports" / "tiny" / "verify.json").read_text())["int8"]["passed"]
     report = (tmp_path / "runs" / "tiny" / "report" / "report.md").read_text()
     assert "INT8 quantization steps" in report and "accuracy_aware" in report
+
+
+@pytest.mark.slow
+def test_a_failing_ptq_is_first_remedied_by_bias_correction_without_training(make_recipe, tmp_path, monkeypatch):
+    """The default escalation's first remedy: NNCF's post-training quantization with bias correction of the same
+    ONNX graph on the same calibration images, verified, recorded in metadata.json and verify.json; nothing
+    trains (no QAD stage folder)."""
+    import onnx
+
+    calls = fail_int8_verifications(monkeypatch)
+    summary = run_distill(chain_recipe(make_recipe, tmp_path), runs_dir=tmp_path / "runs", consumers=[])
+
+    assert len(calls) == 2 and summary.failures == {}
+    steps = summary.exports["int8"]["int8_steps"]
+    assert [(s["step"], s["passed"]) for s in steps] == [("ptq", False), ("bias_correction", True)]
+    export = tmp_path / "exports" / "tiny"
+    meta = json.loads((export / "metadata.json").read_text())["formats"]["int8"]
+    assert meta["method"] == "bias_correction" and meta["quantizer"].startswith("nncf.quantize")
+    assert meta["calibration_images"] == 64 and meta["quantize_linear_ops"] > 0
+    verified = json.loads((export / "verify.json").read_text())["int8"]
+    assert verified["passed"] and verified["method"] == "bias_correction"
+    assert verified["artifact_sha256"] == meta["sha256"]
+    graph = onnx.load(str(export / "student.int8.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == meta["quantize_linear_ops"]
+    assert not (tmp_path / "runs" / "tiny" / "qad").exists()
+
+
+def test_bias_correction_is_refused_for_the_tensorrt_target_before_anything_runs(make_recipe):
+    from kdforge.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="bias_correction"):
+        load_recipe(make_recipe(CHAIN), ["quantize.mode=bias_correction", "quantize.target=tensorrt"])
 
 
 @pytest.mark.slow

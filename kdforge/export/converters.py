@@ -326,6 +326,35 @@ def onnx_to_int8(
     return path
 
 
+def onnx_to_int8_bias_corrected(fp32_path: Path, path: Path, calibration: list[Any],
+                                 exclude: list[str] | tuple[str, ...] = (),
+                                 metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """INT8 without training that recovers what plain PTQ loses on small CNNs: NNCF's post-training quantization
+    of the ONNX graph (`nncf.quantize` on the ModelProto; its MIXED preset: symmetric per-channel INT8 weights,
+    asymmetric INT8 activations, QDQ pairs ONNX Runtime runs on CPU) with its fast bias correction: after
+    quantizing, each layer's bias is shifted by the mean difference between its FP32 and quantized outputs on the
+    calibration images, so the rounding stops moving every answer the same way. NNCF's own ImageNet data has
+    timm's mobilenetv3_small_050 at 57.91 FP32, 42.22 by plain PTQ, 56.74 this way. `exclude`: node names kept in
+    float where the graph has them. Returns what the quantizer did."""
+    onnx = require("onnx")
+    nncf = require("nncf")
+
+    if not calibration:
+        raise ExportError("INT8 calibration needs at least one batch of training images; got none")
+    model = onnx.load(str(fp32_path))
+    dataset = nncf.Dataset(calibration, lambda batch: {INPUT_NAME: batch})
+    ignored = nncf.IgnoredScope(names=list(exclude), validate=False) if exclude else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
+                                  fast_bias_correction=True, **({"ignored_scope": ignored} if ignored else {}))
+    pairs = sum(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    if pairs == 0:
+        raise ExportError(f"NNCF placed no quantizer in {fp32_path.name} (every quantizable layer excluded?)")
+    save_checked(quantized, path, metadata, int(calibration[0].shape[-1]), full_check=False)
+    return {"quantizer": "nncf.quantize (fast bias correction)", "quantize_linear_ops": pairs}
+
+
 def prepare_for_int8(fp32_path: Path, prepared: Path) -> Path:
     """ONNX Runtime's pre-processing for quantization: shape inference and graph optimization. The optimization
     matters: on a 2-core x86 CPU resnet18 INT8 ran 2x slower than FP32 without it and about 2x faster with it."""

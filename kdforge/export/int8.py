@@ -1,9 +1,10 @@
 """INT8, end to end: how the `int8` and `openvino_int8` files are made, and what happens when one fails its
 verification (the escalation `[quantize] escalate` allows), then how fast the shipped file is.
 
-    int8: PTQ with ONNX Runtime (quantize.py; accuracy-aware when max_top1_drop is set) or QAD with Model
-          Optimizer (the `qad` training stage, train/qad.py, whose ONNX file is written here); on failure:
-          accuracy_aware, then qad; then a latency check against the FP32 ONNX
+    int8: PTQ with ONNX Runtime (quantize.py; accuracy-aware when max_top1_drop is set), NNCF's PTQ with bias
+          correction, or QAD with Model Optimizer (the `qad` training stage, train/qad.py, whose ONNX file is
+          written here); on failure: bias_correction, then accuracy_aware, then qad; then a latency check against
+          the FP32 ONNX
     openvino_int8: NNCF PTQ of the FP32 ONNX's IR; on failure: NNCF's accuracy control
 
 One routine (`escalate`) tries the remedies for either format; every step is verified like any format and recorded
@@ -23,8 +24,9 @@ from kdforge.recipe import QuantizeConfig
 QAD_CPU_NOTE = ("int8 by QAD is symmetric INT8 Q/DQ (Model Optimizer's placement, TensorRT's format) whatever "
                 "quantize.target says; ONNX Runtime runs it on CPU")
 # the remedies each INT8 format can try, in the order `[quantize] escalate` lists them (QAD's trained weights reach
-# the ONNX INT8 only: its fake quantization is Model Optimizer's, not PT2E's)
-REMEDIES = {"int8": ("accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",),
+# the ONNX INT8 only: its fake quantization is Model Optimizer's, not PT2E's). bias_correction is the ONNX INT8's:
+# NNCF's OpenVINO quantization already applies it in its first step, and PT2E's XNNPACK quantizer has none
+REMEDIES = {"int8": ("bias_correction", "accuracy_aware", "qad"), "openvino_int8": ("accuracy_aware",),
             "executorch_int8": ("accuracy_aware",), "litert_int8": ("accuracy_aware",)}
 PT2E_FORMATS = {"executorch_int8": "executorch", "litert_int8": "litert"}  # INT8 by PT2E, for this backend
 
@@ -39,6 +41,8 @@ def _make(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, 
 
     if step_cfg.mode == "qad":
         return _make_qad(job, step_cfg, path, meta)
+    if step_cfg.mode == "bias_correction":
+        return _make_bias_corrected(job, step_cfg, path, meta)
     calibration = calibration_for(job, step_cfg)
     job.quantization = quantize_student(job.source_of("int8"), path, calibration, job.spec, step_cfg, meta,
                                         job.phases)
@@ -46,6 +50,7 @@ def _make(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, 
         job.note(note)
     return {"target": step_cfg.target, "calibration_method": step_cfg.method,
             "calibration_images": calibration.count, **job.quantization.to_metadata(),
+            "method": "ptq" if step_cfg.max_top1_drop is None else "accuracy_aware",
             **int8_opset(step_cfg, job.opset)}
 
 
@@ -56,6 +61,20 @@ def calibration_for(job: ExportJob, step_cfg: QuantizeConfig):
     if job.calibration is None:
         job.calibration = select_calibration(job.data.train, job.spec, step_cfg, job.recipe.seed, job.data.val)
     return job.calibration
+
+
+def _make_bias_corrected(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The INT8 file by NNCF's post-training quantization with bias correction, on the same calibration images as
+    PTQ (no training)."""
+    from kdforge.export.converters import onnx_to_int8_bias_corrected
+
+    calibration = calibration_for(job, step_cfg)
+    job.quantization = None  # no ONNX Runtime quantization (and no layers kept in float by its search) ships
+    extra = {"target": step_cfg.target, "calibration_images": calibration.count, "method": "bias_correction"}
+    with job.phases("int8: NNCF quantization with bias correction"):
+        extra.update(onnx_to_int8_bias_corrected(job.source_of("int8"), path, calibration.batches, step_cfg.exclude,
+                                                 {**meta, **extra}))
+    return extra
 
 
 def _make_qad(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +94,9 @@ def _make_qad(job: ExportJob, step_cfg: QuantizeConfig, path: Path, meta: dict[s
     job.note(f"int8 by QAD: {qad.epochs} epoch(s) ({qad.steps} steps, lr {qad.lr:g}) learning from the "
              f"{'teacher' if qad.teacher else 'FP32 student'} in {qad.wall_s:.0f} s; the fake-quantized student "
              f"scores {qad.top1:.2%} on the test split ({qad.calibrated_top1:.2%} calibrated, before fine-tuning)")
-    extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata(),
+    extra = {"quantizer": "modelopt", "target": step_cfg.target, "qad": qad.to_metadata(), "method": "qad",
              **int8_opset(step_cfg, job.opset)}
-    qad_to_int8(qad.path, path, {**meta, **extra, "method": "qad"}, job.spec.size,
+    qad_to_int8(qad.path, path, {**meta, **extra}, job.spec.size,
                 fp16=step_cfg.target == "tensorrt")
     return extra
 
@@ -91,26 +110,35 @@ def qad_onnx_writer(size: int, opset: int) -> Callable[[Any, Path, dict[str, Any
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # ptq | accuracy_aware | qad: what metadata.json and the summary record
+    name: str  # ptq | bias_correction | accuracy_aware | qad: what metadata.json and the summary record
     how: str  # said when the step is tried
     cfg: QuantizeConfig  # the [quantize] settings it makes the file with
 
 
 def first_step(qcfg: QuantizeConfig, name: str) -> str:
-    """How format `name` is made first: QAD (ONNX INT8 only), accuracy-aware PTQ (with max_top1_drop) or PTQ."""
-    if name == "int8" and qcfg.mode == "qad":
-        return "qad"
+    """How format `name` is made first: QAD or bias-corrected PTQ (ONNX INT8 only), accuracy-aware PTQ (with
+    max_top1_drop) or PTQ."""
+    if name == "int8" and qcfg.mode in ("qad", "bias_correction"):
+        return qcfg.mode
     return "accuracy_aware" if qcfg.max_top1_drop is not None else "ptq"
 
 
 def remedies(job: ExportJob, name: str) -> list[Step]:
-    """The steps `[quantize] escalate` allows format `name` after its first, in order: accuracy_aware (at half the
-    INT8 tolerance, on the held-out images; NNCF's accuracy control for OpenVINO, the same greedy search as the
-    ONNX INT8's for the PT2E formats), qad (ONNX INT8 only)."""
+    """The steps `[quantize] escalate` allows format `name` after its first, in order: bias_correction (ONNX INT8
+    for the CPU target: NNCF's PTQ with bias correction, no training), accuracy_aware (at half the INT8 tolerance,
+    on the held-out images; NNCF's accuracy control for OpenVINO, the same greedy search as the ONNX INT8's for the
+    PT2E formats), qad (ONNX INT8 only)."""
     qcfg, first = job.qcfg, first_step(job.qcfg, name)
     steps = []
     for remedy in (r for r in qcfg.escalate if r in REMEDIES[name] and r != first):
-        if remedy == "qad":
+        if remedy == "bias_correction" and qcfg.target == "tensorrt":
+            job.note(f"{name}: bias_correction skipped: NNCF's ONNX quantization here makes the CPU target's file, "
+                     f"not TensorRT's symmetric FP16 Q/DQ")
+            continue
+        if remedy == "bias_correction":
+            cfg = qcfg.model_copy(update={"mode": "bias_correction", "max_top1_drop": None})
+            how = "NNCF post-training quantization with fast bias correction, no training"
+        elif remedy == "qad":
             cfg = qcfg.model_copy(update={"mode": "qad"})
             how = (f"{cfg.qad_epochs} epoch(s) of quantization-aware distillation from the "
                    f"{'FP32 student' if cfg.qad_teacher == 'student' else 'teacher'}")
