@@ -1,10 +1,11 @@
-"""INT8 accuracy: post-training quantization (PTQ) against quantization-aware distillation (QAD), per seed.
+"""INT8 accuracy: post-training quantization (PTQ), PTQ with bias correction and quantization-aware distillation (QAD).
 
 For each recipe and seed, the distilled student is trained (or reused: runs/<recipe>-seed<s>/, the teacher of the
-first seed shared, as `kdforge distill --seeds` does), then exported to INT8 twice through `export_run` with
-escalation off: once by ONNX Runtime PTQ, once by QAD (`[quantize] mode = "qad"`). Each INT8 file is verified on the
-test split against the FP32 PyTorch student; the table prints the FP32 top-1, each method's top-1 change and
-agreement (share of test images with the same answer), and the QAD stage's wall time.
+first seed shared, as `kdforge distill --seeds` does), then exported to INT8 once per method through `export_run`
+with escalation off: ONNX Runtime PTQ (`[quantize] mode = "ptq"`), NNCF's PTQ with fast bias correction
+(`"bias_correction"`, no training) and QAD (`"qad"`). Each INT8 file is verified on the test split against the FP32
+PyTorch student; the table prints the FP32 top-1, each method's top-1 change and agreement (share of test images
+with the same answer) and the wall time of making the file (QAD: its training included).
 
     .venv/bin/python benchmarks/int8_accuracy.py                                  # quickstart + quickstart_vit, 3 seeds
     .venv/bin/python benchmarks/int8_accuracy.py --recipes quickstart --seeds 0 --set quantize.qad_epochs=2
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from kdforge.export.artifacts import export_run
-from kdforge.fileio import read_json
 from kdforge.recipe import load_recipe
 from kdforge.runtime import describe_machine, machine
 from kdforge.seeds import mean_sd, seed_recipe
@@ -25,6 +26,7 @@ from kdforge.train.events import ProgressDisplay
 from kdforge.train.stages import train_stage
 
 RECIPES = Path(__file__).parents[1] / "recipes"
+METHODS = ("ptq", "bias_correction", "qad")
 
 
 def main() -> None:
@@ -49,34 +51,32 @@ def main() -> None:
                     train_stage(run, "teacher", args.runs, retrain_stale=True)
                 student = train_stage(run, "student", args.runs, retrain_stale=True)
                 row = {"recipe": name, "seed": seed, "fp32": student.top1 * 100}
-                for method in ("ptq", "qad"):
+                for method in METHODS:
+                    started = time.perf_counter()
                     result = export_run(Path(student.stage_dir), formats=["int8"], recipe=run,
-                                        consumers=[ProgressDisplay()], exports_dir=Path(tmp) / method,
+                                        consumers=[ProgressDisplay()], exports_dir=Path(tmp) / f"{method}-{seed}",
                                         quantize={"mode": method, "escalate": []})
                     report = result.reports["int8"]
-                    row[method] = (report.top1_delta_points, report.agreement * 100)
-                    if method == "qad":
-                        meta = read_json(result.export_dir / "metadata.json")["formats"]["int8"]["qad"]
-                        row["qad_s"] = meta["wall_s"]
+                    row[method] = (report.top1_delta_points, report.agreement * 100, time.perf_counter() - started)
                 rows.append(row)
-                print(f"{name} seed {seed}: FP32 {row['fp32']:.2f}%  PTQ {row['ptq'][0]:+.2f} pts "
-                      f"({row['ptq'][1]:.1f}% agree)  QAD {row['qad'][0]:+.2f} pts ({row['qad'][1]:.1f}% agree, "
-                      f"{row['qad_s']:.0f} s)", flush=True)
+                print(f"{name} seed {seed}: FP32 {row['fp32']:.2f}%  " + "  ".join(
+                    f"{m} {row[m][0]:+.2f} pts ({row[m][1]:.1f}% agree, {row[m][2]:.0f} s)" for m in METHODS),
+                    flush=True)
 
     print(f"\n{describe_machine(machine())}\n")
-    print("| recipe | seed | FP32 top-1 | PTQ top-1 change | PTQ agreement | QAD top-1 change | QAD agreement "
-          "| QAD time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | seed | FP32 top-1 | " + " | ".join(f"{m} top-1 change | {m} agreement | {m} time"
+                                                       for m in METHODS) + " |")
+    print("|---|---|---|" + "---|---|---|" * len(METHODS))
     for row in rows:
-        print(f"| {row['recipe']} | {row['seed']} | {row['fp32']:.2f}% | {row['ptq'][0]:+.2f} | {row['ptq'][1]:.1f}% "
-              f"| {row['qad'][0]:+.2f} | {row['qad'][1]:.1f}% | {row['qad_s']:.0f} s |")
+        print(f"| {row['recipe']} | {row['seed']} | {row['fp32']:.2f}% | " + " | ".join(
+            f"{row[m][0]:+.2f} | {row[m][1]:.1f}% | {row[m][2]:.0f} s" for m in METHODS) + " |")
     for name in args.recipes:
         mine = [row for row in rows if row["recipe"] == name]
-        stats = {key: mean_sd([row[m][i] for row in mine]) for key, m, i in
-                 (("ptq_delta", "ptq", 0), ("ptq_agree", "ptq", 1), ("qad_delta", "qad", 0), ("qad_agree", "qad", 1))}
-        print(f"| {name} mean +- sd | {len(mine)} seeds | "
-              f"| {stats['ptq_delta'][0]:+.2f} +- {stats['ptq_delta'][1]:.2f} | {stats['ptq_agree'][0]:.1f}% "
-              f"| {stats['qad_delta'][0]:+.2f} +- {stats['qad_delta'][1]:.2f} | {stats['qad_agree'][0]:.1f}% | |")
+        cells = []
+        for m in METHODS:
+            delta, agree, seconds = (mean_sd([row[m][i] for row in mine]) for i in range(3))
+            cells.append(f"{delta[0]:+.2f} +- {delta[1]:.2f} | {agree[0]:.1f}% | {seconds[0]:.0f} s")
+        print(f"| {name} mean +- sd | {len(mine)} seeds | | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
