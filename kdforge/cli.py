@@ -788,6 +788,9 @@ def students(
         "edge list).", show_default=False)] = None,
     race_steps: Annotated[int | None, typer.Option(help="Steps of the race's first round (default 100).", min=1,
                                                    show_default=False)] = None,
+    sizes: Annotated[str | None, typer.Option(
+        metavar="S,S,...", help="Input sizes to build and time every candidate at: each (model, size) competes "
+        "(default: \\[student.search] sizes, else the student's input size).", show_default=False)] = None,
     device_profile: Annotated[Path | None, typer.Option(
         help="latency.json from `python -m kdforge.serve.probe` on the device (or its device-report.json): rank by "
              "its timings, the budget on its sustained p95 where it timed them sustained; files that failed there "
@@ -810,6 +813,7 @@ def students(
 
     Example:  kdforge students recipes/quickstart.toml --format int8 --budget-ms 2
               kdforge students recipes/quickstart.toml --budget-ms 2 --candidates resnet10t,mobilenetv3_small_050
+              kdforge students recipes/quickstart.toml --budget-ms 2 --sizes 24,32
     """
     from kdforge.recipe import load_recipe
     from kdforge.students import choose_student, no_fit_message, search_settings
@@ -817,8 +821,9 @@ def students(
     with user_errors():
         loaded = load_recipe(recipe, set_ or [])
         names = [name.strip() for name in candidates.split(",") if name.strip()] if candidates is not None else None
+        sized = [part.strip() for part in sizes.split(",") if part.strip()] if sizes is not None else None
         settings = search_settings(loaded, format=fmt, budget_ms=budget_ms, batch=batch, threads=threads,
-                                   candidates=names, race_steps=race_steps,
+                                   candidates=names, race_steps=race_steps, sizes=sized,
                                    device_profile=str(device_profile) if device_profile else None,
                                    max_memory_mb=max_memory_mb)
         result = choose_student(loaded, settings, runs_dir, race, write_recipe, device)
@@ -847,7 +852,8 @@ def candidates_table(result):
     where = result.rows[0]["measured_on"] if result.rows else "here"
     sustained = bool(result.rows) and result.rows[0].get("sustained")
     on = "the sustained p95" if sustained else "p50"
-    table = Table(title=f"candidates at {result.input_size}x{result.input_size}: {result.settings['format']}, batch "
+    sizes = sorted({row.get("input_size") or result.input_size for row in result.rows}) or [result.input_size]
+    table = Table(title=f"candidates at {', '.join(f'{s}x{s}' for s in sizes)}: {result.settings['format']}, batch "
                         f"{result.settings['batch']}, timed {where}{' sustained' if sustained else ''}; budget "
                         f"{result.settings['budget_ms']:g} ms on {on}")
     for column in ("model", "params M", "MMACs", "size MB", "p50 ms", "p95 ms", "budget", "race val top-1"):
@@ -855,13 +861,13 @@ def candidates_table(result):
     reached = {}
     for entry in result.race:  # each candidate's score in the last round it ran
         reached.update(entry["val_top1"])
+    chosen = (result.winner or {}).get("name") or (result.winner or {}).get("model")
     for row in result.rows:
-        mark = "fits" if row["fits"] else "over"
-        if result.winner and row["model"] == result.winner["model"]:
-            mark = "[bold green]chosen[/bold green]"
-        table.add_row(row["model"], f"{row['params'] / 1e6:.2f}", f"{row['macs'] / 1e6:.1f}",
+        name = row.get("name") or row["model"]  # "model@size" when the search had several sizes
+        mark = "[bold green]chosen[/bold green]" if name == chosen else "fits" if row["fits"] else "over"
+        table.add_row(escape(name), f"{row['params'] / 1e6:.2f}", f"{row['macs'] / 1e6:.1f}",
                       f"{row['bytes'] / 1e6:.2f}", f"{row['latency_p50_ms']:.2f}", f"{row['latency_p95_ms']:.2f}",
-                      mark, f"{reached[row['model']]:.2%}" if row["model"] in reached else "-")
+                      mark, f"{reached[name]:.2%}" if name in reached else "-")
     return table
 
 

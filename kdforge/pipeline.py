@@ -175,7 +175,9 @@ def resolve_student(recipe: Recipe, ctx: ChainContext) -> Recipe:
         raise RecipeError(no_fit_message(found))
     winner = found.winner
     raced = f", validation top-1 {winner['val_top1']:.2%} in the race" if winner.get("val_top1") is not None else ""
-    notify(ctx.consumers, f"student: {winner['model']} ({'chosen earlier, reused' if found.reused else 'chosen'}: "
+    size = winner.get("input_size", found.input_size)
+    notify(ctx.consumers, f"student: {winner['model']} at {size}x{size} "
+                          f"({'chosen earlier, reused' if found.reused else 'chosen'}: "
                           f"p50 {winner['latency_p50_ms']:.2f} ms within {search.budget_ms:g} ms{raced}; "
                           f"{ctx.runs_dir / recipe.name / layout.STUDENTS / layout.STUDENTS_RECORD})")
     resolved, added = with_search_format(found.resolved(recipe))

@@ -265,6 +265,10 @@ class SearchConfig(Strict):
     repeats: PositiveInt = 30  # timed calls per candidate (after 5 untimed)
     # timm model names; empty: the curated edge-friendly list (kdforge.students.DEFAULT_CANDIDATES) this timm has
     candidates: list[str] = []
+    # input sizes every candidate is built, exported and timed at: each (model, size) is a candidate, and "auto"
+    # resolves to a model AND its size (the teacher keeps its own input size); empty: the [student]'s input_size,
+    # else the teacher's
+    sizes: list[Annotated[int, Field(ge=8, le=MAX_INPUT_SIZE)]] = []
     race_steps: PositiveInt = 100  # training steps of the race's first round; each later round doubles them
     race_size: PositiveInt = 8  # at most this many candidates within budget race (the fastest first)
     # latency.json written by `python -m kdforge.serve.probe` on the device, or its device-report.json (--verify):
@@ -288,6 +292,13 @@ class SearchConfig(Strict):
             raise ValueError(f"{name} is not timed on its own ({FORMATS.get(name).bench_skip}): search with "
                              f"{FORMATS.get(name).source}")
         return name
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_once(cls, sizes: list[int]) -> list[int]:
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("sizes lists a size twice")
+        return sizes
 
     @field_validator("candidates")
     @classmethod

@@ -140,13 +140,14 @@ def plot_candidates(search: dict[str, Any], path: Path) -> Path:
     within it green, the chosen one red."""
     fig = _figure()
     ax = fig.subplots()
-    settings, winner = search["settings"], (search.get("winner") or {}).get("model")
-    _named_points(ax, [(row["model"], row["bytes"] / 1e6, row["latency_p50_ms"],
-                        "tab:red" if row["model"] == winner else "tab:green" if row["fits"] else "tab:gray")
+    settings = search["settings"]
+    winner = (search.get("winner") or {}).get("name") or (search.get("winner") or {}).get("model")
+    _named_points(ax, [(_name(row), row["bytes"] / 1e6, row["latency_p50_ms"],
+                        "tab:red" if _name(row) == winner else "tab:green" if row["fits"] else "tab:gray")
                        for row in search["rows"]])
     ax.axhline(settings["budget_ms"], color="tab:red", linestyle="--", linewidth=1, label="budget")
     ax.set(xlabel=f"{settings['format']} file (MB)", ylabel=f"p50 latency at batch {settings['batch']} (ms)",
-           title=f"student candidates at {search['input_size']}x{search['input_size']}")
+           title=f"student candidates at {_sizes(search)}")
     ax.set_ylim(bottom=0)
     return _finished(fig, ax, path)
 
@@ -156,8 +157,9 @@ def plot_race(search: dict[str, Any], path: Path) -> Path:
     first round (all raced the same steps there), the chosen one red."""
     fig = _figure()
     ax = fig.subplots()
-    first, winner = search["race"][0], (search.get("winner") or {}).get("model")
-    latency = {row["model"]: row["latency_p50_ms"] for row in search["rows"]}
+    first = search["race"][0]
+    winner = (search.get("winner") or {}).get("name") or (search.get("winner") or {}).get("model")
+    latency = {_name(row): row["latency_p50_ms"] for row in search["rows"]}
     _named_points(ax, [(model, latency[model], top1 * 100, "tab:red" if model == winner else "tab:blue")
                        for model, top1 in first["val_top1"].items()])
     ax.axvline(search["settings"]["budget_ms"], color="tab:red", linestyle="--", linewidth=1, label="budget")
@@ -165,6 +167,16 @@ def plot_race(search: dict[str, Any], path: Path) -> Path:
            ylabel=f"validation top-1 after {first['steps']} steps (%)", title="the race: accuracy vs latency")
     ax.set_xlim(left=0)
     return _finished(fig, ax, path)
+
+
+def _name(row: dict[str, Any]) -> str:
+    """A candidate's label: "model@size" in a search over several sizes, the model alone otherwise."""
+    return row.get("name") or row["model"]
+
+
+def _sizes(search: dict[str, Any]) -> str:
+    sizes = sorted({row.get("input_size") or search["input_size"] for row in search["rows"]}) or [search["input_size"]]
+    return ", ".join(f"{size}x{size}" for size in sizes)
 
 
 def plot_sizes(sizes: dict[str, int], path: Path) -> Path:

@@ -72,6 +72,17 @@ def search_size(recipe: Recipe) -> int:
     return resolve_input_spec(recipe.model_for("teacher")).size
 
 
+def search_sizes(recipe: Recipe, settings: SearchConfig) -> list[int]:
+    """The input sizes the search builds every candidate at: [student.search] sizes, else the one `search_size`."""
+    return list(settings.sizes) or [search_size(recipe)]
+
+
+def candidate_label(model: str, size: int, sizes: list[int]) -> str:
+    """How a candidate is named in the table, the race and students.json: the model alone when the search has one
+    size, "model@size" when it has several."""
+    return model if len(sizes) == 1 else f"{model}@{size}"
+
+
 def search_settings(recipe: Recipe, **overrides: Any) -> SearchConfig:
     """The [student.search] section with the command's options (those not None) over it."""
     base = recipe.student.search if recipe.student is not None and recipe.student.search else None
@@ -150,6 +161,8 @@ class CandidateRow:
     sha256: str = ""
     sustained: bool = False  # the latencies are the device's sustained ones (its last window)
     memory_mb: float | None = None  # what its session added on the device (the device profile's)
+    input_size: int = 0  # the size it was built and timed at
+    name: str = ""  # its label: the model, or "model@size" when the search has several sizes
 
 
 def candidate_recipe(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path) -> Recipe:
@@ -183,8 +196,9 @@ def initial_stage(recipe: Recipe, cfg: StudentConfig, stage_dir: Path, num_class
 
 
 def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path,
-                      num_classes: int, consumers: list[Consumer] | None = None) -> CandidateRow:
-    """Export candidate `cfg` to the search's format (reused when exported before) and time it here."""
+                      num_classes: int, consumers: list[Consumer] | None = None, name: str = "") -> CandidateRow:
+    """Export candidate `cfg` (at its input_size) to the search's format (reused when exported before: the export
+    folders are keyed by model and size) and time it here."""
 
     from kdforge.export.artifacts import export_run
     from kdforge.models import count_parameters, load_stage_model
@@ -204,7 +218,7 @@ def profile_candidate(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig
     return CandidateRow(cfg.model, count_parameters(model), macs, entry["bytes"], round(p50, 3), round(p95, 3),
                         runner.name, "here", model_kwargs=dict(cfg.model_kwargs),
                         export_s=None if result.skipped else round(sum(result.seconds.values()), 1),
-                        sha256=entry["sha256"])
+                        sha256=entry["sha256"], input_size=cfg.input_size, name=name or cfg.model)
 
 
 def time_runner(runner, size: int, settings: SearchConfig) -> tuple[float, float]:
@@ -295,10 +309,10 @@ def apply_profile(rows: list[CandidateRow], profile: dict[str, Any]) -> tuple[li
     for row in rows:
         on_device = timed.get(row.sha256)
         if on_device is None:
-            missing[row.model] = "not in the device profile (this file was not probed there: probe the exports again)"
+            missing[row.name] = "not in the device profile (this file was not probed there: probe the exports again)"
             continue
         if on_device.get("passed") is False:
-            missing[row.model] = f"FAILED on {cpu}: {'; '.join(on_device.get('failures', []))}"
+            missing[row.name] = f"FAILED on {cpu}: {'; '.join(on_device.get('failures', []))}"
             continue
         sustained = on_device.get("latency_sustained_p95_ms") is not None
         p50, p95 = (("latency_sustained_p50_ms", "latency_sustained_p95_ms") if sustained
@@ -328,12 +342,12 @@ def rank(rows: list[CandidateRow], budget_ms: float, max_memory_mb: float | None
 # the race
 
 
-def race_recipe(recipe: Recipe, cfg: StudentConfig, teacher_weights: Path, steps: int) -> Recipe:
-    """A short distillation of candidate `cfg` from the recipe's (finished) teacher: `steps` steps, its own
-    schedule, nothing exported."""
+def race_recipe(recipe: Recipe, cfg: StudentConfig, teacher_weights: Path, steps: int, label: str = "") -> Recipe:
+    """A short distillation of candidate `cfg` (named `label` in the search) from the recipe's (finished) teacher:
+    `steps` steps, its own schedule, nothing exported."""
     train = cfg.train.model_copy(update={"max_steps": steps, "epochs": steps})  # enough epochs for `steps`
     return recipe.model_copy(update={
-        "name": f"{cfg.model}-{steps}steps",
+        "name": f"{(label or cfg.model).replace('@', '-')}-{steps}steps",
         "teacher": recipe.model_for("teacher").model_copy(update={"checkpoint": str(teacher_weights)}),
         "student": cfg.model_copy(update={"train": train}),
         "distill": recipe.distill.model_copy(update={"baseline": False}),
@@ -378,7 +392,7 @@ def race(recipe: Recipe, configs: dict[str, StudentConfig], latency: dict[str, f
     while len(survivors) > 1:
         scores, seconds = {}, {}
         for number, name in enumerate(survivors, 1):
-            racer = race_recipe(recipe, configs[name], teacher_weights, steps)
+            racer = race_recipe(recipe, configs[name], teacher_weights, steps, name)
             run_dir = race_dir / racer.name
             _share_cache(race_dir, run_dir, into_run=True)
             notify(consumers, f"race round {len(rounds) + 1}: {name} ({number}/{len(survivors)}), {steps} steps")
@@ -403,11 +417,11 @@ def race(recipe: Recipe, configs: dict[str, StudentConfig], latency: dict[str, f
 @dataclass
 class SearchResult:
     settings: dict[str, Any]
-    input_size: int
+    input_size: int  # the winner's (or, with none, the first searched)
     rows: list[dict[str, Any]]  # CandidateRow as dicts, fastest first
     skipped: dict[str, str]  # model -> why it is not in the table
     race: list[dict[str, Any]]
-    winner: dict[str, Any] | None  # {"model", "model_kwargs", "latency_p50_ms", ...}; None: nothing fits
+    winner: dict[str, Any] | None  # {"model", "input_size", "model_kwargs", "latency_p50_ms", ...}; None: none fits
     key: str
     machine: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] | None = None  # the device profile's machine, when one ranked the candidates
@@ -419,7 +433,8 @@ class SearchResult:
         if self.winner is None:
             raise KdforgeError(no_fit_message(self))
         student = recipe.student or StudentConfig(model=self.winner["model"])
-        chosen = student.model_copy(update={"model": self.winner["model"], "input_size": self.input_size,
+        chosen = student.model_copy(update={"model": self.winner["model"],
+                                            "input_size": self.winner.get("input_size", self.input_size),
                                             "model_kwargs": dict(self.winner["model_kwargs"])})
         return recipe.model_copy(update={"student": chosen})
 
@@ -454,8 +469,9 @@ def search_key(recipe: Recipe, settings: SearchConfig, teacher_weights: Path | N
 
     auto = recipe.model_copy(update={"student": (recipe.student or StudentConfig(model=AUTO, search=settings))
                                      .model_copy(update={"model": AUTO, "model_kwargs": {}})})
+    unset = {"device_profile"} | ({"sizes"} if not settings.sizes else set())  # as recorded before sizes existed
     parts = {"student": stage_fingerprint(auto, "student", teacher_weights) if teacher_weights else None,
-             "search": settings.model_dump(mode="json", exclude={"device_profile"}),
+             "search": settings.model_dump(mode="json", exclude=unset),
              "profile": file_hash(Path(settings.device_profile)) if settings.device_profile else None,
              "size": search_size(recipe), "race": race_on}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -498,25 +514,27 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
     students_dir = runs_dir / recipe.name / layout.STUDENTS
     teacher_weights = teacher_weights_for(recipe, runs_dir) if race_on else None
     profile = read_profile(Path(settings.device_profile), settings) if settings.device_profile else None
-    size = search_size(recipe)
+    sizes = search_sizes(recipe, settings)
     names = list(settings.candidates) or default_candidates()
     num_classes = load_dataset(recipe.data, recipe.seed).num_classes
     configs, rows, skipped = {}, [], {}
-    for number, name in enumerate(names, 1):
-        say(f"candidate {number}/{len(names)}: {name} -> {settings.format}")
+    pairs = [(name, size) for name in names for size in sizes]
+    for number, (name, size) in enumerate(pairs, 1):
+        label = candidate_label(name, size, sizes)
+        say(f"candidate {number}/{len(pairs)}: {label} -> {settings.format}")
         try:
-            configs[name] = candidate_config(recipe, name, size)
-            rows.append(profile_candidate(recipe, configs[name], settings, students_dir, num_classes))
+            configs[label] = candidate_config(recipe, name, size)
+            rows.append(profile_candidate(recipe, configs[label], settings, students_dir, num_classes, name=label))
         except KdforgeError as exc:
-            skipped[name] = str(exc)
+            skipped[label] = str(exc)
     if profile is not None:
         rows, missing = apply_profile(rows, profile)
         skipped.update(missing)
     rows = rank(rows, settings.budget_ms, settings.max_memory_mb)
-    latency = {row.model: budget_latency(row) for row in rows}
-    fitting = [row.model for row in rows if row.fits][: settings.race_size]
+    latency = {row.name: budget_latency(row) for row in rows}
+    fitting = [row.name for row in rows if row.fits][: settings.race_size]
     say(f"{sum(row.fits for row in rows)} of {len(rows)} candidates within {settings.budget_ms:g} ms: " + ", ".join(
-        f"{row.model} {row.latency_p50_ms:.2f} ms" for row in rows if row.fits)
+        f"{row.name} {row.latency_p50_ms:.2f} ms" for row in rows if row.fits)
         + (f"; racing the fastest {len(fitting)}" if race_on and len(fitting) > 1 else ""))
     rounds: list[dict[str, Any]] = []
     if len(fitting) > 1 and race_on:
@@ -527,10 +545,11 @@ def search_students(recipe: Recipe, settings: SearchConfig, runs_dir: Path = Pat
         winner_name = fitting[0] if fitting else None
     winner = None
     if winner_name is not None:
-        row = next(row for row in rows if row.model == winner_name)
-        winner = {"model": winner_name, "model_kwargs": row.model_kwargs, "latency_p50_ms": row.latency_p50_ms,
-                  "bytes": row.bytes, "params": row.params,
-                  "val_top1": rounds[-1]["val_top1"][winner_name] if rounds else None}
+        row = next(row for row in rows if row.name == winner_name)
+        winner = {"model": row.model, "input_size": row.input_size, "name": winner_name,
+                  "model_kwargs": row.model_kwargs, "latency_p50_ms": row.latency_p50_ms, "bytes": row.bytes,
+                  "params": row.params, "val_top1": rounds[-1]["val_top1"][winner_name] if rounds else None}
+    size = winner["input_size"] if winner else sizes[0]
     result = SearchResult(settings.model_dump(mode="json"), size, [asdict(row) for row in rows], skipped, rounds,
                           winner, search_key(recipe, settings, teacher_weights, race_on), machine(),
                           profile.get("machine") if profile else None, round(time.perf_counter() - started, 1))

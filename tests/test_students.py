@@ -211,7 +211,7 @@ def test_an_auto_student_is_chosen_distilled_checked_against_its_budget_and_reus
     before = {p: p.stat().st_mtime_ns for p in (run / layout.STUDENTS).rglob("*") if p.is_file()}
     again = runner.invoke(cli, ["distill", str(path), "--runs-dir", str(runs)])
     assert again.exit_code == 0, again.output
-    assert f"student: {winner} (chosen earlier, reused" in again.output
+    assert f"student: {winner} at 32x32 (chosen earlier, reused" in again.output
     assert "race round" not in again.output
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing searched, raced or re-timed
 
@@ -252,3 +252,64 @@ def test_a_budget_nothing_meets_stops_the_chain_naming_the_fastest(auto_chain):
     chosen = load_recipe(path.parent / "chosen.toml")
     assert chosen.student.model in ("test_convnext", "test_efficientnet") and chosen.student.search.budget_ms == 1000
     assert chosen.export.formats == ["onnx"]  # the searched format, so its chain checks the budget too
+
+
+@pytest.mark.slow  # exports and trains
+def test_a_search_over_two_sizes_picks_a_model_and_its_size_and_the_chain_serves_it_at_that_size(
+        tmp_path, synth_root):
+    """[student.search] sizes: every (model, size) is exported, timed and raced; "auto" resolves to a model AND a
+    size, which the chain trains, exports, verifies and serves (the server's input spec, both protocols); the
+    teacher keeps its own size; a second search reuses the size-keyed exports."""
+    from fastapi.testclient import TestClient
+
+    from kdforge.recipe import load_recipe
+    from kdforge.serve.app import create_app
+    from kdforge.students import search_settings, search_students
+
+    path = auto_recipe(tmp_path, synth_root, """
+        [student.search]
+        budget_ms = 1000
+        candidates = ["test_convnext", "test_efficientnet"]
+        sizes = [32, 48]
+        race_steps = 6
+        repeats = 5
+        """, name="sized")
+    runs = tmp_path / "runs"
+    done = runner.invoke(cli, ["distill", str(path), "--runs-dir", str(runs)])
+    assert done.exit_code == 0, done.output
+    record = json.loads((runs / "sized" / layout.STUDENTS / layout.STUDENTS_RECORD).read_text())
+    assert sorted(row["name"] for row in record["rows"]) == sorted(
+        f"{model}@{size}" for model in ("test_convnext", "test_efficientnet") for size in (32, 48))
+    winner, size = record["winner"]["model"], record["winner"]["input_size"]
+    assert record["winner"]["name"] == f"{winner}@{size}" and record["race"][-1]["kept"] == [f"{winner}@{size}"]
+    summary = json.loads((runs / "sized" / layout.SUMMARY).read_text())
+    assert summary["student"]["model"] == winner and summary["student"]["input_size"] == size
+    assert summary["teacher"]["input_size"] == 32  # the teacher sees its own resize of the same images
+    export = Path(summary["exports"]["onnx"]["artifact"]).parent
+    meta = json.loads((export / layout.METADATA).read_text())
+    assert meta["input_size"] == size and json.loads((export / layout.VERIFY).read_text())["onnx"]["passed"]
+    client = TestClient(create_app(export))
+    assert client.get("/metadata").json()["input_size"] == size
+    described = client.get(f"/v2/models/{meta['recipe']}").json()
+    assert described["inputs"][1]["shape"] == [-1, 3, size, size]
+    assert f"student: {winner} at {size}x{size} (chosen" in done.output
+
+    recipe = load_recipe(path)
+    again = search_students(recipe, search_settings(recipe), tmp_path / "again-runs", race_on=False, consumers=[])
+    assert any(row["export_s"] is not None for row in again.rows)  # another runs folder: exported anew
+    reused = search_students(recipe, search_settings(recipe), tmp_path / "again-runs", race_on=False, consumers=[])
+    assert all(row["export_s"] is None for row in reused.rows)  # each (model, size) export folder reused
+
+
+def test_sizes_are_checked_as_the_recipe_is(tmp_path, synth_root):
+    from kdforge.recipe import load_recipe
+
+    path = auto_recipe(tmp_path, synth_root, """
+        [student.search]
+        budget_ms = 1
+        sizes = [32, 32]
+        """)
+    with pytest.raises(RecipeError, match="sizes lists a size twice"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="sizes"):
+        load_recipe(path, ["student.search.sizes=[4]"])
