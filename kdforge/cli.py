@@ -169,6 +169,23 @@ def data_shard(
               f"{escape(str(result.out))}", highlight=False)
 
 
+@data_app.command("index")
+def data_index(
+    shards_dir: Annotated[Path, typer.Argument(help="A shards folder: classes.txt and {train,test}/*.tar.")],
+) -> None:
+    """Write index.json beside WebDataset shards: every sample's shard, offset, length and label, and each shard's
+    sha256. Served with the shards over HTTP(S), it lets a recipe read them by range requests
+    ([data] root = "https://host/FOLDER"). `kdforge data shard` writes it too; this is for shards made elsewhere.
+
+    Example:  kdforge data index data/photos-shards
+    """
+    from kdforge.data.shards import write_index
+
+    with user_errors():
+        path = write_index(shards_dir)
+    out.print(f"wrote {escape(str(path))}", highlight=False)
+
+
 @contextlib.contextmanager
 def user_errors(interrupted: str = RESUMABLE) -> Iterator[None]:
     """The CLI's one error boundary: library errors (every KdforgeError: recipes, data, checkpoints, exports,

@@ -164,6 +164,9 @@ class CandidateRow:
     input_size: int = 0  # the size it was built and timed at
     name: str = ""  # its label: the model, or "model@size" when the search has several sizes
 
+    def __post_init__(self) -> None:
+        self.name = self.name or self.model
+
 
 def candidate_recipe(recipe: Recipe, cfg: StudentConfig, settings: SearchConfig, students_dir: Path) -> Recipe:
     """The recipe a candidate is exported with: the user's, the candidate as student (formats are named by the

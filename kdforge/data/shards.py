@@ -14,7 +14,9 @@ temporary file renamed when complete: a killed run leaves whole shards only, and
 the missing ones (the assignment of images to shards is a pure function of the sorted file list).
 
 kdforge reads shards by position: `tarfile` lists each member's offset once, and a worker reads one image's
-bytes directly, so shuffling, resuming and splitting across processes work as for an ImageFolder.
+bytes directly, so shuffling, resuming and splitting across processes work as for an ImageFolder. `DIR/index.json`
+records those positions (each sample's shard, offset, length and label, each shard's sha256): shards served over
+HTTP(S) are read through it by range requests (`data/remote.py`), `root = "https://host/DIR"`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdforge.data import remote
 from kdforge.data.imagefolder import SPLITS, FolderIndex, SplitIndex, scan_imagefolder
 from kdforge.data.stream import SampleRef
 from kdforge.errors import DataError
@@ -105,6 +108,7 @@ def write_shards(imagefolder: str | Path, out: str | Path, shard_size: int = 100
                 raise DataError(f"writing {path}: {exc.strerror or exc}") from None
             written += 1
             notify(consumers, f"{split}: {path.name} ({min(start + shard_size, len(data.refs)):,}/{len(data.refs):,})")
+    write_index(out)
     return ShardResult(out, written, kept, {split: len(data.refs) for split, data in index.splits.items()})
 
 
@@ -148,9 +152,64 @@ def _member(image: Path, max_size: int | None) -> tuple[str, bytes]:
     return "jpg", stream.getvalue()
 
 
+def write_index(root: str | Path) -> Path:
+    """DIR/index.json: every sample's place (shard, offset, length) and label, and each shard's sha256, read from
+    the shards themselves (`kdforge data index DIR` for shards written by other tools or older kdforge)."""
+    root = Path(root)
+    listing = scan_shards(root)
+    index: dict = {"kind": remote.INDEX_KIND, "version": 1, "classes": list(listing.classes), "splits": {}}
+    for split, data in listing.splits.items():
+        shards: dict[str, dict] = {}
+        for ref, label in zip(data.refs, data.labels, strict=True):
+            name = Path(ref.path).relative_to(root).as_posix()
+            if name not in shards:
+                shards[name] = {"shard": name, "sha256": file_hash(Path(ref.path)), "samples": []}
+            shards[name]["samples"].append([ref.offset, ref.length, int(label)])
+        index["splits"][split] = list(shards.values())
+    try:
+        write_json(root / remote.INDEX, index)
+    except OSError as exc:
+        raise DataError(f"cannot write {root / remote.INDEX}: {exc.strerror}") from None
+    return root / remote.INDEX
+
+
+def scan_remote(root: str) -> FolderIndex:
+    """The samples of shards served at the URL `root`, from its index.json: each image a range of its shard's URL
+    (tagged with the shard's sha256, what the decode cache keys on), its label checked against the classes."""
+    index = remote.read_index(root)
+    base = root.rstrip("/")
+    try:
+        classes = tuple(index["classes"])
+        if not classes or len(set(classes)) != len(classes) or not all(isinstance(c, str) for c in classes):
+            raise ValueError("the class names must be distinct strings")
+        splits = {}
+        for split in SPLITS:
+            refs, labels = [], []
+            for shard in index["splits"][split]:
+                name = str(shard["shard"])
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise ValueError(f"shard path {name!r} leaves the dataset's folder")
+                for offset, length, label in shard["samples"]:
+                    if not (isinstance(offset, int) and isinstance(length, int) and isinstance(label, int)
+                            and offset >= 0 and length >= 0 and 0 <= label < len(classes)):
+                        raise ValueError(f"{name}: sample {[offset, length, label]} is not an offset, a length and "
+                                         f"a label below {len(classes)}")
+                    refs.append(SampleRef(f"{base}/{name}", offset, length, version=str(shard["sha256"])))
+                    labels.append(label)
+            if not refs:
+                raise ValueError(f"no samples in the {split} split")
+            splits[split] = SplitIndex(refs, labels)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{base}/{remote.INDEX}: not a whole shards index ({exc}); write it again with `kdforge data "
+                        f"index`") from None
+    return FolderIndex(classes, splits, "WebDataset over HTTP")
+
+
 def scan_shards(root: str | Path) -> FolderIndex:
     """List the samples of the shards in `root` (see the module docstring): where each image's bytes are, and its
-    label, reading only the tar headers and the small .cls members."""
+    label, reading only the tar headers and the small .cls members; a URL root through its index.json."""
+    if remote.is_url(root):
+        return scan_remote(str(root))
     root = Path(root)
     if not (root / CLASSES).is_file():
         raise DataError(f"WebDataset dataset: {root / CLASSES} is missing (one class name a line; `kdforge data "

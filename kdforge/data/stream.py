@@ -43,13 +43,18 @@ if TYPE_CHECKING:
 class SampleRef:
     """Where one image's bytes are: `path` itself (length < 0), or `length` bytes at `offset` in the tar `path`."""
 
-    path: str
+    path: str  # a file, or the URL of a shard served over HTTP(S) (data/remote.py)
     offset: int = 0
     length: int = -1
+    version: str = ""  # a remote shard's sha256 (what the decode cache keys on instead of size and mtime)
 
     def read(self) -> bytes | Path:
         if self.length < 0:
             return Path(self.path)
+        if self.version:
+            from kdforge.data.remote import fetch
+
+            return fetch(self.path, self.offset, self.length)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             return f.read(self.length)

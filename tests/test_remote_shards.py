@@ -1,0 +1,133 @@
+"""WebDataset shards served over HTTP by nginx (a real server honoring Range; .ci/run installs Debian's) and read
+by range requests through index.json: the same images and labels as the local shards, streamed by workers or
+through the decode cache; a connection cut mid-image is retried; a dead server or a missing index is one error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge.data import load_dataset, remote
+from kdforge.data.shards import scan_shards
+from kdforge.errors import DataError
+
+from .test_streaming import PHOTOS, multiset, photo_recipe, photos  # noqa: F401 - the photos fixture
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(photos, tmp_path_factory):  # noqa: F811 - the fixture imported above
+    """nginx serving the photos' folder on 127.0.0.1: the shards' URL."""
+    if not os.access(NGINX, os.X_OK):
+        pytest.skip("nginx is not installed (.ci/run installs Debian's)")
+    work, port = tmp_path_factory.mktemp("nginx"), free_port()
+    temp = "".join(f"{kind}_temp_path {work}/{kind};\n" for kind in
+                   ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (work / "nginx.conf").write_text(
+        f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\nworker_processes 1;\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")  # the workers read pytest's 0700 folders
+        + "events {}\n"
+        f"http {{\n access_log off;\n {temp} types {{ application/json json; application/x-tar tar; }}\n"
+        f" server {{ listen 127.0.0.1:{port}; root {photos}; location / {{ }} }}\n}}\n")
+    server = subprocess.Popen([NGINX, "-c", str(work / "nginx.conf"), "-p", str(work)], stderr=subprocess.PIPE)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/shards"
+    server.terminate()
+    server.wait(10)
+
+
+def test_http_shards_hold_exactly_the_local_shards_samples(photos, served):  # noqa: F811
+    local, over_http = scan_shards(photos / "shards"), scan_shards(served)
+    assert over_http.classes == local.classes
+    for split in ("train", "test"):
+        mine, theirs = local.splits[split], over_http.splits[split]
+        assert theirs.labels == mine.labels
+        assert [ref.read() for ref in theirs.refs] == [ref.read() for ref in mine.refs]  # byte for byte, in order
+        assert all(ref.path.startswith(served) and ref.version for ref in theirs.refs)
+
+
+@pytest.mark.parametrize("in_memory", ["false", "true"])
+def test_a_recipe_reads_http_shards_as_it_reads_local_ones(photos, served, tmp_path, in_memory):  # noqa: F811
+    """Streamed by 2 DataLoader workers (each its own connection), or decoded once into the decode cache (keyed by
+    each shard's sha256): the same (image, label) multiset per split as the local shards."""
+    body = f"in_memory = {in_memory}\n"
+    local = load_dataset(photo_recipe(tmp_path, photos / "shards", "webdataset", body).data, seed=0)
+    over_http = load_dataset(photo_recipe(tmp_path, served, "webdataset", body, name="remote").data, seed=0)
+    assert over_http.streamed == (in_memory == "false")
+    for split in ("train", "val", "test"):
+        a, b = getattr(local, split), getattr(over_http, split)
+        everything = torch.arange(len(a))
+        assert multiset(a.images[everything], a.labels) == multiset(b.images[everything], b.labels)
+    if in_memory == "false":  # training views: a pure function of (seed, epoch, image), wherever the bytes are
+        idx = torch.tensor([3, 0, 11])
+        assert torch.equal(local.train.images.views(idx, 5, 1), over_http.train.images.views(idx, 5, 1))
+
+
+def cutting_proxy(target_port: int, cuts: int) -> tuple[int, list[int]]:
+    """A TCP proxy to nginx that closes each of its first `cuts` connections after forwarding the response's first
+    bytes (a connection dropped mid-image); the list counts connections."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen: list[int] = []
+
+    def pipe(client: socket.socket, number: int) -> None:
+        upstream = socket.create_connection(("127.0.0.1", target_port))
+        with client, upstream:
+            while True:
+                request = client.recv(65536)
+                if not request:
+                    return
+                upstream.sendall(request)
+                answer = upstream.recv(65536)
+                if number <= cuts:
+                    client.sendall(answer[: answer.index(b"\r\n\r\n") + 10])  # headers and 6 bytes of the body
+                    return
+                client.sendall(answer)
+
+    def accept() -> None:
+        while True:
+            client, _ = listener.accept()
+            seen.append(len(seen) + 1)
+            threading.Thread(target=pipe, args=(client, len(seen)), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1], seen
+
+
+def test_a_connection_cut_mid_image_is_retried_and_a_dead_server_is_one_error(photos, served, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    ref = scan_shards(served).splits["train"].refs[4]
+    expected = ref.read()
+    assert len(expected) > 64  # the cut leaves most of the image unsent
+    port = int(served.rsplit(":", 1)[1].split("/")[0])
+    proxy, seen = cutting_proxy(port, cuts=2)
+    url = ref.path.replace(f":{port}/", f":{proxy}/")
+    assert remote.fetch(url, ref.offset, ref.length) == expected  # after two cut connections
+    assert len(seen) == 3
+
+    dead = f"http://127.0.0.1:{free_port()}/shards"
+    with pytest.raises(DataError, match=rf"{dead}/index.json: cannot read it after {remote.RETRIES + 1} tries"):
+        scan_shards(dead)
+    with pytest.raises(DataError, match="HTTP 404"):
+        scan_shards(served.replace("/shards", "/folder"))  # an ImageFolder has no index.json
