@@ -19,7 +19,7 @@ LAYERS = [
                     "kdforge.fileio", "kdforge.phases", "kdforge.images", "kdforge.formats", "kdforge.rng",
                     "kdforge.metrics", "kdforge.checkpoint", "kdforge.sessions", "kdforge.host",
                     "kdforge.timing", "kdforge.model_names", "kdforge.parity", "kdforge.device"]),
-    ("recipe", ["kdforge.recipe", "kdforge.plan"]),
+    ("recipe", ["kdforge.recipe", "kdforge.plan", "kdforge.reference"]),
     ("data and losses", ["kdforge.data", "kdforge.data.*", "kdforge.distill", "kdforge.distill.losses"]),
     ("lookups", ["kdforge.locate", "kdforge.card"]),
     ("models and runtime", ["kdforge.runtime", "kdforge.models", "kdforge.tracking"]),

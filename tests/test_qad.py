@@ -149,7 +149,7 @@ def test_int8_accuracy_benchmark_smoke(make_recipe, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {recipe} | 0 |")]
-    assert len(rows) == 1 and rows[0].count("%") == 3  # FP32 top-1, PTQ and QAD agreement
+    assert len(rows) == 1 and rows[0].count("%") == 4  # FP32 top-1, PTQ, bias correction and QAD agreement
     assert (tmp_path / "runs" / "tiny-seed0" / "qad" / "student.qad.onnx").is_file()
 
 

@@ -148,9 +148,9 @@ def test_evaluation_memory_does_not_grow_with_the_number_of_batches():
 
 def _inject(monkeypatch, error: Exception, when_training: bool, after: int) -> None:
     """Every model the stages create raises `error` on its forward number `after` + 1 in training (or eval)."""
-    import kdforge.train.stages as stages
+    import kdforge.train.assemble as assemble  # where every training run's model is built
 
-    real_create = stages.create_model
+    real_create = assemble.create_model
     calls = [0]
 
     def hook(module, inputs):
@@ -164,7 +164,7 @@ def _inject(monkeypatch, error: Exception, when_training: bool, after: int) -> N
         model.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(stages, "create_model", create)
+    monkeypatch.setattr(assemble, "create_model", create)
 
 
 @pytest.mark.slow

@@ -319,9 +319,9 @@ def test_mixup_mixes_what_the_teacher_and_the_student_both_see(photos, tmp_path)
         return inner
 
     with pytest.MonkeyPatch.context() as patch:
-        import kdforge.train.stages as stages
+        import kdforge.train.assemble as assemble
 
-        patch.setattr(stages, "create_distill_objective", spying)
+        patch.setattr(assemble, "create_distill_objective", spying)
         train_stage(recipe, "teacher", runs_dir=tmp_path / "runs", consumers=QUIET)
         result = train_stage(recipe, "student", runs_dir=tmp_path / "runs", consumers=QUIET)
     assert result.steps == 10 and len(seen) == 10

@@ -208,7 +208,7 @@ def test_a_loss_that_becomes_nan_stops_training_before_a_checkpoint_is_written(m
 
         return nan_from_step_3
 
-    monkeypatch.setattr("kdforge.train.stages.cross_entropy_objective", poisoned)
+    monkeypatch.setattr("kdforge.train.assemble.cross_entropy_objective", poisoned)
     recipe = load_recipe(make_recipe(TINY_MODELS), ["train.log_every=50", "train.checkpoint_every=4"])
     with pytest.raises(KdforgeError, match=r"loss became nan between steps 1 and 4; lower train.lr"):
         train_stage(recipe, "baseline", runs_dir=tmp_path / "runs", consumers=[])
