@@ -968,8 +968,9 @@ def serve(
              "kdforge.serve.probe BUNDLE --verify` there).", envvar="KDFORGE_DEVICE_REPORT")] = None,
 ) -> None:
     """Serve an exported student over HTTP (or HTTPS with --ssl-certfile/--ssl-keyfile): POST /predict,
-    /predict/batch; GET /healthz, /metadata. SIGTERM or Ctrl-C stops it cleanly (exit 0): running requests
-    finish, waiting ones get 503.
+    /predict/batch; GET /healthz, /metadata, /metrics (Prometheus); and the Open Inference Protocol under /v2
+    (Triton's and KServe's clients). SIGTERM or Ctrl-C stops it cleanly (exit 0): running requests finish,
+    waiting ones get 503.
 
     Example:  kdforge serve exports/quickstart --port 8000
               curl --data-binary @image.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
