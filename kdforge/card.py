@@ -29,10 +29,14 @@ class PublishError(KdforgeError):
     """Nothing was uploaded: no network, no token, or a folder without a verified file."""
 
 
-def verified_formats(export_dir: Path) -> dict[str, dict[str, Any]]:
-    """The formats whose current file passed verification: {format: its verify.json entry}."""
-    meta = read_metadata(export_dir)
+def read_records(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The export's metadata.json and verify.json (empty when nothing was verified), read once per card."""
     verified = read_json(export_dir / layout.VERIFY) if (export_dir / layout.VERIFY).is_file() else {}
+    return read_metadata(export_dir), verified
+
+
+def verified_formats(meta: dict[str, Any], verified: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The formats whose current file passed verification: {format: its verify.json entry}."""
     return {name: report for name, report in verified.items()
             if report.get("passed") and name in meta["formats"]
             and report.get("artifact_sha256") == meta["formats"][name]["sha256"]}
@@ -52,19 +56,17 @@ def run_recipe(meta: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
         return None, {}
 
 
-def card_data(export_dir: Path) -> dict[str, Any]:
+def card_data(meta: dict[str, Any], verified: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
     """The card's YAML metadata (a dict huggingface_hub's ModelCardData reads)."""
-    meta = read_metadata(export_dir)
-    _, recipe = run_recipe(meta)
     dataset = recipe.get("data", {}).get("dataset", "synthetic")
     hub_id, dataset_name = HUB_DATASETS.get(dataset, (dataset, dataset))
     metrics = []
-    for name, report in verified_formats(export_dir).items():
+    for name, report in verified_formats(meta, verified).items():
         metrics += [{"type": "accuracy", "value": round(100 * report["candidate_top1"], 2),
                      "name": f"test top-1 ({name}, {report['candidate']})"},
                     {"type": "agreement", "value": round(100 * report["agreement"], 2),
                      "name": f"top-1 agreement with the PyTorch student ({name})"}]
-    for row in device_rows(export_dir):
+    for row in device_rows(meta, verified):
         metrics.append({"type": "agreement", "value": round(100 * row["agreement"], 2),
                         "name": f"top-1 agreement on {row['device']} ({row['format']}, {row['runtime']})"})
     data: dict[str, Any] = {
@@ -81,10 +83,8 @@ def card_data(export_dir: Path) -> dict[str, Any]:
     return data
 
 
-def device_rows(export_dir: Path) -> list[dict[str, Any]]:
+def device_rows(meta: dict[str, Any], verified: dict[str, Any]) -> list[dict[str, Any]]:
     """The device verdicts verify.json holds for the export's current files (`kdforge verify --device-report`)."""
-    meta = read_metadata(export_dir)
-    verified = read_json(export_dir / layout.VERIFY) if (export_dir / layout.VERIFY).is_file() else {}
     return [{"device": name, "format": fmt, "runtime": record.get("runtime") or "?", "passed": record["passed"],
              "agreement": record.get("agreement") or 0.0}
             for fmt, entry in meta["formats"].items()
@@ -95,9 +95,9 @@ def card_text(export_dir: Path) -> str:
     """The whole card: YAML front matter, then what the export is and how it was verified."""
     import yaml
 
-    meta = read_metadata(export_dir)
+    meta, records = read_records(export_dir)
     recipe_path, recipe = run_recipe(meta)
-    verified = verified_formats(export_dir)
+    verified = verified_formats(meta, records)
     teacher = recipe.get("teacher", {}).get("model", "?")
     lines = [f"# {meta['recipe']}: {meta['model']}", "",
              f"A {meta['model']} student ({meta['stage']} stage) distilled by kdforge from a {teacher} teacher, "
@@ -115,7 +115,7 @@ def card_text(export_dir: Path) -> str:
                      f"| {100 * r['agreement']:.2f}% | {r['max_abs_diff']:.3g} | {r['count']} |")
     if not verified:
         lines.append("| (none passed) | | | | | | | |")
-    rows = device_rows(export_dir)
+    rows = device_rows(meta, records)
     if rows:
         lines += ["", "## On the device", "", "| device | format | runtime | passed | agreement |",
                   "|---|---|---|---|---|"]
@@ -134,7 +134,7 @@ def card_text(export_dir: Path) -> str:
               f"ONNX opset {meta['opset']}, exported {meta['exported_at']}",
               f"- serve it: `kdforge serve FOLDER` or the kdforge container (HTTP /predict and the Open Inference "
               f"Protocol at /v2/models/{meta['recipe']}/infer)", ""]
-    front = yaml.safe_dump(card_data(export_dir), sort_keys=False, allow_unicode=True)
+    front = yaml.safe_dump(card_data(meta, records, recipe), sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n\n" + "\n".join(lines)
 
 
@@ -149,8 +149,8 @@ def publish_files(export_dir: Path) -> dict[str, Path]:
     (metadata, verify with the device verdicts, bench), each verified file, and the run's recipe; never anything else of
     the runs folder (checkpoints, logs) and never a file that did not pass verification."""
     export_dir = Path(export_dir)
-    meta = read_metadata(export_dir)
-    verified = verified_formats(export_dir)
+    meta, records = read_records(export_dir)
+    verified = verified_formats(meta, records)
     if not verified:
         raise PublishError(f"{export_dir} holds no verified file: run `kdforge verify {export_dir}` first")
     files = {CARD: export_dir / CARD}

@@ -81,7 +81,9 @@ def recipe_reference() -> str:
             rows.append(f"| `{name}` | `{_plain(kind)}` | {_default(field)} | {note.replace('|', '/')} |")
         if rows:
             title = path if path == "(top level)" else f"[{path}]"
-            doc = (inspect.getdoc(model) or "").split("\n\n")[0].replace("\n", " ") if model is not Recipe else ""
-            parts += [f"### {title}", "", *([doc, ""] if doc and model.__doc__ else []),
+            # the section's own docstring only (inspect.getdoc would hand down pydantic's BaseModel one)
+            doc = (model.__doc__ or "").strip().split("\n\n")[0] if model is not Recipe else ""
+            doc = " ".join(doc.split())
+            parts += [f"### {title}", "", *([doc, ""] if doc else []),
                       "| key | type | default | what it does |", "|---|---|---|---|", *rows, ""]
     return "\n".join(parts)

@@ -98,7 +98,6 @@ def _body(url: str, answer: http.client.HTTPResponse, ranged: bool, length: int 
         answer.close()
         raise DataError(f"{url}: {int(declared):,} bytes, more than the {limit:,} allowed")
     if ranged and answer.status != 206:
-        answer.read(0)
         answer.close()
         raise DataError(f"{url}: the server ignored the range request (HTTP {answer.status}, not 206): shards are "
                         f"read by position; serve them from a server that honors Range (nginx, S3, most CDNs)")
