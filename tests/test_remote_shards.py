@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from kdforge.data import load_dataset, remote
 from kdforge.data.shards import scan_shards
 from kdforge.errors import DataError
 
+from .test_serve import wait_for_port
 from .test_streaming import PHOTOS, multiset, photo_recipe, photos  # noqa: F401 - the photos fixture
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -44,12 +44,7 @@ def served(photos, tmp_path_factory):  # noqa: F811 - the fixture imported above
         f"http {{\n access_log off;\n {temp} types {{ application/json json; application/x-tar tar; }}\n"
         f" server {{ listen 127.0.0.1:{port}; root {photos}; location / {{ }} }}\n}}\n")
     server = subprocess.Popen([NGINX, "-c", str(work / "nginx.conf"), "-p", str(work)], stderr=subprocess.PIPE)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_port(port, 5.0)
     yield f"http://127.0.0.1:{port}/shards"
     server.terminate()
     server.wait(10)

@@ -223,20 +223,28 @@ def start_server(export_dir: Path, *options: str, output=subprocess.DEVNULL) -> 
     """`python -m kdforge.serve EXPORT_DIR OPTIONS` on a free port, as a server runs: (the process, its port), once it
     accepts connections."""
     import socket
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "kdforge.serve", str(export_dir), "--port", str(port), *options],
                               stdout=output, stderr=subprocess.STDOUT, text=True)
-    for _ in range(200):
+    wait_for_port(port)
+    return server, port
+
+
+def wait_for_port(port: int, seconds: float = 20.0) -> None:
+    """Until something accepts connections on 127.0.0.1:`port` (a server starting), at most `seconds`."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return
         except OSError:
-            time.sleep(0.1)
-    return server, port
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
