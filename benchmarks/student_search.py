@@ -9,6 +9,9 @@ fixed student over seeds.
     # cost against one distillation
     .venv/bin/python benchmarks/student_search.py compare --budget-ms 0.5
 
+    # the size axis: one search over sizes 24 and 32 and one per size, same budget; each choice distilled over seeds
+    .venv/bin/python benchmarks/student_search.py sizes --sizes 24 32 --budget-ms 0.3
+
 `compare` reuses the fixed student's runs of benchmarks/distill_methods.py (runs/quickstart-kd-seedS) when they are
 there, and every finished stage.
 """
@@ -115,21 +118,74 @@ def compare(args: argparse.Namespace) -> None:
             f"{model} {top1 * 100:.1f}%" for model, top1 in sorted(entry["val_top1"].items(), key=lambda kv: -kv[1])))
 
 
+def sizes(args: argparse.Namespace) -> None:
+    """The size axis, measured: one search over every size in --sizes and one search per single size, all under
+    the same budget, then each distinct choice distilled over the seeds from the same teacher; the sized choice's
+    test top-1 against each single-size choice's, paired by seed."""
+    runs = Path(args.runs)
+    recipe = load_recipe(RECIPES / f"{args.recipe}.toml", args.overrides)
+    searches = {"sized": list(args.sizes), **{f"{size} only": [size] for size in args.sizes}}
+    chosen: dict[str, tuple[str, int, float]] = {}  # search -> (model, size, p50 ms)
+    chosen_recipes = {}
+    for label, search_sizes in searches.items():
+        settings = search_settings(recipe, format=args.format, budget_ms=args.budget_ms, threads=args.threads,
+                                   candidates=args.candidates or None, sizes=search_sizes)
+        search = choose_student(recipe, settings, runs, race_on=True)
+        if search.winner is None:
+            print(f"{label}: no candidate fits {args.budget_ms:g} ms")
+            continue
+        chosen[label] = (search.winner["model"], search.winner["input_size"], search.winner["latency_p50_ms"])
+        print(f"{label} ({search.wall_s:.0f} s): chose {search.winner['model']}@{search.winner['input_size']} "
+              f"({search.winner['latency_p50_ms']:.3f} ms)", flush=True)
+        chosen_recipes[label] = search.resolved(recipe)
+    students = {(model, size): chosen_recipes[label] for label, (model, size, _) in chosen.items()}
+    teacher = stage_dir(runs, recipe.name, "teacher")  # the searches' teacher: every student learns from it
+    top1: dict[tuple[str, int], dict[int, float]] = {key: {} for key in students}
+    for seed in args.seeds:
+        for (model, size), base in students.items():
+            variant = base.model_copy(update={
+                "name": f"{recipe.name}-{model}-{size}",
+                "distill": base.distill.model_copy(update={"baseline": False}),
+                "export": base.export.model_copy(update={"formats": []}),
+                "quantize": base.quantize.model_copy(update={"enabled": False})})
+            print(f"== seed {seed}, {model}@{size}", flush=True)
+            summary = run_distill(seed_recipe(variant, seed, teacher), runs, consumers=[ProgressDisplay()])
+            result = json.loads((Path(summary.student["stage_dir"]) / "result.json").read_text())
+            top1[(model, size)][seed] = 100 * result["top1"]
+
+    print(f"\n{recipe.name}: budget {args.budget_ms:g} ms p50 on {args.format} (batch 1, {args.threads} threads), "
+          f"sizes {args.sizes}, {len(args.seeds)} seeds, on {describe_machine(machine())}")
+    print("| search | chosen | p50 ms | test top-1 | sized choice vs this (points, paired) | 95% CI |")
+    print("|---|---|---|---|---|---|")
+    sized = chosen.get("sized")
+    for label, (model, size, latency) in chosen.items():
+        test = mean_sd([top1[(model, size)][s] for s in args.seeds])
+        row = f"| {label} | {model}@{size} | {latency:.3f} | {test[0]:.2f} +- {test[1]:.2f} |"
+        if sized and label != "sized":
+            diff = gain_interval([top1[sized[:2]][s] - top1[(model, size)][s] for s in args.seeds])
+            ci = f"[{diff['ci'][0]:+.2f}, {diff['ci'][1]:+.2f}]" if diff["ci"] else "-"
+            row += f" {diff['mean']:+.2f} +- {diff['sd']:.2f} | {ci} |"
+        else:
+            row += " - | - |"
+        print(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["table", "compare"])
+    parser.add_argument("mode", choices=["table", "compare", "sizes"])
     parser.add_argument("--recipe", default="quickstart", help="a name in recipes/")
     parser.add_argument("--size", type=int, default=224, help="table: the input size of every candidate")
     parser.add_argument("--formats", nargs="+", default=["onnx", "int8", "openvino"], help="table: formats")
     parser.add_argument("--format", default="onnx", help="compare: the format searched")
     parser.add_argument("--budget-ms", type=float, default=0.5, help="compare: the latency budget")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[24, 32], help="sizes: the input sizes searched")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--candidates", nargs="*", default=[], help="default: the curated list")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides")
     args = parser.parse_args()
-    table(args) if args.mode == "table" else compare(args)
+    {"table": table, "compare": compare, "sizes": sizes}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,18 @@ from kdforge.report import plot_candidates
 
 WARMUP = 5
 # Edge-friendly timm families, small to medium (the ones this timm lacks are left out): mobile CNNs, efficient
-# hybrids and ViTs, and the small ResNets/RegNets as references. All build with random weights, offline.
+# hybrids and ViTs, and the small ResNets/RegNets as references; then backbones designed for CPUs (PP-LCNet and
+# PP-HGNetV2, MobileNetV1, MnasNet, TinyNet, StarNet, SHViT, EfficientViT-B) and re-parameterized ones (MobileOne,
+# RepGhost; exported fused). All build with random weights, offline, and export to ONNX at 224. Left out:
+# fbnetv3_b, efficientformerv2_s0 and ghostnetv2_100 export but ran 7-8 ms at 224 where the added ones run 1-5 ms
+# (batch 1, 2-core Xeon), fastvit_mci0 23 ms.
 DEFAULT_CANDIDATES = (
     "mobilenetv3_small_050", "mobilenetv3_small_100", "mobilenetv3_large_100", "mobilenetv4_conv_small",
     "lcnet_100", "efficientnet_lite0", "efficientnet_b0", "ghostnet_100", "repvit_m0_9", "fastvit_t8",
     "mobilevit_xxs", "mobilevit_s", "mobilevitv2_050", "efficientvit_m0", "edgenext_xx_small", "levit_128s",
     "vit_tiny_patch16_224", "resnet10t", "resnet18", "regnetx_002", "regnetx_004",
+    "lcnet_050", "mobilenetv4_conv_small_050", "starnet_s050", "mnasnet_small", "repghostnet_050", "tinynet_e",
+    "efficientvit_b0", "shvit_s1", "hgnetv2_b0", "mobilenetv1_100", "mobileone_s0",
 )
 
 

@@ -108,6 +108,30 @@ def test_failed_verification_exits_non_zero_and_is_recorded_as_failed(make_recip
     assert result.exit_code == 1 and "FAILED verification" in result.stderr
 
 
+def test_a_reparameterizable_student_is_exported_fused_with_the_same_answers(tmp_path):
+    """MobileOne trains parallel branches and runs one convolution: the ONNX file holds the fused graph (fewer
+    convolutions than the PyTorch model has), and gives the PyTorch model's answers."""
+    import timm
+    import torch
+
+    from kdforge.export.converters import torch_to_onnx
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobileone_s0", num_classes=10, exportable=True).eval()
+    path = torch_to_onnx(model, 32, tmp_path / "mobileone.onnx", 17, {})
+    convolutions = sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
+    assert convolutions < sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) / 2
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+    with torch.no_grad():
+        unfused = model(torch.from_numpy(images)).numpy()
+    assert np.abs(fused - unfused).max() <= 1e-4 * np.abs(unfused).max()
+    assert (fused.argmax(1) == unfused.argmax(1)).all()
+    assert any(hasattr(m, "reparameterize") for m in model.modules())  # the PyTorch student itself is untouched
+
+
 def test_export_without_a_trained_student_is_a_clear_error(tmp_path, make_recipe):
     with pytest.raises(CheckpointError, match="no trained student"):
         resolve_export_source(tmp_path / "runs" / "nothing", tmp_path / "runs")

@@ -17,7 +17,7 @@ from kdforge.export.converters import FP32_OP_TYPES, QDQ_FP16_OPSET
 from kdforge.export.int8 import qad_onnx_writer
 from kdforge.pipeline import run_distill
 from kdforge.recipe import load_recipe
-from kdforge.train.qad import modules_of_nodes, qad_stage
+from kdforge.train.qad import calibrate, fix_scales, learn_scales, modules_of_nodes, qad_stage, quant_config
 
 from .conftest import TINY_MODELS
 from .test_int8_ships import chain_recipe, fail_int8_verifications
@@ -135,6 +135,68 @@ def test_qad_settings_are_validated_and_exclude_names_reach_the_pytorch_modules(
                                        "head.fc"]
 
 
+def test_learned_scales_quantize_as_model_optimizer_does_and_get_gradients():
+    """qad_scales = "learned": with its calibrated ranges the LSQ forward gives Model Optimizer's own answer, every
+    range gets a gradient and stays out of weight decay, and the learned ranges written back are what the model
+    (and so its ONNX export) then uses."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 5))
+    images = torch.randn(16, 3, 8, 8)
+    model = mtq.quantize(model, quant_config(), forward_loop=None)
+    calibrate(model, lambda quantized: quantized(images))
+    calibrated = model(images).detach()
+    assert learn_scales(model, lr=0.03) == 4  # weights and inputs of the Conv and the Linear
+    learned = {name: p for name, p in model.named_parameters() if name.endswith("log_range")}
+    assert torch.allclose(model(images), calibrated, atol=1e-5)
+    model(images).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned.values())
+    from kdforge.recipe import TrainConfig
+    from kdforge.runtime import Runtime
+    from kdforge.train.loop import Plan, TrainState
+
+    state = TrainState.create(model, TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=0.05),
+                              Plan(steps_per_epoch=10, total_steps=10, epochs=1),
+                              Runtime(device=torch.device("cpu"), amp_dtype=None))
+    groups = {id(p): group for group in state.optimizer.param_groups for p in group["params"]}
+    assert all(groups[id(p)]["lr"] == 0.03 and groups[id(p)]["weight_decay"] == 0 for p in learned.values())
+    assert groups[id(model[0].weight)]["lr"] == 1e-4 and groups[id(model[0].weight)]["weight_decay"] == 0.05
+
+    with torch.no_grad():
+        for p in learned.values():
+            p.fill_(-0.2)  # as if training had narrowed every range
+    narrowed = model(images).detach()
+    assert not torch.allclose(narrowed, calibrated, atol=1e-3)
+    fix_scales(model)
+    assert not any(name.endswith("log_range") for name, _ in model.named_parameters())
+    assert torch.allclose(model(images), narrowed, atol=1e-5)  # Model Optimizer's quantizers, the learned ranges
+
+
+@pytest.mark.slow
+def test_qad_with_learned_scales_exports_the_learned_ranges(trained_students, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / trained_students["cnn"].parent.name  # a private copy: QAD writes beside the student
+    shutil.copytree(trained_students["cnn"].parent, run_dir, symlinks=True, ignore=shutil.ignore_patterns("qad", ".stale"))
+    stage = run_dir / trained_students["cnn"].name
+    recipe = load_recipe(stage / "recipe.toml")
+    qcfg = recipe.quantize.model_copy(update={"mode": "qad"})
+    scales = {}
+    for kind in ("calibrated", "learned"):
+        result = qad_student(recipe, stage, qcfg.model_copy(update={"qad_scales": kind}), consumers=[])
+        assert result.scales == kind and not result.skipped
+        proto = onnx.load(str(result.path))
+        weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        scales[kind] = [float(weights[node.input[1]].max()) for node in proto.graph.node
+                        if node.op_type == "QuantizeLinear" and node.input[0] not in weights]
+    # the same quantizers, the activations' ranges moved by training (calibrated ones stay where calibration put them)
+    assert len(scales["learned"]) == len(scales["calibrated"]) > 0
+    assert scales["learned"] != pytest.approx(scales["calibrated"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_int8_accuracy_benchmark_smoke(make_recipe, tmp_path):
     """benchmarks/int8_accuracy.py in smoke form: one seed of a tiny recipe, a table row with both methods."""
@@ -149,7 +211,8 @@ def test_int8_accuracy_benchmark_smoke(make_recipe, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {recipe} | 0 |")]
-    assert len(rows) == 1 and rows[0].count("%") == 4  # FP32 top-1, PTQ, bias correction and QAD agreement
+    # FP32 top-1 and the agreement of PTQ, bias correction, accuracy-aware, QAD and QAD with learned scales
+    assert len(rows) == 1 and rows[0].count("%") == 6
     assert (tmp_path / "runs" / "tiny-seed0" / "qad" / "student.qad.onnx").is_file()
 
 

@@ -229,6 +229,14 @@ class TrainState:
         optimizer = timm.optim.create_optimizer_v2(
             model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
+        own = [p for p in model.parameters() if getattr(p, "own_lr", None)]
+        if own:  # parameters that train at a learning rate of their own, without weight decay (QAD's ranges)
+            mine = {id(p) for p in own}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in mine]
+            for lr in sorted({p.own_lr for p in own}):
+                optimizer.add_param_group({"params": [p for p in own if p.own_lr == lr], "lr": lr,
+                                           "weight_decay": 0.0})
         if extra is not None:  # the same optimizer and schedule
             optimizer.add_param_group({"params": list(extra.parameters())})
         warmup = round(cfg.warmup_epochs * plan.steps_per_epoch)

@@ -84,6 +84,7 @@ class QadResult:
     lr: float
     steps: int
     quantizers: int  # fake quantizers enabled (weights and inputs)
+    scales: str  # calibrated | learned ([quantize] qad_scales)
     float_modules: list[str]  # modules kept in float by [quantize] exclude
     teacher: str | None  # the teacher's weights it learned from; None: its FP32 self (or labels, for a baseline)
     wall_s: float
@@ -128,6 +129,58 @@ def calibrate(model, forward_loop) -> None:
             quantizer.disable_calib()
 
 
+def _lsq_fake_quantize(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    """A Model Optimizer quantizer's fake quantization with a learned range, called through Model Optimizer's
+    backend hook while `qad_scales = "learned"` trains. LSQ's quantizer (Esser et al. 2020): q = clamp(round(x / s))
+    x s, the rounding passed straight through so that s gets the gradient of the clipping and rounding error; here
+    s = calibrated range x exp(log_range) / 127, the range learned in log space (a relative step, the same for a
+    range of 0.1 and of 50) at its own learning rate, `qad_scale_lr`."""
+    bound = quantizer.maxbound
+    low = 0 if quantizer.unsigned else -bound if quantizer._narrow_range else -bound - 1
+    step = learned_range(quantizer) / bound
+    levels = torch.clamp(inputs / step, low, bound)
+    return (levels + (levels.round() - levels).detach()) * step
+
+
+def learned_range(quantizer) -> torch.Tensor:
+    return (quantizer._amax.reshape(-1) * torch.exp(quantizer.log_range)).reshape(quantizer._amax.shape)
+
+
+LSQ_BACKEND = "kdforge_lsq"
+
+
+def learn_scales(model: torch.nn.Module, lr: float) -> int:
+    """Give every enabled quantizer a learned range: `log_range`, a 1-D parameter (0: the calibrated range) the
+    training loop updates at `lr` without weight decay (`own_lr`, see loop.TrainState). Returns how many
+    quantizers learn."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, \
+        register_quant_backend
+
+    if not is_registered_quant_backend(LSQ_BACKEND):
+        register_quant_backend(LSQ_BACKEND, _lsq_fake_quantize)
+    learning = 0
+    for quantizer in model.modules():
+        if isinstance(quantizer, TensorQuantizer) and quantizer.is_enabled and quantizer.amax is not None:
+            quantizer.log_range = torch.nn.Parameter(torch.zeros(quantizer.amax.numel(),
+                                                                 device=quantizer.amax.device))
+            quantizer.log_range.own_lr = lr
+            quantizer.backend = LSQ_BACKEND
+            learning += 1
+    return learning
+
+
+def fix_scales(model: torch.nn.Module) -> None:
+    """The learned ranges written into the quantizers' amax buffers (what the ONNX export reads) and Model
+    Optimizer's own fake quantization restored."""
+    for quantizer in model.modules():
+        if isinstance(getattr(quantizer, "log_range", None), torch.nn.Parameter):
+            with torch.no_grad():
+                quantizer.amax = learned_range(quantizer)
+            del quantizer.log_range
+            quantizer.backend = None
+
+
 def modules_of_nodes(nodes: list[str]) -> list[str]:
     """ONNX node names of the TorchScript export -> PyTorch module names: how `[quantize] exclude` (ONNX names, as
     accuracy-aware mode reports them) reaches the model. A name is the module's scopes, then the op; a child of a
@@ -159,7 +212,8 @@ def qad_fingerprint(recipe: Recipe, source: Path, qcfg: QuantizeConfig, teacher_
         "seed": recipe.seed, "data": data_fingerprint(recipe.data),
         "distill": recipe.distill.model_dump(mode="json", exclude={"baseline"}),
         "quantize": {"calibration": qcfg.calibration, "batch_size": qcfg.batch_size, "exclude": qcfg.exclude,
-                     "epochs": epochs, "lr": lr, "teacher": qcfg.qad_teacher},
+                     "epochs": epochs, "lr": lr, "teacher": qcfg.qad_teacher, "scales": qcfg.qad_scales,
+                     **({"scale_lr": qcfg.qad_scale_lr} if qcfg.qad_scales == "learned" else {})},
         "opset": opset, "activation_percentile": ACTIVATION_PERCENTILE,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -227,6 +281,8 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
                 if teacher_weights is not None else None
             distill = None
         # the exported graph holds no OFA/FitNets projectors: the quantized student learns from the logits alone
+        if qcfg.qad_scales == "learned":  # before the loop builds its optimizer (and loads a checkpoint)
+            learn_scales(model, qcfg.qad_scale_lr)
         run = assemble_run(recipe, source.name, data.num_classes, model=model, teacher=teacher, projectors=False)
         run.learn(recipe, data, runtime, source.parent.parent, consumers, teacher_weights, distill)
         train = cfg.train.model_copy(update={"epochs": epochs, "lr": lr, "min_lr": 0.0, "warmup_epochs": 0.0,
@@ -236,6 +292,7 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
                          resume_from=plan.resume_from, consumers=[metrics, *consumers],
                          checkpoint_metadata={"fingerprint": fingerprint, "stage": QAD_STAGE})
         model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+        fix_scales(model)
         write_onnx(model, stage_dir / layout.QAD_ONNX, {"stage": QAD_STAGE, "fingerprint": fingerprint})
     shutil.rmtree(stage_dir / layout.CHECKPOINTS, ignore_errors=True)  # the ONNX file is this stage's output
     for link in (layout.LAST, layout.BEST):
@@ -243,6 +300,7 @@ def _train_qad(recipe: Recipe, source: Path, qcfg: QuantizeConfig, write_onnx: W
     outcome = QadResult(
         path=stage_dir / layout.QAD_ONNX, fingerprint=fingerprint, top1=result.final["top1"],
         calibrated_top1=calibrated, epochs=epochs, lr=lr, steps=result.steps, quantizers=quantizers,
+        scales=qcfg.qad_scales,
         float_modules=float_modules, teacher=str(teacher_weights) if teacher_weights else None,
         wall_s=round(time.perf_counter() - started, 1), onnx_sha256=file_hash(stage_dir / layout.QAD_ONNX),
     )
