@@ -9,7 +9,7 @@ from kdforge.errors import KdforgeError
 
 EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "modelopt": "qad",
           "webdataset": "data", "executorch": "executorch", "pnnx": "ncnn", "ncnn": "ncnn", "litert_torch": "litert",
-          "ai_edge_litert": "litert"}
+          "ai_edge_litert": "litert", "s3fs": "data"}
 
 
 def require(module: str) -> ModuleType:

@@ -125,3 +125,51 @@ def test_a_connection_cut_mid_image_is_retried_and_a_dead_server_is_one_error(ph
         scan_shards(dead)
     with pytest.raises(DataError, match="HTTP 404"):
         scan_shards(served.replace("/shards", "/folder"))  # an ImageFolder has no index.json
+
+
+@pytest.fixture(scope="module")
+def in_s3(photos, tmp_path_factory):  # noqa: F811 - the fixture imported above
+    """The photos' shards uploaded to a bucket of moto's S3 server on 127.0.0.1, reached the way users reach
+    MinIO or R2 ($AWS_ENDPOINT_URL, credentials in the AWS_* environment): the shards' s3:// URL. Moto emulates S3's
+    API (a mock, not AWS S3 or MinIO): these tests show kdforge's S3 reading against S3's protocol, not a store."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is part of the dev install")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    environment = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "kdforge-test",
+                   "AWS_SECRET_ACCESS_KEY": "kdforge-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="photos")
+    for path in (photos / "shards").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "photos", f"shards/{path.relative_to(photos / 'shards').as_posix()}")
+    yield "s3://photos/shards"
+    server.stop()
+    remote._s3.clear()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def test_s3_shards_hold_exactly_the_local_shards_samples_and_stream_through_workers(photos, in_s3, tmp_path):  # noqa: F811
+    local, in_bucket = scan_shards(photos / "shards"), scan_shards(in_s3)
+    assert in_bucket.classes == local.classes
+    for split in ("train", "test"):
+        assert in_bucket.splits[split].labels == local.splits[split].labels
+        assert [ref.read() for ref in in_bucket.splits[split].refs] == [ref.read() for ref in local.splits[split].refs]
+    body = "in_memory = false\n"
+    streamed = load_dataset(photo_recipe(tmp_path, in_s3, "webdataset", body, name="s3").data, seed=0)
+    reference = load_dataset(photo_recipe(tmp_path, photos / "shards", "webdataset", body).data, seed=0)
+    assert streamed.streamed and streamed.train.images.workers == 2  # forked workers, each its own S3 client
+    for split in ("train", "test"):
+        a, b = getattr(reference, split), getattr(streamed, split)
+        everything = torch.arange(len(a))
+        assert multiset(a.images[everything], a.labels) == multiset(b.images[everything], b.labels)
+
+
+def test_a_missing_s3_key_is_one_error(in_s3, monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    with pytest.raises(DataError, match=r"s3://photos/elsewhere/index.json: FileNotFoundError.*credentials"):
+        scan_shards("s3://photos/elsewhere")

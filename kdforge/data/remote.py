@@ -1,4 +1,5 @@
-"""WebDataset shards over HTTP(S), read by range requests: `[data] root = "https://host/photos-shards"`.
+"""WebDataset shards over HTTP(S) or S3, read by range requests: `[data] root = "https://host/photos-shards"` or
+`"s3://bucket/photos-shards"`.
 
     index = scan_remote("https://host/photos-shards")     # index.json: every sample's shard, offset, length, label
     fetch("https://host/photos-shards/train/shard-000000.tar", offset, length)   # one image's bytes
@@ -13,7 +14,12 @@ a CDN). Each process (and each DataLoader worker) keeps one keep-alive connectio
 Network errors (refused, reset, timed out, a 5xx answer, a short body) are retried `RETRIES` times with exponential
 backoff, then raised as one DataError naming the URL; a 4xx answer is not retried. Nothing is written: the index
 and the image bytes are held in memory only. Credentials: a bearer token in $KDFORGE_HTTP_TOKEN is sent to every
-URL of the dataset (never written into runs/); S3 itself (s3://) is not read here.
+URL of the dataset (never written into runs/).
+
+S3 (`s3://bucket/prefix`, any S3-compatible store) is read through s3fs (fsspec's S3 file system, the `data` extra)
+with the same range reads: credentials and region from botocore's usual places (the AWS_* environment, ~/.aws,
+an instance role), another endpoint from $AWS_ENDPOINT_URL (MinIO, Ceph, R2), nothing written into runs/. A
+missing key or a refused credential is one DataError at once; other errors are retried like HTTP's.
 """
 
 from __future__ import annotations
@@ -38,8 +44,47 @@ TOKEN_ENV = "KDFORGE_HTTP_TOKEN"
 _connections: dict[tuple[str, str, int, int], http.client.HTTPConnection] = {}  # per process (and worker)
 
 
+_s3: dict[int, Any] = {}  # s3fs file systems, per process (and worker)
+
+
 def is_url(root: str | os.PathLike) -> bool:
-    return str(root).startswith(("http://", "https://"))
+    return str(root).startswith(("http://", "https://", "s3://"))
+
+
+def _s3_filesystem() -> Any:
+    if os.getpid() not in _s3:
+        from kdforge.optional import require
+
+        s3fs = require("s3fs")
+        _s3[os.getpid()] = s3fs.S3FileSystem(skip_instance_cache=True)  # a forked worker makes its own
+    return _s3[os.getpid()]
+
+
+def _fetch_s3(url: str, offset: int | None, length: int | None, limit: int | None) -> bytes:
+    """`fetch` for s3:// URLs (s3fs's ranged GETs), with the same retries and errors."""
+    key = url.removeprefix("s3://")
+    if offset is not None and length is not None and length == 0:
+        return b""
+    why = ""
+    for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            fs = _s3_filesystem()
+            if offset is not None and length is not None:
+                data = fs.cat_file(key, start=offset, end=offset + length)
+                if len(data) != length:
+                    raise OSError(f"{len(data)} of {length} bytes")
+                return data
+            if limit is not None and (size := fs.info(key)["size"]) > limit:
+                raise DataError(f"{url}: {size:,} bytes, more than the {limit:,} allowed")
+            return fs.cat_file(key)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise DataError(f"{url}: {type(exc).__name__}: {exc}; check the bucket, the key and the credentials "
+                            f"(AWS_* environment, ~/.aws)") from None
+        except (OSError, ValueError) as exc:  # connection errors, throttling and 5xx after botocore's own retries
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    raise DataError(f"{url}: cannot read it after {RETRIES + 1} tries ({why}); check the endpoint and the URL")
 
 
 def _connection(scheme: str, host: str, port: int) -> http.client.HTTPConnection:
@@ -59,6 +104,8 @@ def _drop(scheme: str, host: str, port: int) -> None:
 def fetch(url: str, offset: int | None = None, length: int | None = None, limit: int | None = None) -> bytes:
     """The bytes of `url` (`length` bytes at `offset` with a range request), retried on network errors; a body
     longer than `limit` is refused unread."""
+    if url.startswith("s3://"):
+        return _fetch_s3(url, offset, length, limit)
     parts = urlsplit(url)
     scheme, host = parts.scheme, parts.hostname or ""
     port = parts.port or (443 if scheme == "https" else 80)
