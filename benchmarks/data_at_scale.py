@@ -4,6 +4,7 @@ whole chain's wall time and peak memory, on a generated folder of JPEG photos.
     .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --workers 2
     .venv/bin/python benchmarks/data_at_scale.py throughput --images 200 --photo-size 4032x3024 --batches 6
     .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --max-size 320
+    .venv/bin/python benchmarks/data_at_scale.py remote --images 2000 --workers 2     # local vs HTTP shards (nginx)
     .venv/bin/python benchmarks/data_at_scale.py train-wait --steps 12 --workers 2
     .venv/bin/python benchmarks/data_at_scale.py chain --images 5000 [--streamed] [--src OTHER_CHECKOUT]
 
@@ -17,6 +18,8 @@ hard links to the first 5,000 under new names (same bytes, new files: what the d
   phones take) instead of 500x375. `--max-size N`: kdforge reads WebDataset shards written by `kdforge data shard
   --max-size N` of the folder (written first, not timed), torchvision the folder itself. `--src`: another
   checkout's kdforge streams (a before/after on one machine).
+- remote: the photo folder's shards (`kdforge data shard`, with index.json) read locally and served by nginx on
+  127.0.0.1 (range requests): training images/s of the same views, batches and workers.
 - train-wait: a resnet18 trained at 224 on the streamed folder (the real loop, `train_stage`): images/s and the
   share of step time spent waiting for batches (`data_wait` of the log lines), after the first logged window.
 - chain: `kdforge distill` of a resnet10t teacher and a mobilenetv3_small_050 student at 224, 3 steps per stage,
@@ -146,6 +149,62 @@ def throughput(args) -> None:
           f"| ratio | {ours / peer:.2f}x |")
 
 
+def remote_shards(args) -> None:
+    """Local shards against the same shards served by nginx on 127.0.0.1 (range reads through index.json): images/s
+    of the same training views, same batches, same workers. Loopback: the cost of the range requests themselves,
+    not of a network."""
+    import json
+    import shutil
+    import socket
+
+    import torch
+
+    from kdforge.data.shards import write_shards
+    from kdforge.recipe import validate_recipe
+
+    folder_root = Path(streamed_photos(args)["root"])
+    shards = folder_root.with_name(f"{folder_root.name}-shards")
+    write_shards(folder_root, shards)  # written once (kept on later runs), with its index.json
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    with tempfile.TemporaryDirectory(prefix="kdforge-nginx-") as work, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        temp = "".join(f"{kind}_temp_path {work}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                          "scgi"))
+        Path(work, "nginx.conf").write_text(
+            f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\nworker_processes 1;\n"
+            + ("user root;\n" if os.geteuid() == 0 else "") + "events {}\n"
+            f"http {{\n access_log off;\n {temp} server {{ listen 127.0.0.1:{port}; root {shards.parent}; "
+            f"location / {{ }} }}\n}}\n")
+        index = json.loads((shards / "index.json").read_text())
+        train_images = sum(len(shard["samples"]) for shard in index["splits"]["train"])
+        order = torch.randperm(train_images, generator=torch.Generator().manual_seed(0))
+        batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
+        count = sum(len(b) for b in batches)
+        server = subprocess.Popen([nginx, "-c", f"{work}/nginx.conf", "-p", work])
+        try:
+            time.sleep(1.0)
+            rates = {}
+            for label, root in (("local shards", str(shards)), ("HTTP shards (nginx, loopback)",
+                                                                f"http://127.0.0.1:{port}/{shards.name}")):
+                data = {"dataset": "webdataset", "root": root, "image_size": 224, "in_memory": False,
+                        "workers": args.workers, "val_fraction": 0}
+                recipe = validate_recipe({"name": "bench", "data": data})
+                code = [sys.executable, "-c", STREAM, str(Path(__file__).parents[1].resolve()),
+                        recipe.model_dump_json(), json.dumps([b.tolist() for b in batches]), str(args.workers)]
+                rates[label] = float(subprocess.run(code, capture_output=True, text=True, check=True).stdout.split()[-1])
+        finally:
+            server.terminate()
+            server.wait(10)
+    print(f"{count} training views at 224 (RandomResizedCrop + flip, uint8) of {args.photo_size} JPEGs, batch "
+          f"{args.batch}, {args.workers} workers; {cpu()}; torch {torch.__version__}")
+    print("| shards | images/s |\n|---|---|")
+    for label, rate in rates.items():
+        print(f"| {label} | {rate:.0f} |")
+    print(f"| ratio | {rates['HTTP shards (nginx, loopback)'] / rates['local shards']:.2f}x |")
+
+
 def train_wait(args) -> None:
     import torch
 
@@ -221,13 +280,15 @@ def chain(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("throughput", "train-wait", "chain"):
+    for name in ("throughput", "remote", "train-wait", "chain"):
         p = sub.add_parser(name)
         p.add_argument("--images", type=int, default=BASE)
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--batch", type=int, default=32)
     sub.choices["throughput"].add_argument("--batches", type=int, default=40)
+    sub.choices["remote"].add_argument("--batches", type=int, default=40)
+    sub.choices["remote"].add_argument("--photo-size", default="500x375", help="WIDTHxHEIGHT of the photos")
     sub.choices["throughput"].add_argument("--photo-size", default="500x375", help="WIDTHxHEIGHT of the photos")
     sub.choices["throughput"].add_argument("--max-size", type=int, help="read shards written with --max-size N")
     sub.choices["throughput"].add_argument("--src", help="another checkout whose kdforge streams")
@@ -237,7 +298,7 @@ def main() -> None:
     sub.choices["chain"].add_argument("--eval-batches", type=int, default=None)
     sub.choices["chain"].add_argument("--verify-batches", type=int, default=None)
     args = parser.parse_args()
-    {"throughput": throughput, "train-wait": train_wait, "chain": chain}[args.command](args)
+    {"throughput": throughput, "remote": remote_shards, "train-wait": train_wait, "chain": chain}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,36 @@ def teacher(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, o
     _train("teacher", recipe, set_, resume, overwrite, device, runs_dir, nproc, nnodes, rdzv_endpoint)
 
 
+@app.command("teacher-cache")
+def teacher_cache(recipe: RecipeArg, set_: SetOpt = None, device: DeviceOpt = None,
+                  runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1, nnodes: NnodesOpt = 1,
+                  rdzv_endpoint: RdzvOpt = None) -> None:
+    """Store the trained teacher's answers ahead of distillation (\\[distill.teacher_cache]).
+
+    The one file runs/NAME/teacher_cache.safetensors, or with distill.teacher_cache.store = DIR the sharded store
+    DIR/KEY/, built by every process of --nproc/--nnodes (each its shards) and reused by any run with the same key.
+
+    Example:  kdforge teacher-cache recipes/quickstart.toml --set distill.teacher_cache.views=4 \\
+                  --set distill.teacher_cache.store=/data/teacher-stores --nproc 2
+    """
+    from kdforge.recipe import load_recipe
+    from kdforge.runtime import distributed_session
+    from kdforge.train.assemble import build_teacher_cache
+    from kdforge.train.events import ProgressDisplay
+
+    with user_errors():
+        loaded = load_recipe(recipe, set_ or [])
+    if nproc > 1 or nnodes > 1:
+        _launch_torchrun(nproc, ["teacher-cache", *_common_args(recipe, set_, False, device, runs_dir)], loaded,
+                         nnodes, rdzv_endpoint, recipe.stem)
+    with user_errors(), distributed_session():
+        main = _is_main()
+        cache, where = build_teacher_cache(loaded, runs_dir, device, [ProgressDisplay()] if main else [])
+    if main:
+        out.print(f"teacher answers for {cache.num_images} training images x {cache.views} view(s) in {where}",
+                  highlight=False)
+
+
 @app.command()
 def baseline(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
              device: DeviceOpt = None, runs_dir: RunsDirOpt = Path("runs"), nproc: NprocOpt = 1,

@@ -345,6 +345,11 @@ class TeacherCacheConfig(Strict):
     views: Annotated[int, Field(ge=0)] = 0
     topk: PositiveInt | None = None  # store only the k largest logits (+ the tail's log-mean-exp); None: all
     batch_size: PositiveInt = 512  # teacher batch while generating the cache
+    # a folder: the answers as a sharded store there (STORE/<key>/shard-NNNNNN.safetensors, each shard_images
+    # images of every view), built by every process in parallel, resumable, read by position (memory flat in the
+    # dataset size), reused by any run with the same key; None: one file, runs/<name>/teacher_cache.safetensors
+    store: str | None = None
+    shard_images: PositiveInt = 4096
 
 
 class DistillConfig(Strict):

@@ -68,8 +68,15 @@ class TeacherCache:
     def __init__(self, tensors: dict[str, torch.Tensor], num_images: int, seed: int, augment: AugmentConfig,
                  device: torch.device, streamed: bool = False) -> None:
         self.tensors = {name: t.to(device) for name, t in tensors.items()}
-        self.views = int(next(iter(self.tensors.values())).shape[0])
-        self.num_images, self.seed, self.augment = num_images, seed, augment
+        # views from the answers themselves: the file lists its tensors largest dtype first, so the first one read
+        # back may be top-k's num_classes (a K-view top-k cache once counted 1 view and trained on view 0 alone)
+        views = int(self.tensors["logits" if "logits" in self.tensors else "values"].shape[0])
+        self._setup(views, num_images, seed, augment, device, streamed)
+
+    def _setup(self, views: int, num_images: int, seed: int, augment: AugmentConfig, device: torch.device,
+               streamed: bool) -> None:
+        """The views' augmentation parameters (data in memory) and the per-epoch view choice."""
+        self.views, self.num_images, self.seed, self.augment = views, num_images, seed, augment
         params = [view_augment(num_images, v, seed, augment) for v in range(self.views)] if not streamed else []
         self.offsets = torch.stack([p[0] for p in params]).to(device) if params and augment.crop_padding > 0 else None
         self.flips = torch.stack([p[1] for p in params]).to(device) if params and augment.hflip else None
@@ -101,14 +108,16 @@ class TeacherCache:
 
 @torch.inference_mode()
 def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig, augment: AugmentConfig,
-                        seed: int, runtime: Runtime,
-                        progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Run the teacher once per view of every image (large batches, the runtime's mixed precision)."""
+                        seed: int, runtime: Runtime, progress: Callable[[int, int], None] | None = None,
+                        rows: range | None = None) -> dict[str, torch.Tensor]:
+    """Run the teacher once per view of every image (large batches, the runtime's mixed precision); `rows`: of
+    those training images only (a shard of the sharded store), each in the view it has in the whole set."""
     n = len(train)
+    rows = rows if rows is not None else range(n)
     images = train.images.to(runtime.device)
     topk = cfg.topk
     out: dict[str, list[torch.Tensor]] = {}
-    batches = eval_batches(n, cfg.batch_size)
+    batches = [rows.start + batch for batch in eval_batches(len(rows), cfg.batch_size)]
     for view in range(cfg.views):
         if train.streamed:  # the view made by the decoding workers, as training will make it again
             views = prefetch(lambda idx, view=view: images.views(idx, seed, view, "cache_image_view"), batches,
@@ -133,7 +142,8 @@ def build_cache_tensors(teacher: FrozenTeacher, train: ImageDataset, cfg: Teache
                 out.setdefault(name, []).append(value.cpu())
             if progress:
                 progress(view * len(batches) + i + 1, cfg.views * len(batches))
-    tensors = {name: torch.cat(chunks).reshape(cfg.views, n, *chunks[0].shape[1:]) for name, chunks in out.items()}
+    tensors = {name: torch.cat(chunks).reshape(cfg.views, len(rows), *chunks[0].shape[1:])
+               for name, chunks in out.items()}
     if "values" in tensors:
         tensors["num_classes"] = torch.tensor([logits.shape[1]])
     return tensors

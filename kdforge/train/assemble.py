@@ -162,19 +162,57 @@ def stage_projectors(recipe: Recipe, stage: str, model, spec, num_classes: int,
 
 def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: Path, data, runtime,
                       consumers) -> TeacherCache:
-    """The recipe's teacher cache (runs/<name>/teacher_cache.safetensors), generated when its key changed."""
+    """The recipe's teacher cache (runs/<name>/teacher_cache.safetensors, or the sharded store in
+    [distill.teacher_cache] store), generated when its key changed."""
     cache_cfg = recipe.distill.teacher_cache
     data_settings = data_fingerprint(recipe.data)
     key = cache_key(
-        teacher=file_hash(teacher_weights), teacher_model=recipe.model_for("teacher").model_dump(mode="json"),
+        # the weights by their hash, not by where they lie: a run that points teacher.checkpoint at another run's
+        # teacher reuses that run's answers
+        teacher=file_hash(teacher_weights),
+        teacher_model=recipe.model_for("teacher").model_dump(mode="json", exclude={"checkpoint"}),
         data={k: v for k, v in data_settings.items() if k != "augment"}, images=len(data.train),
         augment=data_settings["augment"], seed=recipe.seed,
         views=cache_cfg.views, topk=cache_cfg.topk, precision=runtime.precision,
+        **({"shard_images": cache_cfg.shard_images} if cache_cfg.store is not None else {}),
     )
     (runs_dir / recipe.name).mkdir(parents=True, exist_ok=True)
+    if cache_cfg.store is not None:  # the sharded store, built by every process
+        from kdforge.distill.store import load_or_build_store
+
+        with out_of_memory_as_error(
+            f"building the teacher store ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch "
+            f"size {cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
+        ):
+            return load_or_build_store(Path(cache_cfg.store), key, teacher, data.train, cache_cfg,
+                                       recipe.data.augment, recipe.seed, runtime, data.num_classes, consumers)
     with out_of_memory_as_error(
         f"building the teacher cache ({recipe.model_for('teacher').model} on {runtime.device}, teacher batch size "
         f"{cache_cfg.batch_size})", "lower distill.teacher_cache.batch_size",
     ):
         return load_or_build_cache(runs_dir / recipe.name / layout.TEACHER_CACHE, key, teacher, data.train,
                                    cache_cfg, recipe.data.augment, recipe.seed, runtime, consumers)
+
+
+def build_teacher_cache(recipe: Recipe, runs_dir: Path = Path("runs"), device: str | None = None,
+                        consumers: list[Consumer] = ()) -> tuple[TeacherCache, Path]:
+    """`kdforge teacher-cache`: the recipe's teacher answers stored ahead of distillation (the one file, or the
+    sharded store, every process of a torchrun launch building its shards), exactly as the student stage would
+    build them; returns the cache and where it lies."""
+    from kdforge.data import load_dataset
+    from kdforge.errors import RecipeError
+    from kdforge.runtime import runtime_scope
+    from kdforge.train.stages import teacher_weights_for
+
+    cache_cfg = recipe.distill.teacher_cache
+    if not cache_cfg.views:
+        raise RecipeError("the recipe has no teacher cache: set distill.teacher_cache.views (e.g. --set "
+                          "distill.teacher_cache.views=4; add distill.teacher_cache.store=DIR for the sharded store)")
+    weights = teacher_weights_for(recipe, runs_dir)
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data, recipe.seed)
+        teacher = load_frozen_teacher(recipe.model_for("teacher"), weights, data.num_classes)
+        teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))  # as the student stage places it
+        cache = teacher_cache_for(recipe, runs_dir, teacher, weights, data, runtime, consumers)
+    where = Path(cache_cfg.store) if cache_cfg.store is not None else runs_dir / recipe.name / layout.TEACHER_CACHE
+    return cache, where
