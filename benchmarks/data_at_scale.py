@@ -6,6 +6,8 @@ whole chain's wall time and peak memory, on a generated folder of JPEG photos.
     .venv/bin/python benchmarks/data_at_scale.py throughput --images 2000 --max-size 320
     .venv/bin/python benchmarks/data_at_scale.py remote --images 2000 --workers 2     # local vs HTTP shards (nginx)
     .venv/bin/python benchmarks/data_at_scale.py train-wait --steps 12 --workers 2
+    .venv/bin/python benchmarks/data_at_scale.py decode --device cuda --workers 8      # a GPU: nvJPEG vs workers
+    .venv/bin/python benchmarks/data_at_scale.py train-wait --device cuda --decode gpu --workers 8
     .venv/bin/python benchmarks/data_at_scale.py chain --images 5000 [--streamed] [--src OTHER_CHECKOUT]
 
 The photo folder (default data/photos-<N>: 10 classes, 80% train / 20% test, 500x375 JPEGs of about 75 KB made by
@@ -20,6 +22,9 @@ hard links to the first 5,000 under new names (same bytes, new files: what the d
   checkout's kdforge streams (a before/after on one machine).
 - remote: the photo folder's shards (`kdforge data shard`, with index.json) read locally and served by nginx on
   127.0.0.1 (range requests): training images/s of the same views, batches and workers.
+- decode: the same views made by the workers (`[data] decode = "cpu"`) against planned by them and decoded in
+  batches on --device (`decode = "gpu"`: nvJPEG through torchvision on CUDA): images/s. `--device cpu` runs the
+  same path on the CPU (torchvision's libjpeg-turbo in the training process), a check, not the GPU's number.
 - train-wait: a resnet18 trained at 224 on the streamed folder (the real loop, `train_stage`): images/s and the
   share of step time spent waiting for batches (`data_wait` of the log lines), after the first logged window.
 - chain: `kdforge distill` of a resnet10t teacher and a mobilenetv3_small_050 student at 224, 3 steps per stage,
@@ -85,7 +90,7 @@ def streamed_photos(args) -> dict:
 
 
 def photo_size(args) -> tuple[int, int]:
-    width, _, height = args.photo_size.partition("x")
+    width, _, height = getattr(args, "photo_size", "500x375").partition("x")  # train-wait and chain: the default
     return int(width), int(height)
 
 
@@ -212,8 +217,8 @@ def train_wait(args) -> None:
     from kdforge.train.stages import train_stage
 
     recipe = validate_recipe({
-        "name": "wait", "data": streamed_photos(args),
-        "runtime": {"device": "cpu", "threads": args.threads},
+        "name": "wait", "data": {**streamed_photos(args), "decode": args.decode},
+        "runtime": {"device": args.device, "threads": args.threads},
         "train": {"epochs": 1, "batch_size": args.batch, "max_steps": args.steps, "log_every": args.steps // 3,
                   "limit_eval_batches": 1},
         "teacher": {"model": "resnet18"}, "student": {"model": "resnet18"},
@@ -224,10 +229,45 @@ def train_wait(args) -> None:
     logs = [e for e in events if e["event"] == "log"][1:]  # after the first window (workers starting)
     wait = sum(e["data_wait"] for e in logs) / len(logs)
     rate = sum(e["images_per_s"] for e in logs) / len(logs)
-    print(f"resnet18 at 224, batch {args.batch}, {args.threads} torch threads, {args.workers} decoding workers; "
-          f"{cpu()}; torch {torch.__version__}")
+    print(f"resnet18 at 224 on {args.device}, batch {args.batch}, {args.threads} torch threads, {args.workers} "
+          f"workers, decode on the {args.decode}; {cpu()}; torch {torch.__version__}")
     print(f"| steps | images/s | data wait (share of step time) |\n|---|---|---|\n"
           f"| {args.steps} | {rate:.1f} | {wait:.1%} |")
+
+
+def decode(args) -> None:
+    """Streamed training views at 224 made by the workers (decode = "cpu") against planned by the workers and
+    decoded in batches on `--device` (decode = "gpu": nvJPEG on CUDA): images/s over the same batches."""
+    import torch
+
+    from kdforge.data import load_dataset
+    from kdforge.data.crops import finish_views
+    from kdforge.data.loader import prefetch
+    from kdforge.recipe import validate_recipe
+
+    device = torch.device(args.device)
+    rates = {}
+    for where in ("cpu", "gpu"):
+        data = load_dataset(validate_recipe({"name": "bench", "data": {**streamed_photos(args), "decode": where,
+                                                                       "val_fraction": 0}}).data)
+        images = data.train.images
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
+        make = images.plans if where == "gpu" else images.views
+        finish = (lambda plans: finish_views(plans, 224, device)) if where == "gpu" else (lambda views: views.to(device))
+        finish(make(batches[0][:2], 0, 0))  # imports and, on CUDA, the decoder's start-up
+        started = time.perf_counter()
+        for item in prefetch(lambda idx, make=make: make(idx, 0, 0), batches, args.workers):
+            finish(item)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[where] = sum(len(b) for b in batches) / (time.perf_counter() - started)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu()
+    print(f"{sum(len(b) for b in batches)} training views at 224 (RandomResizedCrop + flip) of {args.photo_size} "
+          f"JPEGs, batch {args.batch}, {args.workers} workers, device {args.device} ({name}); torch {torch.__version__}")
+    print(f"| decode | images/s |\n|---|---|\n| workers (decode = \"cpu\") | {rates['cpu']:.0f} |\n"
+          f"| batched on {args.device} (decode = \"gpu\") | {rates['gpu']:.0f} |\n| ratio | "
+          f"{rates['gpu'] / rates['cpu']:.2f}x |")
 
 
 def chain(args) -> None:
@@ -280,7 +320,7 @@ def chain(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("throughput", "remote", "train-wait", "chain"):
+    for name in ("throughput", "remote", "decode", "train-wait", "chain"):
         p = sub.add_parser(name)
         p.add_argument("--images", type=int, default=BASE)
         p.add_argument("--workers", type=int, default=2)
@@ -293,12 +333,19 @@ def main() -> None:
     sub.choices["throughput"].add_argument("--max-size", type=int, help="read shards written with --max-size N")
     sub.choices["throughput"].add_argument("--src", help="another checkout whose kdforge streams")
     sub.choices["train-wait"].add_argument("--steps", type=int, default=12)
+    sub.choices["train-wait"].add_argument("--decode", choices=["cpu", "gpu"], default="cpu")
+    sub.choices["train-wait"].add_argument("--device", default="cpu")
+    sub.choices["decode"].add_argument("--batches", type=int, default=40)
+    sub.choices["decode"].add_argument("--photo-size", default="500x375", help="WIDTHxHEIGHT of the photos")
+    sub.choices["decode"].add_argument("--device", default="cuda")
     sub.choices["chain"].add_argument("--streamed", action="store_true")
     sub.choices["chain"].add_argument("--src", help="another checkout whose kdforge runs the chain")
     sub.choices["chain"].add_argument("--eval-batches", type=int, default=None)
     sub.choices["chain"].add_argument("--verify-batches", type=int, default=None)
     args = parser.parse_args()
-    {"throughput": throughput, "remote": remote_shards, "train-wait": train_wait, "chain": chain}[args.command](args)
+    commands = {"throughput": throughput, "remote": remote_shards, "decode": decode, "train-wait": train_wait,
+                "chain": chain}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

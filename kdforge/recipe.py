@@ -140,6 +140,11 @@ class DataConfig(Strict):
     # for. cifar100 and synthetic are always in memory.
     in_memory: bool | Literal["auto"] = "auto"
     workers: Annotated[int, Field(ge=0)] | None = None  # decoding processes; default: the cores, at most 8
+    # streamed training views: "cpu": decoded and cropped by the workers. "gpu": the workers read each JPEG and draw
+    # its crop and flip; the training process decodes the batch on its device at once (nvJPEG through
+    # torchvision.io.decode_jpeg on CUDA), crops and resizes it there. For RandomResizedCrop + flip (no auto_augment,
+    # color_jitter or re_prob); other images (PNG, rotated JPEGs) are still made by the workers
+    decode: Literal["cpu", "gpu"] = "cpu"
     synthetic: SyntheticConfig = SyntheticConfig()
     augment: AugmentConfig = AugmentConfig()
     # held out of the training split, per class, with the recipe's seed: chooses the best checkpoint and judges
@@ -167,6 +172,13 @@ class DataConfig(Strict):
         elif self.in_memory is True and self.augment.needs_source_images():
             raise ValueError(f"in_memory = true with augment.{', augment.'.join(self.augment.source_image_keys())}: "
                              f"these crop from the source image; set in_memory = false (or \"auto\")")
+        if self.decode == "gpu":
+            if self.in_memory is not False:
+                raise ValueError('decode = "gpu" decodes streamed views: set in_memory = false')
+            made_by_timm = [key for key in ("auto_augment", "color_jitter", "re_prob") if getattr(self.augment, key)]
+            if made_by_timm:
+                raise ValueError(f'decode = "gpu" makes RandomResizedCrop + flip views; augment.{made_by_timm[0]} is '
+                                 f'made by timm on the CPU: use decode = "cpu"')
         return self
 
     @model_validator(mode="after")

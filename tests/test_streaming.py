@@ -207,6 +207,77 @@ def test_the_decode_cache_decodes_each_image_once_for_every_later_load(photos, t
 
 
 # ----------------------------------------------------------------------------------------------------------
+# [data] decode = "gpu": the workers plan, the training process decodes (tested on the CPU up to the device call)
+
+
+@pytest.fixture(scope="module")
+def big_photos(tmp_path_factory) -> Path:
+    from kdforge.data.synthetic import write_photo_folder
+
+    root = tmp_path_factory.mktemp("big-photos")
+    write_photo_folder(root, train=12, test=2, classes=2, size=(320, 240))
+    return root
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_views_decoded_in_one_batch_on_the_device_are_the_workers_views(big_photos, size):
+    """The same crop and flip from the same seeded draws; at 224 the boxes need the whole resolution and both
+    paths decode it with libjpeg-turbo: the same pixels. At 32 the workers decode at 1/2-1/8 (DCT scaling), the
+    device path at full size: the same views within resampling (mean under 2 of 255)."""
+    import random
+
+    from kdforge.data.crops import ViewPlan, crop_view, finish_views, plan_view
+
+    files = sorted((big_photos / "train").rglob("*.jpg"))
+    plans = [plan_view(f.read_bytes(), random.Random(i), size, (0.08, 1.0), (0.75, 4 / 3)) for i, f in enumerate(files)]
+    assert all(isinstance(plan, ViewPlan) for plan in plans)  # nothing decoded in the worker
+    made = finish_views(plans, size, "cpu")
+    workers = torch.stack([crop_view(f.read_bytes(), random.Random(i), size, (0.08, 1.0), (0.75, 4 / 3))
+                           for i, f in enumerate(files)])
+    assert made.shape == workers.shape == (len(files), 3, size, size) and made.dtype == torch.uint8
+    difference = (made.int() - workers.int()).abs().float()
+    if size == 224:
+        assert difference.max() == 0
+    else:
+        assert difference.flatten(1).mean(1).max() < 2
+
+
+def test_decode_on_the_device_decodes_each_batch_in_one_call_on_the_training_device(photos, tmp_path,
+                                                                                     monkeypatch):
+    """The loop hands torchvision's batched decoder every JPEG of a batch at once, with the training device (CUDA
+    when there is one; the CPU here: the call a GPU machine makes, short of nvJPEG itself)."""
+    import torchvision.io
+
+    calls = []
+    real = torchvision.io.decode_jpeg
+
+    def recording(data, *args, device="cpu", **kwargs):
+        calls.append((len(data), str(device)))
+        return real(data, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", recording)
+    recipe = photo_recipe(tmp_path, photos / "folder", body='in_memory = false\ndecode = "gpu"\n')
+    data = load_dataset(recipe.data, recipe.seed)
+    source = BatchSource(recipe.data.augment, seed=0)
+    order = source.batch_indices(len(data.train), 8, epoch=0, index=0)
+    images, _ = source.images(data.train, order, slice(None), order, step=0, epoch=0)
+    assert calls == [(8, "cpu")] and images.shape == (8, 3, 32, 32)
+    cpu = photo_recipe(tmp_path, photos / "folder", body="in_memory = false\n", name="cpu")
+    plain = BatchSource(cpu.data.augment, seed=0)
+    assert torch.equal(plain.batch_indices(len(data.train), 8, epoch=0, index=0), order)
+    same, _ = plain.images(load_dataset(cpu.data, cpu.seed).train, order, slice(None), order, step=0, epoch=0)
+    assert (images.int() - same.int()).abs().float().mean() < 2  # the workers' views of the same draws
+
+
+def test_decode_on_the_device_is_refused_where_it_cannot_make_the_views(photos, tmp_path):
+    with pytest.raises(RecipeError, match="set in_memory = false"):
+        photo_recipe(tmp_path, photos / "folder", body='decode = "gpu"\n')
+    with pytest.raises(RecipeError, match='augment.auto_augment is made by timm on the CPU: use decode = "cpu"'):
+        photo_recipe(tmp_path, photos / "folder",
+                     body='in_memory = false\ndecode = "gpu"\naugment = { auto_augment = "rand-m9-mstd0.5" }\n')
+
+
+# ----------------------------------------------------------------------------------------------------------
 # training on streamed data
 
 

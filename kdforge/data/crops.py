@@ -27,11 +27,13 @@ import math
 import random
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdforge.errors import DataError
 from kdforge.images import MAX_PIXELS, ImageError, ImageTooLarge, open_rgb
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # [data.augment] interpolation; "random" picks one per view
@@ -180,3 +182,58 @@ def _finish_pil(image, box: Box, factor: tuple[float, float], rng: random.Random
     if hflip and rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding on the GPU ([data] decode = "gpu"): the workers plan, the training process decodes a batch at once
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """A view whose JPEG is decoded on the device: the file's bytes and what `crop_view` would draw for it (the
+    same box, interpolation and flip from the same seeded generator)."""
+
+    data: torch.Tensor  # the JPEG's bytes, uint8 (n,)
+    box: Box
+    interpolation: str
+    flip: bool
+
+
+def plan_view(source: bytes | Path, rng: random.Random, size: int, scale: tuple[float, float],
+              ratio: tuple[float, float], hflip: bool = True, interpolation: str = "bilinear") -> ViewPlan | torch.Tensor:
+    """In a decoding worker: a plain upright JPEG becomes a ViewPlan (nothing decoded); anything else is made here
+    as `crop_view` makes it (the finished uint8 view)."""
+    data = source.read_bytes() if isinstance(source, Path) else source
+    header = _jpeg_header(data) if data else None
+    if header is None or header[2] not in ("RGB", "L") or header[0] * header[1] > MAX_PIXELS:
+        return crop_view(data, rng, size, scale, ratio, hflip, interpolation)
+    box = draw_box(rng, header[0], header[1], scale, ratio)
+    mode = _interpolation(rng, interpolation)
+    return ViewPlan(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, mode, hflip and rng.random() < 0.5)
+
+
+def finish_views(plans: list[ViewPlan | torch.Tensor], size: int, device: torch.device | str) -> torch.Tensor:
+    """The views of a batch, uint8 (n, 3, size, size) on `device`: the planned JPEGs decoded together by
+    `torchvision.io.decode_jpeg(device=...)` (nvJPEG on CUDA), each cropped, resized (antialiased) and flipped
+    there; the views the workers finished are moved there."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    jpegs = [i for i, plan in enumerate(plans) if isinstance(plan, ViewPlan)]
+    views: list[torch.Tensor | None] = [None if isinstance(p, ViewPlan) else p.to(device) for p in plans]
+    if jpegs:
+        with warnings.catch_warnings():  # torchvision's decoders' deprecation notice (TorchCodec has no GPU batch)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg([plans[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as exc:
+                raise DataError(f"a JPEG of this batch cannot be decoded on {device} ({exc}); set [data] decode = "
+                                f"\"cpu\" to find which (the workers name the file)") from None
+        for i, pixels in zip(jpegs, decoded, strict=True):
+            plan = plans[i]
+            left, top, w, h = plan.box
+            mode = InterpolationMode.BICUBIC if plan.interpolation == "bicubic" else InterpolationMode.BILINEAR
+            view = F.resize(pixels[:, top:top + h, left:left + w], [size, size], interpolation=mode, antialias=True)
+            views[i] = view.flip(-1) if plan.flip else view
+    return torch.stack(views).contiguous()

@@ -64,7 +64,7 @@ class SubsetImages(LazyImages):
         if name in ("base", "index"):  # not set yet (while unpickling)
             raise AttributeError(name)
         attr = getattr(self.base, name)
-        if name == "views":
+        if name in ("views", "plans"):
             return lambda idx, *args, **kwargs: attr(self.index[torch.as_tensor(idx).cpu()], *args, **kwargs)
         return attr
 

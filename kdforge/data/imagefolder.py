@@ -162,7 +162,7 @@ def read_folder_dataset(cfg: DataConfig, index: FolderIndex, workers: int) -> Da
     splits = {}
     for name, split in index.splits.items():
         images = decode_cached(split.refs, cfg.image_size, workers) if in_memory \
-            else FileImages(split.refs, cfg.image_size, cfg.augment, workers)
+            else FileImages(split.refs, cfg.image_size, cfg.augment, workers, cfg.decode)
         splits[name] = ImageDataset(images, torch.tensor(split.labels, dtype=torch.int64), index.classes)
     return DataSplits(splits["train"], splits["test"], description=description)
 

@@ -96,8 +96,9 @@ class FileImages(LazyImages):
     """Images decoded from their files when indexed (see the module docstring)."""
 
     def __init__(self, refs: list[SampleRef], size: int, augment: AugmentConfig | None = None,
-                 workers: int = 0) -> None:
+                 workers: int = 0, decode: str = "cpu") -> None:
         self.refs, self.size, self.augment, self.workers = refs, size, augment, workers
+        self.decode = decode  # [data] decode: "gpu": the workers plan (`plans`), the training process decodes
         self._transform = None  # timm's training transform, made on first use (in each worker process)
 
     def __len__(self) -> int:
@@ -113,6 +114,25 @@ class FileImages(LazyImages):
         positions = _positions(idx)
         numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
         return torch.stack([self.view(i, seed, n, purpose) for i, n in zip(positions, numbers, strict=True)])
+
+    def plans(self, idx: torch.Tensor, seed: int, number: int | torch.Tensor,
+              purpose: str = "image_view") -> list:
+        """[data] decode = "gpu", in a worker: each view's JPEG bytes and the crop and flip `views` would draw for it
+        (crops.ViewPlan), or the view itself where it is not a plain JPEG; `crops.finish_views` makes the batch."""
+        from kdforge.data.crops import plan_view
+
+        positions = _positions(idx)
+        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
+        cfg, planned = self.augment, []
+        for index, n in zip(positions, numbers, strict=True):
+            ref = self.refs[index]
+            rng = random.Random(stream_seed(seed, purpose, n * 2**32 + index))
+            try:
+                planned.append(plan_view(ref.read(), rng, self.size, tuple(cfg.scale), tuple(cfg.ratio), cfg.hflip,
+                                         cfg.interpolation))
+            except (ImageError, OSError) as exc:
+                raise DataError(f"{ref}: {exc}; remove or replace this image") from None
+        return planned
 
     def view(self, index: int, seed: int, number: int, purpose: str = "image_view") -> torch.Tensor:
         if self._transform is None:

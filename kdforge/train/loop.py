@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kdforge.checkpoint import load_state, load_weights, save_checkpoint
 from kdforge.data import DataSplits, ImageDataset, epoch_order, eval_batches
+from kdforge.data.crops import finish_views
 from kdforge.data.loader import prefetch, read_batches
 from kdforge.data.transforms import InputSpec, apply_augment, draw_augment, mix_batch
 from kdforge.distill.cache import view_choice
@@ -164,7 +165,8 @@ class BatchSource:
         on the device) of the global batch `batch_idx`, batch `index` of `epoch`; `batches_left` of the epoch's
         batches (this one included) will be trained, which bounds what a stream decodes ahead."""
         if train.streamed:
-            images = self.streamed(train, mine, epoch, index, batches_left).to(idx.device, non_blocking=True)
+            images = self.streamed(train, mine, epoch, index, batches_left, idx.device).to(idx.device,
+                                                                                          non_blocking=True)
             cache = self.teacher_cache
             return images, cache.logits(cache.choice(idx, epoch), idx) if cache is not None else None
         if self.teacher_cache is not None:
@@ -177,11 +179,13 @@ class BatchSource:
                                flips[mine] if flips is not None else None)
         return images, None
 
-    def streamed(self, train: ImageDataset, mine: slice, epoch: int, index: int, batches_left: int) -> torch.Tensor:
+    def streamed(self, train: ImageDataset, mine: slice, epoch: int, index: int, batches_left: int,
+                 device: torch.device) -> torch.Tensor:
         started = time.perf_counter()
+        on_device = getattr(train.images, "decode", "cpu") == "gpu"  # the workers plan, this process decodes
         if self._next != (epoch, index):  # a new epoch, or the first step after a resume
             order = [batch[mine] for batch in self._order[index:index + batches_left]]
-            views, cache = train.images.views, self.teacher_cache
+            views, cache = train.images.plans if on_device else train.images.views, self.teacher_cache
             if cache is None:
                 def load(idx: torch.Tensor) -> torch.Tensor:
                     return views(idx, self.seed, epoch)
@@ -192,6 +196,8 @@ class BatchSource:
                     return views(idx, self.seed, choice[idx], "cache_image_view")
             self._stream = prefetch(load, order, train.images.workers)
         images = next(self._stream)
+        if on_device:
+            images = finish_views(images, train.images.size, device)
         self._next = (epoch, index + 1)
         self.waited += time.perf_counter() - started
         return images
