@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import platform
 import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,6 +262,43 @@ def sync() -> None:
     """Wait for every process of the group (nothing to wait for when alone)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _wire() -> torch.device:
+    """Where collective tensors live: the GPU for NCCL, the CPU for gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every process's `value` (JSON-able), in rank order: JSON bytes over the process group, never pickle."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(_wire())
+    size = torch.tensor([len(data)], dtype=torch.int64, device=data.device)
+    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=data.device)
+    padded[:len(data)] = data
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return [json.loads(bytes(part[:int(n.item())].cpu().numpy())) for part, n in zip(parts, sizes, strict=True)]
+
+
+def broadcast_bytes(data: bytes | None, src: int) -> bytes:
+    """`data` of process `src`, on every process (`data` is ignored elsewhere)."""
+    if not torch.distributed.is_initialized():
+        return data or b""
+    mine = torch.distributed.get_rank() == src
+    size = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=_wire())
+    torch.distributed.broadcast(size, src)
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_wire()) if mine and size.item() else \
+        torch.zeros(int(size.item()), dtype=torch.uint8, device=_wire())
+    if size.item():
+        torch.distributed.broadcast(buffer, src)
+    return bytes(buffer.cpu().numpy())
 
 
 @contextlib.contextmanager

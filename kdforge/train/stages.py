@@ -44,6 +44,7 @@ from kdforge.tracking import check_tracking, stage_trackers
 from kdforge.train.assemble import assemble_run
 from kdforge.train.events import MetricsLog, ProgressDisplay
 from kdforge.train.loop import evaluate
+from kdforge.train.share import share_stage
 
 STAGES = layout.TRAINING_STAGES
 SHARED = ("teacher",)  # stages reused across recipes when their fingerprint matches (a teacher is trained once)
@@ -214,10 +215,17 @@ def train_stage(recipe: Recipe, stage: str, runs_dir: str | Path = "runs", resum
     consumers = (consumers if consumers is not None else [ProgressDisplay()]) if main else []
     runs_dir = Path(runs_dir)
     stage_dir = layout.stage_dir(runs_dir, recipe.name, stage)
-    teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
-    fingerprints = stage_fingerprints(recipe, stage, teacher_weights)
     # one kdforge process at a time on a run (rank 0 holds it for all ranks): a second one fails here, before it plans
     with folder_lock(runs_dir / recipe.name, "run") if main else contextlib.nullcontext():
+        # hosts that share no disk: every process gets the newest copy of the folders this stage reads (share.py)
+        needs = [layout.stage_dir(runs_dir, recipe.name, "teacher")] \
+            if stage == "student" and not recipe.model_for("teacher").checkpoint else []
+        for folder in (*needs, stage_dir):
+            note = share_stage(folder)
+            if note and main:
+                notify(consumers, note)
+        teacher_weights = teacher_weights_for(recipe, runs_dir) if stage == "student" else None
+        fingerprints = stage_fingerprints(recipe, stage, teacher_weights)
         return _train_planned(recipe, stage, runs_dir, stage_dir, cfg, teacher_weights, fingerprints, resume,
                               overwrite, retrain_stale, device, main, consumers)
 
