@@ -198,7 +198,8 @@ def remote_shards(args) -> None:
                 recipe = validate_recipe({"name": "bench", "data": data})
                 code = [sys.executable, "-c", STREAM, str(Path(__file__).parents[1].resolve()),
                         recipe.model_dump_json(), json.dumps([b.tolist() for b in batches]), str(args.workers)]
-                rates[label] = float(subprocess.run(code, capture_output=True, text=True, check=True).stdout.split()[-1])
+                done = subprocess.run(code, capture_output=True, text=True, check=True)
+                rates[label] = float(done.stdout.split()[-1])
         finally:
             server.terminate()
             server.wait(10)
@@ -254,7 +255,8 @@ def decode(args) -> None:
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         batches = list(order[: len(order) - len(order) % args.batch].split(args.batch))[: args.batches]
         make = images.plans if where == "gpu" else images.views
-        finish = (lambda plans: finish_views(plans, 224, device)) if where == "gpu" else (lambda views: views.to(device))
+        finish = (lambda plans: finish_views(plans, 224, device)) if where == "gpu" else \
+            (lambda views: views.to(device))
         finish(make(batches[0][:2], 0, 0))  # imports and, on CUDA, the decoder's start-up
         started = time.perf_counter()
         for item in prefetch(lambda idx, make=make: make(idx, 0, 0), batches, args.workers):
@@ -264,7 +266,8 @@ def decode(args) -> None:
         rates[where] = sum(len(b) for b in batches) / (time.perf_counter() - started)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu()
     print(f"{sum(len(b) for b in batches)} training views at 224 (RandomResizedCrop + flip) of {args.photo_size} "
-          f"JPEGs, batch {args.batch}, {args.workers} workers, device {args.device} ({name}); torch {torch.__version__}")
+          f"JPEGs, batch {args.batch}, {args.workers} workers, device {args.device} ({name}); "
+          f"torch {torch.__version__}")
     print(f"| decode | images/s |\n|---|---|\n| workers (decode = \"cpu\") | {rates['cpu']:.0f} |\n"
           f"| batched on {args.device} (decode = \"gpu\") | {rates['gpu']:.0f} |\n| ratio | "
           f"{rates['gpu'] / rates['cpu']:.2f}x |")

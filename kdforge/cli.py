@@ -290,8 +290,8 @@ def teacher_cache(recipe: RecipeArg, set_: SetOpt = None, device: DeviceOpt = No
     """
     from kdforge.recipe import load_recipe
     from kdforge.runtime import distributed_session
-    from kdforge.train.assemble import build_teacher_cache
     from kdforge.train.events import ProgressDisplay
+    from kdforge.train.stages import build_teacher_cache
 
     with user_errors():
         loaded = load_recipe(recipe, set_ or [])

@@ -180,7 +180,8 @@ def test_qad_with_learned_scales_exports_the_learned_ranges(trained_students, tm
     import shutil
 
     run_dir = tmp_path / trained_students["cnn"].parent.name  # a private copy: QAD writes beside the student
-    shutil.copytree(trained_students["cnn"].parent, run_dir, symlinks=True, ignore=shutil.ignore_patterns("qad", ".stale"))
+    shutil.copytree(trained_students["cnn"].parent, run_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("qad", ".stale"))
     stage = run_dir / trained_students["cnn"].name
     recipe = load_recipe(stage / "recipe.toml")
     qcfg = recipe.quantize.model_copy(update={"mode": "qad"})

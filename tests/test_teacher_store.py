@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdforge.distill.cache import load_or_build_cache
-from kdforge.errors import KdforgeError
 from kdforge.distill.store import SHARD, build_shards, load_or_build_store, open_store
+from kdforge.errors import KdforgeError
 from kdforge.phases import on_notes
 from kdforge.recipe import AugmentConfig, TeacherCacheConfig
 

@@ -200,7 +200,8 @@ class ViewPlan:
 
 
 def plan_view(source: bytes | Path, rng: random.Random, size: int, scale: tuple[float, float],
-              ratio: tuple[float, float], hflip: bool = True, interpolation: str = "bilinear") -> ViewPlan | torch.Tensor:
+              ratio: tuple[float, float], hflip: bool = True,
+              interpolation: str = "bilinear") -> ViewPlan | torch.Tensor:
     """In a decoding worker: a plain upright JPEG becomes a ViewPlan (nothing decoded); anything else is made here
     as `crop_view` makes it (the finished uint8 view)."""
     data = source.read_bytes() if isinstance(source, Path) else source

@@ -29,8 +29,8 @@ def torch_to_onnx(
     external data. The file is checked with onnx.checker and run once with ONNX Runtime before it is moved
     into place. Models built to be re-parameterized for inference (MobileOne, RepGhost, RepViT, FastViT: parallel
     branches trained, one convolution run) are fused first, on a copy, by timm's `reparameterize_model`
-    (mobileone_s0 at 224, batch 1 on a 2-core Xeon: 9.1 ms unfused, 2.6 ms fused); verification then compares the fused file with the
-    unfused PyTorch student.
+    (mobileone_s0 at 224, batch 1 on a 2-core Xeon: 9.1 ms unfused, 2.6 ms fused); verification then compares the
+    fused file with the unfused PyTorch student.
     """
     onnx = require("onnx")
     from timm.utils.model import reparameterize_model

@@ -193,26 +193,3 @@ def teacher_cache_for(recipe: Recipe, runs_dir: Path, teacher, teacher_weights: 
         return load_or_build_cache(runs_dir / recipe.name / layout.TEACHER_CACHE, key, teacher, data.train,
                                    cache_cfg, recipe.data.augment, recipe.seed, runtime, consumers)
 
-
-def build_teacher_cache(recipe: Recipe, runs_dir: Path = Path("runs"), device: str | None = None,
-                        consumers: list[Consumer] = ()) -> tuple[TeacherCache, Path]:
-    """`kdforge teacher-cache`: the recipe's teacher answers stored ahead of distillation (the one file, or the
-    sharded store, every process of a torchrun launch building its shards), exactly as the student stage would
-    build them; returns the cache and where it lies."""
-    from kdforge.data import load_dataset
-    from kdforge.errors import RecipeError
-    from kdforge.runtime import runtime_scope
-    from kdforge.train.stages import teacher_weights_for
-
-    cache_cfg = recipe.distill.teacher_cache
-    if not cache_cfg.views:
-        raise RecipeError("the recipe has no teacher cache: set distill.teacher_cache.views (e.g. --set "
-                          "distill.teacher_cache.views=4; add distill.teacher_cache.store=DIR for the sharded store)")
-    weights = teacher_weights_for(recipe, runs_dir)
-    with runtime_scope(recipe.runtime, device) as runtime:
-        data = load_dataset(recipe.data, recipe.seed)
-        teacher = load_frozen_teacher(recipe.model_for("teacher"), weights, data.num_classes)
-        teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))  # as the student stage places it
-        cache = teacher_cache_for(recipe, runs_dir, teacher, weights, data, runtime, consumers)
-    where = Path(cache_cfg.store) if cache_cfg.store is not None else runs_dir / recipe.name / layout.TEACHER_CACHE
-    return cache, where

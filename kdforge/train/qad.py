@@ -154,8 +154,10 @@ def learn_scales(model: torch.nn.Module, lr: float) -> int:
     training loop updates at `lr` without weight decay (`own_lr`, see loop.TrainState). Returns how many
     quantizers learn."""
     from modelopt.torch.quantization.nn import TensorQuantizer
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, \
-        register_quant_backend
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
 
     if not is_registered_quant_backend(LSQ_BACKEND):
         register_quant_backend(LSQ_BACKEND, _lsq_fake_quantize)

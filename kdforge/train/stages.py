@@ -24,6 +24,7 @@ from typing import Any
 from kdforge import layout
 from kdforge.checkpoint import checkpoint_metadata, final_weights, resolve_weights
 from kdforge.data import load_dataset
+from kdforge.distill.cache import TeacherCache
 from kdforge.distill.teacher import load_frozen_teacher
 from kdforge.errors import CheckpointError, KdforgeError, RecipeError
 from kdforge.fileio import (
@@ -41,7 +42,7 @@ from kdforge.phases import Consumer, notify
 from kdforge.recipe import AUTO, ModelConfig, Recipe, TrainConfig, data_fingerprint, recipe_to_toml
 from kdforge.runtime import current_rank, runtime_scope, sync
 from kdforge.tracking import check_tracking, stage_trackers
-from kdforge.train.assemble import assemble_run
+from kdforge.train.assemble import assemble_run, teacher_cache_for
 from kdforge.train.events import MetricsLog, ProgressDisplay
 from kdforge.train.loop import evaluate
 from kdforge.train.share import share_stage
@@ -386,3 +387,22 @@ def evaluate_teacher_checkpoint(recipe: Recipe, device: str | None = None,
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / layout.RESULT, result.record())
     return result
+
+
+def build_teacher_cache(recipe: Recipe, runs_dir: Path = Path("runs"), device: str | None = None,
+                        consumers: list[Consumer] = ()) -> tuple[TeacherCache, Path]:
+    """`kdforge teacher-cache`: the recipe's teacher answers stored ahead of distillation (the one file, or the
+    sharded store, every process of a torchrun launch building its shards), exactly as the student stage would
+    build them; returns the cache and where it lies."""
+    cache_cfg = recipe.distill.teacher_cache
+    if not cache_cfg.views:
+        raise RecipeError("the recipe has no teacher cache: set distill.teacher_cache.views (e.g. --set "
+                          "distill.teacher_cache.views=4; add distill.teacher_cache.store=DIR for the sharded store)")
+    weights = teacher_weights_for(recipe, runs_dir)
+    with runtime_scope(recipe.runtime, device) as runtime:
+        data = load_dataset(recipe.data, recipe.seed)
+        teacher = load_frozen_teacher(recipe.model_for("teacher"), weights, data.num_classes)
+        teacher.to(runtime.device, runtime.uses_channels_last(teacher.model))  # as the student stage places it
+        cache = teacher_cache_for(recipe, runs_dir, teacher, weights, data, runtime, consumers)
+    where = Path(cache_cfg.store) if cache_cfg.store is not None else runs_dir / recipe.name / layout.TEACHER_CACHE
+    return cache, where
