@@ -2,6 +2,7 @@
 student training, measured side by side.
 
     .venv/bin/python benchmarks/distill_overhead.py                       # the quickstart pair at 32x32
+    .venv/bin/python benchmarks/distill_overhead.py --teacher resnet50 --student resnet18 --size 224 --batch 32 --store
     .venv/bin/python benchmarks/distill_overhead.py --student vit_tiny_patch16_224 \
         --student-kwargs img_size=32 patch_size=4 depth=6
 
@@ -25,6 +26,7 @@ from kdforge.data.dataset import ImageDataset
 from kdforge.data.transforms import augment_batch
 from kdforge.distill.cache import load_or_build_cache
 from kdforge.distill.objective import create_distill_objective, cross_entropy_objective
+from kdforge.distill.store import load_or_build_store
 from kdforge.distill.teacher import FrozenTeacher
 from kdforge.models import create_model, resolve_input_spec
 from kdforge.recipe import AugmentConfig, DistillConfig, ModelConfig, TeacherCacheConfig
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--views", type=int, default=4, help="teacher cache views")
+    parser.add_argument("--store", action="store_true",
+                        help="the sharded teacher store ([distill.teacher_cache] store, memory-mapped shards of "
+                             "2 batches' images) instead of the one-file cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     def kwargs(pairs):
@@ -80,9 +85,28 @@ def main() -> None:
     runtime = Runtime(device=torch.device("cpu"), amp_dtype=None)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        cache = load_or_build_cache(Path(tmp) / "cache.safetensors", "bench", teacher, train,
-                                    TeacherCacheConfig(views=args.views), AugmentConfig(), 0, runtime)
+        if args.store:
+            cfg = TeacherCacheConfig(views=args.views, store=tmp, shard_images=2 * args.batch)
+            cache = load_or_build_store(Path(tmp), "bench", teacher, train, cfg, AugmentConfig(), 0, runtime, 100)
+        else:
+            cache = load_or_build_cache(Path(tmp) / "cache.safetensors", "bench", teacher, train,
+                                        TeacherCacheConfig(views=args.views), AugmentConfig(), 0, runtime)
         build_s = time.perf_counter() - started
+        results = measure(args, cache, train, teacher, spec, student_cfg, labels, online)
+    kind = "sharded store (memory-mapped)" if args.store else "one-file cache"
+    print(f"{args.teacher} -> {args.student} at {args.size}x{args.size}, batch {args.batch}, {args.threads} threads, "
+          f"torch {torch.__version__}; teacher answers from the {kind}")
+    for name, seconds in results.items():
+        print(f"{name + ' step:':26s} {seconds * 1e3:7.1f} ms ({args.batch / seconds:.0f} img/s)")
+    plain = results["plain student"]
+    print(f"online distillation / plain step time: {results['online distillation'] / plain:.2f}")
+    print(f"cached distillation / plain step time: {results['cached distillation'] / plain:.2f}")
+    print(f"cache build: {args.views} views of {len(train)} images in {build_s:.1f} s "
+          f"({args.views * len(train) / build_s:.0f} teacher images/s)")
+
+
+def measure(args, cache, train, teacher, spec, student_cfg, labels, online) -> dict[str, float]:
+    """Median step times of the plain student, online distillation and distillation from `cache`."""
 
     def cached(i):
         epoch, index = divmod(i, 8)
@@ -96,15 +120,7 @@ def main() -> None:
         torch.manual_seed(0)
         results[name] = step_seconds(create_model(student_cfg, 100).train(), spec, step_objective, batches, labels,
                                      args.steps, args.warmup)
-    print(f"{args.teacher} -> {args.student} at {args.size}x{args.size}, batch {args.batch}, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    for name, seconds in results.items():
-        print(f"{name + ' step:':26s} {seconds * 1e3:7.1f} ms ({args.batch / seconds:.0f} img/s)")
-    plain = results["plain student"]
-    print(f"online distillation / plain step time: {results['online distillation'] / plain:.2f}")
-    print(f"cached distillation / plain step time: {results['cached distillation'] / plain:.2f}")
-    print(f"cache build: {args.views} views of {len(train)} images in {build_s:.1f} s "
-          f"({args.views * len(train) / build_s:.0f} teacher images/s)")
+    return results
 
 
 if __name__ == "__main__":

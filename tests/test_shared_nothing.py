@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,10 +101,12 @@ def on_host(namespace: str, host: str, command: list[str]) -> subprocess.Popen:
 
 
 def node_command(recipe: Path, runs: Path, host: str, port: int, resume: bool) -> list[str]:
-    """kdforge's own torchrun line (`kdforge teacher --nnodes 2 --rdzv-endpoint ...`) plus torchrun's --local-addr:
-    these hosts' shared hostname does not resolve to their own addresses."""
+    """kdforge's own torchrun line (`kdforge teacher --nnodes 2 --rdzv-endpoint ...`) plus torchrun's --local-addr
+    and is_host: these hosts' shared hostname resolves to neither of their addresses, so torchrun could tell
+    neither its own address nor that host a holds the rendezvous endpoint."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={HOSTS['a']}:{port}", "--rdzv-id=nodes", f"--local-addr={HOSTS[host]}",
+            f"--rdzv-conf=is_host={'true' if host == 'a' else 'false'}",
             "--nproc-per-node=1", "-m", "kdforge", "teacher", str(recipe), "--runs-dir", str(runs),
             *(["--resume"] if resume else [])]
 
@@ -127,7 +130,9 @@ def test_two_hosts_sharing_nothing_resume_a_killed_run_to_the_weights_of_one_hos
         assert time.monotonic() < deadline and all(agent.poll() is None for agent in agents.values()), \
             [agent.communicate()[1][-2000:] for agent in agents.values() if agent.poll() is not None]
         time.sleep(0.02)
-    os.killpg(agents["b"].pid, signal.SIGKILL)  # host b's launcher and its worker
+    # host b goes down: every process in its namespace (torchrun starts its worker in a session of its own)
+    for pid in subprocess.run(["ip", "netns", "pids", hosts["b"]], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
     for agent in agents.values():
         agent.communicate(timeout=300)
     assert agents["a"].returncode != 0  # its peer is gone: the run stops
@@ -144,10 +149,13 @@ def test_two_hosts_sharing_nothing_resume_a_killed_run_to_the_weights_of_one_hos
     assert len(finished) == 1
     result = json.loads((runs[finished[0]] / "nodes" / "teacher" / "result.json").read_text())
     assert result["steps"] == 50
-    metrics = [json.loads(line) for line in
-               (runs[finished[0]] / "nodes" / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    starts = [m["step"] for m in metrics if m.get("event") == "start"]
-    assert starts and starts[-1] >= 6  # resumed from the checkpoint, not from scratch
+    # resumed from the newest checkpoint (not from scratch), which the other host received over the process group
+    stderr = "".join(err for _, err in outputs.values())
+    resumed = [int(step) for step in re.findall(r"resuming at step (\d+)", stderr)]
+    assert resumed and 6 <= resumed[0] < 50, stderr[-3000:]
+    assert re.search(rf"teacher: the checkpoint step {resumed[0]} from .* \(rank \d\) sent to rank\(s\) \d", stderr)
+    other = runs["b" if finished[0] == "a" else "a"] / "nodes" / "teacher"
+    assert (other / "last").resolve().name == f"step-{resumed[0]:08d}" and not (other / "result.json").exists()
     got = load_file(str(runs[finished[0]] / "nodes" / "teacher" / "last" / "model.safetensors"))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
