@@ -180,7 +180,7 @@ def remote_shards(args) -> None:
         Path(work, "nginx.conf").write_text(
             f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\nworker_processes 1;\n"
             + ("user root;\n" if os.geteuid() == 0 else "") + "events {}\n"
-            f"http {{\n access_log off;\n {temp} server {{ listen 127.0.0.1:{port}; root {shards.parent}; "
+            f"http {{\n access_log off;\n {temp} server {{ listen 127.0.0.1:{port}; root {shards.parent.resolve()}; "
             f"location / {{ }} }}\n}}\n")
         index = json.loads((shards / "index.json").read_text())
         train_images = sum(len(shard["samples"]) for shard in index["splits"]["train"])
@@ -198,7 +198,9 @@ def remote_shards(args) -> None:
                 recipe = validate_recipe({"name": "bench", "data": data})
                 code = [sys.executable, "-c", STREAM, str(Path(__file__).parents[1].resolve()),
                         recipe.model_dump_json(), json.dumps([b.tolist() for b in batches]), str(args.workers)]
-                done = subprocess.run(code, capture_output=True, text=True, check=True)
+                done = subprocess.run(code, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{label}: the reader failed:\n{done.stderr[-3000:]}")
                 rates[label] = float(done.stdout.split()[-1])
         finally:
             server.terminate()
