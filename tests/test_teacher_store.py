@@ -152,3 +152,36 @@ def test_kdforge_teacher_cache_builds_the_store_and_two_student_runs_read_it(mak
     assert f"teacher store: reusing {folder / key} (3 shards)" in notes
     assert shards == {p.name: p.stat().st_mtime_ns for p in (folder / key).glob("shard-*")}
     assert not (runs / recipe.name / "teacher_cache.safetensors").exists()
+
+
+@pytest.mark.heavy
+def test_two_processes_of_kdforge_teacher_cache_build_the_store_one_process_builds(make_recipe, tmp_path):
+    """`kdforge teacher-cache --nproc 2` (torchrun, gloo): each rank builds its shards; the store equals the one a
+    single process builds, shard for shard."""
+    import os
+    import subprocess
+    import sys
+
+    from kdforge.recipe import load_recipe
+    from kdforge.train.stages import build_teacher_cache, train_stage
+
+    from .conftest import TINY_MODELS
+
+    runs = tmp_path / "runs"
+    common = ["train.max_steps=4", "train.limit_eval_batches=1", "distill.teacher_cache.views=2",
+              f"distill.teacher_cache.shard_images={SHARD_IMAGES}", "runtime.threads=1"]
+    path = make_recipe(TINY_MODELS)
+    alone = load_recipe(path, [*common, f"distill.teacher_cache.store={tmp_path / 'alone'}"])
+    train_stage(alone, "teacher", runs_dir=runs, consumers=[])
+    build_teacher_cache(alone, runs, consumers=[])
+    args = [a for o in [*common, f"distill.teacher_cache.store={tmp_path / 'two'}"] for a in ("--set", o)]
+    done = subprocess.run([sys.executable, "-m", "kdforge", "teacher-cache", str(path), "--runs-dir", str(runs),
+                           "--nproc", "2", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching 2 processes" in done.stderr and done.stdout.count("teacher answers for") == 1
+    (key,) = [p.name for p in (tmp_path / "alone").iterdir()]
+    mine, theirs = shard_tensors(tmp_path / "alone", key), shard_tensors(tmp_path / "two", key)
+    assert mine.keys() == theirs.keys() and len(mine) == 3
+    for name in mine:
+        assert all(torch.equal(mine[name][t], theirs[name][t]) for t in mine[name]), name
