@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,8 +113,11 @@ def one_per_call_agreement(candidate: Runner, data: ImageDataset, batched: torch
 def record_verification(export_dir: Path, name: str, entry: dict[str, Any], report: VerifyReport,
                         started: float) -> None:
     """Add format `name`'s report (with the artifact it judged, metadata.json's `entry`) to verify.json."""
+    # verified_at: each verification is a new record, never byte-equal to the one before (a rewrite that found
+    # the same bytes would skip the write, and a full or read-only disk would go unreported)
     record = {**report.to_dict(), "format": name, "artifact": entry["file"], "artifact_sha256": entry["sha256"],
-              "seconds": round(time.perf_counter() - started, 3)}
+              "seconds": round(time.perf_counter() - started, 3),
+              "verified_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
     if "method" in entry:  # how an INT8 file was made (ptq, bias_correction, accuracy_aware, qad)
         record["method"] = entry["method"]
     write_json(export_dir / VERIFY, {**read_json(export_dir / VERIFY), name: record})
