@@ -9,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -29,6 +31,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+served_logs: dict[str, object] = {}
+
+
 @pytest.fixture(scope="module")
 def served(photos, tmp_path_factory):  # noqa: F811 - the fixture imported above
     """nginx serving the photos' folder on 127.0.0.1: the shards' URL."""
@@ -41,11 +46,14 @@ def served(photos, tmp_path_factory):  # noqa: F811 - the fixture imported above
         f"daemon off;\npid {work}/nginx.pid;\nerror_log {work}/error.log;\nworker_processes 1;\n"
         + ("user root;\n" if os.geteuid() == 0 else "")  # the workers read pytest's 0700 folders
         + "events {}\n"
-        f"http {{\n access_log off;\n {temp} types {{ application/json json; application/x-tar tar; }}\n"
+        f"http {{\n log_format ranges '$uri $http_range';\n access_log {work}/access.log ranges;\n"
+        f" {temp} types {{ application/json json; application/x-tar tar; }}\n"
         f" server {{ listen 127.0.0.1:{port}; root {photos}; location / {{ }} }}\n}}\n")
     server = subprocess.Popen([NGINX, "-c", str(work / "nginx.conf"), "-p", str(work)], stderr=subprocess.PIPE)
     wait_for_port(port, 5.0)
-    yield f"http://127.0.0.1:{port}/shards"
+    served_url = f"http://127.0.0.1:{port}/shards"
+    served_logs[served_url] = work / "access.log"  # what each range request asked for, one line each
+    yield served_url
     server.terminate()
     server.wait(10)
 
@@ -75,6 +83,35 @@ def test_a_recipe_reads_http_shards_as_it_reads_local_ones(photos, served, tmp_p
     if in_memory == "false":  # training views: a pure function of (seed, epoch, image), wherever the bytes are
         idx = torch.tensor([3, 0, 11])
         assert torch.equal(local.train.images.views(idx, 5, 1), over_http.train.images.views(idx, 5, 1))
+
+
+def test_two_processes_with_two_workers_each_read_disjoint_shares_over_http(photos, served, tmp_path):  # noqa: F811
+    """Ranks 0 and 1 of a 2-process run, each streaming its half of every global batch through 2 DataLoader
+    workers (forked, each its own connection): nginx's log shows each image's range requested by one process
+    only, and together exactly the epoch's images."""
+    from kdforge.train.loop import BatchSource
+
+    log = served_logs[served]
+    recipe = photo_recipe(tmp_path, served, "webdataset", "in_memory = false\n", name="shares")
+    data = load_dataset(recipe.data, recipe.seed)
+    assert data.train.images.workers == 2
+    requested: dict[int, list[str]] = {}
+    epoch = []
+    for rank in (0, 1):
+        before = len(log.read_text().splitlines())
+        source, mine = BatchSource(recipe.data.augment, recipe.seed), slice(rank, None, 2)
+        for index in range(5):
+            batch = source.batch_indices(len(data.train), 8, 0, index)
+            epoch += batch.tolist() if rank == 0 else []
+            source.images(data.train, batch, mine, batch[mine], index, 0, index, 5 - index)
+        source.close()
+        time.sleep(0.2)  # nginx writes its log line after the response
+        requested[rank] = [line for line in log.read_text().splitlines()[before:] if ".tar bytes=" in line]
+    assert len(requested[0]) == len(requested[1]) == 20  # 4 of each batch of 8, 5 batches
+    assert not set(requested[0]) & set(requested[1])
+    refs = [data.train.images.base.refs[int(data.train.images.index[i])] for i in epoch]
+    expected = {f"{urlsplit(ref.path).path} bytes={ref.offset}-{ref.offset + ref.length - 1}" for ref in refs}
+    assert set(requested[0]) | set(requested[1]) == expected
 
 
 def cutting_proxy(target_port: int, cuts: int) -> tuple[int, list[int]]:
