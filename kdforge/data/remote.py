@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,15 +61,33 @@ def _s3_filesystem() -> Any:
     return _s3[os.getpid()]
 
 
+class _Retry(Exception):
+    """A failure worth another try (refused, reset, timed out, a 5xx answer, a short body); its text says what."""
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _with_retries(url: str, attempt: Callable[[], bytes], advice: str) -> bytes:
+    """`attempt()`, tried again with exponential backoff while it raises _Retry, RETRIES times; then one
+    DataError naming the URL, the last reason and `advice`."""
+    why = ""
+    for tries in range(RETRIES + 1):
+        if tries:
+            time.sleep(BACKOFF_S * 2 ** (tries - 1))
+        try:
+            return attempt()
+        except _Retry as exc:
+            why = str(exc)
+    raise DataError(f"{url}: cannot read it after {RETRIES + 1} tries ({why}); {advice}")
+
+
 def _fetch_s3(url: str, offset: int | None, length: int | None, limit: int | None) -> bytes:
     """`fetch` for s3:// URLs (s3fs's ranged GETs), with the same retries and errors."""
     key = url.removeprefix("s3://")
-    if offset is not None and length is not None and length == 0:
-        return b""
-    why = ""
-    for attempt in range(RETRIES + 1):
-        if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+
+    def attempt() -> bytes:
         try:
             fs = _s3_filesystem()
             if offset is not None and length is not None:
@@ -83,8 +102,9 @@ def _fetch_s3(url: str, offset: int | None, length: int | None, limit: int | Non
             raise DataError(f"{url}: {type(exc).__name__}: {exc}; check the bucket, the key and the credentials "
                             f"(AWS_* environment, ~/.aws)") from None
         except (OSError, ValueError) as exc:  # connection errors, throttling and 5xx after botocore's own retries
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    raise DataError(f"{url}: cannot read it after {RETRIES + 1} tries ({why}); check the endpoint and the URL")
+            raise _Retry(_why(exc)) from None
+
+    return _with_retries(url, attempt, "check the endpoint and the URL")
 
 
 def _connection(scheme: str, host: str, port: int) -> http.client.HTTPConnection:
@@ -104,6 +124,8 @@ def _drop(scheme: str, host: str, port: int) -> None:
 def fetch(url: str, offset: int | None = None, length: int | None = None, limit: int | None = None) -> bytes:
     """The bytes of `url` (`length` bytes at `offset` with a range request), retried on network errors; a body
     longer than `limit` is refused unread."""
+    if offset is not None and length == 0:
+        return b""
     if url.startswith("s3://"):
         return _fetch_s3(url, offset, length, limit)
     parts = urlsplit(url)
@@ -114,29 +136,25 @@ def fetch(url: str, offset: int | None = None, length: int | None = None, limit:
     if os.environ.get(TOKEN_ENV):
         headers["Authorization"] = f"Bearer {os.environ[TOKEN_ENV]}"
     if offset is not None and length is not None:
-        if length == 0:
-            return b""
         headers["Range"] = f"bytes={offset}-{offset + length - 1}"
-    why = ""
-    for attempt in range(RETRIES + 1):
-        if attempt:
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+
+    def attempt() -> bytes:
         try:
             connection = _connection(scheme, host, port)
             connection.request("GET", path, headers=headers)
             answer = connection.getresponse()
             if answer.status >= 500:
                 answer.read()
-                why = f"HTTP {answer.status} {answer.reason}"
-                continue
+                raise _Retry(f"HTTP {answer.status} {answer.reason}")
             if answer.status >= 400:
                 answer.read()
                 raise DataError(f"{url}: HTTP {answer.status} {answer.reason}")
             return _body(url, answer, "Range" in headers, length, limit)
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, a short body
             _drop(scheme, host, port)
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    raise DataError(f"{url}: cannot read it after {RETRIES + 1} tries ({why}); check the server and the URL")
+            raise _Retry(_why(exc)) from None
+
+    return _with_retries(url, attempt, "check the server and the URL")
 
 
 def _body(url: str, answer: http.client.HTTPResponse, ranged: bool, length: int | None, limit: int | None) -> bytes:
