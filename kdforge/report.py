@@ -141,7 +141,7 @@ def plot_candidates(search: dict[str, Any], path: Path) -> Path:
     fig = _figure()
     ax = fig.subplots()
     settings = search["settings"]
-    winner = (search.get("winner") or {}).get("name") or (search.get("winner") or {}).get("model")
+    winner = _name(search["winner"]) if search.get("winner") else None
     _named_points(ax, [(_name(row), row["bytes"] / 1e6, row["latency_p50_ms"],
                         "tab:red" if _name(row) == winner else "tab:green" if row["fits"] else "tab:gray")
                        for row in search["rows"]])
@@ -158,7 +158,7 @@ def plot_race(search: dict[str, Any], path: Path) -> Path:
     fig = _figure()
     ax = fig.subplots()
     first = search["race"][0]
-    winner = (search.get("winner") or {}).get("name") or (search.get("winner") or {}).get("model")
+    winner = _name(search["winner"]) if search.get("winner") else None
     latency = {_name(row): row["latency_p50_ms"] for row in search["rows"]}
     _named_points(ax, [(model, latency[model], top1 * 100, "tab:red" if model == winner else "tab:blue")
                        for model, top1 in first["val_top1"].items()])

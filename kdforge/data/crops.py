@@ -155,16 +155,20 @@ def _interpolation(rng: random.Random, interpolation: str) -> str:
 
 def _finish_tensor(pixels: torch.Tensor, box: Box, rng: random.Random, size: int, hflip: bool,
                    interpolation: str) -> torch.Tensor:
+    mode = _interpolation(rng, interpolation)  # drawn before the flip, as plan_view draws them
+    return crop_resize(pixels, box, size, mode, hflip and rng.random() < 0.5).contiguous()
+
+
+def crop_resize(pixels: torch.Tensor, box: Box, size: int, interpolation: str, flip: bool) -> torch.Tensor:
+    """`box` of uint8 (3, H, W) `pixels` (on any device) resized to size x size by torch's antialiased kernels,
+    mirrored when `flip`."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     left, top, w, h = box
-    mode = InterpolationMode.BICUBIC if _interpolation(rng, interpolation) == "bicubic" else \
-        InterpolationMode.BILINEAR
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
     view = F.resize(pixels[:, top:top + h, left:left + w], [size, size], interpolation=mode, antialias=True)
-    if hflip and rng.random() < 0.5:
-        view = view.flip(-1)
-    return view.contiguous()
+    return view.flip(-1) if flip else view
 
 
 def _finish_pil(image, box: Box, factor: tuple[float, float], rng: random.Random, size: int, hflip: bool,
@@ -218,8 +222,6 @@ def finish_views(plans: list[ViewPlan | torch.Tensor], size: int, device: torch.
     `torchvision.io.decode_jpeg(device=...)` (nvJPEG on CUDA), each cropped, resized (antialiased) and flipped
     there; the views the workers finished are moved there."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
 
     jpegs = [i for i, plan in enumerate(plans) if isinstance(plan, ViewPlan)]
     views: list[torch.Tensor | None] = [None if isinstance(p, ViewPlan) else p.to(device) for p in plans]
@@ -232,9 +234,5 @@ def finish_views(plans: list[ViewPlan | torch.Tensor], size: int, device: torch.
                 raise DataError(f"a JPEG of this batch cannot be decoded on {device} ({exc}); set [data] decode = "
                                 f"\"cpu\" to find which (the workers name the file)") from None
         for i, pixels in zip(jpegs, decoded, strict=True):
-            plan = plans[i]
-            left, top, w, h = plan.box
-            mode = InterpolationMode.BICUBIC if plan.interpolation == "bicubic" else InterpolationMode.BILINEAR
-            view = F.resize(pixels[:, top:top + h, left:left + w], [size, size], interpolation=mode, antialias=True)
-            views[i] = view.flip(-1) if plan.flip else view
+            views[i] = crop_resize(pixels, plans[i].box, size, plans[i].interpolation, plans[i].flip)
     return torch.stack(views).contiguous()

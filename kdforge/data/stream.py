@@ -111,9 +111,7 @@ class FileImages(LazyImages):
               purpose: str = "image_view") -> torch.Tensor:
         """Training views (uint8 (n, 3, size, size)) of the images at `idx`: view `number` of each (the epoch; or
         per image, the teacher cache's view with `purpose` "cache_image_view")."""
-        positions = _positions(idx)
-        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
-        return torch.stack([self.view(i, seed, n, purpose) for i, n in zip(positions, numbers, strict=True)])
+        return torch.stack([self.view(i, seed, n, purpose) for i, n in _numbered(idx, number)])
 
     def plans(self, idx: torch.Tensor, seed: int, number: int | torch.Tensor,
               purpose: str = "image_view") -> list:
@@ -121,10 +119,8 @@ class FileImages(LazyImages):
         (crops.ViewPlan), or the view itself where it is not a plain JPEG; `crops.finish_views` makes the batch."""
         from kdforge.data.crops import plan_view
 
-        positions = _positions(idx)
-        numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
         cfg, planned = self.augment, []
-        for index, n in zip(positions, numbers, strict=True):
+        for index, n in _numbered(idx, number):
             ref = self.refs[index]
             rng = random.Random(stream_seed(seed, purpose, n * 2**32 + index))
             try:
@@ -157,6 +153,13 @@ class FileImages(LazyImages):
 
 def _positions(idx: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.as_tensor(idx).flatten()]
+
+
+def _numbered(idx: torch.Tensor, number: int | torch.Tensor) -> list[tuple[int, int]]:
+    """(image position, view number) pairs: one number for all, or one per image."""
+    positions = _positions(idx)
+    numbers = _positions(number) if isinstance(number, torch.Tensor) else [number] * len(positions)
+    return list(zip(positions, numbers, strict=True))
 
 
 def create_train_transform(cfg: AugmentConfig, size: int):

@@ -91,11 +91,8 @@ class TeacherCache:
 
     def logits(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Float32 teacher logits (B, classes) of images `idx`, each in its view."""
-        if "logits" in self.tensors:
-            return self.tensors["logits"][view, idx].float()
-        values, indices, tail = (self.tensors[k][view, idx] for k in ("values", "indices", "tail"))
-        dense = tail.float()[:, None].expand(len(idx), int(self.tensors["num_classes"][0])).clone()
-        return dense.scatter_(1, indices.long(), values.float())
+        rows = {name: t[view, idx] for name, t in self.tensors.items() if name != "num_classes"}
+        return stored_logits(rows, int(self.tensors["num_classes"][0]) if "num_classes" in self.tensors else 0)
 
     def batch(self, images: torch.Tensor, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(augmented uint8 images, teacher logits) of training images `idx` in `epoch` (data in memory)."""
@@ -104,6 +101,16 @@ class TeacherCache:
         flips = self.flips[view, idx] if self.flips is not None else None
         return (apply_augment(images[idx].to(idx.device), self.augment.crop_padding, offsets, flips),
                 self.logits(view, idx))
+
+
+def stored_logits(rows: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Float32 logits from a batch's stored rows: the FP16 logits as they are, or (top-k) the k values at their
+    classes and the tail's log-mean-exp everywhere else (`num_classes` wide)."""
+    if "logits" in rows:
+        return rows["logits"].float()
+    tail = rows["tail"].float()
+    dense = tail[:, None].expand(len(tail), num_classes).clone()
+    return dense.scatter_(1, rows["indices"].long(), rows["values"].float())
 
 
 @torch.inference_mode()

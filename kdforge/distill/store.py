@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kdforge.data.dataset import ImageDataset
-from kdforge.distill.cache import TeacherCache, build_cache_tensors
+from kdforge.distill.cache import TeacherCache, build_cache_tensors, stored_logits
 from kdforge.errors import KdforgeError
 from kdforge.fileio import atomic_path
 from kdforge.phases import Consumer, notify
@@ -107,12 +107,8 @@ class ShardedTeacherCache(TeacherCache):
                 if name not in rows:
                     rows[name] = np.empty((len(where), *part.shape[1:]), dtype=part.dtype)
                 rows[name][mine] = part
-        device = idx.device
-        if "logits" in rows:
-            return torch.from_numpy(rows["logits"]).to(device).float()
-        values, indices, tail = (torch.from_numpy(rows[k]).to(device) for k in ("values", "indices", "tail"))
-        dense = tail.float()[:, None].expand(len(where), self.num_classes).clone()
-        return dense.scatter_(1, indices.long(), values.float())
+        return stored_logits({name: torch.from_numpy(part).to(idx.device) for name, part in rows.items()},
+                             self.num_classes)
 
 
 def load_or_build_store(folder: Path, key: str, teacher: FrozenTeacher, train: ImageDataset, cfg: TeacherCacheConfig,
